@@ -1,0 +1,199 @@
+"""Tiny *real* ComfyUI diffusion models, built in code (no weights on disk).
+
+Every model is a genuine ``comfy.model_base`` model built from a genuine ``comfy.supported_models``
+config class (only the sizes are tiny), wrapped in a real ``comfy.model_patcher.ModelPatcher`` with
+CPU load/offload devices. Weights are drawn from a seeded generator (all parameters, including the
+layers ComfyUI/LDM zero-initialise, so the networks are non-trivial functions of x, t and the
+conditioning), so two calls give bit-identical models.
+
+Families:
+  * ``eps``  -- SD1.5-style UNet (supported_models.SD15, ModelType.EPS, latent_formats.SD15, 4 ch)
+  * ``v``    -- SD2-v-style UNet (supported_models.SD20, ModelType.V_PREDICTION, 4 ch)
+  * ``flow`` -- SD3-style MMDiT (supported_models.SD3 -> model_base.SD3, discrete flow, shift 3, 16 ch)
+  * ``flux`` -- model_base.Flux with a tiny comfy.ldm.flux config (guidance_embed, 16 ch)
+
+``tiny_conditioning(family, seed)`` returns a ComfyUI CONDITIONING list with the context size the model
+expects (and ``pooled_output`` / ``guidance`` where the model needs them).
+
+Call ``tests.support.host.boot()`` (or otherwise put ComfyUI on sys.path) before using this module's
+functions; the ``comfy`` imports are done lazily inside them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FAMILIES = ("eps", "v", "flow", "flux")
+
+# conditioning sizes of the tiny models
+CONTEXT_DIM = {"eps": 64, "v": 64, "flow": 64, "flux": 64}
+POOLED_DIM = {"eps": None, "v": None, "flow": 32, "flux": 768}
+TOKENS = 8
+LATENT_CHANNELS = {"eps": 4, "v": 4, "flow": 16, "flux": 16}
+DEFAULT_SEED = 0
+
+
+def _check(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
+    return family
+
+
+def seeded_init_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
+    """Deterministically (re)initialise every parameter and float buffer of ``module``.
+
+    Matrices / conv kernels: N(0, gain / sqrt(fan_in)); 1-d ``weight``/``scale`` tensors (norm gains):
+    1 + N(0, 0.02); biases and other 1-d tensors: N(0, 0.02). Nothing is left zero (the LDM
+    ``zero_module`` outputs and DiT adaLN layers are randomised too), so the net is a non-trivial
+    function of its inputs.
+    """
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    tensors = list(module.named_parameters()) + [
+        (n, b) for n, b in module.named_buffers() if b is not None and b.is_floating_point()
+    ]
+    with torch.no_grad():
+        for name, p in tensors:
+            shape = p.shape
+            if p.ndim >= 2:
+                fan_in = math.prod(shape[1:])
+                std = gain / math.sqrt(max(fan_in, 1))
+                val = torch.randn(shape, generator=g, dtype=torch.float32) * std
+            elif p.ndim == 1 and (name.endswith("weight") or name.endswith("scale")):
+                val = 1.0 + 0.02 * torch.randn(shape, generator=g, dtype=torch.float32)
+            else:
+                val = 0.02 * torch.randn(shape, generator=g, dtype=torch.float32)
+            p.copy_(val.to(p.dtype))
+    return module
+
+
+def _unet_config(context_dim: int) -> dict:
+    return {
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth": [1, 1],
+        "transformer_depth_output": [1, 1, 1, 1],
+        "transformer_depth_middle": 1,
+        "context_dim": context_dim,
+        "use_linear_in_transformer": False,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "use_checkpoint": False,
+    }
+
+
+def _model_config(family: str):
+    import comfy.supported_models as sm
+
+    if family == "eps":
+        cfg = sm.SD15(_unet_config(CONTEXT_DIM[family]))
+        cfg.unet_config.update({"num_heads": 2, "num_head_channels": -1})
+    elif family == "v":
+        cfg = sm.SD20(_unet_config(CONTEXT_DIM[family]))
+        cfg.unet_config.update({"num_heads": -1, "num_head_channels": 16})
+    elif family == "flow":
+        num_patches = 32 * 32  # pos-embed table for latents up to 64x64 (patch 2)
+        cfg = sm.SD3({
+            "in_channels": 16,
+            "out_channels": 16,
+            "patch_size": 2,
+            "depth": 1,  # MMDiT: hidden size = 64 * depth, heads = depth
+            "input_size": None,
+            "adm_in_channels": POOLED_DIM[family],
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": CONTEXT_DIM[family], "out_features": 64}},
+            "num_patches": num_patches,
+            "pos_embed_max_size": 32,
+            "pos_embed_scaling_factor": None,
+            "x_block_self_attn_layers": [],
+        })
+    else:  # flux
+        cfg = sm.Flux({
+            "image_model": "flux",
+            "guidance_embed": True,
+            "in_channels": 16,
+            "out_channels": 16,
+            "vec_in_dim": POOLED_DIM[family],
+            "context_in_dim": CONTEXT_DIM[family],
+            "hidden_size": 64,
+            "mlp_ratio": 4.0,
+            "num_heads": 2,
+            "depth": 1,
+            "depth_single_blocks": 1,
+            "axes_dim": [4, 14, 14],  # sums to hidden_size // num_heads
+            "theta": 10000,
+            "patch_size": 2,
+            "qkv_bias": True,
+        })
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg
+
+
+def tiny_model(family: str = "eps", seed: int = DEFAULT_SEED):
+    """A ``comfy.model_patcher.ModelPatcher`` around a tiny real model of ``family`` (CPU, fp32, seeded)."""
+    _check(family)
+    import comfy.model_base as mb
+    import comfy.model_patcher
+
+    cfg = _model_config(family)
+    cpu = torch.device("cpu")
+    fork_devices = []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        if family == "eps":
+            model = mb.BaseModel(cfg, model_type=mb.ModelType.EPS, device=cpu)
+        elif family == "v":
+            model = mb.BaseModel(cfg, model_type=mb.ModelType.V_PREDICTION, device=cpu)
+        elif family == "flow":
+            model = mb.SD3(cfg, device=cpu)  # ModelType.FLOW, shift 3 from SD3.sampling_settings
+        else:
+            model = mb.Flux(cfg, device=cpu)  # ModelType.FLUX
+    seeded_init_(model.diffusion_model, seed=1000 + seed + FAMILIES.index(family))
+    model.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def tiny_conditioning(family: str = "eps", seed: int = 0, tokens: int = TOKENS, guidance: float = 3.5) -> list:
+    """CONDITIONING for the tiny model of ``family``: ``[[cross_attn (1, tokens, ctx), extras]]``.
+
+    ``flow`` adds ``pooled_output`` (1, 32); ``flux`` adds ``pooled_output`` (1, 768) and ``guidance``.
+    """
+    _check(family)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    cond = torch.randn((1, tokens, CONTEXT_DIM[family]), generator=g, dtype=torch.float32)
+    extra: dict = {}
+    if POOLED_DIM[family] is not None:
+        extra["pooled_output"] = torch.randn((1, POOLED_DIM[family]), generator=g, dtype=torch.float32)
+    if family == "flux":
+        extra["guidance"] = float(guidance)
+    return [[cond, extra]]
+
+
+def latent_format(family: str):
+    """The latent format object of ``family`` (SD15 / SD3 / Flux), without building a model."""
+    _check(family)
+    import comfy.latent_formats as lf
+    return {"eps": lf.SD15, "v": lf.SD15, "flow": lf.SD3, "flux": lf.Flux}[family]()
+
+
+def random_latent(family: str = "eps", batch: int = 1, height: int = 64, width: int = 64, seed: int = 0,
+                  channels: int | None = None) -> dict:
+    """A seeded float32 LATENT in VAE space for ``family``; ``height``/``width`` in pixels (latent = /8).
+
+    Values are N(0,1) in the model's space mapped back through the latent format
+    (``x / scale_factor + shift_factor``), i.e. what a VAE encode of an image would look like.
+    """
+    fmt = latent_format(family)
+    c = int(channels or fmt.latent_channels)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    z = torch.randn((int(batch), c, max(1, int(height) // 8), max(1, int(width) // 8)), generator=g,
+                    dtype=torch.float32)
+    shift = getattr(fmt, "shift_factor", 0.0) or 0.0
+    return {"samples": z / fmt.scale_factor + shift}
