@@ -5,7 +5,7 @@ API prompts cannot carry Python objects, so these nodes build them inside the pr
 * ``TestTinyVAE``   a real ``comfy.sd.VAE`` (SD-style AutoencoderKL, factor 8, 4 latent channels) with tiny,
                     seeded random weights (ch=32, one res block per level): fast on CPU, deterministic.
 * ``TestTrajectory`` a ``Trajectory`` from the pack's own module with seeded random model-space states.
-* ``TestImage``     a seeded random IMAGE of any size/channel count, optionally poisoned with NaN/Inf.
+* ``TestNoiseImage`` a seeded random IMAGE of any size/channel count, optionally poisoned with NaN/Inf.
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ class TestTrajectory:
                                 latent_format=latent_format),)
 
 
-class TestImage:
+class TestNoiseImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
@@ -127,4 +127,4 @@ class TestImage:
         return (img,)
 
 
-TEST_NODES = {"TestTinyVAE": TestTinyVAE, "TestTrajectory": TestTrajectory, "TestImage": TestImage}
+TEST_NODES = {"TestTinyVAE": TestTinyVAE, "TestTrajectory": TestTrajectory, "TestNoiseImage": TestNoiseImage}
