@@ -1,0 +1,199 @@
+"""Trajectory Preview in the real host: frame selection, fast vs VAE decode, UI payload, errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import host
+
+NODE = "DDIMInvTrajectoryPreview"
+
+
+@pytest.fixture(scope="module")
+def fx():
+    nodes = host.boot()
+    from tests.support import nodes_preview_fixtures as f
+    return nodes, f
+
+
+def _prompt(steps=10, batch=1, size=8, seed=0, latent_format="SD15", show="states", frames=4, decode="fast",
+            vae=False, batch_index=0, channels=4):
+    p = {
+        "traj": {"class_type": "TestTrajectory", "inputs": {"steps": steps, "batch": batch, "channels": channels,
+                                                           "size": size, "seed": seed,
+                                                           "latent_format": latent_format}},
+        "prev": {"class_type": NODE, "inputs": {"trajectory": ["traj", 0], "show": show, "frames": frames,
+                                                "decode": decode, "batch_index": batch_index}},
+    }
+    if vae:
+        p["vae"] = {"class_type": "TestTinyVAE", "inputs": {"seed": 0}}
+        p["prev"]["inputs"]["vae"] = ["vae", 0]
+    return p
+
+
+def _run(**kw):
+    r = host.run(_prompt(**kw))
+    return r, r.outputs("prev")[0], r.ui("prev")
+
+
+def _error(**kw) -> str:
+    r = host.run(_prompt(**kw), expect_success=False)
+    assert not r.success
+    return (r.error() or {}).get("exception_message", "")
+
+
+def _traj(f, **kw):
+    return f.make_trajectory(**kw)
+
+
+def _fast_ref(lat, fmt):
+    factors = torch.tensor(fmt.latent_rgb_factors).T
+    bias = torch.tensor(fmt.latent_rgb_factors_bias) if fmt.latent_rgb_factors_bias is not None else None
+    rgb = torch.nn.functional.linear(lat.movedim(1, -1), factors, bias)
+    return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def test_schema_documented(fx):
+    nodes, _ = fx
+    cls = nodes.NODE_CLASS_MAPPINGS[NODE]
+    schema = cls.define_schema()
+    assert schema.display_name == "Trajectory Preview" and schema.is_output_node
+    assert schema.category == "sampling/ddim_inversion" and schema.description
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
+    assert schema.inputs[0].io_type == "DDIM_TRAJECTORY"
+    ids = [i.id for i in schema.inputs]
+    assert ids[:5] == ["trajectory", "vae", "show", "frames", "decode"]
+
+
+def test_select_frames_properties(fx):
+    select = host.pack_submodule("nodes.preview").select_frames
+    for count in range(1, 40):
+        for frames in range(2, 45):
+            idx = select(count, frames)
+            assert idx == sorted(set(idx))
+            assert idx[0] == 0 and idx[-1] == count - 1
+            assert len(idx) == min(count, frames)
+    assert select(11, 4) == [0, 3, 7, 10]
+
+
+def test_states_frames_include_both_ends(fx):
+    _, f = fx
+    r, images, ui = _run(steps=10, frames=4)
+    assert images.shape == (4, 8, 8, 3)
+    data = ui["ddim_trajectory"][0]
+    steps = [fr["step"] for fr in data["frames"]]
+    assert steps == [0, 3, 7, 10]
+    assert [fr["index"] for fr in data["frames"]] == [0, 1, 2, 3]
+    t = _traj(f)
+    assert [fr["sigma"] for fr in data["frames"]] == pytest.approx([float(t.sigmas[s]) for s in steps])
+    assert data["steps"] == 10 and data["method"] == "ddim"
+    assert data["sigma_max"] == pytest.approx(float(t.sigmas[-1]))
+    assert data["figure_name"]
+
+
+def test_more_frames_than_steps_shows_all(fx):
+    _, images, ui = _run(steps=5, frames=50)
+    assert images.shape[0] == 6
+    assert [fr["step"] for fr in ui["ddim_trajectory"][0]["frames"]] == list(range(6))
+
+
+def test_fast_decode_matches_latent_rgb_factors(fx):
+    _, f = fx
+    import comfy.latent_formats as lf
+    for name in ("SD15", "SDXL"):  # SDXL has a bias
+        _, images, ui = _run(frames=3, latent_format=name)
+        t = _traj(f, latent_format=name)
+        want = _fast_ref(t.states[[0, 5, 10], 0], getattr(lf, name)())
+        assert torch.allclose(images, want, atol=1e-6)
+
+
+def test_denoised_mode(fx):
+    _, f = fx
+    _, images, ui = _run(show="denoised", frames=3)
+    t = _traj(f)
+    frames = ui["ddim_trajectory"][0]["frames"]
+    assert [fr["step"] for fr in frames] == [0, 4, 9]  # N=10 estimates: 0..9, both ends
+    assert [fr["sigma"] for fr in frames] == pytest.approx([float(t.eval_sigmas[i]) for i in (0, 4, 9)])
+    import comfy.latent_formats as lf
+    assert torch.allclose(images, _fast_ref(t.denoised[[0, 4, 9], 0], lf.SD15()), atol=1e-6)
+
+
+def test_both_side_by_side(fx):
+    _, states, _ = _run(show="states", frames=4)
+    _, both, ui = _run(show="both", frames=4)
+    assert both.shape == (4, 8, 16, 3)
+    assert torch.equal(both[:, :, :8], states)
+    assert ui["ddim_trajectory"][0]["show"] == "both"
+
+
+@torch.inference_mode()
+def test_vae_decode(fx):
+    _, f = fx
+    _, images, _ = _run(frames=3, decode="vae", vae=True)
+    assert images.shape == (3, 64, 64, 3)
+    t = _traj(f)
+    import comfy.latent_formats as lf
+    want = f.tiny_vae(0).decode(lf.SD15().process_out(t.states[[0, 5, 10], 0]))
+    assert torch.allclose(images, want, atol=1e-5)
+    _, fast, _ = _run(frames=3, decode="fast", vae=True)  # a connected VAE is ignored by fast
+    assert fast.shape == (3, 8, 8, 3)
+
+
+def test_figure_is_x0_drift_from_source(fx):
+    _, f = fx
+    _, _, ui = _run(frames=4)
+    t = _traj(f)
+    src = t.states[0, 0]
+    got = [fr["figure"] for fr in ui["ddim_trajectory"][0]["frames"]]
+    want = [float(torch.sqrt(torch.mean((t.denoised[min(s, 9), 0] - src) ** 2))) for s in (0, 3, 7, 10)]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_ui_images_saved_and_json_clean(fx):
+    import folder_paths
+    _, images, ui = _run(frames=5)
+    assert len(ui["images"]) == 5
+    for im in ui["images"]:
+        assert im["type"] == "temp"
+        assert im["filename"].endswith(".png")
+        assert (Path(folder_paths.get_temp_directory()) / im["subfolder"] / im["filename"]).is_file()
+    json.dumps(ui["ddim_trajectory"], allow_nan=False)
+
+
+def test_deterministic_and_batch_index(fx):
+    _, a, ui_a = _run(batch=2, batch_index=1, seed=4)
+    _, b, ui_b = _run(batch=2, batch_index=1, seed=4)
+    assert torch.equal(a, b)
+    assert ui_a["ddim_trajectory"] == ui_b["ddim_trajectory"]
+    _, c, _ = _run(batch=2, batch_index=0, seed=4)
+    assert not torch.equal(a, c)
+
+
+def test_vae_decode_without_vae_names_the_fix(fx):
+    msg = _error(decode="vae")
+    assert "VAE" in msg and "connect" in msg and "decode=fast" in msg
+
+
+def test_unknown_latent_format(fx):
+    msg = _error(latent_format="NoSuchFormat")
+    assert "NoSuchFormat" in msg and "DDIM Invert" in msg
+
+
+def test_batch_index_out_of_range(fx):
+    msg = _error(batch=2, batch_index=5)
+    assert "batch_index" in msg and "0..1" in msg
+
+
+def test_trajectory_not_mutated(fx):
+    nodes, f = fx
+    cls = nodes.NODE_CLASS_MAPPINGS[NODE]
+    t = _traj(f)
+    before = (t.states.clone(), t.denoised.clone(), t.sigmas.clone())
+    out = cls.execute(t, show="both", frames=3)
+    assert torch.equal(t.states, before[0]) and torch.equal(t.denoised, before[1]) and torch.equal(t.sigmas, before[2])
+    assert out.args[0].shape == (3, 8, 16, 3)
+    assert math.isfinite(out.ui["ddim_trajectory"][0]["frames"][-1]["figure"])
