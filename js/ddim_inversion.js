@@ -1,0 +1,123 @@
+// ddim-inversion: in-node viewer for "Trajectory Preview" (DDIMInvTrajectoryPreview).
+// Thin glue only: parsing, formatting, URL building and plot scaling live in ./lib (tested with node --test).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { parseTrajectoryMessage, clampFrame } from "./lib/frames.js";
+import { frameLabel, figureLabel, formatNumber } from "./lib/format.js";
+import { viewURL } from "./lib/url.js";
+import { scalePoints, pathData, markerX } from "./lib/plot.js";
+
+const NODE_TYPE = "DDIMInvTrajectoryPreview";
+const SVG_NS = "http://www.w3.org/2000/svg";
+const PLOT_W = 240;
+const PLOT_H = 60;
+
+function el(tag, style, text) {
+  const e = document.createElement(tag);
+  if (style) e.style.cssText = style;
+  if (text !== undefined) e.textContent = text; // textContent: never interpreted as HTML
+  return e;
+}
+
+function svgEl(tag, attrs) {
+  const e = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  return e;
+}
+
+function buildViewer() {
+  const root = el("div", "display:flex;flex-direction:column;gap:4px;font:12px sans-serif;color:var(--input-text,#ddd);width:100%;");
+  root.className = "ddim-trajectory-viewer";
+  const header = el("div", "opacity:.8;", "Run the workflow to see the trajectory.");
+  const img = el("img", "width:100%;max-height:320px;object-fit:contain;image-rendering:pixelated;background:#111;display:none;");
+  img.alt = "trajectory frame";
+  const slider = el("input", "width:100%;");
+  slider.type = "range";
+  slider.min = "0";
+  slider.max = "0";
+  slider.step = "1";
+  slider.value = "0";
+  slider.disabled = true;
+  const label = el("div", "", "");
+  label.className = "ddim-frame-label";
+  const figure = el("div", "opacity:.8;", "");
+  const svg = svgEl("svg", { viewBox: `0 0 ${PLOT_W} ${PLOT_H}`, width: "100%", height: PLOT_H, preserveAspectRatio: "none" });
+  svg.style.background = "rgba(0,0,0,.25)";
+  const line = svgEl("path", { d: "", fill: "none", stroke: "#6cf", "stroke-width": 1.5 });
+  const marker = svgEl("line", { x1: 0, x2: 0, y1: 0, y2: PLOT_H, stroke: "#fc6", "stroke-width": 1 });
+  svg.append(line, marker);
+  root.append(header, img, slider, label, figure, svg);
+
+  const state = { data: null };
+
+  function show(pos) {
+    const data = state.data;
+    if (!data || !data.frames.length) return;
+    const i = clampFrame(pos, data.frames.length);
+    const f = data.frames[i];
+    slider.value = String(i);
+    label.textContent = `frame ${i + 1}/${data.frames.length} · ${frameLabel(f, data.steps)}`;
+    figure.textContent = figureLabel(data.figureName, f.figure);
+    const url = viewURL(f.image, (p) => api.apiURL(p));
+    if (url) {
+      img.src = url;
+      img.style.display = "";
+    } else {
+      img.removeAttribute("src");
+      img.style.display = "none";
+    }
+    const x = markerX(i, data.frames.length, PLOT_W);
+    marker.setAttribute("x1", String(x));
+    marker.setAttribute("x2", String(x));
+    root.dataset.frame = String(i);
+    root.dataset.step = f.step === null ? "" : String(f.step);
+  }
+
+  function update(message) {
+    const data = parseTrajectoryMessage(message);
+    state.data = data;
+    if (!data || !data.frames.length) {
+      header.textContent = "No trajectory data.";
+      slider.disabled = true;
+      return;
+    }
+    header.textContent = `${data.method || "?"} · ${data.steps ?? "?"} steps · σmax ${formatNumber(data.sigmaMax)}` +
+      (data.show ? ` · ${data.show}` : "");
+    slider.max = String(data.frames.length - 1);
+    slider.disabled = data.frames.length < 2;
+    root.dataset.frames = String(data.frames.length);
+    const { points } = scalePoints(data.frames.map((f) => f.figure), PLOT_W, PLOT_H);
+    line.setAttribute("d", pathData(points));
+    show(0);
+  }
+
+  slider.addEventListener("input", () => show(slider.value));
+  return { root, update };
+}
+
+app.registerExtension({
+  name: "ddim_inversion.TrajectoryPreview",
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_TYPE) return;
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      const viewer = buildViewer();
+      this.ddimViewer = viewer;
+      this.addDOMWidget("ddim_trajectory_viewer", "ddim_viewer", viewer.root, { serialize: false });
+      return r;
+    };
+
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      try {
+        this.ddimViewer?.update(message);
+      } catch (e) {
+        console.error("[ddim_inversion] trajectory viewer:", e);
+      }
+      return r;
+    };
+  },
+});
