@@ -1,0 +1,313 @@
+"""Unit tests for tools/runner.py's pure parts: no server, no ComfyUI."""
+from __future__ import annotations
+
+import csv
+import email.parser
+import email.policy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_runner():
+    name = "ddiminv_tools_runner"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "runner.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+runner = _load_runner()
+
+
+def _wf():
+    return {
+        "10": {"class_type": "LoadImage", "inputs": {"image": "a.png"}, "_meta": {"title": "Source"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "mask.png"}, "_meta": {"title": "Mask"}},
+        "3": {"class_type": "DDIMInvert", "inputs": {"steps": 50, "cfg": 1.0, "latent": ["4", 0]},
+              "_meta": {"title": "DDIM Invert"}},
+        "4": {"class_type": "KSampler", "inputs": {"steps": 20}, "_meta": {"title": "Step 1.5: sample"}},
+        "5": {"class_type": "KSampler", "inputs": {"steps": 20}, "_meta": {"title": "dup"}},
+        "6": {"class_type": "KSampler", "inputs": {"steps": 20}, "_meta": {"title": "dup"}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}},
+    }
+
+
+# ------------------------------------------------------------------------------ override parsing
+@pytest.mark.parametrize("text,value", [
+    ("10", 10), ("1.5", 1.5), ("true", True), ("null", None), ('"10"', "10"), ("[\"4\", 0]", ["4", 0]),
+    ("euler", "euler"), ("", ""), ("a=b", "a=b"), ("{bad", "{bad"),
+])
+def test_parse_value(text, value):
+    assert runner.parse_value(text) == value
+
+
+def test_parse_override_basic_and_dotted_titles():
+    assert runner.parse_override("DDIM Invert.steps=10") == ("DDIM Invert", "steps", 10)
+    assert runner.parse_override("3.cfg=2.5") == ("3", "cfg", 2.5)
+    # dots in the title: the input is after the LAST dot of the key; '=' and dots allowed in the value
+    assert runner.parse_override("Step 1.5: sample.steps=4") == ("Step 1.5: sample", "steps", 4)
+    assert runner.parse_override("7.filename_prefix=a=b.c") == ("7", "filename_prefix", "a=b.c")
+    assert runner.parse_override(" 3 . cfg =7") == ("3", "cfg", 7)
+
+
+@pytest.mark.parametrize("bad", ["steps=4", "3.steps", ".steps=4", "3.=4", "=4", ""])
+def test_parse_override_rejects_malformed(bad):
+    with pytest.raises(runner.RunnerError, match="TITLE_OR_ID.input=value"):
+        runner.parse_override(bad)
+
+
+# ------------------------------------------------------------------------------ title / id resolution
+def test_resolve_by_id_title_and_class():
+    wf = _wf()
+    assert runner.resolve_nodes(wf, "3") == ["3"]
+    assert runner.resolve_nodes(wf, "DDIM Invert") == ["3"]
+    assert runner.resolve_nodes(wf, "Step 1.5: sample") == ["4"]
+    # class_type fallback names every node of that class, in numeric id order
+    assert runner.resolve_nodes(wf, "KSampler") == ["4", "5", "6"]
+    assert runner.resolve_nodes(wf, "SaveImage") == ["7"]
+
+
+def test_resolve_id_wins_over_title():
+    wf = _wf()
+    wf["4"]["_meta"]["title"] = "3"
+    assert runner.resolve_nodes(wf, "3") == ["3"]
+
+
+def test_resolve_errors_are_clear():
+    wf = _wf()
+    with pytest.raises(runner.RunnerError, match="matches nodes 5, 6"):
+        runner.resolve_nodes(wf, "dup")
+    with pytest.raises(runner.RunnerError, match=r"no node .* 'Nope'.*3 \(DDIM Invert\)"):
+        runner.resolve_nodes(wf, "Nope")
+
+
+def test_apply_overrides_copies_and_sets():
+    wf = _wf()
+    notes = []
+    out = runner.apply_overrides(wf, ["DDIM Invert.steps=8", "KSampler.steps=8", "3.latent=[\"2\", 0]",
+                                      "7.new_input=hello"], warn=notes.append)
+    assert out["3"]["inputs"]["steps"] == 8 and out["3"]["inputs"]["latent"] == ["2", 0]
+    assert [out[k]["inputs"]["steps"] for k in ("4", "5", "6")] == [8, 8, 8]
+    assert out["7"]["inputs"]["new_input"] == "hello"
+    assert len(notes) == 1 and "new_input" in notes[0]
+    assert wf["3"]["inputs"]["steps"] == 50  # the template is untouched
+    assert runner.apply_overrides(wf, [("3", "cfg", 3.0)])["3"]["inputs"]["cfg"] == 3.0
+
+
+def test_find_image_node():
+    wf = _wf()
+    assert runner.find_image_node(wf) == "2"  # first LoadImage by numeric id, not by text ("10" < "2")
+    assert runner.find_image_node(wf, "Source") == "10"
+    assert runner.find_image_node(wf, "10") == "10"
+    with pytest.raises(runner.RunnerError, match="use a node id"):
+        runner.find_image_node(wf, "LoadImage")
+    with pytest.raises(runner.RunnerError, match="no LoadImage"):
+        runner.find_image_node({"1": {"class_type": "SaveImage", "inputs": {}}})
+    out = runner.set_image(wf, "10", "sub/pic.png")
+    assert out["10"]["inputs"]["image"] == "sub/pic.png" and wf["10"]["inputs"]["image"] == "a.png"
+
+
+def test_check_api_workflow(tmp_path):
+    ui = {"nodes": [], "links": [], "version": 0.4}
+    with pytest.raises(runner.RunnerError, match="UI-format"):
+        runner.check_api_workflow(ui)
+    with pytest.raises(runner.RunnerError, match="not an API-format"):
+        runner.check_api_workflow({"1": {"inputs": {}}})
+    wrapped = {"prompt": _wf()}
+    assert runner.check_api_workflow(wrapped) == _wf()
+    p = tmp_path / "w.json"
+    p.write_text("{not json")
+    with pytest.raises(runner.RunnerError, match="not valid JSON"):
+        runner.load_workflow(p)
+    with pytest.raises(runner.RunnerError, match="not found"):
+        runner.load_workflow(tmp_path / "missing.json")
+
+
+def test_example_workflows_are_runner_compatible():
+    wfs = sorted((ROOT / "example_workflows").glob("*.api.json"))
+    if not wfs:
+        pytest.skip("no example_workflows/*.api.json yet")
+    for p in wfs:
+        wf = runner.load_workflow(p)
+        assert runner.find_image_node(wf) in wf, p.name
+
+
+# ------------------------------------------------------------------------------ multipart
+def test_build_multipart_parses_back():
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\r\n--not-a-boundary\r\n"
+    body, ctype = runner.build_multipart({"type": "input", "overwrite": "true"},
+                                         {"image": ('pic "1".png', png, "image/png")}, boundary="XyZ")
+    assert ctype == "multipart/form-data; boundary=XyZ"
+    assert body.startswith(b"--XyZ\r\n") and body.endswith(b"--XyZ--\r\n")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
+    parts = list(msg.iter_parts())
+    assert [p.get_param("name", header="content-disposition") for p in parts] == ["type", "overwrite", "image"]
+    assert parts[0].get_content() == "input" and parts[1].get_content() == "true"
+    assert parts[2].get_content_type() == "image/png"
+    assert parts[2].get_payload(decode=True) == png
+    assert parts[2].get_filename() == "pic %221%22.png"
+
+
+def test_build_multipart_against_aiohttp_reader():
+    aiohttp = pytest.importorskip("aiohttp")
+    import asyncio
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+    data = bytes(range(256)) * 10
+    body, ctype = runner.build_multipart({"type": "input"}, {"image": ("p.png", data, "image/png")})
+
+    async def go():
+        from unittest import mock
+        protocol = mock.Mock(_reading_paused=False)
+        loop = asyncio.get_running_loop()
+        payload = aiohttp.StreamReader(protocol, 2 ** 16, loop=loop)
+        payload.feed_data(body)
+        payload.feed_eof()
+        req = make_mocked_request("POST", "/upload/image", headers={"Content-Type": ctype}, payload=payload)
+        post = await req.post()
+        assert post["type"] == "input"
+        f = post["image"]
+        assert isinstance(f, web.FileField) and f.filename == "p.png" and f.content_type == "image/png"
+        assert f.file.read() == data
+
+    asyncio.run(go())
+
+
+def test_guess_type():
+    assert runner.guess_type("a.PNG") == "image/png"
+    assert runner.guess_type("a.jpeg") == "image/jpeg"
+    assert runner.guess_type("a.xyz") == "application/octet-stream"
+
+
+# ------------------------------------------------------------------------------ resume bookkeeping
+def test_results_roundtrip_and_pending(tmp_path):
+    r = runner.Results(tmp_path, meta={"workflow": "w.json"})
+    r.record("a.png", {"status": "ok", "server": "http://s1", "seconds": 1.25, "outputs": ["x.png"],
+                       "texts": {"5": ["VAE ceiling: 31.50 dB PSNR"]}, "figure": 31.5, "error": None})
+    r.record("b.png", {"status": "error", "server": "http://s2", "seconds": 0.5, "outputs": [], "texts": {},
+                       "figure": None, "error": "boom"})
+    assert not list(tmp_path.glob(".results*"))  # no temp files left behind
+    r2 = runner.Results.load(tmp_path)
+    assert r2.done("a.png") and not r2.done("b.png") and not r2.done("c.png")
+    assert r2.pending(["a.png", "b.png", "c.png"]) == ["b.png", "c.png"]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["summary"] == {"total": 2, "ok": 1, "failed": 1} and doc["workflow"] == "w.json"
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["image"] for r in rows] == ["a.png", "b.png"]
+    assert rows[0]["status"] == "ok" and rows[0]["seconds"] == "1.250" and rows[0]["figure"] == "31.5"
+    assert rows[0]["texts"] == "VAE ceiling: 31.50 dB PSNR" and rows[0]["outputs"] == "x.png"
+    assert rows[1]["error"] == "boom"
+    # a redo replaces the record; previous ok records survive a new run's writes
+    r2.record("b.png", {"status": "ok", "server": "http://s1", "seconds": 0.1, "outputs": []})
+    r3 = runner.Results.load(tmp_path)
+    assert r3.pending(["a.png", "b.png"]) == []
+
+
+def test_results_missing_and_corrupt(tmp_path):
+    assert runner.Results.load(tmp_path / "nope").images == {}
+    (tmp_path / "results.json").write_text("{trunc")
+    with pytest.raises(runner.RunnerError, match="unreadable"):
+        runner.Results.load(tmp_path)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "results.json"
+    p.write_text("old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner.os, "replace", boom)
+    with pytest.raises(OSError):
+        runner.atomic_write(p, b"new")
+    assert p.read_text() == "old" and list(tmp_path.iterdir()) == [p]
+
+
+def test_output_stems_disambiguate():
+    assert runner.output_stems(["a.png", "b.jpg"]) == {"a.png": "a", "b.jpg": "b"}
+    assert runner.output_stems(["a.png", "a.jpg"]) == {"a.png": "a_png", "a.jpg": "a_jpg"}
+
+
+def test_list_images(tmp_path):
+    for n in ("b.png", "a.JPG", "notes.txt", "c.webp"):
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "sub.png").mkdir()
+    assert [p.name for p in runner.list_images(tmp_path)] == ["a.JPG", "b.png", "c.webp"]
+    with pytest.raises(runner.RunnerError, match="not a folder"):
+        runner.list_images(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------ UI outputs, errors
+def test_extract_ui_and_figure():
+    outputs = {
+        "9": {"images": [{"filename": "r_00001_.png", "subfolder": "", "type": "output"}]},
+        "5": {"text": ["VAE ceiling: 31.25 dB PSNR (decode(encode(image)) vs image)"]},
+        "12": {"text": "round trip: 28.5 dB", "ddim_metrics": [{"psnr": 27.0}], "animated": [False]},
+    }
+    files, texts, other = runner.extract_ui(outputs)
+    assert files == [{"node": "9", "key": "images", "filename": "r_00001_.png", "subfolder": "", "type": "output"}]
+    assert texts == {"5": [outputs["5"]["text"][0]], "12": ["round trip: 28.5 dB"]}
+    assert other == {"12": {"ddim_metrics": [{"psnr": 27.0}]}}
+    assert runner.figure_from(texts, other) == 27.0        # a metrics entry wins
+    assert runner.figure_from(texts, {}) == 28.5           # else the last "NN dB" in the texts (node order)
+    assert runner.figure_from({}, {}) is None
+
+
+def test_error_formatting():
+    body = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                      "details": ""},
+            "node_errors": {"3": {"class_type": "DDIMInvert",
+                                  "errors": [{"message": "Value smaller than min", "details": "steps: 0 < 1"}]}}}
+    s = runner.format_prompt_error(400, body)
+    assert "HTTP 400" in s and "node 3 (DDIMInvert): Value smaller than min: steps: 0 < 1" in s
+    assert "boom" in runner.format_exec_error({"node_id": "3", "node_type": "DDIMInvert",
+                                                "exception_type": "ValueError", "exception_message": "boom\n"})
+    msg = runner.unreachable_message("http://127.0.0.1:8190", ConnectionRefusedError("refused"))
+    assert "http://127.0.0.1:8190" in msg and "--port 8190" in msg and "--server" in msg
+
+
+def test_server_urls():
+    assert runner.normalize_server("127.0.0.1:8188/") == "http://127.0.0.1:8188"
+    assert runner.ws_url("http://h:1", "abc") == "ws://h:1/ws?clientId=abc"
+    assert runner.ws_url("https://h/comfy", "abc") == "wss://h/comfy/ws?clientId=abc"
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    wf = tmp_path / "w.json"
+    wf.write_text(json.dumps(_wf()))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rc = runner.main(["--workflow", str(wf), "--images", str(imgs), "--out", str(tmp_path / "o"),
+                      "--set", "Nope.steps=1"])
+    assert rc == 2 and "no node with id, title or class 'Nope'" in capsys.readouterr().err
+    rc = runner.main(["--workflow", str(wf), "--images", str(imgs), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no images" in capsys.readouterr().err
+
+
+def test_cli_unreachable_server_names_url(tmp_path, capsys):
+    pytest.importorskip("aiohttp")
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    wf = tmp_path / "w.json"
+    wf.write_text(json.dumps(_wf()))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes(b"x")
+    rc = runner.main(["--workflow", str(wf), "--images", str(imgs), "--out", str(tmp_path / "o"),
+                      "--server", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"http://127.0.0.1:{port} is unreachable" in err and f"--port {port}" in err
+    assert "no ComfyUI server reachable" in err
