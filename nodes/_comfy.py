@@ -107,6 +107,32 @@ def check_conditioning(cond, batch: int, name: str) -> None:
                     f"shared) or exactly one per latent")
 
 
+def check_cfg(cfg, name: str = "cfg") -> float:
+    """cfg must be a finite number (a NaN passes ComfyUI's min/max widget check and would silently give a
+    NaN latent)."""
+    try:
+        v = float(cfg)
+    except (TypeError, ValueError):
+        raise InversionInputError(f"{name} must be a number (e.g. 1.0); got {cfg!r}") from None
+    if not math.isfinite(v):
+        raise InversionInputError(f"{name} must be a finite number (e.g. 1.0); got {cfg!r}")
+    return v
+
+
+def check_noise_mask(mask, shape, name: str = "noise_mask") -> None:
+    """A latent's optional noise_mask: a finite tensor [H,W], [B,H,W] or [B,1,H,W] (any size: it is resized)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise InversionInputError(f"latent {name} must be a MASK tensor; got {type(mask).__name__}: "
+                                  "set it with Set Latent Noise Mask")
+    if mask.ndim < 2 or mask.ndim > len(shape) or mask.numel() == 0:
+        raise InversionInputError(f"latent {name} must be [H,W], [B,H,W] or [B,1,H,W]; got shape {tuple(mask.shape)}: "
+                                  "set it with Set Latent Noise Mask")
+    if not torch.isfinite(mask).all():
+        raise InversionInputError(f"latent {name} contains NaN or Inf values; use a mask with values in [0, 1]")
+
+
 # ---------------------------------------------------------------------------------------------- the sampler seam
 class _LoopSampler(comfy.samplers.Sampler):
     """A ``comfy.samplers.Sampler`` that runs ``loop(model_fn, device, progress)`` inside CFGGuider.
@@ -149,6 +175,7 @@ def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tenso
     ``sigmas`` (descending) is what CFGGuider sees for model loading, memory estimates and
     transformer_options['sample_sigmas']; the loop decides the sigma of each evaluation itself.
     """
+    cfg = check_cfg(cfg)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(float(cfg))
@@ -172,6 +199,7 @@ def compute_device(model) -> torch.device:
 def prepare_mask(mask: Optional[torch.Tensor], shape, device) -> Optional[torch.Tensor]:
     if mask is None:
         return None
+    check_noise_mask(mask, shape)
     return comfy.sampler_helpers.prepare_mask(mask, shape, device)
 
 

@@ -30,7 +30,7 @@ FAMILIES = ("eps", "v", "flow")
 LATENT_FORMATS = ("sd15", "sd3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POISONS = ("none", "nan", "inf", "neg_inf", "huge", "all_nan")
-MASKS = ("none", "hw", "1hw", "bhw", "b1hw", "other_size", "wrong_batch", "ones", "zeros")
+MASKS = ("none", "hw", "1hw", "bhw", "b1hw", "other_size", "wrong_batch", "ones", "zeros", "nan", "one_d")
 SIGMA_KINDS = ("valid", "ascending", "duplicate", "nan", "inf", "negative", "single", "empty",
                "unsorted", "two_d_valid")
 
@@ -78,7 +78,7 @@ def hard_model(family: str = "eps", latent: str = "sd15"):
     if family == "flow":
         cfg.sampling_settings = {"shift": 3.0, "multiplier": 1000}
     if latent == "sd3":
-        cfg.latent_format = comfy.latent_formats.SD3
+        cfg.latent_format = comfy.latent_formats.SD3()
     mtype = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
              "flow": comfy.model_base.ModelType.FLOW}[family]
     model = comfy.model_base.BaseModel(cfg, model_type=mtype, device=torch.device("cpu"))
@@ -120,6 +120,11 @@ def hard_latent(batch=1, channels=4, height=8, width=8, seed=0, dtype="float32",
         m = torch.ones(1, H, W)
     elif mask == "zeros":
         m = torch.zeros(1, H, W)
+    elif mask == "nan":
+        m = torch.rand(1, H, W, generator=g)
+        m[0, 0, 0] = float("nan")
+    elif mask == "one_d":
+        m = torch.rand(W, generator=g)
     if m is not None:
         out["noise_mask"] = m
     return out
@@ -254,10 +259,3 @@ TEST_NODES = {
     "TestHardSink": TestHardSink,
 }
 
-
-def finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t.float()).all())
-
-
-def is_close_to_nan(v) -> bool:
-    return isinstance(v, float) and math.isnan(v)
