@@ -53,6 +53,15 @@ def family_of(model) -> str:
     return "other"
 
 
+def input_scale(model) -> Callable[[float], float]:
+    """c_in(sigma): the factor ComfyUI's ``calculate_input`` applies to the state before the network."""
+    ms = model_sampling(model)
+
+    def cin(sigma: float) -> float:
+        return float(ms.calculate_input(torch.tensor([float(sigma)]), torch.ones(1)))
+    return cin
+
+
 def model_sampling_name(model) -> str:
     ms = model_sampling(model)
     return "+".join(c.__name__ for c in type(ms).__mro__[1:3] if c.__name__ not in ("Module", "object"))

@@ -49,8 +49,9 @@ class DDIMInvert(io.ComfyNode):
                 io.Int.Input("end_step", default=10000, min=1, max=10000, optional=True,
                              tooltip="Sampling step at which the source latent sits (10000 = the end: a clean image)."),
                 io.Combo.Input("eval_sigma", options=list(methods.EVAL_SIGMAS), default="auto", optional=True,
-                               tooltip="ddim only: evaluate the model at the current sigma (Song et al.) or the destination "
-                                       "sigma (prompt-to-prompt). auto = current for EPS/V, destination for flow (better on each)."),
+                               tooltip="ddim (and exact's first step): 'destination' feeds the network the current input told it is at the "
+                                       "next noise level (prompt-to-prompt's order; the more accurate one for every family); 'current' "
+                                       "evaluates at the current sigma (Song et al.). auto = destination."),
                 io.Float.Input("tolerance", default=1e-6, min=1e-12, max=0.1, step=1e-7, round=False, optional=True,
                                tooltip="implicit only: stop a step when the regenerating step misses by less than this (relative RMS)."),
                 io.Int.Input("max_iters", default=30, min=1, max=500, optional=True,
@@ -91,12 +92,13 @@ class DDIMInvert(io.ComfyNode):
             raise C.InversionInputError(str(e)) from None
         asc = schedule.inversion_order(seg)
         family = C.family_of(model)
+        cin = C.input_scale(model)
         x0 = C.to_model_space(model, samples)
         store = C.storage_device()
 
         def loop(model_fn, device, progress):
             return methods.invert(x0.to(device), asc, model_fn, opts, family=family, progress=progress,
-                                  store_device=store)
+                                  store_device=store, input_scale=cin)
 
         traj = C.run_guided(model, positive, negative, cfg, tuple(samples.shape), seg, loop,
                             total_steps=int(asc.shape[0]) - 1)
