@@ -197,3 +197,27 @@ def test_trajectory_not_mutated(fx):
     assert torch.equal(t.states, before[0]) and torch.equal(t.denoised, before[1]) and torch.equal(t.sigmas, before[2])
     assert out.args[0].shape == (3, 8, 16, 3)
     assert math.isfinite(out.ui["ddim_trajectory"][0]["frames"][-1]["figure"])
+
+
+def test_real_inversion_trajectory(fx):
+    """DDIM Invert (GMM test model) -> Trajectory Preview: a real trajectory, both ends shown."""
+    p = {
+        "model": {"class_type": "TestGMMModel", "inputs": {"family": "eps", "seed": 0}},
+        "cond": {"class_type": "TestGMMCond", "inputs": {"subset": "0,1,2"}},
+        "lat": {"class_type": "TestGMMLatent", "inputs": {"comps": "0,1,2", "seed": 0, "sample_seed": 1}},
+        "inv": {"class_type": "DDIMInvert", "inputs": {"model": ["model", 0], "positive": ["cond", 0],
+                                                       "negative": ["cond", 0], "latent": ["lat", 0], "steps": 6,
+                                                       "cfg": 1.0, "scheduler": "ddim_uniform", "method": "ddim"}},
+        "prev": {"class_type": NODE, "inputs": {"trajectory": ["inv", 2], "show": "both", "frames": 3,
+                                                "decode": "fast"}},
+    }
+    r = host.run(p)
+    images = r.outputs("prev")[0]
+    data = r.ui("prev")["ddim_trajectory"][0]
+    assert images.shape[0] == 3 and images.shape[-1] == 3
+    n = data["steps"]  # the scheduler decides the exact count (ddim_uniform may add one)
+    assert n >= 6 and data["method"] == "ddim"
+    steps = [f["step"] for f in data["frames"]]
+    assert steps[0] == 0 and steps[-1] == n and steps == host.pack_submodule("nodes.preview").select_frames(n + 1, 3)
+    assert data["frames"][0]["sigma"] < data["frames"][-1]["sigma"] == pytest.approx(data["sigma_max"])
+    json.dumps(data, allow_nan=False)
