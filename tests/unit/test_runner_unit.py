@@ -133,7 +133,7 @@ def test_check_api_workflow(tmp_path):
 
 
 def test_example_workflows_are_runner_compatible():
-    wfs = sorted((ROOT / "example_workflows").glob("*.api.json"))
+    wfs = sorted((ROOT / "example_workflows").glob("**/*.api.json"))
     if not wfs:
         pytest.skip("no example_workflows/*.api.json yet")
     for p in wfs:
