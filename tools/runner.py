@@ -606,7 +606,7 @@ class Progress:
 
     def done(self, name: str, rec: dict) -> None:
         self.n += 1
-        extra = f" {rec['figure']:.2f}" if isinstance(rec.get("figure"), float) else ""
+        extra = f" figure={rec['figure']:.2f}" if isinstance(rec.get("figure"), float) else ""
         tail = f" {rec['error']}" if rec.get("error") else ""
         self.line(f"[{self.n:>{self.width}}/{self.total}] {name} {rec['status']} {rec.get('seconds', 0):.1f}s "
                   f"@{rec.get('server', '?')}{extra}{tail}")

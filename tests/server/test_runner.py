@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tools" / "runner.py"
 EXAMPLE = ROOT / "example_workflows" / "api" / "invert_and_reconstruct.api.json"
 SIZE = 64
-N_IMAGES = 4
+N_IMAGES = 3
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +116,9 @@ def check_outputs(out: Path, name: str, rec: dict):
 
 def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
     t_start = time.monotonic()
-    s1, s2 = server_factory(), server_factory()
+    with ThreadPoolExecutor(2) as ex:  # start both servers at once (startup is mostly imports and I/O)
+        s1, s2 = ex.map(lambda _: server_factory(), range(2))
+    print(f"servers up in {time.monotonic() - t_start:.1f}s")
     assert s1.port != s2.port
     images = tmp_path / "images"
     names = make_images(images)
@@ -142,7 +145,7 @@ def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
     for i, n in enumerate(names):
         assert f"/{N_IMAGES}] {n} ok" in r.stderr, r.stderr
     assert history_count(s1) + history_count(s2) == N_IMAGES
-    print(f"full run: {secs:.1f}s for {N_IMAGES} images on 2 servers")
+    print(f"full run: {secs:.1f}s for {N_IMAGES} images on 2 servers\n{r.stderr}")
 
     # ---------------------------------------------------------------- resume: results written by a "crash"
     doc = json.loads((out / "results.json").read_text())
@@ -154,12 +157,12 @@ def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
     dead = f"http://127.0.0.1:{_closed_port()}"
     r, secs = run_runner(runner_cmd(workflow, images, out, [s1.url, s2.url, dead]))
     assert r.returncode == 0, r.stderr
-    assert "resuming: 2 image(s) already ok" in r.stderr, r.stderr
+    assert f"resuming: {N_IMAGES - 2} image(s) already ok" in r.stderr, r.stderr
     assert f"{dead} is unreachable" in r.stderr and "--port" in r.stderr  # warns, goes on with the others
     assert history_count(s1) + history_count(s2) - before == 2      # only the two unfinished images ran
     recs = read_results(out)
     assert all(recs[n]["status"] == "ok" for n in names)
-    for n in (names[0], names[3]):
+    for n in (names[0],):
         assert recs[n]["prompt_id"] == first_ids[n]                  # untouched
     for n in (names[1], names[2]):
         assert recs[n]["prompt_id"] != first_ids[n] and "error" not in (recs[n]["error"] or "")
