@@ -1,0 +1,44 @@
+# ddim-inversion developer entry points.
+#   make setup                 host ComfyUI 0.3.75 + .venv + link the pack (tools/setup.sh, idempotent)
+#   make test                  python tests (pytest) then js unit tests (node --test); fails if either fails
+#   make test PYTEST_ARGS="tests/host -k flux"    pass arguments through to pytest (default: tests)
+#   make demo [CKPT=path]      end-to-end demo (tools/demo.py)
+#   make bench                 fidelity benchmark (bench/fidelity.py)
+PY ?= .venv/bin/python
+NODE ?= node
+PYTEST_ARGS ?= tests
+# optional: file that receives pytest's exit code (used by .ci/run to tell "no tests collected" apart)
+PYTEST_RC_FILE ?=
+
+.PHONY: setup test test-py test-js demo bench
+
+setup:
+	bash tools/setup.sh
+
+test:
+	@rc=0; \
+	$(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
+	jrc=0; \
+	if command -v $(NODE) >/dev/null 2>&1; then \
+	  $(NODE) --test js/tests/ || jrc=$$?; \
+	else \
+	  echo "make test: node not found (Node.js >= 18 is needed for js/tests)" >&2; jrc=127; \
+	fi; \
+	if [ $$rc -ne 0 ] || [ $$jrc -ne 0 ]; then \
+	  echo "make test: FAILED (pytest exit $$rc, node --test exit $$jrc)" >&2; exit 1; \
+	fi; \
+	echo "make test: OK (pytest and node --test passed)"
+
+test-py:
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-js:
+	$(NODE) --test js/tests/
+
+demo:
+	$(PY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
+
+bench:
+	$(PY) bench/fidelity.py
