@@ -64,7 +64,8 @@ def input_scale(model) -> Callable[[float], float]:
 
 def model_sampling_name(model) -> str:
     ms = model_sampling(model)
-    return "+".join(c.__name__ for c in type(ms).__mro__[1:3] if c.__name__ not in ("Module", "object"))
+    bases = type(ms).__bases__ if type(ms).__name__ == "ModelSampling" else (type(ms),)
+    return "+".join(c.__name__ for c in bases)
 
 
 def sampling_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
@@ -140,6 +141,36 @@ def check_noise_mask(mask, shape, name: str = "noise_mask") -> None:
                                   "set it with Set Latent Noise Mask")
     if not torch.isfinite(mask).all():
         raise InversionInputError(f"latent {name} contains NaN or Inf values; use a mask with values in [0, 1]")
+
+
+def guidance_fingerprint(positive, negative, cfg: float) -> str:
+    """A hash of the conditioning tensors (and their tensor/scalar options) and the cfg: tells the sampler
+    whether it regenerates with exactly the inversion's guidance."""
+    import hashlib
+    h = hashlib.sha1()
+    h.update(repr(round(float(cfg), 8)).encode())
+
+    def feed(v):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to("cpu", torch.float32).contiguous()
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            h.update(repr(v).encode())
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                feed(x)
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(str(k).encode())
+                feed(v[k])
+        else:
+            h.update(type(v).__name__.encode())
+
+    for cond in (positive, negative):
+        h.update(b"|")
+        feed(cond)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- the sampler seam

@@ -76,6 +76,7 @@ class DDIMInvert(io.ComfyNode):
             raise C.InversionInputError("latent must be a LATENT dict with 'samples'; connect VAE Encode (Inversion)")
         samples = latent["samples"]
         C.check_latent(model, samples)
+        C.check_noise_mask(latent.get("noise_mask"), samples.shape)
         B = int(samples.shape[0])
         C.check_conditioning(positive, B, "positive")
         C.check_conditioning(negative, B, "negative")
@@ -104,7 +105,8 @@ class DDIMInvert(io.ComfyNode):
                             total_steps=int(asc.shape[0]) - 1)
         traj = traj.with_(cfg=float(cfg), latent_format=type(C.latent_format(model)).__name__,
                           model_sampling=C.model_sampling_name(model),
-                          noise_mask=latent.get("noise_mask"), batch_index=latent.get("batch_index"))
+                          noise_mask=latent.get("noise_mask"), batch_index=latent.get("batch_index"),
+                          extra={"guidance_fingerprint": C.guidance_fingerprint(positive, negative, cfg)})
         out = {k: v for k, v in latent.items() if k not in ("downscale_ratio_spacial", "downscale_ratio_temporal")}
         out["samples"] = C.to_vae_space(model, traj.noise).to(store)
         noise = C.InvertedNoise(traj.noise, float(asc[-1]), C.model_sampling(model), C.latent_format(model))

@@ -62,6 +62,10 @@ class DDIMInvSampler(io.ComfyNode):
                                tooltip="source_drift: add back, every step, the gap between the stored inversion state and the same step re-run "
                                        "from the stored states with the source prompt (source_positive/negative, else positive/negative) at this cfg. "
                                        "The source stays pinned even when cfg differs from the inversion's; costs one more evaluation per step."),
+                io.Combo.Input("exact_replay", options=["auto", "bdia", "ddim"], default="auto", optional=True,
+                               tooltip="For 'exact' trajectories: bdia replays the exact recurrence (bit-exact reconstruction, but it "
+                                       "overshoots under another prompt); ddim runs the plain DDIM sampler from the inverted noise "
+                                       "(stable edits). auto = bdia when prompt and cfg equal the inversion's, else ddim."),
                 io.Conditioning.Input("source_positive", optional=True,
                                       tooltip="source_drift only: the prompt the source was inverted with (default: positive)."),
                 io.Conditioning.Input("source_negative", optional=True,
@@ -72,9 +76,15 @@ class DDIMInvSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, trajectory, cfg, start_step=0, correction="none",
-                source_positive=None, source_negative=None) -> io.NodeOutput:
+                exact_replay="auto", source_positive=None, source_negative=None) -> io.NodeOutput:
         check_trajectory(trajectory)
         traj: Trajectory = trajectory
+        if traj.method == "exact":
+            if exact_replay not in ("auto", "bdia", "ddim"):
+                raise C.InversionInputError(f"exact_replay must be auto, bdia or ddim; got {exact_replay!r}")
+            same = traj.extra.get("guidance_fingerprint") == C.guidance_fingerprint(positive, negative, cfg)
+            if exact_replay == "ddim" or (exact_replay == "auto" and not same):
+                traj = traj.with_(method="ddim")   # plain DDIM from the inverted noise (stable for edits)
         B = traj.batch_size
         C.check_conditioning(positive, B, "positive")
         C.check_conditioning(negative, B, "negative")
