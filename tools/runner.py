@@ -41,6 +41,7 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 CSV_FIELDS = ("image", "status", "server", "seconds", "outputs", "figure", "texts", "error", "prompt_id")
 DEFAULT_TIMEOUT = 600.0
+HISTORY_POLL_S = 5.0  # a prompt whose websocket messages were missed is still noticed via /history
 _DB_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*dB")
 
 
@@ -464,7 +465,7 @@ class Worker:
             if left <= 0:
                 return False, "timeout", executed
             try:
-                msg = await self.ws.receive(timeout=min(left, 2.0))
+                msg = await self.ws.receive(timeout=min(left, HISTORY_POLL_S / 2))
             except asyncio.TimeoutError:
                 msg = None
             if msg is not None and msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
@@ -481,13 +482,13 @@ class Worker:
                 except ServerGone:
                     raise
                 continue
+            if time.monotonic() - last_poll > HISTORY_POLL_S:  # belt and braces: a missed message cannot hang us
+                last_poll = time.monotonic()
+                h = await self.history(prompt_id, wait=0)
+                if h is not None and (h.get("status") or {}).get("status_str") in ("success", "error"):
+                    st = h["status"]
+                    return bool(st.get("completed")), None if st.get("completed") else _history_error(h), executed
             if msg is None or msg.type != aiohttp.WSMsgType.TEXT:
-                if time.monotonic() - last_poll > 5.0:  # belt and braces: a missed message cannot hang us
-                    last_poll = time.monotonic()
-                    h = await self.history(prompt_id, wait=0)
-                    if h is not None and (h.get("status") or {}).get("status_str") in ("success", "error"):
-                        st = h["status"]
-                        return bool(st.get("completed")), None if st.get("completed") else _history_error(h), executed
                 continue
             try:
                 m = json.loads(msg.data)
@@ -662,33 +663,37 @@ async def run_async(args) -> int:
         for n in todo:
             queue.put_nowait((n, 0))
         live = {"n": len(alive)}
+        pending = {"n": len(todo)}
         failures = {"n": 0}
+
+        def finish(name: str, rec: dict) -> None:
+            results.record(name, rec)
+            if rec["status"] != "ok":
+                failures["n"] += 1
+            pending["n"] -= 1
+            progress.done(name, rec)
 
         async def work(w: Worker):
             try:
-                while True:
+                while pending["n"] > 0:
                     try:
                         name, tries = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
+                    except asyncio.QueueEmpty:  # others are busy; an image may come back if their server dies
+                        await asyncio.sleep(0.1)
+                        continue
                     try:
                         rec = await w.process(by_name[name], template, image_node, out / stems[name],
                                               on_progress=lambda d: None)
                     except ServerGone as e:
-                        log(f"warning: {e}; {'retrying ' + name + ' elsewhere' if tries < 1 and live['n'] > 1 else ''}")
                         if tries < 1 and live["n"] > 1:
+                            log(f"warning: {e}; {name} goes to another server, {w.server} is dropped")
                             queue.put_nowait((name, tries + 1))
                         else:
-                            rec = {"server": w.server, "status": "error", "error": str(e), "seconds": None,
-                                   "outputs": [], "texts": {}, "figure": None}
-                            results.record(name, rec)
-                            failures["n"] += 1
-                            progress.done(name, rec)
+                            log(f"warning: {e}; {w.server} is dropped")
+                            finish(name, {"server": w.server, "status": "error", "error": str(e), "seconds": None,
+                                          "outputs": [], "texts": {}, "figure": None})
                         return
-                    results.record(name, rec)
-                    if rec["status"] != "ok":
-                        failures["n"] += 1
-                    progress.done(name, rec)
+                    finish(name, rec)
             finally:
                 live["n"] -= 1
                 await w.close()

@@ -1,0 +1,249 @@
+"""tools/runner.py against in-process fake ComfyUI servers (aiohttp): the paths a real server rarely
+takes on demand (a server dying mid-batch, execution errors, missed websocket messages, timeouts).
+The real-server behaviour is covered by tests/server/test_runner.py."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+from aiohttp import web  # noqa: E402
+
+from tests.unit.test_runner_unit import runner  # noqa: E402  (tools/runner.py, loaded by path)
+
+PNG = b"\x89PNG\r\n\x1a\nfake"
+
+
+class FakeComfy:
+    """Enough of ComfyUI's API: /system_stats, /upload/image, /prompt, /ws, /history, /view, /queue,
+    /interrupt. ``mode``: ok | error | die (drops the connection on /prompt, then refuses) | silent
+    (no websocket messages; history only) | hang (never finishes)."""
+
+    def __init__(self, mode="ok", delay=0.05):
+        self.mode, self.delay = mode, delay
+        self.uploads, self.prompts, self.history = {}, [], {}
+        self.sockets: dict = {}
+        self.interrupted = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _start(self):
+        app = web.Application()
+        app.router.add_get("/system_stats", self.empty)
+        app.router.add_post("/upload/image", self.upload)
+        app.router.add_post("/prompt", self.prompt)
+        app.router.add_get("/ws", self.ws)
+        app.router.add_get("/history/{pid}", self.get_history)
+        app.router.add_get("/view", self.view)
+        app.router.add_post("/queue", self.empty)
+        app.router.add_post("/interrupt", self.interrupt)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await self.site.start()
+        return self.site._server.sockets[0].getsockname()[1]
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    async def empty(self, request):
+        return web.json_response({})
+
+    async def upload(self, request):
+        post = await request.post()
+        f = post["image"]
+        assert post["type"] == "input" and post["overwrite"] == "true"
+        self.uploads[f.filename] = f.file.read()
+        return web.json_response({"name": f.filename, "subfolder": "", "type": "input"})
+
+    async def interrupt(self, request):
+        self.interrupted += 1
+        return web.json_response({})
+
+    async def ws(self, request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        sid = request.rel_url.query.get("clientId") or uuid.uuid4().hex
+        self.sockets[sid] = ws
+        await ws.send_json({"type": "status", "data": {"status": {}, "sid": sid}})
+        async for _ in ws:
+            pass
+        return ws
+
+    async def send(self, sid, typ, data):
+        ws = self.sockets.get(sid)
+        if ws is not None and not ws.closed and self.mode != "silent":
+            await ws.send_json({"type": typ, "data": data})
+            await ws.send_bytes(b"\x00\x00\x00\x01preview")  # binary frames are ignored
+
+    async def prompt(self, request):
+        body = await request.json()
+        if self.mode == "die":
+            await self.site.stop()  # refuse new connections, then drop this one
+            request.transport.close()
+            raise ConnectionResetError
+        pid = body.get("prompt_id") or str(uuid.uuid4())
+        self.prompts.append(body)
+        asyncio.get_running_loop().create_task(self.execute(pid, body))
+        return web.json_response({"prompt_id": pid, "number": len(self.prompts), "node_errors": {}})
+
+    async def execute(self, pid, body):
+        sid, prompt = body["client_id"], body["prompt"]
+        image = prompt["1"]["inputs"]["image"]
+        await self.send(sid, "execution_start", {"prompt_id": pid})
+        await self.send(sid, "executing", {"node": "1", "prompt_id": pid})
+        await self.send(sid, "progress", {"value": 1, "max": 2, "prompt_id": pid, "node": "1"})
+        if self.mode == "hang":
+            return
+        await asyncio.sleep(self.delay)
+        if self.mode == "error":
+            err = {"prompt_id": pid, "node_id": "2", "node_type": "DDIMInvert", "exception_type": "ValueError",
+                   "exception_message": f"bad latent for {image}", "traceback": []}
+            await self.send(sid, "execution_error", err)
+            self.history[pid] = {"outputs": {}, "status": {"status_str": "error", "completed": False,
+                                                           "messages": [["execution_error", err]]}}
+        else:
+            outputs = {"3": {"images": [{"filename": f"rec_{Path(image).stem}.png", "subfolder": "ddiminv",
+                                         "type": "output"}]},
+                       "4": {"text": [f"round trip: {len(self.prompts)}.5 dB"]}}
+            await self.send(sid, "executed", {"node": "3", "output": outputs["3"], "prompt_id": pid})
+            await self.send(sid, "executed", {"node": "4", "output": outputs["4"], "prompt_id": pid})
+            self.history[pid] = {"outputs": outputs, "status": {"status_str": "success", "completed": True,
+                                                                "messages": []}}
+            await self.send(sid, "execution_success", {"prompt_id": pid})
+        await self.send(sid, "executing", {"node": None, "prompt_id": pid})
+
+    async def get_history(self, request):
+        pid = request.match_info["pid"]
+        return web.json_response({pid: self.history[pid]} if pid in self.history else {})
+
+    async def view(self, request):
+        q = request.rel_url.query
+        assert q["type"] == "output" and q["subfolder"] == "ddiminv"
+        return web.Response(body=PNG + q["filename"].encode(), content_type="image/png")
+
+
+WF = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}},
+    "2": {"class_type": "DDIMInvert", "inputs": {"steps": 50}, "_meta": {"title": "DDIM Invert"}},
+    "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a"}},
+    "4": {"class_type": "PreviewAny", "inputs": {}},
+}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    wf = tmp_path / "wf.api.json"
+    wf.write_text(json.dumps(WF))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(5):
+        (imgs / f"im{i}.png").write_bytes(PNG + bytes([i]))
+    servers = []
+
+    def make(mode="ok", **kw):
+        s = FakeComfy(mode, **kw)
+        servers.append(s)
+        return s
+
+    yield wf, imgs, tmp_path / "out", make
+    for s in servers:
+        try:
+            s.stop()
+        except Exception:
+            pass
+
+
+def _args(wf, imgs, out, *servers, extra=()):
+    a = ["--workflow", str(wf), "--images", str(imgs), "--out", str(out), "--set", "DDIM Invert.steps=3"]
+    for s in servers:
+        a += ["--server", s.url]
+    return a + list(extra)
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())["images"]
+
+
+def test_spreads_over_servers_and_records_everything(setup, capsys):
+    wf, imgs, out, make = setup
+    a, b = make(delay=0.2), make(delay=0.2)
+    assert runner.main(_args(wf, imgs, out, a, b)) == 0
+    recs = _results(out)
+    assert sorted(recs) == [f"im{i}.png" for i in range(5)]
+    assert {r["server"] for r in recs.values()} == {a.url, b.url}
+    assert len(a.prompts) + len(b.prompts) == 5 and a.prompts and b.prompts
+    for body in a.prompts + b.prompts:
+        p = body["prompt"]
+        assert p["2"]["inputs"]["steps"] == 3 and body["client_id"] and body["prompt_id"]
+        assert p["1"]["inputs"]["image"] in (list(a.uploads) + list(b.uploads))
+    for name, r in recs.items():
+        stem = Path(name).stem
+        assert r["status"] == "ok" and r["outputs"] == [f"rec_{stem}.png"]
+        assert (out / stem / f"rec_{stem}.png").read_bytes() == PNG + f"rec_{stem}.png".encode()
+        assert r["texts"]["4"][0].startswith("round trip:") and r["figure"] == float(r["texts"]["4"][0][12:-3])
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 5
+    err = capsys.readouterr().err
+    assert "[1/5]" in err and "[5/5]" in err and "done: 5/5 ok" in err
+    # a second run has nothing to do and queues nothing
+    assert runner.main(_args(wf, imgs, out, a, b)) == 0
+    assert len(a.prompts) + len(b.prompts) == 5
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_server_dying_mid_batch_moves_work_to_the_other(setup, capsys):
+    wf, imgs, out, make = setup
+    good, bad = make(delay=0.1), make("die")
+    assert runner.main(_args(wf, imgs, out, bad, good)) == 0
+    recs = _results(out)
+    assert all(r["status"] == "ok" and r["server"] == good.url for r in recs.values())
+    assert len(good.prompts) == 5
+    err = capsys.readouterr().err
+    assert f"{bad.url} is dropped" in err and "goes to another server" in err
+
+
+def test_execution_errors_are_recorded_and_retried_on_resume(setup, capsys):
+    wf, imgs, out, make = setup
+    bad = make("error")
+    assert runner.main(_args(wf, imgs, out, bad)) == 1
+    recs = _results(out)
+    assert all(r["status"] == "error" and "node 2 (DDIMInvert) failed: ValueError: bad latent" in r["error"]
+               for r in recs.values())
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert all("bad latent" in row["error"] for row in rows)
+    assert "done: 0/5 ok, 5 failed" in capsys.readouterr().err
+    good = make()
+    assert runner.main(_args(wf, imgs, out, good)) == 0  # failed images are redone
+    assert len(good.prompts) == 5 and all(r["status"] == "ok" for r in _results(out).values())
+
+
+def test_missed_websocket_messages_fall_back_to_history(setup, monkeypatch):
+    wf, imgs, out, make = setup
+    monkeypatch.setattr(runner, "HISTORY_POLL_S", 0.3)
+    quiet = make("silent")
+    assert runner.main(_args(wf, imgs, out, quiet)) == 0
+    recs = _results(out)
+    assert all(r["status"] == "ok" and r["outputs"] for r in recs.values())
+    assert recs["im0.png"]["texts"]  # UI texts come from /history too
+
+
+def test_timeout_is_recorded_and_interrupts(setup, capsys):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[1:]:
+        p.unlink()
+    hang = make("hang")
+    assert runner.main(_args(wf, imgs, out, hang, extra=("--timeout", "0.5"))) == 1
+    rec = _results(out)["im0.png"]
+    assert rec["status"] == "error" and "timed out after 0.5s" in rec["error"]
+    assert hang.interrupted == 1
