@@ -600,6 +600,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.width = len(str(max(total, 1)))
+        self._step_len = 0
 
     def line(self, text: str) -> None:
         if not self.quiet:
@@ -609,8 +610,26 @@ class Progress:
         self.n += 1
         extra = f" figure={rec['figure']:.2f}" if isinstance(rec.get("figure"), float) else ""
         tail = f" {rec['error']}" if rec.get("error") else ""
-        self.line(f"[{self.n:>{self.width}}/{self.total}] {name} {rec['status']} {rec.get('seconds', 0):.1f}s "
-                  f"@{rec.get('server', '?')}{extra}{tail}")
+        self.clear_step()
+        self.line(f"[{self.n:>{self.width}}/{self.total}] {name} {rec['status']} {rec.get('seconds') or 0:.1f}s "
+                  f"@{rec.get('server') or '?'}{extra}{tail}")
+
+    def step(self, name: str, data: dict) -> None:
+        """Live sampler progress ('progress' messages) on an interactive terminal only."""
+        if self.quiet or not getattr(self.stream, "isatty", lambda: False)():
+            return
+        try:
+            text = f"  {name}: node {data.get('node')} {int(data['value'])}/{int(data['max'])}"
+        except (KeyError, TypeError, ValueError):
+            return
+        self.stream.write("\r" + text.ljust(self._step_len))
+        self._step_len = len(text)
+        self.stream.flush()
+
+    def clear_step(self) -> None:
+        if self._step_len:
+            self.stream.write("\r" + " " * self._step_len + "\r")
+            self._step_len = 0
 
 
 async def run_async(args) -> int:
@@ -683,7 +702,7 @@ async def run_async(args) -> int:
                         continue
                     try:
                         rec = await w.process(by_name[name], template, image_node, out / stems[name],
-                                              on_progress=lambda d: None)
+                                              on_progress=lambda d, n=name: progress.step(n, d))
                     except ServerGone as e:
                         if tries < 1 and live["n"] > 1:
                             log(f"warning: {e}; {name} goes to another server, {w.server} is dropped")

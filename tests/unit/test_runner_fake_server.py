@@ -247,3 +247,36 @@ def test_timeout_is_recorded_and_interrupts(setup, capsys):
     rec = _results(out)["im0.png"]
     assert rec["status"] == "error" and "timed out after 0.5s" in rec["error"]
     assert hang.interrupted == 1
+
+
+def test_only_server_dying_records_clear_error(setup, capsys):
+    wf, imgs, out, make = setup
+    bad = make("die")
+    assert runner.main(_args(wf, imgs, out, bad)) == 1
+    recs = _results(out)
+    assert len(recs) == 5 and all(r["status"] == "error" for r in recs.values())
+    assert sum(bad.url in (r["error"] or "") and "stopped answering" in r["error"] for r in recs.values()) == 1
+    assert sum(r["error"] == "no server left to run it" for r in recs.values()) == 4
+    err = capsys.readouterr().err
+    assert f"{bad.url} is dropped" in err and "done: 0/5 ok, 5 failed" in err
+
+
+def test_progress_lines_and_tty_steps():
+    import io as _io
+
+    class Tty(_io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    p = runner.Progress(12, stream=s)
+    p.step("a.png", {"value": 3, "max": 20, "node": "6"})
+    p.done("a.png", {"status": "ok", "seconds": 2.14, "server": "http://h:1", "figure": 31.5})
+    p.done("b.png", {"status": "error", "seconds": None, "server": None, "error": "boom"})
+    text = s.getvalue()
+    assert "\ra.png" not in text and "a.png: node 6 3/20" in text
+    assert "[ 1/12] a.png ok 2.1s @http://h:1 figure=31.50\n" in text
+    assert "[ 2/12] b.png error 0.0s @? boom\n" in text
+    plain = _io.StringIO()
+    runner.Progress(1, stream=plain).step("a.png", {"value": 1, "max": 2})
+    assert plain.getvalue() == ""  # no carriage-return noise in logs
