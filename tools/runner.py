@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Headless batch runner: invert and reconstruct (or edit) every image of a folder through ComfyUI's API.
 
-    python tools/runner.py --workflow example_workflows/invert_and_reconstruct.api.json \\
+    python tools/runner.py --workflow example_workflows/api/invert_and_reconstruct.api.json \\
         --images photos/ --out results/ --server http://127.0.0.1:8188 --server http://127.0.0.1:8189 \\
         --set "DDIMInvert.steps=20" --set "CheckpointLoaderSimple.ckpt_name=v1-5-pruned-emaonly.safetensors"
 
@@ -71,7 +71,7 @@ def check_api_workflow(data, where: str = "workflow") -> dict:
         data = data["prompt"]
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise RunnerError(f"{where} is a UI-format workflow (it has 'nodes' and 'links'); the runner needs the "
-                          "API format: in ComfyUI use Workflow > Export (API), or use an example_workflows/*.api.json")
+                          "API format: in ComfyUI use Workflow > Export (API), or use an example_workflows/api/*.api.json")
     if not isinstance(data, dict) or not data or not all(
             isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs", {}), dict) for n in data.values()):
         raise RunnerError(f"{where} is not an API-format workflow: expected an object of "
@@ -732,14 +732,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="runner.py", description="Invert and reconstruct (or edit) every image of a folder through "
         "running ComfyUI servers, using an API-format workflow as the template.")
-    p.add_argument("--workflow", required=True, help="API-format workflow JSON (e.g. example_workflows/*.api.json)")
+    p.add_argument("--workflow", required=True, help="API-format workflow JSON (e.g. example_workflows/api/*.api.json)")
     p.add_argument("--images", required=True, help="folder of input images")
     p.add_argument("--out", required=True, help="output folder: OUT/<image stem>/..., results.json, results.csv")
     p.add_argument("--server", action="append", metavar="URL",
                    help="ComfyUI server URL; repeat to spread the work (default http://127.0.0.1:8188)")
     p.add_argument("--set", action="append", metavar="TITLE_OR_ID.input=value", default=[],
                    help="override a node input by node id, _meta.title or class_type (all nodes of that class); "
-                        "value parsed as JSON when possible, else a string. Repeatable.")
+                        "value parsed as JSON when possible, else a string (quote to force a string: 'X.text=\"42\"'). Repeatable.")
     p.add_argument("--image-node", metavar="TITLE_OR_ID", help="node that gets the uploaded image "
                    "(default: the first LoadImage)")
     p.add_argument("--image-input", default="image", help="input name on --image-node (default: image)")
