@@ -15,7 +15,21 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
-from tests.unit.test_runner_unit import runner  # noqa: E402  (tools/runner.py, loaded by path)
+
+def _load_runner():
+    """tools/runner.py by path (tools/ is not a package); shared with test_runner_unit via sys.modules."""
+    import importlib.util
+    import sys
+    name = "ddiminv_tools_runner"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "tools" / "runner.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+runner = _load_runner()
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 
