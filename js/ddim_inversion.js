@@ -11,6 +11,9 @@ const NODE_TYPE = "DDIMInvTrajectoryPreview";
 const SVG_NS = "http://www.w3.org/2000/svg";
 const PLOT_W = 240;
 const PLOT_H = 60;
+// The DOM widget's height is set by the frontend from getMinHeight (default 50 px): ask for room for the header,
+// a >= 128 px image, the scrubber, two labels and the plot, and let the image take whatever the node adds.
+const VIEWER_MIN_H = 16 + 128 + 20 + 16 + 16 + PLOT_H + 5 * 4;
 
 function el(tag, style, text) {
   const e = document.createElement(tag);
@@ -26,23 +29,24 @@ function svgEl(tag, attrs) {
 }
 
 function buildViewer() {
-  const root = el("div", "display:flex;flex-direction:column;gap:4px;font:12px sans-serif;color:var(--input-text,#ddd);width:100%;");
+  const root = el("div", "display:flex;flex-direction:column;gap:4px;font:12px sans-serif;color:var(--input-text,#ddd);" +
+    "width:100%;height:100%;box-sizing:border-box;overflow:hidden;");
   root.className = "ddim-trajectory-viewer";
-  const header = el("div", "opacity:.8;", "Run the workflow to see the trajectory.");
-  const img = el("img", "width:100%;max-height:320px;object-fit:contain;image-rendering:pixelated;background:#111;display:none;");
+  const header = el("div", "flex:none;opacity:.8;", "Run the workflow to see the trajectory.");
+  const img = el("img", "flex:1 1 0;min-height:0;width:100%;object-fit:contain;image-rendering:pixelated;background:#111;display:none;");
   img.alt = "trajectory frame";
-  const slider = el("input", "width:100%;");
+  const slider = el("input", "flex:none;width:100%;");
   slider.type = "range";
   slider.min = "0";
   slider.max = "0";
   slider.step = "1";
   slider.value = "0";
   slider.disabled = true;
-  const label = el("div", "", "");
+  const label = el("div", "flex:none;", "");
   label.className = "ddim-frame-label";
-  const figure = el("div", "opacity:.8;", "");
+  const figure = el("div", "flex:none;opacity:.8;", "");
   const svg = svgEl("svg", { viewBox: `0 0 ${PLOT_W} ${PLOT_H}`, width: "100%", height: PLOT_H, preserveAspectRatio: "none" });
-  svg.style.background = "rgba(0,0,0,.25)";
+  svg.style.cssText = "flex:none;background:rgba(0,0,0,.25);";
   const line = svgEl("path", { d: "", fill: "none", stroke: "#6cf", "stroke-width": 1.5 });
   const marker = svgEl("line", { x1: 0, x2: 0, y1: 0, y2: PLOT_H, stroke: "#fc6", "stroke-width": 1 });
   svg.append(line, marker);
@@ -105,7 +109,10 @@ app.registerExtension({
       const r = onNodeCreated?.apply(this, arguments);
       const viewer = buildViewer();
       this.ddimViewer = viewer;
-      this.addDOMWidget("ddim_trajectory_viewer", "ddim_viewer", viewer.root, { serialize: false });
+      this.addDOMWidget("ddim_trajectory_viewer", "ddim_viewer", viewer.root, {
+        serialize: false,
+        getMinHeight: () => VIEWER_MIN_H,
+      });
       return r;
     };
 
