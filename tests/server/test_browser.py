@@ -279,6 +279,7 @@ def test_trajectory_viewer_in_real_frontend(server):
     parts = geo["parts"]
     assert set(parts) == {"img", "slider", "label", "plot"}, parts
     assert all(parts[k]["height"] > 0 for k in parts), f"a viewer part is collapsed to zero height: {parts}"
+    assert parts["img"]["height"] >= 64 and parts["plot"]["height"] >= 40, f"viewer image/plot squeezed: {parts}"
     assert not geo["partsOutsideNode"], (
         f"viewer parts {geo['partsOutsideNode']} overflow the node's box (the DOM widget got "
         f"{geo['viewerRect']['height']}px, its content needs {geo['rootScroll'][0]}px; widgets: {geo['widgets']})")
