@@ -174,7 +174,6 @@ def plot(rows, path: Path, seed: int) -> None:
                        "bigger = more steps (5,10,25,50)", fill="black")
     for ix, fam in enumerate(FAMILIES):
         x0p, x1p = left + ix * pw + 10, left + ix * pw + pw - 30
-        d.rectangle([x0p, top, x1p, H - bottom], outline="black")
         d.text((x0p + 5, top + 5), {"eps": "EPS", "v": "V-prediction", "flow": "FLOW (shift 3)"}[fam], fill="black")
         for e in range(-9, 2):
             y = Y(10.0 ** e)
@@ -186,6 +185,7 @@ def plot(rows, path: Path, seed: int) -> None:
             d.line([x, top, x, H - bottom], fill=(235, 235, 235))
             d.text((x - 6, H - bottom + 4), f"{v:g}", fill="black")
         d.text((x0p + pw // 2 - 90, H - bottom + 20), "evaluations / step (log)", fill="black")
+        d.rectangle([x0p, top, x1p, H - bottom], outline="black")
         steps_all = sorted({r["steps"] for r in rows})
         for r in rows:
             if r["family"] != fam:
@@ -277,7 +277,7 @@ def main(argv=None):
             d = json.loads(f.read_text())
             rows += d["rows"]
             grids.append(d["config"]["grid"])
-        seeds = [tuple(g["seeds"][0]) for g in grids]
+        seeds = sorted({tuple(sd) for g in grids for sd in g["seeds"]})
         steps_list = sorted({s for g in grids for s in g["steps"]})
         cfgs = sorted({c for g in grids for c in g["cfg"]})
         machine = d["machine"]
@@ -295,7 +295,8 @@ def main(argv=None):
                        "cond": COND, "uncond": UNCOND, "steps": steps_list, "cfg": cfgs, "scheduler": SCHEDULER,
                        "error": "||x_rec - x0|| / ||x0|| over the whole batch, model space",
                        "evals_per_step": "measured diffusion-model calls during inversion / steps (cond+uncond batched = 1)",
-                       "grid": {"seeds": seeds, "steps": steps_list, "cfg": cfgs}},
+                       "grid": {"seeds": seeds, "steps": steps_list, "cfg": cfgs},
+                       "parts": [p.name for p in sorted(B.OUT.glob("fidelity_part_*.json"))] if a.merge else None},
             "rows": rows}
     p = B.write_json(f"fidelity_part_{a.part}.json" if a.part else "fidelity.json", data)
     if a.part:
