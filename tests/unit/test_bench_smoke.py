@@ -35,4 +35,4 @@ def test_speed_bench_quick():
     out = _run(["bench/speed.py", "--quick"])
     assert "ratios:" in out and "ours/ksampler" in out and "ours/raw" in out
     assert "capture overhead" in out
-    assert (ROOT / "bench" / "out" / "speed.json").exists()
+    assert (ROOT / "bench" / "out" / "speed_quick.json").exists()
