@@ -141,8 +141,9 @@ def minimal_api_workflow(image_name: str) -> dict:
 
 
 def workflow_source(image_name: str) -> tuple[str, dict]:
-    """('example', UI workflow) when the example workflow has a Trajectory Preview, else ('minimal', API prompt)."""
-    if EXAMPLE.is_file():
+    """('example', UI workflow) when the example workflow has a Trajectory Preview, else ('minimal', API prompt).
+    DDIMINV_BROWSER_WORKFLOW=minimal forces the minimal one."""
+    if os.environ.get("DDIMINV_BROWSER_WORKFLOW") != "minimal" and EXAMPLE.is_file():
         try:
             wf = json.loads(EXAMPLE.read_text())
         except ValueError:
@@ -190,7 +191,7 @@ def ours(text: str, ext_path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- the test
-def test_trajectory_viewer_in_real_frontend(server):
+def test_trajectory_viewer_in_real_frontend(request):
     chromium = chromium_path()
     if chromium is None:
         pytest.skip("no Chromium at /usr/bin/chromium (or $DDIMINV_CHROMIUM): `apt-get install -y chromium`")
@@ -201,6 +202,7 @@ def test_trajectory_viewer_in_real_frontend(server):
         pytest.skip("playwright-core not found ($PLAYWRIGHT_CORE_DIR, $NODE_PATH, .cache/node): "
                     "`cd .cache/node && npm install --no-save playwright-core@1` (.ci/run does this)")
 
+    server = request.getfixturevalue("server")  # only now: a skip above costs no server start
     ext_path = extension_path(server)
     image_name = upload_image(server, f"ddiminv_browser_{uuid.uuid4().hex[:8]}.png")
     quiet_first_run(server)
