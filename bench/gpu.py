@@ -9,7 +9,7 @@ images/s at batch 1 and 8, peak GPU memory of ours vs KSampler, and the cost of 
 methods (seconds and evaluations per step; with random weights the implicit iteration count is not
 meaningful for real images).
 
-    .venv/bin/python bench/gpu.py                 # SD1.5 512x512 (latent 64), SDXL 1024x1024 (latent 128), 50 steps
+    .venv/bin/python bench/gpu.py                 # SD1.5 512x512 (latent 64), SDXL 1024x1024 (latent 128), 50 steps, 2 repeats
     .venv/bin/python bench/gpu.py --cpu-smoke     # CPU: tiny configs, 64x64, 2 steps (the unit test runs this)
 
 Writes bench/out/gpu.json.
@@ -106,7 +106,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, tiny configs, 64x64, 2 steps, 1 repeat")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed rounds after one warm-up round (2 keeps the whole run under ~5 min)")
     ap.add_argument("--models", default="sd15,sdxl")
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for --cpu-smoke")
