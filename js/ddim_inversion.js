@@ -35,7 +35,7 @@ function buildViewer() {
   const header = el("div", "flex:none;opacity:.8;", "Run the workflow to see the trajectory.");
   const img = el("img", "flex:1 1 0;min-height:0;width:100%;object-fit:contain;image-rendering:pixelated;background:#111;display:none;");
   img.alt = "trajectory frame";
-  const slider = el("input", "flex:none;width:100%;");
+  const slider = el("input", "flex:none;width:100%;margin:0;");
   slider.type = "range";
   slider.min = "0";
   slider.max = "0";
