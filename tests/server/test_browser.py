@@ -285,6 +285,9 @@ def test_trajectory_viewer_in_real_frontend(request):
     assert not geo["partsOutsideNode"], (
         f"viewer parts {geo['partsOutsideNode']} overflow the node's box (the DOM widget got "
         f"{geo['viewerRect']['height']}px, its content needs {geo['rootScroll'][0]}px; widgets: {geo['widgets']})")
+    vr = geo["viewerRect"]
+    clipped = [k for k, b in parts.items() if b["left"] < vr["left"] - 0.5 or b["right"] > vr["right"] + 0.5]
+    assert not clipped, f"viewer parts {clipped} wider than the viewer (clipped by its overflow:hidden): {parts} {vr}"
     assert geo["topmostAtViewerIsOurs"], f"something covers the viewer: {geo['topmostTag']}"
 
     # -- scrubbing changes the frame, step label, image and marker
