@@ -49,9 +49,10 @@ class DDIMInvert(io.ComfyNode):
                 io.Int.Input("end_step", default=10000, min=1, max=10000, optional=True,
                              tooltip="Sampling step at which the source latent sits (10000 = the end: a clean image)."),
                 io.Combo.Input("eval_sigma", options=list(methods.EVAL_SIGMAS), default="auto", optional=True,
-                               tooltip="ddim (and exact's first step): 'destination' feeds the network the current input told it is at the "
-                                       "next noise level (prompt-to-prompt's order; the more accurate one for every family); 'current' "
-                                       "evaluates at the current sigma (Song et al.). auto = destination."),
+                               tooltip="ddim: where each step evaluates the model. predicted (auto): at the next noise level, on the state "
+                                       "the previous step's slope predicts (1 evaluation/step, 5-10x more accurate at 50 steps). "
+                                       "destination: at the next level on the current input (prompt-to-prompt). current: at the "
+                                       "current level (Song et al.)."),
                 io.Float.Input("tolerance", default=1e-6, min=1e-12, max=0.1, step=1e-7, round=False, optional=True,
                                tooltip="implicit only: stop a step when the regenerating step misses by less than this (relative RMS)."),
                 io.Int.Input("max_iters", default=30, min=1, max=500, optional=True,

@@ -53,6 +53,7 @@ def boot():
     folder_paths.set_output_directory(str(tmp / "output"))
     folder_paths.set_temp_directory(str(tmp / "temp"))
     folder_paths.set_input_directory(str(tmp / "input"))
+    import utils.extra_config  # noqa: F401  (as main.py: binds ComfyUI's `utils` package before comfy/utils.py shadows it)
     import nodes
     link = cp / "custom_nodes" / "ddim-inversion"
     if not link.exists():
