@@ -1,8 +1,8 @@
 # ddim-inversion developer entry points.
 #   make setup                 host ComfyUI 0.3.75 + .venv + link the pack (tools/setup.sh, idempotent)
-#   make test                  python tests (pytest) then js unit tests (node --test); fails if either fails
+#   make test                  (setup, then) python tests (pytest) then js unit tests (node --test); fails if either fails
 #   make test PYTEST_ARGS="tests/host -k flux"    pass arguments through to pytest (default: tests)
-#   make demo [CKPT=path]      end-to-end demo (tools/demo.py)
+#   make demo [CKPT=name]      (setup, then) end-to-end demo (tools/demo.py)
 #   make bench                 fidelity benchmark (bench/fidelity.py)
 PY ?= .venv/bin/python
 NODE ?= node
@@ -15,7 +15,7 @@ PYTEST_RC_FILE ?=
 setup:
 	bash tools/setup.sh
 
-test:
+test: setup
 	@rc=0; \
 	$(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
@@ -37,7 +37,7 @@ test-py:
 test-js:
 	$(NODE) --test js/tests/
 
-demo:
+demo: setup
 	$(PY) tools/demo.py $(if $(CKPT),--ckpt $(CKPT))
 
 bench:
