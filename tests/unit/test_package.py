@@ -1,0 +1,43 @@
+"""Packaging facts: the V3 entry point, no V1 mappings, importable without ComfyUI, registry metadata."""
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_package_imports_without_comfyui_and_exports_only_v3():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ddim_inversion', r'{ROOT / '__init__.py'}',"
+        f" submodule_search_locations=[r'{ROOT}'])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['ddim_inversion'] = m; spec.loader.exec_module(m)\n"
+        "assert m.WEB_DIRECTORY == './js'\n"
+        "assert not hasattr(m, 'NODE_CLASS_MAPPINGS')\n"
+        "assert 'comfy' not in sys.modules and 'comfy_api' not in sys.modules\n"
+        "from ddim_inversion.inversion import invert, sample, Trajectory\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_entrypoint_is_v3_in_source():
+    src = (ROOT / "__init__.py").read_text()
+    assert "comfy_entrypoint" in src and "NODE_CLASS_MAPPINGS" not in src
+    nodes_src = (ROOT / "nodes" / "__init__.py").read_text()
+    assert "class DDIMInversionExtension(ComfyExtension)" in nodes_src and "async def get_node_list" in nodes_src
+
+
+def test_registry_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    proj, comfy = meta["project"], meta["tool"]["comfy"]
+    assert proj["name"] == "ddim-inversion" and proj["dependencies"] == []
+    major, minor, patch = (int(v) for v in proj["version"].split("."))
+    assert proj["description"] and (ROOT / "LICENSE").exists()
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"] == ">=0.3.48"
+
+
+def test_requirements_list_no_packages():
+    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert [l for l in lines if l and not l.startswith("#")] == []
