@@ -1,0 +1,64 @@
+"""Progress with live previews, and an interrupt honoured at the next model evaluation (real executor)."""
+import pytest
+import torch
+
+from tests.support import host
+from tests.host.test_invert_sampler import ours
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot():
+    host.boot()
+
+
+def _node():
+    from comfy_execution.utils import get_executing_context
+    ctx = get_executing_context()
+    return ctx.node_id if ctx is not None else None
+
+
+@pytest.fixture
+def hook():
+    import comfy.utils
+    import latent_preview
+    from comfy.cli_args import args, LatentPreviewMethod
+    calls = []
+    old_hook, old_method = comfy.utils.PROGRESS_BAR_HOOK, args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total, preview, _node())))
+    yield calls
+    comfy.utils.set_progress_bar_global_hook(old_hook)
+    args.preview_method = old_method
+    latent_preview.default_preview_method = old_method
+
+
+@pytest.mark.parametrize("method", ["ddim", "exact"])
+def test_one_progress_update_with_a_preview_per_step(hook, method):
+    res = host.run(ours("eps", method, 10, 1.0))
+    assert res.success
+    inv = [c for c in hook if c[3] == "inv"]
+    rec = [c for c in hook if c[3] == "rec"]
+    assert [c[0] for c in inv] == list(range(1, 11)) and all(c[1] == 10 for c in inv)
+    assert all(c[2] is not None for c in inv)                  # a decoded x0 preview every step
+    assert len(rec) == (10 if method == "ddim" else 9)         # BDIA starts from the stored pair
+
+
+def test_interrupt_stops_at_the_next_evaluation_and_leaves_a_clean_state(hook):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    def interrupting(value, total, preview, node_id=None):
+        hook.append((value, total, preview, _node()))
+        if _node() == "inv" and value == 3:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(interrupting)
+    p = ours("flow", "implicit", 20, 7.5)
+    res = host.run(p, expect_success=False)
+    assert not res.success and res.error() is not None
+    assert [e for e, _ in res.executor.status_messages if e == "execution_interrupted"]
+    assert max(c[0] for c in hook if c[3] == "inv") == 3       # no step after the interrupt
+    comfy.utils.set_progress_bar_global_hook(None)
+    again = host.run(p)                                         # the next prompt runs, same as a fresh one
+    fresh = host.run(p)
+    assert torch.equal(again.outputs("rec")[0]["samples"], fresh.outputs("rec")[0]["samples"])
