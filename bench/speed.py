@@ -14,7 +14,7 @@ Also the trajectory-capture overhead (the core has no switch to turn recording o
 batch 8 for ours and KSampler. Medians of ``--repeats`` interleaved rounds. Timings only, no assertions.
 
     .venv/bin/python bench/speed.py            # tiny SD1.5-architecture UNet, 256x256 (latent 32x32), 20 steps
-    .venv/bin/python bench/speed.py --quick    # smoke: 64x64, 3 steps, 2 repeats (< 60 s)
+    .venv/bin/python bench/speed.py --quick    # smoke: 64x64, 3 steps, 1 repeat (~20 s)
 
 Writes bench/out/speed.json (speed_quick.json with --quick).
 """
