@@ -31,6 +31,7 @@ from bench import _common as B  # noqa: E402
 FAMILIES = ("eps", "v", "flow")
 SCHEDULER = {"eps": "ddim_uniform", "v": "ddim_uniform", "flow": "simple"}
 OURS = [  # (label, DDIMInvert keyword arguments)
+    ("ddim/predicted", dict(method="ddim", eval_sigma="predicted")),
     ("ddim/current", dict(method="ddim", eval_sigma="current")),
     ("ddim/destination", dict(method="ddim", eval_sigma="destination")),
     ("implicit 1e-4", dict(method="implicit", tolerance=1e-4)),
@@ -143,7 +144,7 @@ def run_grid(seed: int, sample_seed: int, steps_list, cfgs, log=print, families=
 
 
 # ---------------------------------------------------------------------------------------------- plot
-COLORS = {"ddim/current": (31, 119, 180), "ddim/destination": (23, 190, 207), "implicit 1e-4": (255, 127, 14),
+COLORS = {"ddim/predicted": (227, 119, 194), "ddim/current": (31, 119, 180), "ddim/destination": (23, 190, 207), "implicit 1e-4": (255, 127, 14),
           "implicit 1e-6": (214, 39, 40), "implicit 1e-8": (148, 103, 189), "exact": (44, 160, 44),
           CORE: (90, 90, 90)}
 
@@ -209,7 +210,7 @@ def plot(rows, path: Path, seed: int) -> None:
     # legend
     lx = left + 10
     for i, (name, c) in enumerate(COLORS.items()):
-        x = lx + i * 200
+        x = lx + i * 175
         d.rectangle([x, H - 22, x + 12, H - 10], fill=c)
         d.text((x + 16, H - 22), name, fill="black")
     d.text((W - 330, 30), "X on top edge = non-finite;  floor = error < 1e-9", fill="black")
