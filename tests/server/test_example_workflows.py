@@ -1,0 +1,149 @@
+"""The shipped API workflows run on a real ComfyUI server (the session ``server`` fixture).
+
+Each ``example_workflows/api/<name>.api.json`` except ``flow_model`` (it needs a flow model the repo
+cannot ship; tests/test_workflows.py still checks it) is queued over HTTP unmodified except:
+
+* the checkpoint name -> the tiny random SD1.5-format checkpoint (tests.support.checkpoint);
+* the input image -> a generated 64x64 picture uploaded with POST /upload/image, as the UI does.
+
+Steps are the shipped ones (20): at 64x64 the whole file takes well under a minute on 2 CPU cores, even
+core_interop, whose ``implicit`` solve does not converge on random weights and spends max_iters (30)
+evaluations per step. If a workflow's steps grow, override them here via STEP_OVERRIDES (and say why).
+
+Outputs (saved images, the preview frames) must exist. The exact round trip is checked in process
+(``host.run``, the same executor): invert_and_reconstruct with method exact gives back DDIM Invert's input
+latent from the Inverted-Latent Sampler to a relative error < 1e-4.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support import checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+API_DIR = ROOT / "example_workflows" / "api"
+RUNNABLE = ("invert_and_reconstruct", "invert_and_edit", "core_interop")
+STEP_OVERRIDES: dict = {}  # e.g. {"core_interop": {"BasicScheduler": 4}}; see the module docstring
+IMAGE_SIZE = 64
+
+
+def make_image_png() -> bytes:
+    """A deterministic 64x64 RGB picture (sky, sun, hill, house)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (90, 140, 230))
+    d = ImageDraw.Draw(img)
+    d.ellipse((40, 5, 58, 23), fill=(250, 215, 70))
+    d.ellipse((-20, 35, 85, 95), fill=(80, 180, 90))
+    d.rectangle((15, 30, 35, 48), fill=(200, 60, 50))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+
+
+def upload_image(server, name: str) -> str:
+    boundary = uuid.uuid4().hex
+    body = b"".join([
+        f"--{boundary}\r\n".encode(),
+        f'Content-Disposition: form-data; name="image"; filename="{name}"\r\n'.encode(),
+        b"Content-Type: image/png\r\n\r\n", make_image_png(), b"\r\n",
+        f"--{boundary}\r\n".encode(),
+        b'Content-Disposition: form-data; name="overwrite"\r\n\r\ntrue\r\n',
+        f"--{boundary}--\r\n".encode(),
+    ])
+    req = urllib.request.Request(server.url + "/upload/image", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        out = json.loads(r.read())
+    assert (Path(server.input_dir) / out.get("subfolder", "") / out["name"]).is_file(), out
+    return out["name"]
+
+
+def load_workflow(name: str, ckpt: str, image: str) -> dict:
+    prompt = json.loads((API_DIR / f"{name}.api.json").read_text())
+    changed = set()
+    for node in prompt.values():
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt
+            changed.add(ct)
+        elif ct == "LoadImage":
+            inputs["image"] = image
+            changed.add(ct)
+        if ct in STEP_OVERRIDES.get(name, {}):
+            inputs["steps"] = STEP_OVERRIDES[name][ct]
+    assert changed == {"CheckpointLoaderSimple", "LoadImage"}, f"{name}: expected a checkpoint loader and a LoadImage"
+    return prompt
+
+
+def view(server, image: dict) -> bytes:
+    """Fetch an output/temp image the way the UI does (GET /view)."""
+    q = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                "type": image.get("type", "output")})
+    with urllib.request.urlopen(f"{server.url}/view?{q}", timeout=30) as r:
+        return r.read()
+
+
+def _images(entry: dict, node_id: str) -> list:
+    return (entry.get("outputs", {}).get(node_id) or {}).get("images") or []
+
+
+@pytest.fixture(scope="module")
+def uploaded(server):
+    return upload_image(server, f"ddiminv_example_{uuid.uuid4().hex[:8]}.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_example_workflow_runs_on_the_server(server, uploaded, name):
+    prompt = load_workflow(name, checkpoint.CKPT_NAME, uploaded)
+    t0 = time.perf_counter()
+    entry = server.run(prompt, timeout=300)
+    print(f"{name}: {time.perf_counter() - t0:.1f}s on the server")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    for nid, node in prompt.items():
+        if node["class_type"] in ("SaveImage", "DDIMInvTrajectoryPreview"):
+            imgs = _images(entry, nid)
+            assert imgs, f"{name}: node {nid} ({node['class_type']}) reported no images: {entry.get('outputs')}"
+            for im in imgs:
+                assert view(server, im)[:8] == b"\x89PNG\r\n\x1a\n", f"{name}: {im} is not a PNG"
+    # the pictures are meaningless on random weights; their size is not
+    saved = [im for nid, n in prompt.items() if n["class_type"] == "SaveImage" for im in _images(entry, nid)]
+    from PIL import Image
+    with Image.open(io.BytesIO(view(server, saved[0]))) as im:
+        assert im.size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+@pytest.mark.slow
+def test_invert_and_reconstruct_exact_round_trip_in_process():
+    """The same graph (method exact, shipped steps) in process: the Inverted-Latent Sampler returns DDIM
+    Invert's input latent."""
+    import torch
+
+    from tests.support import host
+    host.boot()
+    checkpoint.register_model_dir()
+    name = "ddiminv_example_roundtrip.png"
+    (host.input_dir() / name).write_bytes(make_image_png())
+    prompt = load_workflow("invert_and_reconstruct", checkpoint.CKPT_NAME, name)
+    ids = {n["class_type"]: k for k, n in prompt.items()}
+    assert prompt[ids["DDIMInvert"]]["inputs"]["method"] == "exact"
+    assert prompt[ids["DDIMInvert"]]["inputs"]["latent"][0] == ids["DDIMInvVAEEncode"]
+    res = host.run(prompt)
+    x = res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double()
+    x_rec = res.outputs(ids["DDIMInvSampler"])[0]["samples"].double()
+    assert x_rec.shape == x.shape
+    rel = float(torch.linalg.vector_norm(x_rec - x) / torch.linalg.vector_norm(x))
+    print(f"exact round trip, {prompt[ids['DDIMInvert']]['inputs']['steps']} steps: relative error {rel:.3e}")
+    assert rel < 1e-4, rel
+    traj = res.outputs(ids["DDIMInvert"])[2]
+    assert traj.method == "exact" and traj.steps == prompt[ids["DDIMInvert"]]["inputs"]["steps"]
