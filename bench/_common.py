@@ -7,7 +7,6 @@ on CUDA. It loads custom nodes exactly as ComfyUI does, so the pack must be link
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -27,16 +26,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def comfy_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    cached = ROOT / ".cache" / "comfyui_path"
-    if cached.exists():
-        return Path(cached.read_text().strip())
-    return ROOT / ".comfyui"
-
-
 def boot(cpu: bool = True):
     """Import ComfyUI (``--cpu`` when ``cpu``), load its extra nodes and our pack; returns ``nodes``."""
     if "nodes" in _STATE:
@@ -46,32 +35,8 @@ def boot(cpu: bool = True):
         _STATE["nodes"] = host.boot()
         _STATE["pack"] = host.pack_submodule
         return _STATE["nodes"]
-    cp = comfy_path()
-    if not (cp / "main.py").exists():
-        raise RuntimeError(f"ComfyUI not found at {cp}: run tools/setup.sh first (or set COMFYUI_PATH)")
-    if str(cp) not in sys.path:
-        sys.path.insert(0, str(cp))
-    argv = sys.argv
-    sys.argv = [str(cp / "main.py")]
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401
-    finally:
-        sys.argv = argv
-    import folder_paths
-    tmp = Path(tempfile.mkdtemp(prefix="ddiminv-bench-"))
-    for sub in ("output", "temp", "input"):
-        (tmp / sub).mkdir()
-    folder_paths.set_output_directory(str(tmp / "output"))
-    folder_paths.set_temp_directory(str(tmp / "temp"))
-    folder_paths.set_input_directory(str(tmp / "input"))
-    import nodes
-    if not (cp / "custom_nodes" / "ddim-inversion").exists():
-        raise RuntimeError("the pack is not linked into ComfyUI's custom_nodes: run tools/setup.sh")
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True))
-    if "DDIMInvert" not in nodes.NODE_CLASS_MAPPINGS:
-        raise RuntimeError("ComfyUI did not register DDIMInvert; see the log above for the import error")
+    from tools.comfy_host import boot as boot_host
+    nodes = boot_host(Path(tempfile.mkdtemp(prefix="ddiminv-bench-")), cpu=False)
     _STATE["nodes"] = nodes
     return nodes
 

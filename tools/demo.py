@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python tools/demo.py`: make the `tools` package importable
+    sys.path.insert(0, str(ROOT))
 WORKFLOW = ROOT / "example_workflows" / "api" / "invert_and_reconstruct.api.json"
 METHODS = ("ddim", "implicit", "exact")
 TINY_MAX_ITERS = 6  # implicit on random weights never converges: cap its solve so the demo fits ~2 min of CPU
@@ -44,46 +45,13 @@ TINY_NOTE = ("NOTE: the built-in tiny checkpoint has random weights, so its pict
 
 
 # ------------------------------------------------------------------ ComfyUI, in process
-def comfy_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    cached = ROOT / ".cache" / "comfyui_path"
-    if cached.exists():
-        return Path(cached.read_text().strip())
-    return ROOT / ".comfyui"
-
-
 def boot(cpu: bool, workdir: Path):
-    """Import ComfyUI, load its nodes and the custom nodes (this pack included); returns ``nodes``."""
-    cp = comfy_path()
-    if not (cp / "main.py").exists():
-        sys.exit(f"ComfyUI not found at {cp}: run `make setup` (or set COMFYUI_PATH to your ComfyUI folder)")
-    sys.path.insert(0, str(cp))
-    argv, sys.argv = sys.argv, [str(cp / "main.py")] + (["--cpu"] if cpu else [])
+    """Import ComfyUI and load its nodes and the custom nodes (this pack included); returns ``nodes``."""
+    from tools.comfy_host import HostError, boot as boot_host
     try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        from comfy.cli_args import args
-        import utils.extra_config  # as main.py: cache ComfyUI's `utils` package before nodes.py shadows it
-        import comfy.model_management  # noqa: F401  (reads the args)
-    finally:
-        sys.argv = argv
-    import folder_paths
-    extra = cp / "extra_model_paths.yaml"
-    if extra.exists():  # your model folders, as `python main.py` would see them
-        utils.extra_config.load_extra_path_config(str(extra))
-    for sub in ("output", "temp", "input"):
-        (workdir / sub).mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(workdir / "output"))
-    folder_paths.set_temp_directory(str(workdir / "temp"))
-    folder_paths.set_input_directory(str(workdir / "input"))
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True))
-    if "DDIMInvert" not in nodes.NODE_CLASS_MAPPINGS:
-        sys.exit(f"ComfyUI did not load the ddim-inversion pack from {cp / 'custom_nodes'}: run `make setup` "
-                 "(it links the pack there) and see the import error above")
-    return nodes
+        return boot_host(workdir, cpu=cpu, user_model_paths=True)
+    except HostError as e:
+        sys.exit(str(e))
 
 
 class _Server:
@@ -215,7 +183,6 @@ def main(argv=None) -> int:
     nodes = boot(cpu=a.cpu or tiny, workdir=work)
     import folder_paths
     if tiny:
-        sys.path.insert(0, str(ROOT))
         from tools import tiny_checkpoint
         if not tiny_checkpoint._is_current(tiny_checkpoint.MODEL_DIR / tiny_checkpoint.CKPT_NAME):
             print("generating the tiny random checkpoint (once; cached in .cache/models/checkpoints) ...", flush=True)

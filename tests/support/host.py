@@ -14,55 +14,20 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from tools.comfy_host import boot as boot_host, comfy_path  # noqa: E402,F401  (comfy_path: for server.py)
 _STATE: dict = {}
-
-
-def comfy_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    cached = ROOT / ".cache" / "comfyui_path"
-    if cached.exists():
-        return Path(cached.read_text().strip())
-    return ROOT / ".comfyui"
 
 
 def boot():
     """Import ComfyUI (CPU), load its extra nodes and our pack. Idempotent; returns the ``nodes`` module."""
     if "nodes" in _STATE:
         return _STATE["nodes"]
-    cp = comfy_path()
-    if not (cp / "main.py").exists():
-        raise RuntimeError(f"ComfyUI not found at {cp}: run `make setup` first (or set COMFYUI_PATH)")
-    if str(cp) not in sys.path:
-        sys.path.insert(0, str(cp))
-    argv = sys.argv
-    sys.argv = [str(cp / "main.py"), "--cpu"]
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        from comfy.cli_args import args
-        args.cpu = True
-        import comfy.model_management  # noqa: F401  (reads args.cpu)
-    finally:
-        sys.argv = argv
-    import folder_paths
     tmp = Path(tempfile.mkdtemp(prefix="ddiminv-host-"))
-    for sub in ("output", "temp", "input"):
-        (tmp / sub).mkdir()
-    folder_paths.set_output_directory(str(tmp / "output"))
-    folder_paths.set_temp_directory(str(tmp / "temp"))
-    folder_paths.set_input_directory(str(tmp / "input"))
-    import utils.extra_config  # noqa: F401  (as main.py: binds ComfyUI's `utils` package before comfy/utils.py shadows it)
-    import nodes
-    link = cp / "custom_nodes" / "ddim-inversion"
-    if not link.exists():
-        raise RuntimeError(f"the pack is not linked at {link}: run `make setup`")
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True))
+    nodes = boot_host(tmp, cpu=True)
     # test-only fixture nodes (tests/support/nodes_*.py export TEST_NODES); never part of the pack
     import importlib
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     for f in sorted((ROOT / "tests" / "support").glob("nodes_*.py")):
         mod = importlib.import_module(f"tests.support.{f.stem}")
         nodes.NODE_CLASS_MAPPINGS.update(mod.TEST_NODES)

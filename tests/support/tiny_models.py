@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from tools.tiny_checkpoint import seeded_init_  # one seeded initialiser for every tiny model
+
 FAMILIES = ("eps", "v", "flow", "flux")
 
 # conditioning sizes of the tiny models
@@ -38,33 +40,6 @@ def _check(family: str) -> str:
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
     return family
-
-
-def seeded_init_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
-    """Deterministically (re)initialise every parameter and float buffer of ``module``.
-
-    Matrices / conv kernels: N(0, gain / sqrt(fan_in)); 1-d ``weight``/``scale`` tensors (norm gains):
-    1 + N(0, 0.02); biases and other 1-d tensors: N(0, 0.02). Nothing is left zero (the LDM
-    ``zero_module`` outputs and DiT adaLN layers are randomised too), so the net is a non-trivial
-    function of its inputs.
-    """
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    tensors = list(module.named_parameters()) + [
-        (n, b) for n, b in module.named_buffers() if b is not None and b.is_floating_point()
-    ]
-    with torch.no_grad():
-        for name, p in tensors:
-            shape = p.shape
-            if p.ndim >= 2:
-                fan_in = math.prod(shape[1:])
-                std = gain / math.sqrt(max(fan_in, 1))
-                val = torch.randn(shape, generator=g, dtype=torch.float32) * std
-            elif p.ndim == 1 and (name.endswith("weight") or name.endswith("scale")):
-                val = 1.0 + 0.02 * torch.randn(shape, generator=g, dtype=torch.float32)
-            else:
-                val = 0.02 * torch.randn(shape, generator=g, dtype=torch.float32)
-            p.copy_(val.to(p.dtype))
-    return module
 
 
 def _unet_config(context_dim: int) -> dict:
