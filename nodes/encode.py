@@ -124,8 +124,8 @@ class DDIMInvVAEEncode(io.ComfyNode):
                                          "Tiling changes the latent slightly at tile seams."),
             ],
             outputs=[
-                io.Latent.Output("latent", tooltip="The posterior-mean latent (feed it to DDIM Invert)."),
-                io.Float.Output("vae_ceiling",
+                io.Latent.Output("latent", display_name="latent", tooltip="The posterior-mean latent (feed it to DDIM Invert)."),
+                io.Float.Output("vae_ceiling", display_name="vae_ceiling",
                                 tooltip="PSNR (dB) of decode(encode(image)) vs the image: the reconstruction ceiling."),
             ],
         )

@@ -63,9 +63,9 @@ class DDIMInvert(io.ComfyNode):
                                tooltip="exact only: BDIA gamma. 1.0 is the exact, most stable choice; smaller values divide by gamma while inverting."),
             ],
             outputs=[
-                io.Latent.Output("noise_latent", tooltip="The inverted noise as a LATENT (VAE space). On EPS/V models KSamplerAdvanced with add_noise disabled and the same steps/scheduler regenerates the image."),
-                io.Noise.Output("noise", tooltip="A NOISE for SamplerCustomAdvanced: it yields exactly the inverted state for this model's noise scaling (flow models included)."),
-                TRAJECTORY.Output("trajectory", tooltip="Every state and x0 estimate of the inversion, its schedule and method: feed Inverted-Latent Sampler and Trajectory Preview."),
+                io.Latent.Output("noise_latent", display_name="noise_latent", tooltip="The inverted noise as a LATENT (VAE space). On EPS/V models KSamplerAdvanced with add_noise disabled and the same steps/scheduler regenerates the image."),
+                io.Noise.Output("noise", display_name="noise", tooltip="A NOISE for SamplerCustomAdvanced: it yields exactly the inverted state for this model's noise scaling (flow models included)."),
+                TRAJECTORY.Output("trajectory", display_name="trajectory", tooltip="Every state and x0 estimate of the inversion, its schedule and method: feed Inverted-Latent Sampler and Trajectory Preview."),
             ],
         )
 

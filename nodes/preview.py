@@ -118,7 +118,7 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
                              tooltip="Which image of the trajectory's batch to show."),
             ],
             outputs=[
-                io.Image.Output("images", tooltip="One image per chosen frame (both: states left, x0 estimate right)."),
+                io.Image.Output("images", display_name="images", tooltip="One image per chosen frame (both: states left, x0 estimate right)."),
             ],
         )
 

@@ -71,7 +71,7 @@ class DDIMInvSampler(io.ComfyNode):
                 io.Conditioning.Input("source_negative", optional=True,
                                       tooltip="source_drift only: the source negative prompt (default: negative)."),
             ],
-            outputs=[io.Latent.Output("latent", tooltip="The regenerated latent (VAE space), ready for VAE Decode.")],
+            outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), ready for VAE Decode.")],
         )
 
     @classmethod

@@ -221,3 +221,17 @@ def test_every_family_on_tiny_real_architectures(fam):
     src, rec = res.outputs("lat")[0]["samples"], res.outputs("rec")[0]["samples"]
     assert torch.isfinite(res.outputs("inv")[0]["samples"]).all()
     assert float((rec - src).norm() / src.norm()) <= 1e-5
+
+
+def test_sockets_have_their_issue_names_in_object_info():
+    import server  # noqa: F401  (ComfyUI's node_info lives on the server module in 0.3.75)
+    nodes = host.boot()
+    want = {"DDIMInvert": ["noise_latent", "noise", "trajectory"], "DDIMInvSampler": ["latent"],
+            "DDIMInvVAEEncode": ["latent", "vae_ceiling"], "DDIMInvTrajectoryPreview": ["images"]}
+    for node_id, names in want.items():
+        info = nodes.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()
+        assert list(info["output_name"]) == names, (node_id, info["output_name"])
+        assert info["description"]
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), (node_id, name)
