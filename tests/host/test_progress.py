@@ -62,3 +62,18 @@ def test_interrupt_stops_at_the_next_evaluation_and_leaves_a_clean_state(hook):
     again = host.run(p)                                         # the next prompt runs, same as a fresh one
     fresh = host.run(p)
     assert torch.equal(again.outputs("rec")[0]["samples"], fresh.outputs("rec")[0]["samples"])
+
+
+def test_trajectories_are_released_when_no_longer_cached():
+    import gc
+    import weakref
+    res = host.run(ours("eps", "exact", 6, 1.0))
+    traj_ref = weakref.ref(res.outputs("inv")[2])
+    states_ref = weakref.ref(res.outputs("inv")[2].states)
+    assert traj_ref() is not None
+    other = {"lat": {"class_type": "TestGMMLatent", "inputs": {"comps": "1", "seed": 4, "sample_seed": 9}},
+             "out": {"class_type": "PreviewAny", "inputs": {"source": ["lat", 0]}}}
+    host.run(other, executor=res.executor)        # the same executor: the old nodes leave the cache
+    del res
+    gc.collect()
+    assert traj_ref() is None and states_ref() is None
