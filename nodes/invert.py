@@ -57,6 +57,9 @@ class DDIMInvert(io.ComfyNode):
                                tooltip="implicit only: stop a step when the regenerating step misses by less than this (relative RMS)."),
                 io.Int.Input("max_iters", default=30, min=1, max=500, optional=True,
                              tooltip="implicit only: most model evaluations per step."),
+                io.Int.Input("restarts", default=6, min=0, max=64, optional=True,
+                             tooltip="implicit only: extra seeded starts for a step whose local solve stalls (strong guidance can "
+                                     "fold a step's map; a preimage often exists elsewhere). 0 = local solve only."),
                 io.Float.Input("damping", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="implicit only: initial fixed-point mixing; halved for a sample whenever an iterate does not improve."),
                 io.Float.Input("gamma", default=1.0, min=0.05, max=1.0, step=0.05, optional=True,
@@ -71,8 +74,8 @@ class DDIMInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, cfg, scheduler, method, sigmas=None,
-                start_step=0, end_step=10000, eval_sigma="auto", tolerance=1e-6, max_iters=30, damping=1.0,
-                gamma=1.0) -> io.NodeOutput:
+                start_step=0, end_step=10000, eval_sigma="auto", tolerance=1e-6, max_iters=30, restarts=6,
+                damping=1.0, gamma=1.0) -> io.NodeOutput:
         if not isinstance(latent, dict) or "samples" not in latent:
             raise C.InversionInputError("latent must be a LATENT dict with 'samples'; connect VAE Encode (Inversion)")
         samples = latent["samples"]
@@ -84,7 +87,8 @@ class DDIMInvert(io.ComfyNode):
         if int(steps) < 1:
             raise C.InversionInputError(f"steps must be >= 1; got {steps}")
         opts = methods.Options(method=method, eval_sigma=eval_sigma, tolerance=float(tolerance),
-                               max_iters=int(max_iters), damping=float(damping), gamma=float(gamma))
+                               max_iters=int(max_iters), damping=float(damping), gamma=float(gamma),
+                               restarts=int(restarts))
         try:
             opts.check()
             full = (schedule.check_sampling_sigmas(sigmas) if sigmas is not None

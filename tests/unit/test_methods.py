@@ -107,31 +107,41 @@ def test_implicit_roundtrip(oracle, flow):
     for steps, bar in ((50, 1e-4), (10, 1e-3)):
         for cfg in (1.0, 7.5):
             e, tr = roundtrip(g, x0, flow, steps, cfg, M.Options("implicit"))
-            if cfg == 7.5 and steps == 10:
-                # at 10 steps and CFG 7.5 some DDIM steps of this oracle fold (no preimage exists, see
-                # test_implicit_never_diverges_on_a_fold); the solver still lands far below ddim
-                e_ddim, _ = roundtrip(g, x0, flow, steps, cfg, M.Options("ddim"))
-                assert e <= 1e-2 and e <= e_ddim / 10, e
-            else:
-                assert e <= bar, (steps, cfg, e)
-            assert tr.nfe / steps <= 12
+            assert e <= bar, (steps, cfg, e)
+            if cfg == 1.0:
+                assert tr.nfe / steps <= 6
+            else:  # at 10 steps some steps need the seeded restarts (see test_implicit_restarts_find_far_preimages)
+                assert tr.nfe / steps <= (50 if steps == 10 else 6)
+
+
+def test_implicit_restarts_find_far_preimages():
+    """Oracle seed 4, CFG 7.5, 10 steps: the local solve stalls on a near-fold of one step's map (residual
+    1e-2); a preimage exists elsewhere and the seeded restarts find it."""
+    g = GMM.make(seed=ORACLE_SEED)
+    x0 = g.sample_x0([0, 1, 2], seed=1)
+    fn = g.model_fn(False, cond=COND, cfg=7.5)
+    asc = sched(False, 10)
+    local = M.invert(x0, asc, fn, M.Options("implicit", restarts=0))
+    full = M.invert(x0, asc, fn, M.Options("implicit"))
+    assert local.options["max_residual"] > 1e-3 >= 1e-6 >= full.options["max_residual"]
+    assert rel(M.sample(full, fn), x0) < 1e-6 < 1e-3 < rel(M.sample(local, fn), x0)
 
 
 def test_implicit_never_diverges_on_a_fold():
     """Oracle seed 0, CFG 7.5: one DDIM step's map has a near-singular Jacobian (measured smallest singular
     value 0.007), so undamped iteration cannot converge. The solver must return its best point, finite,
-    with a residual no worse than its starting point and an error far below plain ddim's."""
+    with an error far below plain ddim's, within its evaluation budget."""
     g = GMM.make(seed=0)
     x0 = g.sample_x0([0, 1, 2], seed=1)
     fn = g.model_fn(False, cond=COND, cfg=7.5)
     asc = sched(False, 10)
-    tr = M.invert(x0, asc, fn, M.Options("implicit", max_iters=40))
+    opts = M.Options("implicit", max_iters=40)
+    tr = M.invert(x0, asc, fn, opts)
     assert torch.isfinite(tr.states).all()
     e = rel(M.sample(tr, fn), x0)
-    e_ddim = rel(M.sample(M.invert(x0, asc, fn, M.Options("ddim")), fn), x0)
+    e_ddim = rel(M.sample(M.invert(x0, asc, fn, M.Options("ddim", eval_sigma="destination")), fn), x0)
     assert e < e_ddim / 3
-    # plain undamped fixed point (no Anderson, no safeguard) is what diverges
-    assert max(tr.nfe_per_step) <= 40
+    assert max(tr.nfe_per_step) <= opts.max_iters * (1 + opts.restarts)
 
 
 def test_implicit_solve_step_hits_tolerance():
