@@ -1,9 +1,11 @@
 """The shipped API workflows run on a real ComfyUI server (the session ``server`` fixture).
 
-Each ``example_workflows/api/<name>.api.json`` except ``flow_model`` (it needs a flow model the repo
-cannot ship; tests/test_workflows.py still checks it) is queued over HTTP unmodified except:
+Every ``example_workflows/api/<name>.api.json`` is queued over HTTP unmodified except:
 
-* the checkpoint name -> the tiny random SD1.5-format checkpoint (tests.support.checkpoint);
+* the model file names -> tiny random files in the real formats: the SD1.5-format checkpoint
+  (tests.support.checkpoint) for Load Checkpoint; for flow_model (an SD3 workflow) the diffusion-model-only
+  SD3 MMDiT, the CLIP-L text encoder and the 16-channel SD3 VAE of tools/tiny_flow_files.py (UNETLoader,
+  CLIPLoader type sd3, VAELoader);
 * the input image -> a generated 64x64 picture uploaded with POST /upload/image, as the UI does.
 
 Steps are the shipped ones (20): at 64x64 the whole file takes well under a minute on 2 CPU cores, even
@@ -11,8 +13,9 @@ core_interop, whose ``implicit`` solve does not converge on random weights and s
 evaluations per step. If a workflow's steps grow, override them here via STEP_OVERRIDES (and say why).
 
 Outputs (saved images, the preview frames) must exist. The exact round trip is checked in process
-(``host.run``, the same executor): invert_and_reconstruct with method exact gives back DDIM Invert's input
-latent from the Inverted-Latent Sampler to a relative error < 1e-4.
+(``host.run``, the same executor): invert_and_reconstruct and flow_model (method exact) give back DDIM
+Invert's input latent from the Inverted-Latent Sampler to a relative error < 1e-4; flow_model's trajectory
+ends at sigma 1 with finite values.
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ from pathlib import Path
 import pytest
 
 from tests.support import checkpoint
+from tools import tiny_flow_files
 
 ROOT = Path(__file__).resolve().parents[2]
 API_DIR = ROOT / "example_workflows" / "api"
-RUNNABLE = ("invert_and_reconstruct", "invert_and_edit", "core_interop")
+RUNNABLE = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model")
 STEP_OVERRIDES: dict = {}  # e.g. {"core_interop": {"BasicScheduler": 4}}; see the module docstring
 IMAGE_SIZE = 64
 
@@ -68,21 +72,39 @@ def upload_image(server, name: str) -> str:
     return out["name"]
 
 
-def load_workflow(name: str, ckpt: str, image: str) -> dict:
+# loader class -> (input, tiny file name); flow_model loads the three tiny SD3 files
+MODEL_FILES = {"CheckpointLoaderSimple": ("ckpt_name", checkpoint.CKPT_NAME),
+               "UNETLoader": ("unet_name", tiny_flow_files.UNET_NAME),
+               "CLIPLoader": ("clip_name", tiny_flow_files.CLIP_NAME),
+               "VAELoader": ("vae_name", tiny_flow_files.VAE_NAME)}
+EXPECTED_LOADERS = {"flow_model": {"UNETLoader", "CLIPLoader", "VAELoader"}}  # others: CheckpointLoaderSimple
+
+
+def load_workflow(name: str, image: str) -> dict:
     prompt = json.loads((API_DIR / f"{name}.api.json").read_text())
     changed = set()
     for node in prompt.values():
         ct, inputs = node["class_type"], node["inputs"]
-        if ct == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = ckpt
+        if ct in MODEL_FILES:
+            key, value = MODEL_FILES[ct]
+            inputs[key] = value
             changed.add(ct)
         elif ct == "LoadImage":
             inputs["image"] = image
             changed.add(ct)
         if ct in STEP_OVERRIDES.get(name, {}):
             inputs["steps"] = STEP_OVERRIDES[name][ct]
-    assert changed == {"CheckpointLoaderSimple", "LoadImage"}, f"{name}: expected a checkpoint loader and a LoadImage"
+    expected = EXPECTED_LOADERS.get(name, {"CheckpointLoaderSimple"}) | {"LoadImage"}
+    assert changed == expected, f"{name}: expected the loaders {sorted(expected)}, found {sorted(changed)}"
     return prompt
+
+
+@pytest.fixture(scope="module")
+def flow_files():
+    """The tiny SD3 files (generated once, cached); the server's extra_model_paths lists their folders."""
+    from tests.support import host
+    host.boot()
+    return tiny_flow_files.register_model_dirs()
 
 
 def view(server, image: dict) -> bytes:
@@ -104,8 +126,8 @@ def uploaded(server):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUNNABLE)
-def test_example_workflow_runs_on_the_server(server, uploaded, name):
-    prompt = load_workflow(name, checkpoint.CKPT_NAME, uploaded)
+def test_example_workflow_runs_on_the_server(flow_files, server, uploaded, name):
+    prompt = load_workflow(name, uploaded)
     t0 = time.perf_counter()
     entry = server.run(prompt, timeout=300)
     print(f"{name}: {time.perf_counter() - t0:.1f}s on the server")
@@ -134,7 +156,7 @@ def test_invert_and_reconstruct_exact_round_trip_in_process():
     checkpoint.register_model_dir()
     name = "ddiminv_example_roundtrip.png"
     (host.input_dir() / name).write_bytes(make_image_png())
-    prompt = load_workflow("invert_and_reconstruct", checkpoint.CKPT_NAME, name)
+    prompt = load_workflow("invert_and_reconstruct", name)
     ids = {n["class_type"]: k for k, n in prompt.items()}
     assert prompt[ids["DDIMInvert"]]["inputs"]["method"] == "exact"
     assert prompt[ids["DDIMInvert"]]["inputs"]["latent"][0] == ids["DDIMInvVAEEncode"]
@@ -147,3 +169,36 @@ def test_invert_and_reconstruct_exact_round_trip_in_process():
     assert rel < 1e-4, rel
     traj = res.outputs(ids["DDIMInvert"])[2]
     assert traj.method == "exact" and traj.steps == prompt[ids["DDIMInvert"]]["inputs"]["steps"]
+
+
+@pytest.mark.slow
+def test_flow_model_exact_round_trip_in_process(flow_files):
+    """flow_model (SD3 MMDiT, ModelSamplingSD3 shift 3, method exact, shipped steps) in process: the
+    Inverted-Latent Sampler returns DDIM Invert's input latent, and the trajectory ends at sigma 1."""
+    import torch
+
+    from tests.support import host
+    name = "ddiminv_example_flow_roundtrip.png"
+    (host.input_dir() / name).write_bytes(make_image_png())
+    prompt = load_workflow("flow_model", name)
+    ids = {n["class_type"]: k for k, n in prompt.items()}
+    inv = prompt[ids["DDIMInvert"]]["inputs"]
+    assert inv["method"] == "exact" and inv["scheduler"] == "simple"
+    assert inv["model"][0] == ids["ModelSamplingSD3"] and inv["latent"][0] == ids["DDIMInvVAEEncode"]
+    t0 = time.perf_counter()
+    res = host.run(prompt)
+    model = res.outputs(ids["ModelSamplingSD3"])[0]
+    assert type(model.model.model_config).__name__ in ("SD3", "SD35"), type(model.model.model_config)
+    x = res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double()
+    assert x.shape[1] == 16, x.shape
+    x_rec = res.outputs(ids["DDIMInvSampler"])[0]["samples"].double()
+    assert x_rec.shape == x.shape
+    rel = float(torch.linalg.vector_norm(x_rec - x) / torch.linalg.vector_norm(x))
+    print(f"flow_model exact round trip, {inv['steps']} steps: relative error {rel:.3e} "
+          f"({time.perf_counter() - t0:.1f}s in process)")
+    assert rel < 1e-4, rel
+    traj = res.outputs(ids["DDIMInvert"])[2]
+    assert traj.method == "exact" and traj.steps == inv["steps"]
+    assert traj.family == "flow", traj.summary()
+    assert abs(float(traj.sigmas[-1]) - 1.0) < 1e-6, traj.summary()  # flow inversion ends at pure noise
+    assert torch.isfinite(traj.states).all() and torch.isfinite(traj.denoised).all()

@@ -21,6 +21,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from tools import tiny_flow_files
+
 from . import checkpoint
 from .host import ROOT, comfy_path
 
@@ -176,6 +178,8 @@ def write_extra_model_paths(path: Path) -> Path:
         "ddiminv_tests:\n"
         f"    base_path: {json.dumps(str(models))}\n"
         f"    checkpoints: {json.dumps(checkpoint.MODEL_DIR.name)}\n"
+        # the tiny SD3 files of tools/tiny_flow_files.py (flow_model workflow), same base folder
+        + "".join(f"    {folder}: {json.dumps(folder)}\n" for folder in tiny_flow_files.FOLDERS)
     )
     return path
 
