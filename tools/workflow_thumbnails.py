@@ -2,8 +2,8 @@
 """Render the template-browser thumbnail of each example workflow: example_workflows/<name>.jpg.
 
 The picture is the workflow's own graph (nodes at their saved positions, titled, links coloured by type),
-drawn with Pillow from the UI JSON, so it is honest for every workflow (flow_model included, which needs
-models the repo cannot ship) and stays in sync: rerun after editing a workflow.
+drawn with Pillow from the UI JSON, so it is honest for every workflow (with the tiny random models the
+outputs themselves would be noise) and stays in sync: rerun after editing a workflow.
 
     python tools/workflow_thumbnails.py [names...]
 """
