@@ -66,6 +66,9 @@ cat > "$CACHE/dev-requirements.txt" <<'EOF'
 pytest
 hypothesis
 requests
+scikit-image
+scikit-learn
+ruff
 EOF
 stamp="$CACHE/venv.stamp"
 want=$(cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh" | sha256sum | cut -c1-16)

@@ -15,7 +15,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
-from .gmm import GMM
+from ddiminv_dev.gmm import GMM
 
 DEFAULT_SEED = 4      # the oracle used by the fidelity tests (see tests/host/test_fidelity.py)
 FAMILIES = ("eps", "v", "flow")
