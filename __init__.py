@@ -12,7 +12,9 @@ try:  # the host's V3 API; absent when the math core is used on its own
 except Exception:  # pragma: no cover - exercised by the unit tier without ComfyUI on sys.path
     _HAVE_COMFY = False
 
-if _HAVE_COMFY:
+# only as a package (ComfyUI loads it as one; pytest may import this file as a plain module)
+_LOAD_NODES = _HAVE_COMFY and bool(__package__)
+if _LOAD_NODES:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-__all__ = ["WEB_DIRECTORY"] + (["comfy_entrypoint"] if _HAVE_COMFY else [])
+__all__ = ["WEB_DIRECTORY"] + (["comfy_entrypoint"] if _LOAD_NODES else [])

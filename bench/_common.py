@@ -1,9 +1,9 @@
 """Shared helpers for the bench scripts: boot the real ComfyUI host in-process, reach the pack's and the
 core's node classes, time things, and write JSON. Nothing here is mocked.
 
-``boot(cpu=True)`` mirrors tests/support/host.py (which always forces ``--cpu``) but lets bench/gpu.py boot
-on CUDA. It loads custom nodes exactly as ComfyUI does, so the pack must be linked into
-``<ComfyUI>/custom_nodes/ddim-inversion`` (``tools/setup.sh``).
+``boot(cpu=True)`` is ``ddiminv_dev.host.boot`` (bench/gpu.py boots on CUDA with ``cpu=False``). It loads
+custom nodes exactly as ComfyUI does, so the pack must be linked into ``<ComfyUI>/custom_nodes/ddim-inversion``
+(``tools/setup.sh``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,31 +23,19 @@ _STATE: dict = {}
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from ddiminv_dev import host  # noqa: E402
 
 
 def boot(cpu: bool = True):
-    """Import ComfyUI (``--cpu`` when ``cpu``), load its extra nodes and our pack; returns ``nodes``."""
-    if "nodes" in _STATE:
-        return _STATE["nodes"]
-    if cpu:  # the tests' harness does exactly this; share its state when it is importable
-        from tests.support import host
-        _STATE["nodes"] = host.boot()
-        _STATE["pack"] = host.pack_submodule
-        return _STATE["nodes"]
-    from tools.comfy_host import boot as boot_host
-    nodes = boot_host(Path(tempfile.mkdtemp(prefix="ddiminv-bench-")), cpu=False)
-    _STATE["nodes"] = nodes
-    return nodes
+    """Import ComfyUI (``--cpu`` when ``cpu``), load its extra nodes, our pack and the fixture nodes."""
+    if "nodes" not in _STATE:
+        _STATE["nodes"] = host.boot(cpu=cpu)
+    return _STATE["nodes"]
 
 
 def pack(dotted: str):
     """The pack's own copy of a submodule (e.g. 'nodes.invert', 'inversion.methods')."""
-    import importlib
-    for name, mod in sys.modules.items():
-        f = getattr(mod, "__file__", None) or ""
-        if f.endswith(os.path.join("ddim-inversion", "__init__.py")):
-            return importlib.import_module(mod.__name__ + "." + dotted)
-    raise RuntimeError("the ddim-inversion pack is not loaded; call boot() first")
+    return host.pack_submodule(dotted)
 
 
 def core(node_id: str):

@@ -82,7 +82,7 @@ def noise_stats(xn, sigma_max: float) -> dict:
 def run_grid(seed: int, sample_seed: int, steps_list, cfgs, log=print, families=FAMILIES, methods=None) -> list:
     """``methods``: labels to run (None = all; 'core' selects the core FlipSigmas path)."""
     import comfy.latent_formats
-    from tests.support import nodes_gmm as NG
+    from ddiminv_dev.fixtures import gmm_nodes as NG
 
     inv = B.pack("nodes.invert").DDIMInvert
     smp = B.pack("nodes.sampler").DDIMInvSampler

@@ -224,7 +224,7 @@ def main(argv=None):
     import torch
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    from tests.support import tiny_models as T
+    from ddiminv_dev import tiny_models as T
     model = T.tiny_model("eps")
     pos, neg = T.tiny_conditioning("eps", 0), T.tiny_conditioning("eps", 1)
     dev = torch.device("cpu")
@@ -234,7 +234,7 @@ def main(argv=None):
 
     cfgs = [float(v) for v in a.cfgs.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
-    print(f"tiny SD1.5-architecture UNet (tests/support/tiny_models.py 'eps'), {a.size}x{a.size} "
+    print(f"tiny SD1.5-architecture UNet (ddiminv_dev/tiny_models.py 'eps'), {a.size}x{a.size} "
           f"(latent {a.size // 8}x{a.size // 8}), {a.steps} steps, median of {a.repeats}, torch threads {torch.get_num_threads()}")
     res = compare(model, pos, neg, make_latent, a.steps, cfgs, a.repeats, batches, dev)
     cap = capture_overhead(model, pos, make_latent(1), a.steps, a.repeats, dev)

@@ -1,5 +1,6 @@
-"""Minimal root conftest: put the repo root on sys.path so ``tests.support`` imports. Fixtures live in
-tests/support (and tier conftests)."""
+"""Root conftest: the repository root on sys.path, so tests import the math core (``inversion``) and the
+development package (``ddiminv_dev``). Tests import nothing from each other; shared code lives in
+``ddiminv_dev``, shared fixtures in the conftest of each tier."""
 import sys
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import host
+from ddiminv_dev import host
 
 ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "example_workflows"

@@ -23,18 +23,17 @@ image encoded; those are timed separately as setup).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python tools/demo.py`: make the `tools` package importable
+if str(ROOT) not in sys.path:  # `python tools/demo.py`: make the development package importable
     sys.path.insert(0, str(ROOT))
+from ddiminv_dev import host  # noqa: E402
 WORKFLOW = ROOT / "example_workflows" / "api" / "invert_and_reconstruct.api.json"
 METHODS = ("ddim", "implicit", "exact")
 TINY_MAX_ITERS = 6  # implicit on random weights never converges: cap its solve so the demo fits ~2 min of CPU
@@ -47,39 +46,20 @@ TINY_NOTE = ("NOTE: the built-in tiny checkpoint has random weights, so its pict
 # ------------------------------------------------------------------ ComfyUI, in process
 def boot(cpu: bool, workdir: Path):
     """Import ComfyUI and load its nodes and the custom nodes (this pack included); returns ``nodes``."""
-    from tools.comfy_host import HostError, boot as boot_host
     try:
-        return boot_host(workdir, cpu=cpu, user_model_paths=True)
-    except HostError as e:
+        return host.boot(cpu=cpu, workdir=workdir, user_model_paths=True, fixtures=False)
+    except host.HostError as e:
         sys.exit(str(e))
 
 
-class _Server:
-    """What PromptExecutor reports to."""
-    client_id = last_node_id = last_prompt_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
 def execute(executor, prompt: dict, outputs=None) -> None:
-    import execution
-    ok = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
-    if not ok[0]:
-        sys.exit(f"the workflow did not validate: {ok[1]} {ok[3]}")
-    executor.execute(prompt, str(uuid.uuid4()), {}, outputs or ok[2])
-    if not executor.success:
-        err = next((d for e, d in executor.status_messages if e == "execution_error"), None)
-        sys.exit(f"the workflow failed: {err and err.get('exception_message')}")
+    res = host.execute(executor, prompt, outputs, expect_success=False)
+    if not res.success:
+        sys.exit(f"the workflow failed: {res.error_text()}")
 
 
 def output_of(executor, node_id: str, slot: int = 0):
-    entry = executor.caches.outputs.get(node_id)
-    outs = entry.outputs if hasattr(entry, "outputs") else entry
-    return outs[slot][0]
+    return host.cached_output(executor, node_id)[slot][0]
 
 
 # ------------------------------------------------------------------ inputs
@@ -180,11 +160,11 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="ddiminv-demo-"))
-    nodes = boot(cpu=a.cpu or tiny, workdir=work)
+    boot(cpu=a.cpu or tiny, workdir=work)
     import folder_paths
     if tiny:
-        from tools import tiny_checkpoint
-        if not tiny_checkpoint._is_current(tiny_checkpoint.MODEL_DIR / tiny_checkpoint.CKPT_NAME):
+        from ddiminv_dev import tiny_checkpoint
+        if not tiny_checkpoint.is_built():
             print("generating the tiny random checkpoint (once; cached in .cache/models/checkpoints) ...", flush=True)
         tiny_checkpoint.register_model_dir()
         ckpt = tiny_checkpoint.CKPT_NAME
@@ -219,10 +199,8 @@ def main(argv=None) -> int:
     if prompt_text is not None:
         base[inv["positive"][0]]["inputs"]["text"] = prompt_text
 
-    import execution
     import torch
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+    executor = host.new_executor()
     # setup: load the checkpoint, encode the image (cached for every method below)
     t0 = time.perf_counter()
     first = json.loads(json.dumps(base))

@@ -6,13 +6,13 @@ import time
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 
 
 @pytest.fixture(scope="module")
 def ckpt():
     host.boot()
-    from tests.support import checkpoint
+    from ddiminv_dev import tiny_checkpoint as checkpoint
     t0 = time.perf_counter()
     path = checkpoint.register_model_dir()
     print(f"tiny checkpoint ready in {time.perf_counter() - t0:.1f}s: {path}")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 
 NODE = "DDIMInvVAEEncode"
 
@@ -14,7 +14,7 @@ NODE = "DDIMInvVAEEncode"
 @pytest.fixture(scope="module")
 def fx():
     nodes = host.boot()
-    from tests.support import nodes_preview_fixtures as f
+    from ddiminv_dev.fixtures import preview_nodes as f
     return nodes, f
 
 

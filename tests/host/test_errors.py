@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 
 ERR = "InversionInputError"
 LATENT = dict(batch=1, channels=4, height=8, width=8, seed=0, dtype="float32", poison="none", mask="none", scale=1.0)
@@ -19,7 +19,7 @@ NEG = dict(mean=0.0, batch=1, empty=False, poison=False)
 @pytest.fixture(scope="module")
 def hard():
     host.boot()
-    from tests.support import nodes_hardening
+    from ddiminv_dev.fixtures import hardening_nodes as nodes_hardening
     return nodes_hardening
 
 
@@ -216,10 +216,6 @@ def test_16_channel_latent_into_4_channel_model(hard):
 
 
 def test_sd15_latent_into_tiny_flow_model(hard):
-    try:
-        from tests.support import tiny_models  # noqa: F401
-    except ImportError:
-        pytest.skip("tests/support/tiny_models.py is not available")
     p = prompt()
     p["m"] = {"class_type": "TestTinyModel", "inputs": {"family": "flow", "seed": 0}}
     ok = host.validate(p)

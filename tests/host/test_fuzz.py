@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.host.test_errors import ERR, assert_unchanged, prompt
-from tests.support import host
+from ddiminv_dev import host
 
 PER_RUN_S = 20.0      # a single prompt of this size takes well under a second
 
@@ -20,13 +20,13 @@ PER_RUN_S = 20.0      # a single prompt of this size takes well under a second
 @pytest.fixture(scope="module")
 def hard():
     host.boot()
-    from tests.support import nodes_hardening
+    from ddiminv_dev.fixtures import hardening_nodes as nodes_hardening
     return nodes_hardening
 
 
 @st.composite
 def cases(draw):
-    from tests.support.nodes_hardening import MASKS, SIGMA_KINDS
+    from ddiminv_dev.fixtures.hardening_nodes import MASKS, SIGMA_KINDS
     batch = draw(st.integers(1, 3))
     lat = dict(
         batch=batch,

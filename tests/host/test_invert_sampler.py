@@ -7,7 +7,7 @@ determinism and non-mutation; every family on tiny real architectures.
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 
 FAMILIES = ("eps", "v", "flow")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 
 NODE = "DDIMInvTrajectoryPreview"
 
@@ -16,7 +16,7 @@ NODE = "DDIMInvTrajectoryPreview"
 @pytest.fixture(scope="module")
 def fx():
     nodes = host.boot()
-    from tests.support import nodes_preview_fixtures as f
+    from ddiminv_dev.fixtures import preview_nodes as f
     return nodes, f
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 from tests.host.test_invert_sampler import ours
 
 

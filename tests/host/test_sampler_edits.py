@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 from tests.host.test_invert_sampler import model_space, ours
 
 
@@ -12,7 +12,7 @@ def _boot():
 
 
 def gmm():
-    from tests.support.nodes_gmm import GMM
+    from ddiminv_dev.gmm import GMM
     return GMM.make(seed=4)
 
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tests.support import host
+from ddiminv_dev import host
 
 FAMILIES = ("eps", "v", "flow", "flux")
 
@@ -14,7 +14,7 @@ FAMILIES = ("eps", "v", "flow", "flux")
 @pytest.fixture(scope="module")
 def tiny():
     host.boot()
-    from tests.support import tiny_models
+    from ddiminv_dev import tiny_models
     return tiny_models
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.server import start_server
+from ddiminv_dev.server import start_server
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Browser test of the Trajectory Preview viewer (issue 5): the real ComfyUI frontend in headless Chromium.
 
-The server tier's ComfyUI (with the pack) serves the UI; ``tests/support/browser/viewer_check.cjs`` drives the
+The server tier's ComfyUI (with the pack) serves the UI; ``tests/server/browser/viewer_check.cjs`` drives the
 system Chromium with playwright-core (Node): it opens the UI, loads the example workflow
 ``example_workflows/invert_and_reconstruct.json`` with ``app.loadGraphData`` (or, when that file is absent or
 lacks a Trajectory Preview, a minimal API-format workflow with ``app.loadApiJson``), points it at the tiny
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import checkpoint
+from ddiminv_dev import tiny_checkpoint as checkpoint
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-DRIVER = ROOT / "tests" / "support" / "browser" / "viewer_check.cjs"
+DRIVER = ROOT / "tests" / "server" / "browser" / "viewer_check.cjs"
 EXAMPLE = ROOT / "example_workflows" / "invert_and_reconstruct.json"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 SCREENSHOT = ARTIFACTS / "browser_viewer.png"

@@ -3,8 +3,8 @@
 Every ``example_workflows/api/<name>.api.json`` is queued over HTTP unmodified except:
 
 * the model file names -> tiny random files in the real formats: the SD1.5-format checkpoint
-  (tests.support.checkpoint) for Load Checkpoint; for flow_model (an SD3 workflow) the diffusion-model-only
-  SD3 MMDiT, the CLIP-L text encoder and the 16-channel SD3 VAE of tools/tiny_flow_files.py (UNETLoader,
+  (ddiminv_dev/tiny_checkpoint.py) for Load Checkpoint; for flow_model (an SD3 workflow) the diffusion-model-only
+  SD3 MMDiT, the CLIP-L text encoder and the 16-channel SD3 VAE of ddiminv_dev/tiny_flow_files.py (UNETLoader,
   CLIPLoader type sd3, VAELoader);
 * the input image -> a generated 64x64 picture uploaded with POST /upload/image, as the UI does.
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import checkpoint
-from tools import tiny_flow_files
+from ddiminv_dev import tiny_checkpoint as checkpoint
+from ddiminv_dev import tiny_flow_files
 
 ROOT = Path(__file__).resolve().parents[2]
 API_DIR = ROOT / "example_workflows" / "api"
@@ -102,7 +102,7 @@ def load_workflow(name: str, image: str) -> dict:
 @pytest.fixture(scope="module")
 def flow_files():
     """The tiny SD3 files (generated once, cached); the server's extra_model_paths lists their folders."""
-    from tests.support import host
+    from ddiminv_dev import host
     host.boot()
     return tiny_flow_files.register_model_dirs()
 
@@ -151,7 +151,7 @@ def test_invert_and_reconstruct_exact_round_trip_in_process():
     Invert's input latent."""
     import torch
 
-    from tests.support import host
+    from ddiminv_dev import host
     host.boot()
     checkpoint.register_model_dir()
     name = "ddiminv_example_roundtrip.png"
@@ -177,7 +177,7 @@ def test_flow_model_exact_round_trip_in_process(flow_files):
     Inverted-Latent Sampler returns DDIM Invert's input latent, and the trajectory ends at sigma 1."""
     import torch
 
-    from tests.support import host
+    from ddiminv_dev import host
     name = "ddiminv_example_flow_roundtrip.png"
     (host.input_dir() / name).write_bytes(make_image_png())
     prompt = load_workflow("flow_model", name)

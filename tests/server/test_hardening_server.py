@@ -8,8 +8,8 @@ import urllib.error
 import pytest
 import torch
 
-from tests.support import checkpoint
-from tests.support.server import ServerError
+from ddiminv_dev import tiny_checkpoint as checkpoint
+from ddiminv_dev.server import ServerError
 
 
 def base_prompt(text="a tiny red fox", steps=2, method="ddim", prefix="hard", cfg=1.0, extra=None):

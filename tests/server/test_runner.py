@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support import checkpoint
+from ddiminv_dev import tiny_checkpoint as checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tools" / "runner.py"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support import checkpoint
+from ddiminv_dev import tiny_checkpoint as checkpoint
 
 PACK_NODES = ("DDIMInvert", "DDIMInvSampler", "DDIMInvVAEEncode", "DDIMInvTrajectoryPreview")
 

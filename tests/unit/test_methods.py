@@ -8,7 +8,7 @@ from inversion import methods as M
 from inversion import schedule as S
 from ddiminv_dev.gmm import GMM, ddim_uniform, flow_table, sd15_sigmas_table, simple
 
-ORACLE_SEED = 4          # the fidelity oracle (tests/support/nodes_gmm.py DEFAULT_SEED)
+ORACLE_SEED = 4          # the fidelity oracle (ddiminv_dev/fixtures/gmm_nodes.py DEFAULT_SEED)
 COND = [0, 1, 2]         # the "prompt": components 0..2; unconditional = all four
 
 

@@ -1,7 +1,7 @@
 """A tiny, random, *real-format* SD1.5 checkpoint: the demo's built-in model and the tests' end-to-end model.
 
-Shared by ``tools/demo.py`` and the test suite (``tests/support/checkpoint.py`` is meant to import this
-module rather than carry its own copy), so both use one generator and one cached file.
+Used by the test suite's loader-level and server tests (plumbing, where speed matters) and by
+``tools/demo.py --model random``; one generator and one cached file.
 
 ``tiny_checkpoint_path()`` generates it once (seeded, deterministic) and caches it under
 ``<repo>/.cache/models/checkpoints/ddiminv-tiny-sd15.safetensors`` (git-ignored). Layout is the original
@@ -21,15 +21,15 @@ must be importable (run inside a ComfyUI process, or put the ComfyUI folder on s
 """
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = ROOT / ".cache" / "models" / "checkpoints"
+from .cache import cached_build, is_current
+from .paths import MODELS
+
+MODEL_DIR = MODELS / "checkpoints"
 CKPT_NAME = "ddiminv-tiny-sd15.safetensors"
 VERSION = "1"  # bump when the generator changes: the cached file is regenerated
 SEED = 20240601
@@ -84,10 +84,6 @@ def seeded_init_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch
     return module
 
 
-def model_dir() -> Path:
-    return MODEL_DIR
-
-
 def _prefixed(module: torch.nn.Module, prefix: str, skip=()) -> dict:
     return {prefix + k: v.detach().to(torch.float16).contiguous()
             for k, v in module.state_dict().items() if not any(k.startswith(s) for s in skip)}
@@ -120,39 +116,14 @@ def build_state_dict(seed: int = SEED) -> dict:
     return sd
 
 
-def _is_current(path: Path) -> bool:
-    if not path.exists():
-        return False
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("ddiminv_tiny_version") == VERSION
-    except Exception:
-        return False
+def is_built() -> bool:
+    return is_current(MODEL_DIR / CKPT_NAME, VERSION)
 
 
 def tiny_checkpoint_path() -> Path:
     """Path of the cached tiny SD1.5 checkpoint, generating it first if needed (process-safe)."""
-    path = MODEL_DIR / CKPT_NAME
-    if _is_current(path):
-        return path
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    with open(MODEL_DIR / (CKPT_NAME + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _is_current(path):
-                return path
-            from safetensors.torch import save_file
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(SEED)
-                sd = build_state_dict(SEED)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(sd, str(tmp), metadata={"ddiminv_tiny_version": VERSION, "format": "pt",
-                                              "description": "random tiny SD1.5-format test checkpoint"})
-            os.replace(tmp, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return path
+    return cached_build(MODEL_DIR / CKPT_NAME, VERSION, lambda: build_state_dict(SEED),
+                        "random tiny SD1.5-format test checkpoint", seed=SEED)
 
 
 def register_model_dir() -> Path:

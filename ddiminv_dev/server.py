@@ -2,7 +2,7 @@
 
 ``start_server()`` launches ``<comfy>/main.py`` with the venv's python on a free 127.0.0.1 port, with
 private input/output/temp/user directories and an extra_model_paths yaml that lists the tiny model folders
-(the SD1.5 checkpoint and the SD3 diffusion model, CLIP-L and VAE: tools/tiny_checkpoint.py, tools/tiny_flow_files.py), and waits until ``GET /object_info`` answers. The returned
+(the SD1.5 checkpoint and the SD3 diffusion model, CLIP-L and VAE: ddiminv_dev/tiny_checkpoint.py, ddiminv_dev/tiny_flow_files.py), and waits until ``GET /object_info`` answers. The returned
 ``ServerHandle`` speaks the HTTP API with the stdlib only (urllib + json; psutil for ``rss()``).
 """
 from __future__ import annotations
@@ -21,10 +21,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tools import tiny_flow_files
-
-from . import checkpoint
-from .host import ROOT, comfy_path
+from . import tiny_checkpoint as checkpoint
+from . import tiny_flow_files
+from .paths import ROOT, comfy_path
 
 START_TIMEOUT = 120.0
 
@@ -42,15 +41,15 @@ def free_port() -> int:
 def ensure_checkpoint(timeout: float = 600.0) -> Path:
     """The tiny checkpoint path; generates it (in a child process when ComfyUI is not imported here)."""
     path = checkpoint.MODEL_DIR / checkpoint.CKPT_NAME
-    if checkpoint._is_current(path):
+    if checkpoint.is_built():
         return path
     if "comfy.model_base" in sys.modules:
         return checkpoint.tiny_checkpoint_path()
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.support import host, checkpoint; "
-            "host.boot(); print(checkpoint.tiny_checkpoint_path())")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from ddiminv_dev import host, tiny_checkpoint; "
+            "host.import_comfy(); print(tiny_checkpoint.tiny_checkpoint_path())")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=timeout,
                        cwd=str(ROOT))
-    if r.returncode != 0 or not checkpoint._is_current(path):
+    if r.returncode != 0 or not checkpoint.is_built():
         raise ServerError(f"could not generate the tiny checkpoint (rc {r.returncode}):\n{r.stderr[-4000:]}")
     return path
 
@@ -178,7 +177,7 @@ def write_extra_model_paths(path: Path) -> Path:
         "ddiminv_tests:\n"
         f"    base_path: {json.dumps(str(models))}\n"
         f"    checkpoints: {json.dumps(checkpoint.MODEL_DIR.name)}\n"
-        # the tiny SD3 files of tools/tiny_flow_files.py (flow_model workflow), same base folder
+        # the tiny SD3 files of ddiminv_dev/tiny_flow_files.py (flow_model workflow), same base folder
         + "".join(f"    {folder}: {json.dumps(folder)}\n" for folder in tiny_flow_files.FOLDERS)
     )
     return path

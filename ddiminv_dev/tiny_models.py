@@ -15,7 +15,7 @@ Families:
 ``tiny_conditioning(family, seed)`` returns a ComfyUI CONDITIONING list with the context size the model
 expects (and ``pooled_output`` / ``guidance`` where the model needs them).
 
-Call ``tests.support.host.boot()`` (or otherwise put ComfyUI on sys.path) before using this module's
+Call ``ddiminv_dev.host.boot()`` (or otherwise put ComfyUI on sys.path) before using this module's
 functions; the ``comfy`` imports are done lazily inside them.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from tools.tiny_checkpoint import seeded_init_  # one seeded initialiser for every tiny model
+from .tiny_checkpoint import seeded_init_  # one seeded initialiser for every tiny model
 
 FAMILIES = ("eps", "v", "flow", "flux")
 

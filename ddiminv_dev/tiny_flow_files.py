@@ -9,7 +9,7 @@
   encoder's sizes). ``comfy.sd.load_diffusion_model`` detects it as ``supported_models.SD3`` with a
   discrete-flow (CONST) model_sampling, shift 3 -> UNETLoader.
 * ``text_encoders/ddiminv-tiny-clip-l.safetensors``: the tiny SD1.5 checkpoint's random full-size CLIP-L
-  text encoder (``text_model.*``, tools/tiny_checkpoint.py), the layout of a stand-alone clip_l file ->
+  text encoder (``text_model.*``, ddiminv_dev/tiny_checkpoint.py), the layout of a stand-alone clip_l file ->
   CLIPLoader type ``sd3`` (SD3's text model zero-pads the missing clip_g/T5 parts to 4096 / 2048).
 * ``vae/ddiminv-tiny-sd3-vae.safetensors``: the SD VAE architecture (ch 128, ch_mult [1,2,4,4]) with 16
   latent channels and no quant convs, the layout of SD3's VAE -> VAELoader (16-channel latents).
@@ -19,21 +19,15 @@ ComfyUI must be importable (run inside a ComfyUI process, or put the ComfyUI fol
 """
 from __future__ import annotations
 
-import fcntl
-import os
-import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # `python tools/tiny_flow_files.py`: generate the files, print their paths
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from . import tiny_checkpoint
+from .cache import cached_build, is_current
+from .paths import MODELS as MODELS_DIR
+from .tiny_checkpoint import VAE_DDCONFIG, seeded_init_
 
-from tools import tiny_checkpoint  # noqa: E402
-from tools.tiny_checkpoint import VAE_DDCONFIG, seeded_init_  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = ROOT / ".cache" / "models"
 FOLDERS = ("diffusion_models", "text_encoders", "vae")  # ComfyUI folder_paths names == sub-folders here
 UNET_NAME = "ddiminv-tiny-sd3-mmdit.safetensors"
 CLIP_NAME = "ddiminv-tiny-clip-l.safetensors"
@@ -97,46 +91,16 @@ BUILDERS = {"diffusion_models": (build_mmdit, 0, "random tiny SD3 MMDiT (diffusi
             "vae": (build_vae, 2, "random 16-channel SD3-style VAE")}
 
 
-def _is_current(path: Path) -> bool:
-    if not path.exists():
-        return False
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("ddiminv_tiny_version") == VERSION
-    except Exception:
-        return False
-
-
 def all_current() -> bool:
-    return all(_is_current(p) for p in paths().values())
+    return all(is_current(p, VERSION) for p in paths().values())
 
 
 def tiny_flow_paths() -> dict:
     """folder name -> path of each cached tiny file, generating the missing/stale ones first (process-safe)."""
     out = paths()
-    if all_current():
-        return out
-    MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(MODELS_DIR / "ddiminv-tiny-flow.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            from safetensors.torch import save_file
-            for folder, path in out.items():
-                if _is_current(path):
-                    continue
-                build, offset, desc = BUILDERS[folder]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(SEED + offset)
-                    sd = build(SEED + offset)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file(sd, str(tmp), metadata={"ddiminv_tiny_version": VERSION, "format": "pt",
-                                                  "description": desc})
-                os.replace(tmp, path)
-                del sd
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    for folder, path in out.items():
+        build, offset, desc = BUILDERS[folder]
+        cached_build(path, VERSION, lambda b=build, o=offset: b(SEED + o), desc, seed=SEED + offset)
     return out
 
 
@@ -148,12 +112,3 @@ def register_model_dirs() -> dict:
         if str(path.parent) not in folder_paths.get_folder_paths(folder):
             folder_paths.add_model_folder_path(folder, str(path.parent))
     return out
-
-
-if __name__ == "__main__":
-    import tempfile
-
-    from tools.comfy_host import boot
-    boot(Path(tempfile.mkdtemp(prefix="ddiminv-tiny-flow-")))  # ComfyUI importable, --cpu
-    for p in tiny_flow_paths().values():
-        print(p, p.stat().st_size)
