@@ -1,7 +1,9 @@
 # ddim-inversion developer entry points.
 #   make setup                 host ComfyUI 0.3.75 + .venv + link the pack (tools/setup.sh, idempotent)
-#   make test                  (setup, then) python tests (pytest) then js unit tests (node --test); fails if either fails
+#   make test                  (setup, then) lint (ruff), python tests (pytest), js unit tests (node --test); fails if any fails
 #   make test PYTEST_ARGS="tests/host -k flux"    pass arguments through to pytest (default: tests)
+#   make test-fast             unit tier + js only (no ComfyUI boot, under a minute)
+#   make lint                  ruff (configured in pyproject.toml)
 #   make demo [CKPT=name]      (setup, then) end-to-end demo (tools/demo.py)
 #   make bench                 fidelity benchmark (bench/fidelity.py)
 PY ?= .venv/bin/python
@@ -10,13 +12,14 @@ PYTEST_ARGS ?= tests
 # optional: file that receives pytest's exit code (used by .ci/run to tell "no tests collected" apart)
 PYTEST_RC_FILE ?=
 
-.PHONY: setup test test-py test-js demo bench
+.PHONY: setup test test-fast test-py test-js lint demo bench
 
 setup:
 	bash tools/setup.sh
 
 test: setup
-	@rc=0; \
+	@lrc=0; $(PY) -m ruff check . || lrc=$$?; \
+	rc=0; \
 	$(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
@@ -26,10 +29,17 @@ test: setup
 	else \
 	  echo "make test: node not found (Node.js >= 18 is needed for js/tests)" >&2; jrc=127; \
 	fi; \
-	if [ $$rc -ne 0 ] || [ $$jrc -ne 0 ]; then \
-	  echo "make test: FAILED (pytest exit $$rc, node --test exit $$jrc)" >&2; exit 1; \
+	if [ $$lrc -ne 0 ] || [ $$rc -ne 0 ] || [ $$jrc -ne 0 ]; then \
+	  echo "make test: FAILED (ruff exit $$lrc, pytest exit $$rc, node --test exit $$jrc)" >&2; exit 1; \
 	fi; \
-	echo "make test: OK (pytest and node --test passed)"
+	echo "make test: OK (ruff, pytest and node --test passed)"
+
+test-fast:
+	$(PY) -m pytest -q tests/unit
+	$(NODE) --test js/tests/
+
+lint:
+	$(PY) -m ruff check .
 
 test-py:
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -64,6 +64,14 @@ def _unet_config(context_dim: int) -> dict:
     }
 
 
+def _flux_extra_params() -> dict:
+    """Fields newer ComfyUI requires of ``FluxParams`` (0.33: ``txt_ids_dims``; [] is classic Flux's value, as
+    ``model_detection`` sets it); 0.3.75's dataclass has no such field and would reject it."""
+    from comfy.ldm.flux.model import FluxParams
+    fields = getattr(FluxParams, "__dataclass_fields__", {})
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
+
+
 def _model_config(family: str):
     import comfy.supported_models as sm
 
@@ -106,6 +114,7 @@ def _model_config(family: str):
             "theta": 10000,
             "patch_size": 2,
             "qkv_bias": True,
+            **_flux_extra_params(),
         })
     cfg.set_inference_dtype(torch.float32, None)
     return cfg

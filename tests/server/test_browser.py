@@ -230,8 +230,10 @@ def test_trajectory_viewer_in_real_frontend(request):
     # -- no errors from our extension, and all of its modules were served
     our_errors = [c for c in obs.get("console", []) if c["type"] == "error" and (ours(c["text"], ext_path) or ours(c["url"], ext_path))]
     our_errors += [e for e in obs.get("pageErrors", []) if ours(e["message"], ext_path) or ours(e["stack"], ext_path)]
+    # the viewer's frames are temp images (/view?...type=temp); the Load Image node's own preview of the
+    # workflow's placeholder file (example.png, before the test patches the widget) may 404: not ours
     our_errors += [f for f in obs.get("failedRequests", [])
-                   if ext_path in f["url"] or "/view?" in f["url"]]
+                   if ext_path in f["url"] or ("/view?" in f["url"] and "type=temp" in f["url"])]
     assert not our_errors, f"errors from the ddim_inversion extension: {json.dumps(our_errors, indent=1)}{where}"
     served = {re.sub(r"\?.*$", "", r["url"]).split(ext_path, 1)[-1]: r["status"]
               for r in obs.get("extensionRequests", [])}
@@ -244,7 +246,7 @@ def test_trajectory_viewer_in_real_frontend(request):
     assert loaded["previewCount"] >= 1, loaded
     assert not loaded["missing"], f"widgets not found in the {kind} workflow: {loaded['missing']}{where}"
     assert loaded["viewerWidget"] and loaded["rootIsDdimViewer"], loaded
-    assert loaded["rootClass"] == "ddim-trajectory-viewer", loaded
+    assert "ddim-trajectory-viewer" in (loaded["rootClass"] or "").split(), loaded  # newer frontends add classes
     assert loaded["headerBefore"] == "Run the workflow to see the trajectory.", loaded
     assert loaded["sliderDisabledBefore"] is True, loaded
 

@@ -1,6 +1,7 @@
 """The bench scripts run (shrunk) and print their ratios. No timing assertions: timings are reported, not tested."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,17 +23,27 @@ def _run(args, timeout=240):
 @pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
                     reason="ComfyUI host not set up (tools/setup.sh)")
 def test_gpu_bench_cpu_smoke():
+    result = ROOT / "bench" / "out" / "gpu_cpu_smoke.json"
+    result.unlink(missing_ok=True)  # the script must write it again
     out = _run(["bench/gpu.py", "--cpu-smoke"])
     for kind in ("sd15", "sdxl"):
         assert f"{kind} ratios:" in out
     assert "ours/ksampler" in out and "ours/raw" in out
-    assert (ROOT / "bench" / "out" / "gpu_cpu_smoke.json").exists()
+    results = json.loads(result.read_text())["results"]
+    for kind in ("sd15", "sdxl"):
+        for cfg, entry in results[kind]["by_cfg"].items():
+            assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (kind, cfg, entry)
 
 
 @pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
                     reason="ComfyUI host not set up (tools/setup.sh)")
 def test_speed_bench_quick():
+    result = ROOT / "bench" / "out" / "speed_quick.json"
+    result.unlink(missing_ok=True)  # the script must write it again
     out = _run(["bench/speed.py", "--quick"])
     assert "ratios:" in out and "ours/ksampler" in out and "ours/raw" in out
     assert "capture overhead" in out
-    assert (ROOT / "bench" / "out" / "speed_quick.json").exists()
+    res = json.loads(result.read_text())["result"]
+    for cfg, entry in res["by_cfg"].items():
+        assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (cfg, entry)
+    assert res["capture"]["max_abs_diff_bare_vs_core"] < 1e-4, res["capture"]  # the bare loop computes the same

@@ -1,5 +1,6 @@
-"""Static safety checks over what the pack ships (__init__.py, nodes/, inversion/, js/ -- not tests/, tools/,
-bench/): no eval/exec, no network modules, no file writes, no pip/subprocess, no unescaped innerHTML."""
+"""Static safety checks over what the pack ships (__init__.py, nodes/, inversion/, js/) that ruff cannot make:
+no file writes from Python, no unescaped innerHTML / eval in the JS. (eval/exec, subprocess and network or
+installer imports are ruff's job: rules S and TID251 in pyproject.toml, run by `make test`.)"""
 from __future__ import annotations
 
 import ast
@@ -10,9 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PY_DIRS = ("nodes", "inversion")
-NETWORK = {"urllib", "urllib2", "urllib3", "requests", "http", "socket", "aiohttp", "httpx", "ftplib", "smtplib",
-           "websocket", "websockets"}
-PROCESS = {"subprocess", "pip", "multiprocessing", "pty", "ctypes"}
 
 
 def shipped_python():
@@ -42,7 +40,22 @@ JS = shipped_js()
 def test_the_checks_see_the_pack():
     names = set(_ids(PY))
     assert "__init__.py" in names and "nodes/invert.py" in names and "inversion/methods.py" in names
-    assert not any(n.startswith(("tests/", "tools/", "bench/")) for n in names)
+    assert not any(n.startswith(("tests/", "tools/", "bench/", "ddiminv_dev/")) for n in names)
+    assert {"js/ddim_inversion.js", "js/lib/frames.js"} <= set(_ids(JS))
+
+
+def test_the_write_check_catches_a_write(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("open('x', 'w').write('y')\n")
+    with pytest.raises(AssertionError, match="opens a file for writing"):
+        test_no_file_writes(bad)
+
+
+def test_the_js_check_catches_raw_html(tmp_path):
+    bad = tmp_path / "bad.js"
+    bad.write_text("el.innerHTML = userText;\n")
+    with pytest.raises(AssertionError, match="innerHTML assigned without the escape helper"):
+        test_js_no_unescaped_innerhtml_eval(bad)
 
 
 def _tree(f: Path) -> ast.AST:
@@ -57,41 +70,6 @@ def _calls(tree):
             yield name, node
 
 
-def _imports(tree):
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                yield a.name
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "__import__":
-            if node.args and isinstance(node.args[0], ast.Constant):
-                yield str(node.args[0].value)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
-            yield str(node.args[0].value)
-
-
-@pytest.mark.parametrize("f", PY, ids=_ids(PY))
-def test_no_eval_exec_compile(f):
-    bad = [(n, c.lineno) for n, c in _calls(_tree(f)) if n in ("eval", "exec", "compile", "__import__")
-           and not (n == "compile" and isinstance(c.func, ast.Attribute))]  # re.compile / torch.compile are fine
-    assert not bad, f"{f.name}: {bad}"
-    text = f.read_text(encoding="utf-8")
-    assert not re.search(r"(?<![\w.])(eval|exec)\s*\(", text), f"{f.name} contains eval( / exec("
-
-
-@pytest.mark.parametrize("f", PY, ids=_ids(PY))
-def test_no_network_or_process_modules(f):
-    mods = {m.split(".")[0] for m in _imports(_tree(f))}
-    assert not mods & NETWORK, f"{f.name} imports network modules {mods & NETWORK}"
-    assert not mods & PROCESS, f"{f.name} imports process/installer modules {mods & PROCESS}"
-    text = f.read_text(encoding="utf-8")
-    assert not re.search(r"\bpip\s+install\b|\bpip\.main\b|ensurepip", text), f"{f.name} installs packages"
-    bad = [(n, c.lineno) for n, c in _calls(_tree(f)) if n in ("system", "popen", "Popen", "spawnv", "execv")]
-    assert not bad, f"{f.name} starts processes: {bad}"
-
-
 def _write_mode(call: ast.Call):
     mode = None
     if len(call.args) >= 2 and isinstance(call.args[1], ast.Constant):
@@ -102,7 +80,10 @@ def _write_mode(call: ast.Call):
     return mode
 
 
-@pytest.mark.parametrize("f", [p for p in PY if p.parent.name in PY_DIRS], ids=_ids([p for p in PY if p.parent.name in PY_DIRS]))
+PY_IN_DIRS = [p for p in PY if p.parent.name in PY_DIRS]
+
+
+@pytest.mark.parametrize("f", PY_IN_DIRS, ids=_ids(PY_IN_DIRS))
 def test_no_file_writes(f):
     tree = _tree(f)
     for name, call in _calls(tree):
@@ -121,12 +102,6 @@ def test_no_file_writes(f):
 def _strip_js_comments(src: str) -> str:
     src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
     return re.sub(r"(^|[^:])//[^\n]*", r"\1", src)
-
-
-def test_js_files_found_or_none():
-    js = ROOT / "js"
-    if js.exists():
-        assert all(f.suffix in (".js", ".mjs", ".cjs") for f in JS)
 
 
 @pytest.mark.parametrize("f", JS, ids=_ids(JS))

@@ -86,11 +86,28 @@ async function main() {
     out.steps.push({ step: "ui-ready", ms: Date.now() - t0 });
     log("UI ready in", Date.now() - t0, "ms");
 
-    // load the workflow, patch widgets by node type + widget name, look at the viewer before execution
-    out.loaded = await page.evaluate(async ({ workflow, apiWorkflow, patches, type }) => {
+    // newer frontends (1.49) load their own default workflow asynchronously after start-up, which can
+    // replace ours: let that settle first (a non-empty graph, or 5 s), and reload ours if it was replaced
+    await page.waitForFunction(() => {
+      const app = window.app || window.comfyAPI?.app?.app;
+      return ((app.graph.nodes || app.graph._nodes || []).length > 0);
+    }, null, { timeout: 5000, polling: 100 }).catch(() => {});
+    const loadOnce = async () => page.evaluate(async ({ workflow, apiWorkflow, type }) => {
       const app = window.app || window.comfyAPI.app.app;
       if (apiWorkflow) await app.loadApiJson(apiWorkflow, "ddiminv_browser_test.json");
       else await app.loadGraphData(workflow, true, true, "ddiminv_browser_test");
+      await new Promise((r) => setTimeout(r, 1000));
+      return (app.graph.nodes || app.graph._nodes).some((n) => n.type === type);
+    }, { workflow: cfg.workflow || null, apiWorkflow: cfg.apiWorkflow || null, type: cfg.previewType });
+    out.loadAttempts = 0;
+    for (let k = 0; k < 3; k++) {
+      out.loadAttempts += 1;
+      if (await loadOnce()) break;
+    }
+
+    // patch widgets by node type + widget name, look at the viewer before execution
+    out.loaded = await page.evaluate(async ({ patches, type }) => {
+      const app = window.app || window.comfyAPI.app.app;
       const nodes = app.graph.nodes || app.graph._nodes;
       const patched = [];
       const missing = [];
@@ -125,8 +142,7 @@ async function main() {
         headerBefore: root ? root.firstChild.textContent : null,
         sliderDisabledBefore: root ? root.querySelector('input[type="range"]').disabled : null,
       };
-    }, { workflow: cfg.workflow || null, apiWorkflow: cfg.apiWorkflow || null, patches: cfg.patches || [],
-      type: cfg.previewType });
+    }, { patches: cfg.patches || [], type: cfg.previewType });
     log("loaded:", JSON.stringify(out.loaded));
     if (!out.loaded.previewId) throw new Error(`no ${cfg.previewType} node after loading the workflow`);
 
