@@ -78,6 +78,28 @@ def vp20():
     return Case(False, 20)
 
 
+# ---------------------------------------------------------------------------------------------- the oracle
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+def test_embedding_oracle_is_the_mixture_with_prompts(flow):
+    g = GMM.make(seed=ORACLE_SEED)
+    o = EmbeddingOracle.make(g, flow=flow)
+    assert o.degrees_of_freedom == 384 > 256 == g.means.shape[1]
+    x = g.sample_x0([0, 3], seed=2) + 0.7 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = 0.6
+    assert torch.allclose(o.denoise(x, s, o.empty()), g.denoise(x, s, flow), atol=1e-6)          # empty = all
+    assert torch.allclose(o.denoise(x, s, o.encode(COND)), g.denoise(x, s, flow, COND), atol=1e-6)
+    st = o.style(STYLE_RMS)
+    off = o.denoise(x, s, o.encode(COND, style=st)) - g.denoise(x, s, flow, COND)
+    assert float(off.pow(2).mean().sqrt()) == pytest.approx(STYLE_RMS, rel=1e-3)
+    assert torch.allclose(off[0], off[1], atol=1e-6)                     # the style offset: same everywhere
+    # rows are independent and the prediction is differentiable in the embedding
+    e = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(1)).mul(0.1).requires_grad_(True)
+    both = o.denoise(x, s, e)
+    assert torch.allclose(both[1:], o.denoise(x[1:], s, e[1:]), atol=1e-6)
+    (gr,) = torch.autograd.grad(both[0].sum(), [e])
+    assert float(gr[0].abs().sum()) > 0 and float(gr[1].abs().sum()) == 0
+
+
 # ---------------------------------------------------------------------------------------------- fidelity
 BARS = {  # (flow, steps): null-text error bar, from the measured values in the module docstring (+~40%)
     (False, 10): 0.045, (False, 50): 0.016, (True, 10): 0.025, (True, 50): 0.016,
@@ -121,6 +143,9 @@ def test_paper_ramp_saves_evaluations_but_costs_accuracy():
     assert e_ramp > 1.8 * e_base and ramp.nfe < 0.7 * base.nfe, (e_base, e_ramp, base.nfe, ramp.nfe)
     assert ramp.options.threshold(49, 50) == pytest.approx(1e-5 + 49 * 2e-5)   # the paper's rule at 50 steps
     assert base.options.lr(49, 50) == pytest.approx(1e-2 * (1 - 49 / 100))       # the paper's lr decay
+    # at N steps the same relative schedules: step k of N is the paper's step 50 k / N
+    assert ramp.options.threshold(9, 10) == pytest.approx(ramp.options.threshold(45, 50))
+    assert base.options.lr(9, 10) == pytest.approx(1e-2 * (1 - 9 / 20))
 
 
 # ---------------------------------------------------------------------------------------------- replay
@@ -142,6 +167,28 @@ def test_replaying_the_embeddings_reproduces_the_reconstruction(vp20):
         assert torch.equal(r.embedding_for_sigma(float(r.sigmas[k])), r.embeddings[k])
     with pytest.raises(NT.NullTextError, match="not a level"):
         r.step_for_sigma(float(r.sigmas[3]) * 1.01)
+
+
+def test_the_loss_is_the_latent_scale_mse_to_the_pivot(vp20):
+    """losses[k] = mean((c_in(sigma_{i-1}) (x_{i-1} - x*_{i-1}))^2) with i = N - k, c_in = 1/sqrt(1+sigma^2):
+    the DDPM-latent scale of the paper's thresholds. ``input_scale`` overrides it."""
+    c = vp20
+    N = 20
+    sig = c.pivot.sigmas.tolist()
+
+    def recompute(res, cin):
+        out = []
+        for k in range(N):
+            i = N - k
+            d = (res.states[k + 1] - c.pivot.states[i - 1]) * cin(sig[i - 1])
+            out.append(float(d.pow(2).mean()))
+        return torch.tensor(out, dtype=torch.float64)
+
+    r = NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0)
+    assert torch.allclose(r.losses[:, 0], recompute(r, lambda s: 1 / math.sqrt(1 + s * s)), rtol=1e-4, atol=1e-12)
+    assert recompute(r, lambda s: 1.0)[0] > 50 * float(r.losses[0, 0])   # 1 + sigma_{N-1}^2 = 75: the scale matters
+    u = NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0, input_scale=lambda s: 1.0)
+    assert torch.allclose(u.losses[:, 0], recompute(u, lambda s: 1.0), rtol=1e-4, atol=1e-12)
 
 
 def test_zero_updates_is_the_plain_sampler(vp20):
@@ -261,6 +308,17 @@ def test_inference_mode_weights_get_a_message():
         NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0)
 
 
+def test_a_non_finite_loss_names_the_step(vp20):
+    c = vp20
+
+    def overflowing(x, sigma, emb):
+        D = c.uncond_fn(x, sigma, emb)
+        return D * (math.inf if sigma < 1.0 else 1.0)
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        NT.optimize(c.pivot, c.cond_fn, overflowing, c.null0)
+
+
 def test_interrupt_stops_and_leaves_inputs_alone(vp20):
     c = vp20
     calls = []
@@ -290,9 +348,20 @@ def test_batch_equals_single_runs():
     g = GMM.make(seed=ORACLE_SEED)
     x0 = g.sample_x0([0, 1], seed=1)
     both = Case(False, 20, x0=x0)
-    r = NT.optimize(both.pivot, both.cond_fn, both.uncond_fn, both.null0)       # null0 [1, ...]: expanded
+    seen = []
+    r = NT.optimize(both.pivot, both.cond_fn, both.uncond_fn, both.null0,         # null0 [1, ...]: expanded
+                    progress=lambda i, total, x, D: seen.append((i, x.clone())))
     assert r.embeddings.shape == (20, 2, 8, 48) and r.losses.shape == (20, 2)
     assert bool((r.iterations[:, 0] != r.iterations[:, 1]).any())
+    # a finished row is frozen: the previews of its later evaluations in that step show its final state
+    frozen = 0
+    for i, x in seen:
+        k, j = divmod(i, 11)
+        for b in range(2):
+            if j > int(r.iterations[k, b]):
+                frozen += 1
+                assert torch.equal(x[b], r.states[k + 1][b]), (k, j, b)
+    assert frozen > 10
     assert r.nfe_uncond_per_step == tuple(int(u) + 1 for u in r.iterations.max(1).values)
     for b in range(2):
         one = Case(False, 20, x0=x0[b:b + 1])
