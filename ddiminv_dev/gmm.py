@@ -41,8 +41,13 @@ class GMM:
         return torch.stack(out).reshape(len(comps), *self.shape).to(torch.float32)
 
     def denoise(self, x: torch.Tensor, sigma, flow: bool = False,
-                subset: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Exact E[x0 | x] at level sigma (scalar or [B]) for the mixture restricted to ``subset``."""
+                subset: Optional[Sequence[int]] = None,
+                log_weight_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exact E[x0 | x] at level sigma (scalar or [B]) for the mixture restricted to ``subset``.
+
+        ``log_weight_shift`` ([B, K] for the K components used, differentiable) is added to the log mixture
+        weights of each sample: the exact posterior mean of the reweighted mixture (a shift of -1e4 removes a
+        component exactly in float64)."""
         B = x.shape[0]
         xf = x.reshape(B, -1).to(torch.float64)
         sig = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
@@ -58,6 +63,8 @@ class GMM:
         diff = xf[:, None, :] - a[:, :, None] * mu[None]                # [B, K, D]
         D = xf.shape[1]
         logp = logw[None] - 0.5 * diff.pow(2).sum(-1) / var - 0.5 * D * torch.log(var)
+        if log_weight_shift is not None:
+            logp = logp + log_weight_shift.to(torch.float64).reshape(B, len(idx))
         r = torch.softmax(logp, dim=1)                                  # [B, K]
         post = mu[None] + (a * s2[None, :] / var)[:, :, None] * diff    # [B, K, D]
         x0 = (r[:, :, None] * post).sum(1)
@@ -80,6 +87,127 @@ class GMM:
             if cfg == 1.0:
                 return dc
             du = self.denoise(x, sigma, flow, uncond)
+            return du + cfg * (dc - du)
+        return fn
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+OUT_OF_PROMPT = -1.0e4     # log-weight shift that removes a component exactly (exp(-1e4) == 0 in float64)
+
+
+@dataclass
+class EmbeddingOracle:
+    """The GMM denoiser conditioned on an *embedding tensor* [B, tokens, dim] (the oracle's text encoder).
+
+    A component subset is too coarse a "prompt" for null-text inversion to have anything to fit, so here the
+    prompt is a float tensor, as a text encoder's cross-attention tensor is. With v = emb.flatten(1) (M =
+    tokens * dim values per sample):
+
+    * ``v[:, :K]`` shift the K log mixture weights (the posterior mean of the reweighted mixture: a smooth,
+      nonlinear map through the responsibilities);
+    * ``v[:, K:]`` add ``scale * A @ tanh(v[:, K:])`` to the posterior mean (A a fixed [D, M-K] Gaussian
+      matrix with entries N(0, 1/(M-K)); a smooth, bounded, nonlinear offset, like a cross-attention output).
+
+    So each sample's embedding has M degrees of freedom (default 8 x 48 = 384: 4 weight logits + 380 offset
+    coordinates) against D = 256 state values. ``empty()`` (all zeros: no shift, no offset) is the
+    unconditional model (the full mixture); ``encode(subset)`` puts ``OUT_OF_PROMPT`` on the other components'
+    logits, which is exactly ``GMM.denoise(subset=...)``. Conditional and unconditional predictions are the
+    same network with two embeddings, as in a real model, so negative-prompt inversion (negative := the
+    source prompt's embedding) makes the guided prediction equal the conditional one. Rows of a batch are
+    independent (each sample uses its own embedding row).
+    """
+    gmm: GMM
+    flow: bool
+    proj: torch.Tensor          # [D, M-K] float64
+    tokens: int
+    dim: int
+    scale: float
+
+    @staticmethod
+    def make(gmm: GMM, flow: bool = False, tokens: int = 8, dim: int = 48, scale: float = 1.0,
+             seed: int = 0) -> "EmbeddingOracle":
+        K, D = gmm.means.shape
+        m = tokens * dim - K
+        if m < 1:
+            raise ValueError(f"tokens * dim must exceed the {K} weight logits")
+        g = torch.Generator().manual_seed(seed)
+        proj = torch.randn(D, m, generator=g, dtype=torch.float64) / math.sqrt(m)
+        return EmbeddingOracle(gmm, flow, proj, tokens, dim, float(scale))
+
+    @property
+    def degrees_of_freedom(self) -> int:
+        return self.tokens * self.dim
+
+    def empty(self, batch: int = 1) -> torch.Tensor:
+        """The empty prompt's encoding: zeros [batch, tokens, dim] float32 (the unconditional model)."""
+        return torch.zeros(batch, self.tokens, self.dim, dtype=torch.float32)
+
+    def encode(self, subset: Optional[Sequence[int]] = None, style: Optional[torch.Tensor] = None,
+               batch: int = 1) -> torch.Tensor:
+        """The prompt "components ``subset`` (None = all), in ``style``" as an embedding [batch, tokens, dim].
+
+        ``style`` ([M-K] values, see :meth:`style`) fills the offset coordinates: the prompt then also moves
+        the prediction by ``scale * A @ tanh(style)`` at every level, as a real prompt changes a real
+        model's prediction near the data too (which is what makes CFG drift away from a CFG-1 inversion)."""
+        K = self.gmm.means.shape[0]
+        e = self.empty(batch)
+        flat = e.view(batch, -1)
+        if subset is not None:
+            out = [k for k in range(K) if k not in set(subset)]
+            flat[:, out] = OUT_OF_PROMPT
+        if style is not None:
+            flat[:, K:] = style.reshape(1, -1).to(torch.float32)
+        return e
+
+    def style(self, amplitude: float, seed: int = 1) -> torch.Tensor:
+        """A seeded style: offset coordinates whose offset ``scale * A @ tanh(style)`` has RMS ``amplitude``."""
+        g = torch.Generator().manual_seed(seed)
+        K = self.gmm.means.shape[0]
+        z = torch.randn(self.tokens * self.dim - K, generator=g, dtype=torch.float64)
+        def rms(c):
+            return float((self.scale * self.proj @ torch.tanh(c * z)).pow(2).mean().sqrt())
+        lo, hi = 0.0, 1.0
+        while rms(hi) < amplitude:
+            hi *= 2.0
+            if hi > 1e3:
+                raise ValueError(f"amplitude {amplitude} is beyond this oracle's offset range")
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if rms(mid) < amplitude else (lo, mid)
+        return (0.5 * (lo + hi) * z).to(torch.float32)
+
+    def offset(self, emb: torch.Tensor) -> torch.Tensor:
+        """The embedding's offset of the prediction, [B, D] float64."""
+        K = self.gmm.means.shape[0]
+        v = emb.reshape(emb.shape[0], -1)
+        return self.scale * torch.tanh(v[:, K:].to(torch.float64)) @ self.proj.to(v.device).T
+
+    def denoise(self, x: torch.Tensor, sigma, emb: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of the reweighted mixture plus the embedding's offset; differentiable in ``emb``."""
+        B = x.shape[0]
+        K = self.gmm.means.shape[0]
+        v = emb.reshape(emb.shape[0], -1)
+        if v.shape[0] == 1 and B > 1:
+            v = v.expand(B, -1)
+        if tuple(v.shape) != (B, self.tokens * self.dim):
+            raise ValueError(f"embedding must be [B or 1, {self.tokens}, {self.dim}]; got {tuple(emb.shape)}")
+        base = self.gmm.denoise(x, sigma, self.flow, log_weight_shift=v[:, :K])
+        return (base.to(torch.float64) + self.offset(v).reshape(x.shape)).to(x.dtype)
+
+    def cond_fn(self, subset: Optional[Sequence[int]] = None):
+        """``cond_fn(x, sigma) -> D_c`` for the prompt ``subset`` (the same network, its encoding)."""
+        e = self.encode(subset)
+        return lambda x, sigma: self.denoise(x, sigma, e)
+
+    def uncond_fn(self):
+        """``uncond_fn(x, sigma, emb) -> D_u`` (differentiable in ``emb``)."""
+        return self.denoise
+
+    def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor, cfg: float):
+        """A guided ``model_fn(x, sigma)`` with fixed positive/negative embeddings (for ``methods.sample``)."""
+        def fn(x, sigma):
+            dc = self.denoise(x, sigma, cond)
+            du = self.denoise(x, sigma, uncond)
             return du + cfg * (dc - du)
         return fn
 
