@@ -38,6 +38,9 @@ class Trajectory:
     batch_index: Optional[list] = None
     version: int = CONTRACT_VERSION
     extra: dict = field(default_factory=dict)     # free space for downstream packs
+    # null-text / negative-prompt inversion (Null-Text Inversion node): {"mode", "cfg", "conditioning" (the
+    # per-step negative CONDITIONING), evaluation and backward counts, ...}; None for a plain inversion
+    optimized_negative: Optional[dict] = None
 
     # ------------------------------------------------------------------ derived views
     @property

@@ -1,9 +1,9 @@
 """The pack's V3 nodes and the ComfyUI extension entry point."""
 from comfy_api.latest import ComfyExtension, io
 
-from . import encode, invert, preview, sampler
+from . import encode, invert, nulltext, preview, sampler
 
-NODES: list = [*encode.NODES, *invert.NODES, *sampler.NODES, *preview.NODES]
+NODES: list = [*encode.NODES, *invert.NODES, *nulltext.NODES, *sampler.NODES, *preview.NODES]
 
 
 class DDIMInversionExtension(ComfyExtension):
