@@ -167,16 +167,60 @@ def list_images(folder) -> list:
 
 
 def output_stems(names) -> dict:
-    """Image name -> output folder name: the stem, or stem_ext when two images share a stem."""
+    """Image name -> output folder name: the stem (the whole name when the stem is only dots, as in
+    '...png'), stem_ext when two images share a stem or the stem is results.json/csv; never '.' or '..'."""
     names = list(names)
-    stems: dict = {}
-    for n in names:
-        stems.setdefault(Path(n).stem, []).append(n)
-    out = {}
-    for n in names:
-        s = Path(n).stem
-        out[n] = s if len(stems[s]) == 1 else f"{s}_{Path(n).suffix.lstrip('.').lower()}"
-    return out
+    stem = {n: Path(n).stem if Path(n).stem.strip(".") else n for n in names}
+    counts: dict = {}
+    for s in stem.values():
+        counts[s.lower()] = counts.get(s.lower(), 0) + 1
+    used = {RESULTS_JSON, RESULTS_CSV}
+    return {n: unique(s if counts[s.lower()] == 1 and s.lower() not in used
+                      else f"{s}_{Path(n).suffix.lstrip('.').lower()}", used) for n, s in stem.items()}
+
+
+class Refused(Exception):
+    """A server-supplied output name that could leave the output folder: not downloaded, recorded."""
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+NAME_MAX = 120
+
+
+def safe_part(text) -> str:
+    """A server-supplied name part reduced to [A-Za-z0-9._-] and NAME_MAX characters (its suffix kept);
+    '' when nothing usable is left ('', '.', '..', only dots)."""
+    s = _UNSAFE.sub("_", str(text))
+    if len(s) > NAME_MAX:
+        stem, suf = os.path.splitext(s)
+        s = stem[:NAME_MAX - len(suf[:16])] + suf[:16]
+    return s if s.strip(".") else ""
+
+
+def unique(name: str, used: set) -> str:
+    """``name``, or name_1, name_2, ... (before the suffix): the first not in ``used`` (compared in lower
+    case, for case-insensitive file systems); the result is added to ``used``."""
+    stem, suf = os.path.splitext(name)
+    cand, i = name, 1
+    while cand.lower() in used:
+        cand, i = f"{stem}_{i}{suf}", i + 1
+    used.add(cand.lower())
+    return cand
+
+
+def output_name(f: dict, used: set) -> str:
+    """The local file name of one server output ({node, filename, subfolder}): its file name reduced by
+    safe_part, node-prefixed when another output of the image has it. Raises Refused for a file name with a
+    path separator or NUL or made of dots only, or a subfolder that is absolute or climbs ('..')."""
+    raw, sub = str(f.get("filename", "")), str(f.get("subfolder", ""))
+    if not raw.strip(".") or any(c in raw for c in "/\\\0"):
+        raise Refused(f"node {ascii(str(f.get('node'))[:40])}: file name {ascii(raw[:80])} refused")
+    if "\0" in sub or sub.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", sub):
+        raise Refused(f"node {ascii(str(f.get('node'))[:40])}: subfolder {ascii(sub[:80])} refused")
+    name = safe_part(raw)
+    if name.lower() in used:
+        name = safe_part(f"{safe_part(f.get('node')) or 'node'}_{name}")
+    return unique(name, used)
 
 
 # ----------------------------------------------------------------------------------------- multipart
@@ -512,7 +556,13 @@ class Worker:
                 return True, None, executed
 
     async def download(self, f: dict, dest_dir: Path, used: set) -> str:
+        """Fetch one output into ``dest_dir`` under output_name(); Refused when the name (or where it
+        resolves) is not inside the output folder: nothing is requested or written then."""
         import aiohttp
+        name = output_name(f, used)
+        root = Path(self.args.out).resolve()
+        if root not in (dest_dir / name).resolve().parents:
+            raise Refused(f"node {ascii(str(f.get('node'))[:40])}: {ascii(name)} resolves outside {root}")
         q = urllib.parse.urlencode({"filename": f["filename"], "subfolder": f.get("subfolder", ""),
                                     "type": f.get("type", "output")})
         try:
@@ -522,15 +572,6 @@ class Worker:
                 data = await r.read()
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
             raise ServerGone(f"{self.server} stopped answering ({e.__class__.__name__}: {e})") from None
-        name = Path(f["filename"]).name or "output"
-        if name in used:
-            name = f"{f['node']}_{name}"
-        i = 1
-        base = name
-        while name in used:
-            name = f"{Path(base).stem}_{i}{Path(base).suffix}"
-            i += 1
-        used.add(name)
         dest_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(dest_dir / name, data)
         return name
@@ -571,9 +612,15 @@ class Worker:
                 raise RuntimeError(err or "execution failed")
             used: set = set()
             for f in files:
-                rec["outputs"].append(await self.download(f, dest_dir, used))
+                try:
+                    rec["outputs"].append(await self.download(f, dest_dir, used))
+                except Refused as e:
+                    rec.setdefault("refused", []).append(str(e))
             if not files:
                 rec["warning"] = "the workflow produced no file outputs (add a SaveImage node)"
+            if rec.get("refused"):
+                raise RuntimeError(f"refused {len(rec['refused'])} output(s) the server named unsafely: "
+                                   + "; ".join(rec["refused"]))
             rec["status"] = "ok"
         except ServerGone:
             raise

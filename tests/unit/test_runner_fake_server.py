@@ -39,9 +39,9 @@ class FakeComfy:
     /interrupt. ``mode``: ok | error | die (drops the connection on /prompt, then refuses) | silent
     (no websocket messages; history only) | hang (never finishes)."""
 
-    def __init__(self, mode="ok", delay=0.05):
-        self.mode, self.delay = mode, delay
-        self.uploads, self.prompts, self.history = {}, [], {}
+    def __init__(self, mode="ok", delay=0.05, files=None):
+        self.mode, self.delay, self.files = mode, delay, files  # files: [(node, filename, subfolder)] to send
+        self.uploads, self.prompts, self.history, self.views = {}, [], {}, []
         self.sockets: dict = {}
         self.interrupted = 0
         self.loop = asyncio.new_event_loop()
@@ -131,8 +131,11 @@ class FakeComfy:
             outputs = {"3": {"images": [{"filename": f"rec_{Path(image).stem}.png", "subfolder": "ddiminv",
                                          "type": "output"}]},
                        "4": {"text": [f"round trip: {len(self.prompts)}.5 dB"]}}
-            await self.send(sid, "executed", {"node": "3", "output": outputs["3"], "prompt_id": pid})
-            await self.send(sid, "executed", {"node": "4", "output": outputs["4"], "prompt_id": pid})
+            for node, filename, sub in self.files or ():  # a hostile server names its outputs
+                outputs.setdefault(node, {"images": []})["images"].append(
+                    {"filename": filename, "subfolder": sub, "type": "output"})
+            for node, out in outputs.items():
+                await self.send(sid, "executed", {"node": node, "output": out, "prompt_id": pid})
             self.history[pid] = {"outputs": outputs, "status": {"status_str": "success", "completed": True,
                                                                 "messages": []}}
             await self.send(sid, "execution_success", {"prompt_id": pid})
@@ -144,7 +147,8 @@ class FakeComfy:
 
     async def view(self, request):
         q = request.rel_url.query
-        assert q["type"] == "output" and q["subfolder"] == "ddiminv"
+        self.views.append(q["filename"])
+        assert q["type"] == "output" and (self.files or q["subfolder"] == "ddiminv")
         return web.Response(body=PNG + q["filename"].encode(), content_type="image/png")
 
 
@@ -294,3 +298,57 @@ def test_progress_lines_and_tty_steps():
     plain = _io.StringIO()
     runner.Progress(1, stream=plain).step("a.png", {"value": 1, "max": 2})
     assert plain.getvalue() == ""  # no carriage-return noise in logs
+
+
+def _files_outside(root: Path, *inside: Path) -> list:
+    """Every file under ``root`` that is not under one of ``inside``."""
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and not any(d in p.parents for d in inside))
+
+
+def test_hostile_output_names_stay_inside_out(setup, tmp_path):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[1:]:
+        p.unlink()
+    long = "L" * 300 + ".png"
+    hostile = [  # (node, filename, subfolder); node 3 already sends rec_im0.png
+        ("../../x", "rec_im0.png", ""),                     # the reported exploit: duplicate basename, node id = path
+        (str(tmp_path / "abs_node"), "rec_im0.png", ""),    # absolute node id
+        ("\x00", "rec_im0.png", ""),                        # NUL node id
+        ("5", "../../x.png", ""), ("5", str(tmp_path / "abs.png"), ""), ("5", "..", ""), ("5", ".", ""),
+        ("5", "a\x00b.png", ""), ("5", "..\\..\\w.png", ""),
+        ("5", "ok.png", "../../../etc"), ("5", "ok2.png", "/etc"),
+        ("6", long, ""), ("6", "dup.png", ""), ("6", "dup.png", ""), ("7", "dup.png", ""),
+    ]
+    server = make(files=hostile)
+    assert runner.main(_args(wf, imgs, out, server)) == 1
+    rec = _results(out)["im0.png"]
+    assert rec["status"] == "error" and "refused 8 output(s) the server named unsafely" in rec["error"]
+    refused = rec["refused"]
+    assert len(refused) == 8
+    for bad in ("'../../x.png'", ascii(str(tmp_path / "abs.png")), "file name '..'", "file name '.'",
+                "'a\\x00b.png'", "subfolder '../../../etc'", "subfolder '/etc'"):
+        assert sum(bad in r for r in refused) == 1, (bad, refused)
+    long_kept = "L" * (runner.NAME_MAX - 4) + ".png"
+    assert rec["outputs"] == ["rec_im0.png", long_kept, "dup.png", "6_dup.png", "7_dup.png",  # node order
+                              "__rec_im0.png", ".._.._x_rec_im0.png",
+                              runner.safe_part(str(tmp_path / "abs_node")) + "_rec_im0.png"]
+    for name in rec["outputs"]:
+        assert (out / "im0" / name).is_file()
+    assert (out / "im0" / long_kept).read_bytes() == PNG + long.encode()
+    assert (out / "im0" / "7_dup.png").read_bytes() == PNG + b"dup.png"
+    assert len(server.views) == len(rec["outputs"])  # refused names were never even requested
+    assert _files_outside(tmp_path, out, imgs) == [str(wf)]
+
+
+def test_dot_named_input_images_get_folders_inside_out(setup, tmp_path):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir()):
+        p.unlink()
+    for n in ("...png", "..png", "results.json.png"):
+        (imgs / n).write_bytes(PNG)
+    assert runner.main(_args(wf, imgs, out, make())) == 0
+    recs = _results(out)
+    assert all(r["status"] == "ok" for r in recs.values())
+    assert (out / "...png" / "rec_...png").is_file() and (out / "..png" / "rec_..png").is_file()
+    assert (out / "results.json_png" / "rec_results.json.png").is_file() and (out / "results.json").is_file()
+    assert _files_outside(tmp_path, out, imgs) == [str(wf)]

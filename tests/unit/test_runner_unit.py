@@ -236,6 +236,42 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_output_stems_disambiguate():
     assert runner.output_stems(["a.png", "b.jpg"]) == {"a.png": "a", "b.jpg": "b"}
     assert runner.output_stems(["a.png", "a.jpg"]) == {"a.png": "a_png", "a.jpg": "a_jpg"}
+    # a stem of dots would be '.' or '..' (OUT itself or its parent): the whole name is used instead
+    assert runner.output_stems(["...png", "..png"]) == {"...png": "...png", "..png": "..png"}
+    # results.json/csv are taken; 'a.png' and 'a.PNG' must not share a folder
+    assert runner.output_stems(["results.json.png"]) == {"results.json.png": "results.json_png"}
+    assert runner.output_stems(["a.png", "a.PNG"]) == {"a.png": "a_png", "a.PNG": "a_png_1"}
+
+
+@pytest.mark.parametrize("text,safe", [
+    ("rec_00001_.png", "rec_00001_.png"), ("../../x", ".._.._x"), ("/etc/passwd", "_etc_passwd"),
+    ("a\x00b", "a_b"), ("C:\\w", "C_w"), ("é ü.png", "_.png"), (".", ""), ("..", ""), ("...", ""), ("", ""),
+    ("L" * 300 + ".png", "L" * 116 + ".png"),
+])
+def test_safe_part(text, safe):
+    assert runner.safe_part(text) == safe
+    assert len(safe) <= runner.NAME_MAX
+
+
+def test_output_name_refuses_and_dedupes():
+    used: set = set()
+
+    def name(node, filename, subfolder=""):
+        return runner.output_name({"node": node, "filename": filename, "subfolder": subfolder}, used)
+
+    assert name("9", "r.png", "ddiminv/a") == "r.png"
+    assert name("../../x", "r.png") == ".._.._x_r.png"      # the node id only prefixes a duplicate, reduced
+    assert name("/abs", "r.png") == "_abs_r.png"
+    assert name("9", "r.png") == "9_r.png"
+    assert name("9", "r.png") == "9_r_1.png"
+    assert name("9", "R.PNG") == "9_R_2.PNG"                 # case-insensitive file systems
+    for bad in ("../../x.png", "/abs/x.png", "..", ".", "", "a\x00.png", "a\\b.png"):
+        with pytest.raises(runner.Refused, match="file name"):
+            name("9", bad)
+    for bad in ("..", "a/../..", "/etc", "\\srv", "a\x00"):
+        with pytest.raises(runner.Refused, match="subfolder"):
+            name("9", "ok.png", bad)
+    assert len(used) == 6
 
 
 def test_list_images(tmp_path):
