@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import email.parser
-import email.policy
 import importlib.util
 import json
 import sys
@@ -100,7 +98,6 @@ def test_apply_overrides_copies_and_sets():
     assert out["7"]["inputs"]["new_input"] == "hello"
     assert len(notes) == 1 and "new_input" in notes[0]
     assert wf["3"]["inputs"]["steps"] == 50  # the template is untouched
-    assert runner.apply_overrides(wf, [("3", "cfg", 3.0)])["3"]["inputs"]["cfg"] == 3.0
 
 
 def test_find_image_node():
@@ -112,8 +109,6 @@ def test_find_image_node():
         runner.find_image_node(wf, "LoadImage")
     with pytest.raises(runner.RunnerError, match="no LoadImage"):
         runner.find_image_node({"1": {"class_type": "SaveImage", "inputs": {}}})
-    out = runner.set_image(wf, "10", "sub/pic.png")
-    assert out["10"]["inputs"]["image"] == "sub/pic.png" and wf["10"]["inputs"]["image"] == "a.png"
 
 
 def test_check_api_workflow(tmp_path):
@@ -122,8 +117,9 @@ def test_check_api_workflow(tmp_path):
         runner.check_api_workflow(ui)
     with pytest.raises(runner.RunnerError, match="not an API-format"):
         runner.check_api_workflow({"1": {"inputs": {}}})
-    wrapped = {"prompt": _wf()}
-    assert runner.check_api_workflow(wrapped) == _wf()
+    with pytest.raises(runner.RunnerError, match="not an API-format"):  # a /prompt body is not a workflow
+        runner.check_api_workflow({"prompt": _wf(), "client_id": "x"})
+    assert runner.check_api_workflow({"1": {"class_type": "X"}}) == {"1": {"class_type": "X", "inputs": {}}}
     p = tmp_path / "w.json"
     p.write_text("{not json")
     with pytest.raises(runner.RunnerError, match="not valid JSON"):
@@ -141,56 +137,8 @@ def test_example_workflows_are_runner_compatible():
         assert runner.find_image_node(wf) in wf, p.name
 
 
-# ------------------------------------------------------------------------------ multipart
-def test_build_multipart_parses_back():
-    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\r\n--not-a-boundary\r\n"
-    body, ctype = runner.build_multipart({"type": "input", "overwrite": "true"},
-                                         {"image": ('pic "1".png', png, "image/png")}, boundary="XyZ")
-    assert ctype == "multipart/form-data; boundary=XyZ"
-    assert body.startswith(b"--XyZ\r\n") and body.endswith(b"--XyZ--\r\n")
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
-    parts = list(msg.iter_parts())
-    assert [p.get_param("name", header="content-disposition") for p in parts] == ["type", "overwrite", "image"]
-    assert parts[0].get_content() == "input" and parts[1].get_content() == "true"
-    assert parts[2].get_content_type() == "image/png"
-    assert parts[2].get_payload(decode=True) == png
-    assert parts[2].get_filename() == "pic %221%22.png"
-
-
-def test_build_multipart_against_aiohttp_reader():
-    aiohttp = pytest.importorskip("aiohttp")
-    import asyncio
-    from aiohttp import web
-    from aiohttp.test_utils import make_mocked_request
-    data = bytes(range(256)) * 10
-    body, ctype = runner.build_multipart({"type": "input"}, {"image": ("p.png", data, "image/png")})
-
-    async def go():
-        from unittest import mock
-        protocol = mock.Mock(_reading_paused=False)
-        loop = asyncio.get_running_loop()
-        payload = aiohttp.StreamReader(protocol, 2 ** 16, loop=loop)
-        payload.feed_data(body)
-        payload.feed_eof()
-        req = make_mocked_request("POST", "/upload/image", headers={"Content-Type": ctype}, payload=payload)
-        post = await req.post()
-        assert post["type"] == "input"
-        f = post["image"]
-        assert isinstance(f, web.FileField) and f.filename == "p.png" and f.content_type == "image/png"
-        assert f.file.read() == data
-
-    asyncio.run(go())
-
-
-def test_guess_type():
-    assert runner.guess_type("a.PNG") == "image/png"
-    assert runner.guess_type("a.jpeg") == "image/jpeg"
-    assert runner.guess_type("a.xyz") == "application/octet-stream"
-
-
 # ------------------------------------------------------------------------------ resume bookkeeping
-def test_results_roundtrip_and_pending(tmp_path):
+def test_results_roundtrip_and_done(tmp_path):
     r = runner.Results(tmp_path, meta={"workflow": "w.json"})
     r.record("a.png", {"status": "ok", "server": "http://s1", "seconds": 1.25, "outputs": ["x.png"],
                        "texts": {"5": ["VAE ceiling: 31.50 dB PSNR"]}, "figure": 31.5, "error": None})
@@ -199,7 +147,6 @@ def test_results_roundtrip_and_pending(tmp_path):
     assert not list(tmp_path.glob(".results*"))  # no temp files left behind
     r2 = runner.Results.load(tmp_path)
     assert r2.done("a.png") and not r2.done("b.png") and not r2.done("c.png")
-    assert r2.pending(["a.png", "b.png", "c.png"]) == ["b.png", "c.png"]
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["summary"] == {"total": 2, "ok": 1, "failed": 1} and doc["workflow"] == "w.json"
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
@@ -210,12 +157,15 @@ def test_results_roundtrip_and_pending(tmp_path):
     # a redo replaces the record; previous ok records survive a new run's writes
     r2.record("b.png", {"status": "ok", "server": "http://s1", "seconds": 0.1, "outputs": []})
     r3 = runner.Results.load(tmp_path)
-    assert r3.pending(["a.png", "b.png"]) == []
+    assert r3.done("a.png") and r3.done("b.png")
 
 
 def test_results_missing_and_corrupt(tmp_path):
     assert runner.Results.load(tmp_path / "nope").images == {}
     (tmp_path / "results.json").write_text("{trunc")
+    with pytest.raises(runner.RunnerError, match="unreadable"):
+        runner.Results.load(tmp_path)
+    (tmp_path / "results.json").write_text("[]")  # not ours: not overwritten either
     with pytest.raises(runner.RunnerError, match="unreadable"):
         runner.Results.load(tmp_path)
 
@@ -236,6 +186,42 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_output_stems_disambiguate():
     assert runner.output_stems(["a.png", "b.jpg"]) == {"a.png": "a", "b.jpg": "b"}
     assert runner.output_stems(["a.png", "a.jpg"]) == {"a.png": "a_png", "a.jpg": "a_jpg"}
+    # a stem of dots would be '.' or '..' (OUT itself or its parent): the whole name is used instead
+    assert runner.output_stems(["...png", "..png"]) == {"...png": "...png", "..png": "..png"}
+    # results.json/csv are taken; 'a.png' and 'a.PNG' must not share a folder
+    assert runner.output_stems(["results.json.png"]) == {"results.json.png": "results.json_png"}
+    assert runner.output_stems(["a.png", "a.PNG"]) == {"a.png": "a_png", "a.PNG": "a_png_1"}
+
+
+@pytest.mark.parametrize("text,safe", [
+    ("rec_00001_.png", "rec_00001_.png"), ("../../x", ".._.._x"), ("/etc/passwd", "_etc_passwd"),
+    ("a\x00b", "a_b"), ("C:\\w", "C_w"), ("é ü.png", "_.png"), (".", ""), ("..", ""), ("...", ""), ("", ""),
+    ("L" * 300 + ".png", "L" * 116 + ".png"),
+])
+def test_safe_part(text, safe):
+    assert runner.safe_part(text) == safe
+    assert len(safe) <= runner.NAME_MAX
+
+
+def test_output_name_refuses_and_dedupes():
+    used: set = set()
+
+    def name(node, filename, subfolder=""):
+        return runner.output_name({"node": node, "filename": filename, "subfolder": subfolder}, used)
+
+    assert name("9", "r.png", "ddiminv/a") == "r.png"
+    assert name("../../x", "r.png") == ".._.._x_r.png"      # the node id only prefixes a duplicate, reduced
+    assert name("/abs", "r.png") == "_abs_r.png"
+    assert name("9", "r.png") == "9_r.png"
+    assert name("9", "r.png") == "9_r_1.png"
+    assert name("9", "R.PNG") == "9_R_2.PNG"                 # case-insensitive file systems
+    for bad in ("../../x.png", "/abs/x.png", "..", ".", "", "a\x00.png", "a\\b.png"):
+        with pytest.raises(runner.Refused, match="file name"):
+            name("9", bad)
+    for bad in ("..", "a/../..", "/etc", "\\srv", "a\x00"):
+        with pytest.raises(runner.Refused, match="subfolder"):
+            name("9", "ok.png", bad)
+    assert len(used) == 6
 
 
 def test_list_images(tmp_path):
@@ -257,10 +243,10 @@ def test_extract_ui_and_figure():
     files, texts, other = runner.extract_ui(outputs)
     assert files == [{"node": "9", "key": "images", "filename": "r_00001_.png", "subfolder": "", "type": "output"}]
     assert texts == {"5": [outputs["5"]["text"][0]], "12": ["round trip: 28.5 dB"]}
-    assert other == {"12": {"ddim_metrics": [{"psnr": 27.0}]}}
-    assert runner.figure_from(texts, other) == 27.0        # a metrics entry wins
-    assert runner.figure_from(texts, {}) == 28.5           # else the last "NN dB" in the texts (node order)
-    assert runner.figure_from({}, {}) is None
+    assert other == {"12": {"ddim_metrics": [{"psnr": 27.0}]}}  # kept in the record's "ui", not a figure
+    assert runner.figure_from(texts) == 28.5               # the last "NN dB" in the texts, in node order
+    assert runner.figure_from({"2": ["-3 dB then 4.25 dB"], "10": ["none"]}) == 4.25
+    assert runner.figure_from({"5": ["no number"]}) is None and runner.figure_from({}) is None
 
 
 def test_error_formatting():
@@ -272,6 +258,11 @@ def test_error_formatting():
     assert "HTTP 400" in s and "node 3 (DDIMInvert): Value smaller than min: steps: 0 < 1" in s
     assert "boom" in runner.format_exec_error({"node_id": "3", "node_type": "DDIMInvert",
                                                 "exception_type": "ValueError", "exception_message": "boom\n"})
+    assert runner.history_error({"status": {"status_str": "success", "completed": True}}) is None
+    assert runner.history_error({"status": {"completed": False, "messages": [
+        ["execution_start", {}], ["execution_interrupted", {"node_id": "6", "node_type": "DDIMInvert"}]]}}) \
+        == "interrupted at node 6 (DDIMInvert)"
+    assert runner.history_error({"status": {"completed": False}}) == "execution failed (see the server log)"
     msg = runner.unreachable_message("http://127.0.0.1:8190", ConnectionRefusedError("refused"))
     assert "http://127.0.0.1:8190" in msg and "--port 8190" in msg and "--server" in msg
 
