@@ -1,7 +1,6 @@
 """The tiny in-code models are real ComfyUI models: right classes, right sampling, run by core KSampler."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -54,9 +53,9 @@ def test_model_classes(tiny, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_is_fast_deterministic_and_conditioned(tiny, family):
+def test_forward_is_deterministic_and_conditioned(tiny, family):
     m1, m2 = tiny.tiny_model(family).model, tiny.tiny_model(family).model
-    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     c = tiny.tiny_conditioning(family, seed=1)
     c_other = tiny.tiny_conditioning(family, seed=2)
@@ -69,22 +68,9 @@ def test_forward_is_fast_deterministic_and_conditioned(tiny, family):
             return m1.apply_model(x, torch.tensor([0.7]), **kw)
 
     out = fwd(c)
-    # CPU time of one thread, best of 5: wall time is meaningless on a shared, oversubscribed CI box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = []
-        for _ in range(5):
-            t0 = time.process_time()
-            again = fwd(c)
-            times.append(time.process_time() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    dt = min(times)
-    assert torch.equal(out, again)
+    assert torch.equal(out, fwd(c))  # same threads, same input: bit-identical
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, fwd(c_other)), "the model ignores its conditioning"
-    assert dt < 0.05, f"forward took {dt * 1000:.1f} ms of CPU time"
 
 
 def _ksampler_prompt(family, seed=3):

@@ -190,7 +190,8 @@ def test_malformed_prompts_are_answered_and_server_keeps_serving(server):
     print(f"{len(CASES)} malformed prompts: {answered}")
     # the one case that is valid after ComfyUI's own coercion (an INT widget takes 2.5 as 2)
     assert {k for k, v in outcome.items() if v == "success"} == {"inv.steps=2.5"}, outcome
-    assert answered["rejected"] >= 40 and answered["error"] >= 8, answered  # measured: 45 rejected, 10 errors
+    # measured: 45 rejected + 10 pack errors on 0.3.75; 52 + 3 on 0.33 (its validation rejects bad combo values)
+    assert answered["rejected"] >= 40, answered
     # the server still serves a valid prompt, with our nodes
     entry = server.run(base_prompt(text="still alive", prefix="alive"), timeout=120)
     assert status_of(entry) == "success"
