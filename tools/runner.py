@@ -39,6 +39,7 @@ RESULTS_JSON, RESULTS_CSV = "results.json", "results.csv"
 CSV_FIELDS = ("image", "status", "server", "seconds", "outputs", "figure", "texts", "error", "prompt_id")
 HISTORY_POLL_S = 5.0
 NAME_MAX = 120  # characters in a local file name made from server-supplied parts
+MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold (images, history)
 _DB_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*dB")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -263,10 +264,17 @@ class Results:
         w.writeheader()
         for row in map(self.images.get, names):
             texts = row.get("texts") or {}
-            w.writerow({**row, "outputs": ";".join(row.get("outputs") or []),
-                        "seconds": "" if row.get("seconds") is None else f"{row['seconds']:.3f}",
-                        "texts": " | ".join(t for k in sorted(texts, key=_node_sort_key) for t in texts[k])})
+            w.writerow({k: _cell(v) for k, v in {
+                **row, "outputs": ";".join(row.get("outputs") or []),
+                "seconds": "" if row.get("seconds") is None else f"{row['seconds']:.3f}",
+                "texts": " | ".join(t for k in sorted(texts, key=_node_sort_key) for t in texts[k])}.items()})
         atomic_write(self.csv_path, buf.getvalue().encode("utf-8"))
+
+
+def _cell(v):
+    """A CSV cell a spreadsheet shows as text: server-supplied strings starting with = + - @ (a formula)
+    get a leading apostrophe."""
+    return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
 
 
 def failed(server, error: str) -> dict:
@@ -330,7 +338,9 @@ class Worker:
         """(HTTP status, body: bytes when ``raw``, else JSON or text); ServerGone when the server does not answer."""
         try:
             async with self.session.request(method, self.server + path, **kw) as r:
-                data = await r.read()
+                data = await r.content.read(MAX_BODY + 1)  # a hostile server cannot exhaust memory
+                if len(data) > MAX_BODY:
+                    raise RuntimeError(f"{self.server}{path.split('?')[0]} answered more than {MAX_BODY >> 20} MiB")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise ServerGone(f"{self.server} stopped answering ({e.__class__.__name__}: {e})") from None
         if raw or not data:

@@ -457,3 +457,26 @@ def test_an_image_folder_linked_outside_out_is_not_written_through(setup, tmp_pa
     rec = _results(out)["im0.png"]
     assert rec["status"] == "error" and len(rec["refused"]) == 1 and "resolves outside" in rec["refused"][0]
     assert list(elsewhere.iterdir()) == []
+
+
+def test_an_oversized_answer_is_an_error_not_a_memory_blowup(setup, monkeypatch):
+    wf, imgs, out, make = setup
+    monkeypatch.setattr(runner, "MAX_BODY", 16)  # every /view answer (PNG header + name) is larger
+    a = make()
+    assert _main(_args(wf, imgs, out, a)) != 0
+    recs = _results(out)
+    assert all(r["status"] == "error" and "answered more than" in r["error"] for r in recs.values()), recs
+    assert not list(out.rglob("rec_*.png"))
+
+
+def test_csv_cells_that_look_like_formulas_are_quoted(setup):
+    wf, imgs, out, make = setup
+    for p in imgs.iterdir():
+        p.unlink()
+    (imgs / "=1+1.png").write_bytes(PNG)
+    (imgs / "plain.png").write_bytes(PNG + b"x")
+    a = make()
+    assert _main(_args(wf, imgs, out, a)) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["image"] for r in rows} == {"'=1+1.png", "plain.png"}
+    assert _results(out)["=1+1.png"]["status"] == "ok"  # the JSON keeps the real name
