@@ -144,10 +144,14 @@ def tiny_model(family: str = "eps", seed: int = DEFAULT_SEED):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def tiny_conditioning(family: str = "eps", seed: int = 0, tokens: int = TOKENS, guidance: float = 3.5) -> list:
+def tiny_conditioning(family: str = "eps", seed: int = 0, tokens: int = TOKENS, guidance: float = 3.5,
+                      near_seed: int | None = None, distance: float = 0.3) -> list:
     """CONDITIONING for the tiny model of ``family``: ``[[cross_attn (1, tokens, ctx), extras]]``.
 
     ``flow`` adds ``pooled_output`` (1, 32); ``flux`` adds ``pooled_output`` (1, 768) and ``guidance``.
+    With ``near_seed``: the conditioning of ``near_seed`` plus ``distance`` times this seed's draw, i.e. a
+    prompt close to that one (real CLIP encodings of two prompts share most tokens); the extras are
+    ``near_seed``'s.
     """
     _check(family)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -157,6 +161,9 @@ def tiny_conditioning(family: str = "eps", seed: int = 0, tokens: int = TOKENS, 
         extra["pooled_output"] = torch.randn((1, POOLED_DIM[family]), generator=g, dtype=torch.float32)
     if family == "flux":
         extra["guidance"] = float(guidance)
+    if near_seed is not None:
+        base, base_extra = tiny_conditioning(family, near_seed, tokens, guidance)[0]
+        return [[base + float(distance) * cond, base_extra]]
     return [[cond, extra]]
 
 

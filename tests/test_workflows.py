@@ -20,7 +20,7 @@ from ddiminv_dev import host
 ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "example_workflows"
 API_DIR = WF_DIR / "api"
-EXPECTED = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model")
+EXPECTED = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model", "nulltext_reconstruct", "nulltext_edit")
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: never in the API prompt
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 THUMB_MAX_BYTES = 100 * 1024
@@ -203,3 +203,17 @@ def test_api_workflow_fits_the_node_schemas(name, nodes):
             else:  # a fixed list of choices (schedulers, methods, ...)
                 assert choices, f"node {nid} ({node['class_type']}) {iname}: not a known widget type {t}"
                 assert v in choices, f"node {nid} ({node['class_type']}) {iname}={v!r} not in {choices}"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_loader_nodes_say_where_their_models_come_from(name):
+    """The frontend offers to download a missing model from the node's properties.models entry."""
+    ui, api = _load(name)
+    for n in ui["nodes"]:
+        node = api.get(str(n["id"]))
+        files = {v for k, v in (node or {}).get("inputs", {}).items() if k in FILE_INPUTS and k != "image"}
+        listed = {m["name"]: m for m in n.get("properties", {}).get("models", [])}
+        assert files == set(listed), f"node {n['id']} ({n['type']}): models {sorted(listed)} vs widgets {sorted(files)}"
+        for m in listed.values():
+            assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith(".safetensors"), m
+            assert m["directory"] in ("checkpoints", "diffusion_models", "text_encoders", "vae"), m

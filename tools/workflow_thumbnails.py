@@ -23,7 +23,8 @@ LINK_COLORS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 80), "VAE": (255, 11
                "NOISE": (190, 190, 190), "DDIM_TRAJECTORY": (120, 230, 160), "SIGMAS": (200, 255, 200),
                "GUIDER": (100, 220, 220), "SAMPLER": (230, 230, 140)}
 OURS = {"DDIMInvert": "DDIM Invert", "DDIMInvSampler": "Inverted-Latent Sampler",
-        "DDIMInvVAEEncode": "VAE Encode (Inversion)", "DDIMInvTrajectoryPreview": "Trajectory Preview"}
+        "DDIMInvVAEEncode": "VAE Encode (Inversion)", "DDIMInvTrajectoryPreview": "Trajectory Preview",
+        "DDIMInvNullText": "Null-Text Inversion"}
 
 
 def render(name: str) -> Path:
