@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import _common as B  # noqa: E402
+from ddiminv_dev.counting import Counter  # noqa: E402
 
 FAMILIES = ("eps", "v", "flow")
 SCHEDULER = {"eps": "ddim_uniform", "v": "ddim_uniform", "flow": "simple"}
@@ -42,24 +43,6 @@ OURS = [  # (label, DDIMInvert keyword arguments)
 CORE = "core FlipSigmas+euler"
 COMPS = [0, 1, 2]
 COND, UNCOND = [0, 1, 2], [0, 1, 2, 3]
-
-
-class Counter:
-    """Counts the diffusion-model calls of a cloned ModelPatcher (cond+uncond batched = one call)."""
-
-    def __init__(self, model):
-        self.n = 0
-        self.model = model.clone()
-
-        def wrapper(apply_model, args):
-            self.n += 1
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
-        self.model.set_model_unet_function_wrapper(wrapper)
-
-    def take(self) -> int:
-        n, self.n = self.n, 0
-        return n
 
 
 def rel_err(x, x0) -> float:

@@ -1,30 +1,42 @@
 #!/usr/bin/env python3
-"""Demo: invert an image and reconstruct it with each method, through ComfyUI's real executor.
+"""Demo: invert a real photograph, reconstruct it with every method, then reconstruct and edit it at the
+guidance people sample with (null-text inversion), through ComfyUI's real executor.
 
-    make demo                      # built-in tiny random checkpoint (generated once, ~460 MB, cached)
-    make demo CKPT=<name>          # a checkpoint from your ComfyUI checkpoints folder (SD1.5/SDXL/...)
-    python tools/demo.py [--ckpt NAME] [--image PATH] [--size N] [--steps N] [--prompt TEXT] [--out DIR]
+    make demo                      # the built-in learned model (below) on a held-out photograph crop
+    make demo CKPT=<name>          # your checkpoint (SD1.x/SDXL/...) from your ComfyUI's checkpoints folder
+    python tools/demo.py [--model learned|random] [--ckpt NAME] [--image PATH] [--size N] [--steps N]
+                         [--source TEXT] [--target TEXT] [--cfg W] [--methods ddim,implicit,exact] [--out DIR]
+                         [--write-readme]
 
-Boots ComfyUI in this process (the folder from $COMFYUI_PATH, else the one `make setup` installed), loads
-the pack as ComfyUI does, and runs example_workflows/api/invert_and_reconstruct.api.json unmodified except
-for the checkpoint, the input image, the prompt, the method (ddim, implicit, exact), --steps when given
-and, with the tiny checkpoint only, implicit's max_iters (capped at 6: on random weights its fixed-point
-solve never converges and would spend all 30 evaluations of every step).
+The built-in model is a tiny SD1.5-format checkpoint that this project trains itself
+(``ddiminv_dev/learned``): a low-rank 320-channel one-level UNet and a TAESD autoencoder, trained on crops of
+15 photographs bundled with scikit-image, conditioned on a seeded random CLIP-L's encoding of one caption per
+photograph ("a cat", "a cup of coffee", ...). Its pictures are 64x64, recognisable but crude; the demo's
+image is a crop of the cat photograph that training never saw. ``--model random`` uses the random-weight
+tiny checkpoint of the plumbing tests instead (its pictures are noise).
 
-Writes to out/ (or --out): source.png, reconstruction_<method>.png, trajectory_<method>.png (the Trajectory
-Preview node's frames, source latent -> inverted noise) and metrics.json; prints a table.
+What it runs: the example workflows, unmodified but for the model, image, prompts, steps and the budgets
+below (``example_workflows/api``):
+1. ``invert_and_reconstruct`` once per method (cfg 1): latent round-trip error, pixel PSNR against the
+   source and the VAE ceiling (no reconstruction can beat it), evaluations, seconds;
+2. ``nulltext_reconstruct`` at cfg ``--cfg``: the CFG-1 inversion regenerated at that guidance by core
+   KSamplerAdvanced, with the plain negative (drifts), the null-text negative, and the source prompt as the
+   negative (negative-prompt inversion);
+3. ``nulltext_edit``: the same three, regenerating with the ``--target`` prompt; with the learned model a
+   small classifier (trained on held-out crops) says which photograph each result looks like.
 
-Per method: the latent round-trip relative error ||x_rec - x|| / ||x|| in model space (x = the latent
-DDIM Invert received, x_rec = what the Inverted-Latent Sampler returned), the PSNR of the decoded
-reconstruction against the image, the VAE ceiling (PSNR of decode(encode(image)): no reconstruction can
-beat it), model evaluations (NFE) and seconds (graph execution once the checkpoint is loaded and the
-image encoded; those are timed separately as setup).
+Writes to out/ (or --out): source.png, one PNG per result, demo.png (everything side by side, enlarged) and
+metrics.json; prints a table. ``--write-readme`` also rewrites the README's demo table and
+docs/demo_metrics.json from this run. Budgets are explicit (BUDGETS), so the default run stays within
+3 minutes on 2 CPU cores whatever the model does.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -33,68 +45,83 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python tools/demo.py`: make the development package importable
     sys.path.insert(0, str(ROOT))
-from ddiminv_dev import host  # noqa: E402
-WORKFLOW = ROOT / "example_workflows" / "api" / "invert_and_reconstruct.api.json"
+from ddiminv_dev import host, paths  # noqa: E402
+
+API = ROOT / "example_workflows" / "api"
+README = ROOT / "README.md"
+DEMO_METRICS = ROOT / "docs" / "demo_metrics.json"
+TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
 METHODS = ("ddim", "implicit", "exact")
-TINY_MAX_ITERS = 6  # implicit on random weights never converges: cap its solve so the demo fits ~2 min of CPU
-SYNTH_PROMPT = "a simple drawing of a red house with a green door under a yellow sun, blue sky, green hills"
-TINY_NOTE = ("NOTE: the built-in tiny checkpoint has random weights, so its pictures (reconstructions, "
-             "trajectory frames) are meaningless noise patterns; the latent round-trip errors, NFE and the "
-             "graph mechanics are real. Use --ckpt <your SD1.5 checkpoint> for meaningful pictures.")
+# per-method budgets: the most model evaluations any method may spend, whatever the model does
+BUDGETS = {"ddim": {}, "implicit": {"max_iters": 8, "restarts": 1}, "exact": {}}
+NULLTEXT = {"iterations": 10, "learning_rate": 0.01, "early_stop": 1e-5}
+PRESETS = {  # model -> defaults
+    "learned": {"steps": 20, "cfg": 5.0, "source": "a cat", "target": "a cup of coffee", "size": 64},
+    "random": {"steps": 10, "cfg": 5.0, "source": "a red house under a yellow sun",
+               "target": "a blue house under a yellow sun", "size": 64},
+    "ckpt": {"steps": 50, "cfg": 7.5, "source": "a photograph of a cat", "target": "a photograph of a dog",
+             "size": 512},
+}
+NOTES = {
+    "learned": "built-in learned tiny model: trained by this project on crops of 15 scikit-image photographs; "
+               "64x64 pictures, recognisable but crude",
+    "random": "tiny random-weight checkpoint (plumbing tests): its pictures are noise; the latent errors, "
+              "evaluations and the graph mechanics are real",
+    "ckpt": "",
+}
 
 
-# ------------------------------------------------------------------ ComfyUI, in process
-def boot(cpu: bool, workdir: Path):
-    """Import ComfyUI and load its nodes and the custom nodes (this pack included); returns ``nodes``."""
-    try:
-        return host.boot(cpu=cpu, workdir=workdir, user_model_paths=True, fixtures=False)
-    except host.HostError as e:
-        sys.exit(str(e))
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
 
 
-def execute(executor, prompt: dict, outputs=None) -> None:
-    res = host.execute(executor, prompt, outputs, expect_success=False)
-    if not res.success:
-        sys.exit(f"the workflow failed: {res.error_text()}")
+# ------------------------------------------------------------------ host
+class _QuietAudio(logging.Filter):
+    """ComfyUI 0.3.75 without torchaudio logs ~35 lines of import tracebacks for its audio nodes (which this
+    pack never uses); drop them and say so once."""
+    WORDS = ("torchaudio", "nodes_audio", "some comfy_extras/ nodes did not import",
+             "missing dependencies added the last time", "Please do a: pip install -r requirements.txt")
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record):
+        msg = record.getMessage()
+        if any(w in msg for w in self.WORDS) or (self.dropped and not msg.strip()):
+            self.dropped += 1
+            return False
+        return True
 
 
-def output_of(executor, node_id: str, slot: int = 0):
-    return host.cached_output(executor, node_id)[slot][0]
+def checkpoint_or_exit(name: str) -> None:
+    """A missing checkpoint is the first thing said, before ComfyUI boots (one line, no traceback)."""
+    cp = paths.put_comfy_on_path()
+    import folder_paths
+    extra = cp / "extra_model_paths.yaml"
+    if extra.exists():
+        import utils.extra_config
+        utils.extra_config.load_extra_path_config(str(extra))
+    have = folder_paths.get_filename_list("checkpoints")
+    if name not in have:
+        sys.exit(f"demo: checkpoint {name!r} is not in your checkpoints folders "
+                 f"{folder_paths.get_folder_paths('checkpoints')} (found {len(have)}: {have[:8]}); "
+                 "put it there or pass one of those names as CKPT=")
 
 
-# ------------------------------------------------------------------ inputs
-def synthetic_image(size: int):
-    """A deterministic picture (sky, sun, hills, a house) with smooth and sharp detail."""
-    from PIL import Image, ImageDraw, ImageFilter
-    s = size / 256.0
-    img = Image.new("RGB", (size, size))
-    d = ImageDraw.Draw(img)
-    for y in range(size):  # sky gradient
-        t = y / size
-        d.line([(0, y), (size, y)], fill=(int(70 + 90 * t), int(130 + 70 * t), int(230 - 20 * t)))
-    d.ellipse([190 * s, 22 * s, 236 * s, 68 * s], fill=(250, 215, 70))
-    d.ellipse([-60 * s, 150 * s, 170 * s, 330 * s], fill=(70, 165, 80))
-    d.ellipse([100 * s, 170 * s, 330 * s, 330 * s], fill=(95, 190, 95))
-    d.rectangle([70 * s, 120 * s, 150 * s, 190 * s], fill=(200, 60, 50))
-    d.polygon([(60 * s, 122 * s), (110 * s, 80 * s), (160 * s, 122 * s)], fill=(120, 60, 40))
-    d.rectangle([98 * s, 150 * s, 120 * s, 190 * s], fill=(40, 110, 60))
-    d.rectangle([80 * s, 132 * s, 94 * s, 146 * s], fill=(230, 240, 255))
-    for i in range(0, size, max(1, int(9 * s))):  # grass texture (high frequencies)
-        d.line([(i, size - 1), (i + 3 * s, size - 12 * s)], fill=(50, 130, 60), width=max(1, int(s)))
-    return img.filter(ImageFilter.GaussianBlur(0.6 * s))
+def pick_device(model: str, force_cpu: bool) -> bool:
+    """True for the CPU. The built-in models run on the CPU; a checkpoint runs on the GPU when there is one."""
+    if model != "ckpt" or force_cpu:
+        return True
+    import torch
+    if torch.cuda.is_available():
+        return False
+    say("no NVIDIA GPU found: running your checkpoint on the CPU (minutes per method at 512x512; "
+        "pass --size 256 or --steps 20 to shorten it)")
+    return True
 
 
-def load_image(path: str | None, size: int | None):
-    from PIL import Image, ImageOps
-    if path is None:
-        return synthetic_image(size or 256)
-    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    if size:  # centre square crop at this size
-        img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
-    return img
-
-
-# ------------------------------------------------------------------ metrics
+# ------------------------------------------------------------------ pictures and numbers
 def psnr(a, b) -> float:
     h, w = min(a.shape[1], b.shape[1]), min(a.shape[2], b.shape[2])
     mse = float(((a[:, :h, :w].double() - b[:, :h, :w].double()) ** 2).mean())
@@ -107,181 +134,269 @@ def to_pil(images, index: int = 0):
     return Image.fromarray(arr)
 
 
-def strip(images, min_height: int = 128):
-    """Frames [K,h,w,3] side by side (nearest-upscaled to at least min_height), 4 px gaps."""
-    from PIL import Image
-    frames = [to_pil(images, k) for k in range(images.shape[0])]
-    scale = max(1, math.ceil(min_height / frames[0].height))
-    frames = [f.resize((f.width * scale, f.height * scale), Image.Resampling.NEAREST) for f in frames]
-    gap = 4
-    out = Image.new("RGB", (sum(f.width for f in frames) + gap * (len(frames) - 1), frames[0].height), "white")
-    x = 0
-    for f in frames:
-        out.paste(f, (x, 0))
-        x += f.width + gap
-    return out
+def sheet(tiles: list, path: Path, min_side: int = 192) -> None:
+    """Labelled tiles (label, PIL image) side by side, nearest-enlarged to at least ``min_side`` px."""
+    from PIL import Image, ImageDraw
+    scale = max(1, math.ceil(min_side / max(t[1].height for t in tiles)))
+    ims = [(label, im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)) for label, im in tiles]
+    gap, text_h = 6, 30
+    out = Image.new("RGB", (sum(i.width for _, i in ims) + gap * (len(ims) + 1), ims[0][1].height + text_h + 2 * gap),
+                    (24, 24, 28))
+    d = ImageDraw.Draw(out)
+    x = gap
+    for label, im in ims:
+        out.paste(im, (x, gap))
+        for k, line in enumerate(label.split("\n")[:2]):
+            d.text((x, gap + im.height + 2 + 13 * k), line, fill=(230, 230, 230))
+        x += im.width + gap
+    out.save(path)
 
 
-_CALLS = [0]
+def source_image(model: str, a, size: int):
+    """(PIL image, where it came from)."""
+    from PIL import Image, ImageOps
+    if a.image:
+        img = ImageOps.exif_transpose(Image.open(a.image)).convert("RGB")
+        return ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS), a.image
+    if model == "learned":
+        from ddiminv_dev.learned import data
+        return to_pil(data.demo_image(a.source)), f"held-out crop of scikit-image '{data.NAMES[data.caption_index(a.source)]}'"
+    import numpy as np
+    import skimage.data
+    img = Image.fromarray(np.asarray(skimage.data.chelsea()))
+    return ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS), "scikit-image 'chelsea'"
 
 
-def _counting_wrapper(apply_model, args):
-    """model_function_wrapper that counts diffusion-model calls (a batched cond+uncond call counts once)."""
-    _CALLS[0] += 1
-    return apply_model(args["input"], args["timestep"], **args["c"])
+# ------------------------------------------------------------------ the runs
+class Runner:
+    """Runs API workflows on one executor (checkpoint, encode and inversions are cached between runs) and
+    counts every diffusion-model call."""
+
+    def __init__(self, ckpt: str, image_name: str, steps: int, source: str, target: str, cfg: float):
+        self.ex = host.new_executor()
+        self.ckpt, self.image, self.steps = ckpt, image_name, steps
+        self.source, self.target, self.cfg = source, target, cfg
+        self.counter = None
+
+    def prompt(self, name: str) -> tuple[dict, dict]:
+        p = json.loads((API / f"{name}.api.json").read_text())
+        ids = {}
+        for k, n in p.items():
+            ids.setdefault(n["class_type"], k)
+            title = n.get("_meta", {}).get("title", "")
+            if n["class_type"] == "CLIPTextEncode":
+                ids[title] = k
+        p[ids["LoadImage"]]["inputs"]["image"] = self.image
+        p[ids["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = self.ckpt
+        p[ids["Source prompt"]]["inputs"]["text"] = self.source
+        if "Edit prompt" in ids:
+            p[ids["Edit prompt"]]["inputs"]["text"] = self.target
+        for ct in ("DDIMInvert", "KSamplerAdvanced"):
+            if ct in ids:
+                p[ids[ct]]["inputs"]["steps"] = self.steps
+        return p, ids
+
+    def run(self, p: dict, outputs=None):
+        res = host.execute(self.ex, p, outputs, expect_success=False)
+        if not res.success:
+            sys.exit(f"demo: the workflow failed: {res.error_text()}")
+        if self.counter is None:  # count on the cached MODEL from now on: every node that uses it is counted
+            from ddiminv_dev.counting import Counter
+            ck = next(k for k, n in p.items() if n["class_type"] == "CheckpointLoaderSimple")
+            self.counter = Counter(res.outputs(ck)[0], in_place=True)
+        return res
 
 
-# ------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", help="checkpoint name in your ComfyUI checkpoints folder (default: the built-in "
-                                   "tiny random SD1.5-format checkpoint)")
-    ap.add_argument("--image", help="source image (default: a generated 256x256 drawing)")
-    ap.add_argument("--size", type=int, help="centre-crop the image to a square of this size (default: the "
-                                             "synthetic image is 256; your --image is used as is)")
-    ap.add_argument("--steps", type=int, help="inversion/sampling steps (default: the workflow's)")
-    ap.add_argument("--max-iters", type=int, help=f"implicit: most evaluations per step (default: the workflow's; "
-                                                  f"{TINY_MAX_ITERS} with the tiny checkpoint, whose random weights "
-                                                  "never let the solve converge)")
-    ap.add_argument("--prompt", help="source prompt (default: the workflow's for --image, else one describing "
-                                     "the synthetic picture)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("learned", "random"), default="learned",
+                    help="built-in model when no --ckpt is given (default: learned)")
+    ap.add_argument("--ckpt", help="a checkpoint in your ComfyUI's checkpoints folders (runs on the GPU if any)")
+    ap.add_argument("--image", help="source image (default: a held-out photograph crop / scikit-image's cat)")
+    ap.add_argument("--size", type=int, help="square size of the source image in pixels")
+    ap.add_argument("--steps", type=int, help="inversion and sampling steps")
+    ap.add_argument("--source", help="the prompt describing the source image")
+    ap.add_argument("--target", help="the edit prompt")
+    ap.add_argument("--cfg", type=float, help="guidance for the null-text part (reconstruct and edit)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="reconstruction methods: " + ",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "out"), help="output folder (default: out/)")
-    ap.add_argument("--cpu", action="store_true", help="force CPU (the tiny checkpoint always runs on CPU)")
+    ap.add_argument("--cpu", action="store_true", help="force the CPU for --ckpt")
+    ap.add_argument("--write-readme", action="store_true", help="rewrite README's demo table from this run")
     a = ap.parse_args(argv)
+    model = "ckpt" if a.ckpt else a.model
+    pre = PRESETS[model]
+    steps, cfg = a.steps or pre["steps"], a.cfg or pre["cfg"]
+    a.source, a.target = a.source or pre["source"], a.target or pre["target"]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        ap.error(f"unknown method(s) {bad}; use {','.join(METHODS)}")
+    if set(methods) - set(METHODS):
+        ap.error(f"unknown method(s) {sorted(set(methods) - set(METHODS))}; use {','.join(METHODS)}")
+    if a.write_readme and model != "learned":
+        ap.error("--write-readme records the built-in learned model's run only")
+    t_start = time.perf_counter()
+    if a.ckpt:
+        checkpoint_or_exit(a.ckpt)
+    cpu = pick_device(model, a.cpu)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = a.ckpt is None
-
-    t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="ddiminv-demo-"))
-    boot(cpu=a.cpu or tiny, workdir=work)
-    import folder_paths
-    if tiny:
+    quiet = _QuietAudio()
+    logging.getLogger().addFilter(quiet)
+    try:
+        host.boot(cpu=cpu, workdir=work, user_model_paths=True, fixtures=False)
+        if quiet.dropped:
+            say("ComfyUI's audio nodes are not loaded (no torchaudio, which ComfyUI 0.3.75 does not need); "
+                "their import errors were hidden: this pack does not use them")
+        logging.getLogger().removeFilter(quiet)
+        metrics = demo(model, a, steps, cfg, methods, out, work, cpu, t_start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if a.write_readme:
+        write_readme(metrics)
+    return 0
+
+
+def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
+    import torch
+    if model == "learned":
+        from ddiminv_dev.learned import build
+        if not build.is_built():
+            say("assembling the learned checkpoint (once; .cache/models/checkpoints) ...")
+        build.register_model_dir()
+        ckpt = build.CKPT_NAME
+    elif model == "random":
         from ddiminv_dev import tiny_checkpoint
         if not tiny_checkpoint.is_built():
-            print("generating the tiny random checkpoint (once; cached in .cache/models/checkpoints) ...", flush=True)
+            say("generating the tiny random checkpoint (once; .cache/models/checkpoints) ...")
         tiny_checkpoint.register_model_dir()
         ckpt = tiny_checkpoint.CKPT_NAME
     else:
         ckpt = a.ckpt
-        if ckpt not in folder_paths.get_filename_list("checkpoints"):
-            have = folder_paths.get_filename_list("checkpoints")
-            sys.exit(f"checkpoint {ckpt!r} is not in your ComfyUI checkpoints folders "
-                     f"{folder_paths.get_folder_paths('checkpoints')}; found: {have[:20]}")
-    t_boot = time.perf_counter() - t_start
-
-    img = load_image(a.image, a.size)
+    img, origin = source_image(model, a, a.size or PRESETS[model]["size"])
     img.save(out / "source.png")
     img.save(work / "input" / "ddiminv_demo.png")
+    R = Runner(ckpt, "ddiminv_demo.png", steps, a.source, a.target, cfg)
+    say(f"{ckpt}: {img.width}x{img.height} {origin}; {steps} steps; '{a.source}' -> '{a.target}' at cfg {cfg:g}")
 
-    base = json.loads(WORKFLOW.read_text())
-    ids = {n["class_type"]: k for k, n in base.items()}
-    need = ("LoadImage", "CheckpointLoaderSimple", "DDIMInvVAEEncode", "DDIMInvert", "DDIMInvSampler",
-            "VAEDecode", "DDIMInvTrajectoryPreview")
-    missing = [c for c in need if c not in ids]
-    if missing:
-        sys.exit(f"{WORKFLOW} lacks {missing}")
-    base[ids["LoadImage"]]["inputs"]["image"] = "ddiminv_demo.png"
-    base[ids["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = ckpt
-    inv = base[ids["DDIMInvert"]]["inputs"]
-    if a.steps:
-        inv["steps"] = int(a.steps)
-    max_iters = a.max_iters or (TINY_MAX_ITERS if tiny else None)
-    if max_iters:
-        inv["max_iters"] = int(max_iters)
-    prompt_text = a.prompt or (SYNTH_PROMPT if a.image is None else None)
-    if prompt_text is not None:
-        base[inv["positive"][0]]["inputs"]["text"] = prompt_text
+    rows, tiles = [], [("source", img)]
+    src_pixels = x0 = ceiling = fmt = None
 
-    import torch
-    executor = host.new_executor()
-    # setup: load the checkpoint, encode the image (cached for every method below)
-    t0 = time.perf_counter()
-    first = json.loads(json.dumps(base))
-    first[ids["DDIMInvert"]]["inputs"]["method"] = methods[0]
-    execute(executor, first, [ids["DDIMInvVAEEncode"]])
-    t_setup = time.perf_counter() - t0
-    model = output_of(executor, ids["CheckpointLoaderSimple"], 0)
-    model.set_model_unet_function_wrapper(_counting_wrapper)  # the cached MODEL: every node below uses it
-    latent_fmt = model.model.latent_format
-    source_latent = output_of(executor, ids["DDIMInvVAEEncode"], 0)["samples"]
-    ceiling = float(output_of(executor, ids["DDIMInvVAEEncode"], 1))
-    source_pixels = output_of(executor, ids["LoadImage"], 0)
-    x = latent_fmt.process_in(source_latent.double())
+    def record(label, res, ids, latent_node, decode_node, seconds, nfe_invert=None, kind="reconstruction"):
+        nonlocal src_pixels, x0, ceiling, fmt
+        if src_pixels is None:
+            src_pixels = res.outputs(ids["LoadImage"])[0]
+            fmt = res.outputs(ids["CheckpointLoaderSimple"])[0].model.latent_format
+            x0 = fmt.process_in(res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double())
+            ceiling = float(res.outputs(ids["DDIMInvVAEEncode"])[1])
+        rec = fmt.process_in(res.outputs(latent_node)[0]["samples"].double())
+        pic = res.outputs(decode_node)[0]
+        row = {"what": label, "kind": kind, "latent_rel_error": float((rec - x0).norm() / x0.norm()),
+               "psnr_db": psnr(pic, src_pixels), "vae_ceiling_db": ceiling, "evaluations": R.counter.take(),
+               "nfe_invert": nfe_invert, "seconds": round(seconds, 2)}
+        if model == "learned":
+            from ddiminv_dev.learned import classifier
+            row["looks_like"] = classifier.predict_captions(pic.movedim(-1, 1))[0]
+        rows.append(row)
+        fname = label.replace(" ", "_").replace("/", "-").replace(",", "")
+        to_pil(pic).save(out / f"{fname}.png")
+        tiles.append((label + ("\n" + row["looks_like"] if "looks_like" in row else ""), to_pil(pic)))
+        say(f"{label}: latent error {row['latent_rel_error']:.3g}, {row['psnr_db']:.2f} dB (ceiling "
+            f"{ceiling:.2f}), {row['evaluations']} evaluations, {seconds:.1f} s"
+            + (f", looks like '{row['looks_like']}'" if "looks_like" in row else ""))
+        return row
 
-    results = {}
+    # 1. reconstruction at cfg 1, per method
     for m in methods:
-        p = json.loads(json.dumps(base))
-        p[ids["DDIMInvert"]]["inputs"]["method"] = m
-        _CALLS[0] = 0
+        p, ids = R.prompt("invert_and_reconstruct")
+        p[ids["DDIMInvert"]]["inputs"].update(method=m, **BUDGETS[m])
+        say(f"{m}: inverting and regenerating ({steps} steps, cfg 1"
+            + (f", budget {BUDGETS[m]}" if BUDGETS[m] else "") + ") ...")
+        if R.counter is None:  # load the checkpoint and encode the image once (setup, not counted)
+            t0 = time.perf_counter()
+            R.run(p, outputs=[ids["DDIMInvVAEEncode"]])
+            say(f"setup: checkpoint loaded and image encoded in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        execute(executor, p)
-        secs = time.perf_counter() - t0
-        traj = output_of(executor, ids["DDIMInvert"], 2)
-        rec_latent = output_of(executor, ids["DDIMInvSampler"], 0)["samples"]
-        x_rec = latent_fmt.process_in(rec_latent.double())
-        rel = float(torch.linalg.vector_norm(x_rec - x) / torch.linalg.vector_norm(x))
-        rec_img = output_of(executor, ids["VAEDecode"], 0)
-        to_pil(rec_img).save(out / f"reconstruction_{m}.png")
-        strip(output_of(executor, ids["DDIMInvTrajectoryPreview"], 0)).save(out / f"trajectory_{m}.png")
-        counted = _CALLS[0]
-        results[m] = {
-            "latent_rel_error": rel,
-            "psnr_db": psnr(rec_img, source_pixels),
-            "vae_ceiling_psnr_db": ceiling,
-            "nfe_invert": int(traj.nfe),
-            "nfe_sample": (counted - int(traj.nfe)) if counted else None,
-            "seconds": secs,
-        }
-        print(f"  {m}: done in {secs:.1f}s", flush=True)
+        res = R.run(p)
+        traj = res.outputs(ids["DDIMInvert"])[2]
+        record(m, res, ids, ids["DDIMInvSampler"], ids["VAEDecode"], time.perf_counter() - t0, int(traj.nfe))
 
-    inv = p[ids["DDIMInvert"]]["inputs"]
+    # 2. reconstruction at cfg W: plain negative, null-text, negative-prompt inversion (core KSamplerAdvanced)
+    for label, how in ((f"plain cfg {cfg:g}", "plain"), (f"null-text cfg {cfg:g}", "null_text"),
+                       (f"neg-prompt cfg {cfg:g}", "negative_prompt")):
+        p, ids = R.prompt("nulltext_reconstruct")
+        p[ids["DDIMInvNullText"]]["inputs"].update(cfg=cfg, mode="null_text" if how == "plain" else how, **NULLTEXT)
+        p[ids["KSamplerAdvanced"]]["inputs"]["cfg"] = cfg
+        if how == "plain":
+            p[ids["KSamplerAdvanced"]]["inputs"]["negative"] = [ids["Negative prompt"], 0]
+            del p[ids["DDIMInvNullText"]]
+        say(f"{label}: regenerating the cfg-1 inversion at cfg {cfg:g} with core KSamplerAdvanced ...")
+        t0 = time.perf_counter()
+        res = R.run(p)
+        record(label, res, ids, ids["KSamplerAdvanced"], ids["VAEDecode"], time.perf_counter() - t0)
+
+    # 3. edit at cfg W with the target prompt (Inverted-Latent Sampler)
+    for label, how in ((f"edit plain cfg {cfg:g}", "plain"), (f"edit null-text cfg {cfg:g}", "null_text"),
+                       (f"edit neg-prompt cfg {cfg:g}", "negative_prompt")):
+        p, ids = R.prompt("nulltext_edit")
+        p[ids["DDIMInvNullText"]]["inputs"].update(cfg=cfg, mode="null_text" if how == "plain" else how, **NULLTEXT)
+        p[ids["DDIMInvSampler"]]["inputs"]["cfg"] = cfg
+        if how == "plain":
+            p[ids["DDIMInvSampler"]]["inputs"]["trajectory"] = [ids["DDIMInvert"], 2]
+            del p[ids["DDIMInvNullText"]]
+        say(f"{label}: '{a.target}' ...")
+        t0 = time.perf_counter()
+        res = R.run(p)
+        record(label, res, ids, ids["DDIMInvSampler"], ids["VAEDecode"], time.perf_counter() - t0, kind="edit")
+
+    sheet(tiles, out / "demo.png")
+    total = time.perf_counter() - t_start
     metrics = {
-        "checkpoint": ckpt,
-        "tiny_random_checkpoint": tiny,
-        "image": {"path": a.image or "(synthetic)", "width": img.width, "height": img.height},
-        "prompt": p[inv["positive"][0]]["inputs"]["text"],
-        "workflow": str(WORKFLOW.relative_to(ROOT)),
-        "steps": inv["steps"], "cfg": inv["cfg"], "scheduler": inv["scheduler"],
-        "implicit_max_iters": inv["max_iters"], "implicit_tolerance": inv["tolerance"],
-        "device": str(model.load_device),
-        "boot_seconds": t_boot, "setup_seconds": t_setup,
-        "methods": results,
-        "note": TINY_NOTE if tiny else "",
+        "model": model, "checkpoint": R.ckpt, "note": NOTES[model], "image": origin,
+        "size": [img.width, img.height], "steps": steps, "cfg": cfg, "source_prompt": a.source,
+        "target_prompt": a.target, "budgets": BUDGETS, "nulltext": NULLTEXT, "device": "cpu" if cpu else "cuda",
+        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows,
         "definitions": {
-            "latent_rel_error": "||x_rec - x|| / ||x|| in model space; x = DDIM Invert's input latent, "
-                                "x_rec = Inverted-Latent Sampler's output",
-            "psnr_db": "PSNR (data range 1) of VAE Decode(x_rec) vs the source image",
-            "vae_ceiling_psnr_db": "PSNR of decode(encode(image)) vs the image (VAE Encode (Inversion))",
-            "nfe_invert": "model evaluations while inverting (DDIM Invert's trajectory)",
-            "nfe_sample": "diffusion-model calls while regenerating (counted)",
-            "seconds": "graph execution for this method (invert, sample, decode, save, preview); the "
-                       "checkpoint load and the encode are setup_seconds",
+            "latent_rel_error": "||x - x_src|| / ||x_src|| in model space (x_src: the encoded source)",
+            "psnr_db": "PSNR (data range 1) of the decoded result against the source image",
+            "vae_ceiling_db": "PSNR of decode(encode(image)): no reconstruction can beat it",
+            "evaluations": "diffusion-model calls of the run (inversion, optimisation and sampling)",
+            "looks_like": "the learned model's classifier: which photograph the result looks like",
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
     print()
-    print(f"checkpoint {ckpt}  image {img.width}x{img.height}  steps {inv['steps']}  cfg {inv['cfg']}  "
-          f"scheduler {inv['scheduler']}  implicit max_iters {inv['max_iters']}  device {model.load_device}")
-    print(f"{'method':<9} {'latent rel err':>14} {'PSNR dB':>8} {'VAE ceiling':>11} {'NFE inv+samp':>13} {'seconds':>8}")
-    for m, r in results.items():
-        nfe = f"{r['nfe_invert']}+{r['nfe_sample'] if r['nfe_sample'] is not None else '?'}"
-        print(f"{m:<9} {r['latent_rel_error']:>14.3e} {r['psnr_db']:>8.2f} {r['vae_ceiling_psnr_db']:>11.2f} "
-              f"{nfe:>13} {r['seconds']:>8.1f}")
-    print(f"(setup: boot {t_boot:.1f}s, checkpoint load + encode {t_setup:.1f}s; total "
-          f"{time.perf_counter() - t_start:.1f}s)")
-    if tiny:
-        print()
-        print(TINY_NOTE)
-    print(f"wrote {out}/: source.png, reconstruction_<method>.png, trajectory_<method>.png, metrics.json")
-    return 0
+    print(format_table(metrics))
+    print()
+    say(f"total {total:.1f} s; wrote {out}/: source.png, one PNG per row, demo.png, metrics.json")
+    if NOTES[model]:
+        say(f"note: {NOTES[model]}")
+    return metrics
+
+
+# ------------------------------------------------------------------ README
+def format_table(m: dict) -> str:
+    """The README's demo table, from a metrics.json."""
+    lines = [f"`make demo` on the {m['note'] or m['checkpoint']}: {m['image']}, {m['size'][0]}x{m['size'][1]}, "
+             f"{m['steps']} steps, '{m['source_prompt']}' -> '{m['target_prompt']}', {m['device']}, "
+             f"{m['total_seconds']:.0f} s in all. Budgets: implicit "
+             f"max_iters {m['budgets']['implicit']['max_iters']}, restarts {m['budgets']['implicit']['restarts']}; "
+             f"null-text {m['nulltext']['iterations']} iterations/step.", "",
+             "| run | latent error | PSNR dB (ceiling) | evaluations | seconds | classifier says |",
+             "|---|---|---|---|---|---|"]
+    for r in m["results"]:
+        lines.append(f"| {r['what']} | {r['latent_rel_error']:.3g} | {r['psnr_db']:.2f} ({r['vae_ceiling_db']:.2f}) | "
+                     f"{r['evaluations']} | {r['seconds']:.1f} | {r.get('looks_like', '-')} |")
+    return "\n".join(lines)
+
+
+def write_readme(m: dict) -> None:
+    text = README.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        sys.exit(f"demo: README.md has no {TABLE_START} ... {TABLE_END} block")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    README.write_text(head + TABLE_START + "\n" + format_table(m) + "\n" + TABLE_END + tail)
+    DEMO_METRICS.write_text(json.dumps(m, indent=2) + "\n")
+    say(f"rewrote the demo table in {README.name} and {DEMO_METRICS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
