@@ -11,6 +11,8 @@ Families:
   * ``v``    -- SD2-v-style UNet (supported_models.SD20, ModelType.V_PREDICTION, 4 ch)
   * ``flow`` -- SD3-style MMDiT (supported_models.SD3 -> model_base.SD3, discrete flow, shift 3, 16 ch)
   * ``flux`` -- model_base.Flux with a tiny comfy.ldm.flux config (guidance_embed, 16 ch)
+  * ``sdxl`` -- SDXL-style UNet (supported_models.SDXL -> model_base.SDXL: pooled output and size
+                conditioning through the ADM input, linear transformers, 4 ch)
 
 ``tiny_conditioning(family, seed)`` returns a ComfyUI CONDITIONING list with the context size the model
 expects (and ``pooled_output`` / ``guidance`` where the model needs them).
@@ -26,13 +28,14 @@ import torch
 
 from .tiny_checkpoint import seeded_init_  # one seeded initialiser for every tiny model
 
-FAMILIES = ("eps", "v", "flow", "flux")
+FAMILIES = ("eps", "v", "flow", "flux", "sdxl")
 
 # conditioning sizes of the tiny models
-CONTEXT_DIM = {"eps": 64, "v": 64, "flow": 64, "flux": 64}
-POOLED_DIM = {"eps": None, "v": None, "flow": 32, "flux": 768}
+CONTEXT_DIM = {"eps": 64, "v": 64, "flow": 64, "flux": 64, "sdxl": 64}
+POOLED_DIM = {"eps": None, "v": None, "flow": 32, "flux": 768, "sdxl": 32}
+SDXL_SIZE_EMBED = 6 * 256  # SDXL's ADM input: pooled output + 6 Fourier-embedded sizes (comfy.model_base.SDXL)
 TOKENS = 8
-LATENT_CHANNELS = {"eps": 4, "v": 4, "flow": 16, "flux": 16}
+LATENT_CHANNELS = {"eps": 4, "v": 4, "flow": 16, "flux": 16, "sdxl": 4}
 DEFAULT_SEED = 0
 
 
@@ -78,6 +81,11 @@ def _model_config(family: str):
     if family == "eps":
         cfg = sm.SD15(_unet_config(CONTEXT_DIM[family]))
         cfg.unet_config.update({"num_heads": 2, "num_head_channels": -1})
+    elif family == "sdxl":
+        cfg = sm.SDXL(dict(_unet_config(CONTEXT_DIM[family]), num_classes="sequential",
+                           adm_in_channels=POOLED_DIM[family] + SDXL_SIZE_EMBED, use_linear_in_transformer=True,
+                           transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1]))
+        cfg.unet_config.update({"num_heads": -1, "num_head_channels": 16})
     elif family == "v":
         cfg = sm.SD20(_unet_config(CONTEXT_DIM[family]))
         cfg.unet_config.update({"num_heads": -1, "num_head_channels": 16})
@@ -133,6 +141,8 @@ def tiny_model(family: str = "eps", seed: int = DEFAULT_SEED):
         torch.manual_seed(seed)
         if family == "eps":
             model = mb.BaseModel(cfg, model_type=mb.ModelType.EPS, device=cpu)
+        elif family == "sdxl":
+            model = mb.SDXL(cfg, model_type=mb.ModelType.EPS, device=cpu)
         elif family == "v":
             model = mb.BaseModel(cfg, model_type=mb.ModelType.V_PREDICTION, device=cpu)
         elif family == "flow":
@@ -161,6 +171,8 @@ def tiny_conditioning(family: str = "eps", seed: int = 0, tokens: int = TOKENS, 
         extra["pooled_output"] = torch.randn((1, POOLED_DIM[family]), generator=g, dtype=torch.float32)
     if family == "flux":
         extra["guidance"] = float(guidance)
+    if family == "sdxl":  # the size conditioning SDXL's CLIPTextEncodeSDXL adds
+        extra.update(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
     if near_seed is not None:
         base, base_extra = tiny_conditioning(family, near_seed, tokens, guidance)[0]
         return [[base + float(distance) * cond, base_extra]]
@@ -171,7 +183,7 @@ def latent_format(family: str):
     """The latent format object of ``family`` (SD15 / SD3 / Flux), without building a model."""
     _check(family)
     import comfy.latent_formats as lf
-    return {"eps": lf.SD15, "v": lf.SD15, "flow": lf.SD3, "flux": lf.Flux}[family]()
+    return {"eps": lf.SD15, "v": lf.SD15, "flow": lf.SD3, "flux": lf.Flux, "sdxl": lf.SDXL}[family]()
 
 
 def random_latent(family: str = "eps", batch: int = 1, height: int = 64, width: int = 64, seed: int = 0,
