@@ -35,9 +35,12 @@ def test_registry_metadata():
     assert proj["name"] == "ddim-inversion" and proj["dependencies"] == []
     major, minor, patch = (int(v) for v in proj["version"].split("."))
     assert proj["description"] and (ROOT / "LICENSE").exists()
-    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"] == ">=0.3.48"
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"] == ">=0.3.75"
+    # the floor is the oldest ComfyUI the suite runs on: the version setup installs
+    setup = (ROOT / "tools" / "setup.sh").read_text()
+    assert '[ "$ver" = "0.3.75" ]' in setup
 
 
 def test_requirements_list_no_packages():
-    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert [l for l in lines if l and not l.startswith("#")] == []
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert [line for line in lines if line and not line.startswith("#")] == []
