@@ -7,7 +7,8 @@ checkpoint is needed and the forward cost is the real one. Reported per model, a
 ours (DDIM Invert, ddim) / KSampler (ddim), ours / raw forwards, core FlipSigmas+SamplerCustom / raw,
 images/s at batch 1 and 8, peak GPU memory of ours vs KSampler, and the cost of the exact and implicit
 methods (seconds and evaluations per step; with random weights the implicit iteration count is not
-meaningful for real images).
+meaningful for real images), and null-text inversion on SD1.5 (50 steps x 10 iterations, cfg 7.5, every
+iteration run: seconds, backward passes, peak memory).
 
     .venv/bin/python bench/gpu.py                 # SD1.5 512x512 (latent 64), SDXL 1024x1024 (latent 128), 50 steps, 2 repeats
     .venv/bin/python bench/gpu.py --cpu-smoke     # CPU: tiny configs, 64x64, 2 steps (the unit test runs this)
@@ -102,6 +103,27 @@ def method_cost(model, pos, neg, latent, steps, cfg, device) -> dict:
     return out
 
 
+def nulltext_cost(model, pos, neg, latent, steps, iterations, device) -> dict:
+    """Null-Text Inversion at cfg 7.5 on a cfg-1 ddim pivot: seconds, evaluations, backward passes, peak memory.
+    ``early_stop`` 0 so every step runs all its iterations (the paper's worst case: steps x iterations)."""
+    import torch
+    inv = B.pack("nodes.invert").DDIMInvert
+    nt = B.pack("nodes.nulltext").DDIMInvNullText
+    with torch.no_grad():
+        traj = B.first(inv.execute(model, pos, neg, latent, steps, 1.0, "ddim_uniform", method="ddim"), 2)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    out = {}
+    t = B.timed(lambda: out.__setitem__("o", nt.execute(model, pos, neg, traj, 7.5, iterations=iterations,
+                                                        early_stop=0.0)), device)
+    info = B.first(out["o"], 1).optimized_negative
+    res = {"seconds": t, "steps": steps, "iterations": iterations, "backward": info["backward"],
+           "evaluations": info["nfe"], "seconds_per_backward": t / max(info["backward"], 1)}
+    if torch.cuda.is_available():
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, tiny configs, 64x64, 2 steps, 1 repeat")
@@ -141,6 +163,11 @@ def main(argv=None):
         res = S.compare(model, pos, neg, make_latent, steps, cfgs, repeats, [1, 8], device,
                         peak_memory=not a.cpu_smoke)
         res["method_cost"] = method_cost(model, pos, neg, make_latent(1), steps, cfgs[0], device)
+        if kind == "sd15":
+            res["nulltext"] = nt = nulltext_cost(model, pos, neg, make_latent(1), steps, 2 if a.cpu_smoke else 10,
+                                                 device)
+            print(f"sd15 null-text ({steps} steps x {nt['iterations']} iterations, cfg 7.5): {nt['seconds']:.2f} s, "
+                  f"{nt['backward']} backward passes, {nt['evaluations']} evaluations")
         mc = res["method_cost"]
         print(f"{kind} method cost (cfg {cfgs[0]:g}): " + "  ".join(
             f"{k} {v['seconds']:.2f} s ({v['evals_per_step']:.1f}/step)" for k, v in mc.items()))

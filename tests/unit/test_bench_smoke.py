@@ -29,10 +29,13 @@ def test_gpu_bench_cpu_smoke():
     for kind in ("sd15", "sdxl"):
         assert f"{kind} ratios:" in out
     assert "ours/ksampler" in out and "ours/raw" in out
+    assert "sd15 null-text (2 steps x 2 iterations, cfg 7.5)" in out
     results = json.loads(result.read_text())["results"]
     for kind in ("sd15", "sdxl"):
         for cfg, entry in results[kind]["by_cfg"].items():
             assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (kind, cfg, entry)
+    nt = results["sd15"]["nulltext"]
+    assert nt["backward"] == 2 * 2 and nt["evaluations"] == 2 * (1 + 2 + 1), nt  # early_stop 0: all iterations
 
 
 @pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
