@@ -160,7 +160,8 @@ def source_image(model: str, a, size: int):
         return ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS), a.image
     if model == "learned":
         from ddiminv_dev.learned import data
-        return to_pil(data.demo_image(a.source)), f"held-out crop of scikit-image '{data.NAMES[data.caption_index(a.source)]}'"
+        name = data.NAMES[data.caption_index(a.source)]
+        return to_pil(data.demo_image(a.source)), f"held-out crop of scikit-image '{name}'"
     import numpy as np
     import skimage.data
     img = Image.fromarray(np.asarray(skimage.data.chelsea()))
@@ -208,7 +209,8 @@ class Runner:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("learned", "random"), default="learned",
                     help="built-in model when no --ckpt is given (default: learned)")
     ap.add_argument("--ckpt", help="a checkpoint in your ComfyUI's checkpoints folders (runs on the GPU if any)")
@@ -319,33 +321,26 @@ def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
         traj = res.outputs(ids["DDIMInvert"])[2]
         record(m, res, ids, ids["DDIMInvSampler"], ids["VAEDecode"], time.perf_counter() - t0, int(traj.nfe))
 
-    # 2. reconstruction at cfg W: plain negative, null-text, negative-prompt inversion (core KSamplerAdvanced)
-    for label, how in ((f"plain cfg {cfg:g}", "plain"), (f"null-text cfg {cfg:g}", "null_text"),
-                       (f"neg-prompt cfg {cfg:g}", "negative_prompt")):
-        p, ids = R.prompt("nulltext_reconstruct")
-        p[ids["DDIMInvNullText"]]["inputs"].update(cfg=cfg, mode="null_text" if how == "plain" else how, **NULLTEXT)
-        p[ids["KSamplerAdvanced"]]["inputs"]["cfg"] = cfg
-        if how == "plain":
-            p[ids["KSamplerAdvanced"]]["inputs"]["negative"] = [ids["Negative prompt"], 0]
-            del p[ids["DDIMInvNullText"]]
-        say(f"{label}: regenerating the cfg-1 inversion at cfg {cfg:g} with core KSamplerAdvanced ...")
-        t0 = time.perf_counter()
-        res = R.run(p)
-        record(label, res, ids, ids["KSamplerAdvanced"], ids["VAEDecode"], time.perf_counter() - t0)
-
-    # 3. edit at cfg W with the target prompt (Inverted-Latent Sampler)
-    for label, how in ((f"edit plain cfg {cfg:g}", "plain"), (f"edit null-text cfg {cfg:g}", "null_text"),
-                       (f"edit neg-prompt cfg {cfg:g}", "negative_prompt")):
-        p, ids = R.prompt("nulltext_edit")
-        p[ids["DDIMInvNullText"]]["inputs"].update(cfg=cfg, mode="null_text" if how == "plain" else how, **NULLTEXT)
-        p[ids["DDIMInvSampler"]]["inputs"]["cfg"] = cfg
-        if how == "plain":
-            p[ids["DDIMInvSampler"]]["inputs"]["trajectory"] = [ids["DDIMInvert"], 2]
-            del p[ids["DDIMInvNullText"]]
-        say(f"{label}: '{a.target}' ...")
-        t0 = time.perf_counter()
-        res = R.run(p)
-        record(label, res, ids, ids["DDIMInvSampler"], ids["VAEDecode"], time.perf_counter() - t0, kind="edit")
+    # 2. reconstruction at cfg W (core KSamplerAdvanced) and 3. the edit (Inverted-Latent Sampler), each with the
+    # plain negative, the null-text negative and the source prompt as negative (negative-prompt inversion)
+    for workflow, sampler, prefix, kind in (("nulltext_reconstruct", "KSamplerAdvanced", "", "reconstruction"),
+                                            ("nulltext_edit", "DDIMInvSampler", "edit ", "edit")):
+        for how, name in (("plain", "plain"), ("null_text", "null-text"), ("negative_prompt", "neg-prompt")):
+            label = f"{prefix}{name} cfg {cfg:g}"
+            p, ids = R.prompt(workflow)
+            p[ids["DDIMInvNullText"]]["inputs"].update(cfg=cfg, mode="null_text" if how == "plain" else how,
+                                                       **NULLTEXT)
+            p[ids[sampler]]["inputs"]["cfg"] = cfg
+            if how == "plain":  # bypass the null-text node: the pivot and the plain negative
+                if sampler == "KSamplerAdvanced":
+                    p[ids[sampler]]["inputs"]["negative"] = [ids["Negative prompt"], 0]
+                else:
+                    p[ids[sampler]]["inputs"]["trajectory"] = [ids["DDIMInvert"], 2]
+                del p[ids["DDIMInvNullText"]]
+            say(f"{label}: {sampler} at cfg {cfg:g}" + (f", '{a.target}'" if kind == "edit" else "") + " ...")
+            t0 = time.perf_counter()
+            res = R.run(p)
+            record(label, res, ids, ids[sampler], ids["VAEDecode"], time.perf_counter() - t0, kind=kind)
 
     sheet(tiles, out / "demo.png")
     total = time.perf_counter() - t_start
