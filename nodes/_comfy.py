@@ -298,7 +298,7 @@ class _LoopSampler(comfy.samplers.Sampler):
 
 
 def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tensor, loop: Callable, steps: int,
-               label: str, seed: int = 0, preview: bool = True):
+               label: str):
     """Run ``loop`` with the guided model of (model, positive, negative, cfg); returns the loop's result.
 
     ``sigmas`` (descending) is what CFGGuider sees for model loading, memory estimates and
@@ -310,10 +310,10 @@ def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tenso
     guider.set_cfg(float(cfg))
     sampler = _LoopSampler(loop, label)
     zeros = torch.zeros(shape, dtype=torch.float32)
-    callback = latent_preview.prepare_callback(model, int(steps)) if preview else None
-    with torch.no_grad():
+    callback = latent_preview.prepare_callback(model, int(steps))
+    with torch.no_grad():   # seed: nothing here draws noise; CFGGuider passes it on to model_options users
         guider.sample(zeros, zeros.clone(), sampler, sigmas.to(torch.float32), denoise_mask=None,
-                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     return sampler.result
 
 

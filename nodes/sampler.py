@@ -135,10 +135,10 @@ class DDIMInvSampler(io.ComfyNode):
                 same = C.same_guidance(traj.extra.get("guidance_fingerprint"),
                                        C.guidance_fingerprint(model, positive, negative, cfg))
                 replay = "bdia" if same else "ddim"
+                why = "the inversion's model, prompts and cfg" if same else "guidance differs from the inversion's"
                 if same and methods.bdia_steps(traj, k) < 1:
                     replay = "ddim"
-                    notes.append(f"start_step {k} leaves no BDIA step: one plain DDIM step from the stored state")
-                why = "the inversion's model, prompts and cfg" if same else "guidance differs from the inversion's"
+                    why = f"start_step {k} leaves no BDIA step: one plain DDIM step from the stored state"
                 notes.append(f"exact_replay auto -> {replay} ({why})")
             else:
                 replay = exact_replay    # an explicit bdia with no step left is refused by methods.sample
