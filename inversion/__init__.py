@@ -1,9 +1,15 @@
-"""Math core of ddim-inversion: pure torch, no ComfyUI import (unit-testable in milliseconds)."""
-from .methods import (EVAL_SIGMAS, FIRST_EVAL_SIGMA, METHODS, MethodError, Options, ddim_step, invert,
-                      resolve_eval_sigma, sample, solve_step, source_drift)
+"""Math core of ddim-inversion: pure torch, no ComfyUI import (unit-testable in milliseconds).
+
+``methods`` (the three inversions and their paired sampler), ``implicit`` (the implicit step's solver),
+``schedule`` (sigma schedules), ``checks`` (the validation layer every node input passes), ``imaging`` (pixel
+and preview arithmetic), ``trajectory`` (the DDIM_TRAJECTORY contract), ``errors`` (the one error class).
+"""
+from .errors import InversionInputError, node_boundary
+from .methods import (EVAL_SIGMAS, FIRST_EVAL_SIGMA, METHODS, REPLAYS, MethodError, Options, ddim_step, invert,
+                      sample, solve_step, source_drift)
 from .schedule import ScheduleError, check_sampling_sigmas, inversion_order, segment
 from .trajectory import CONTRACT_VERSION, Trajectory
 
-__all__ = ["EVAL_SIGMAS", "FIRST_EVAL_SIGMA", "METHODS", "MethodError", "Options", "ddim_step", "invert",
-           "resolve_eval_sigma", "sample", "solve_step", "source_drift", "ScheduleError", "check_sampling_sigmas",
-           "inversion_order", "segment", "CONTRACT_VERSION", "Trajectory"]
+__all__ = ["InversionInputError", "node_boundary", "EVAL_SIGMAS", "FIRST_EVAL_SIGMA", "METHODS", "REPLAYS",
+           "MethodError", "Options", "ddim_step", "invert", "sample", "solve_step", "source_drift", "ScheduleError",
+           "check_sampling_sigmas", "inversion_order", "segment", "CONTRACT_VERSION", "Trajectory"]

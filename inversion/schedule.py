@@ -3,35 +3,63 @@
 A *sampling* schedule is what ComfyUI's schedulers return: 1-D, descending, usually ending at 0.
 Inversion walks the same sigmas in ascending order, so regenerating with the sampling schedule retraces
 exactly the inverted steps: no step skipped, none duplicated.
+
+Every schedule, whether a user connected it or a scheduler made it, passes :func:`check_sampling_sigmas`;
+``source`` only changes the fix the message names.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .errors import InversionInputError
 
-class ScheduleError(ValueError):
+FLOW_SIGMA_MAX = 1.0
+_FLOW_SLACK = 1e-5   # float32 rounding of a flow table's last value
+
+
+class ScheduleError(InversionInputError):
     """A schedule that cannot be inverted; the message names the fix."""
 
 
-def check_sampling_sigmas(sigmas: torch.Tensor, name: str = "sigmas") -> torch.Tensor:
-    """Validate a descending sampling schedule and return it as a float32 CPU tensor (a copy)."""
+def check_sampling_sigmas(sigmas, name: str = "sigmas", *, source: Optional[str] = None,
+                          family: Optional[str] = None) -> torch.Tensor:
+    """Validate a descending sampling schedule and return it as a float32 CPU tensor (a copy).
+
+    ``source`` describes a schedule the node computed itself (e.g. "the kl_optimal scheduler at 1 step"):
+    its fix is another scheduler or more steps. ``family`` "flow" also requires every sigma <= 1.
+    """
+    what = source or name
+    fix = ("choose another scheduler or more steps" if source else
+           "connect a scheduler node's output (e.g. BasicScheduler) unmodified")
     if not isinstance(sigmas, torch.Tensor):
-        raise ScheduleError(f"{name} must be a SIGMAS tensor (connect a scheduler node such as BasicScheduler)")
+        raise ScheduleError(f"{name} is not a SIGMAS tensor (got {type(sigmas).__name__}); "
+                            "connect a scheduler node such as BasicScheduler")
+    if sigmas.is_complex():
+        raise ScheduleError(f"{what} is a complex tensor; {fix}")
     s = sigmas.detach().to("cpu", torch.float32).reshape(-1).clone()
-    if s.ndim != 1 or s.numel() < 2:
-        raise ScheduleError(f"{name} needs at least 2 values (one step); got {s.numel()}. Use steps >= 1.")
-    if not torch.isfinite(s).all():
-        raise ScheduleError(f"{name} contains NaN or Inf; use a scheduler node's output unmodified")
+    if s.numel() < 2:
+        raise ScheduleError(f"{what} has {s.numel()} value(s) but one step needs at least 2; "
+                            + ("use more steps" if source else "use steps >= 1"))
+    bad = ~torch.isfinite(s)
+    if bad.any():
+        raise ScheduleError(f"{what} contains NaN or Inf ({int(bad.sum())} of {s.numel()} values); {fix}")
     if (s < 0).any():
-        raise ScheduleError(f"{name} contains negative values; sigmas must be >= 0")
+        raise ScheduleError(f"{what} contains negative values (min {float(s.min()):.4g}); sigmas must be >= 0: {fix}")
     if not (s[:-1] > s[1:]).all():
         if (s[:-1] < s[1:]).all():
             raise ScheduleError(
-                f"{name} is ascending; give the sampling schedule (descending, as BasicScheduler emits) "
+                f"{what} is ascending; give the sampling schedule (descending, as BasicScheduler emits) "
                 "and do not insert FlipSigmas: DDIM Invert reverses it itself")
         raise ScheduleError(
-            f"{name} must be strictly decreasing (no repeated or out-of-order values) so that its reversal "
-            "is strictly increasing; remove duplicated sigmas")
+            f"{what} must be strictly decreasing (no repeated or out-of-order values) so that its reversal "
+            f"is strictly increasing; " + ("choose another scheduler or step count" if source
+                                           else "remove duplicated sigmas"))
+    if family == "flow" and float(s.max()) > FLOW_SIGMA_MAX + _FLOW_SLACK:
+        raise ScheduleError(
+            f"{what} reaches sigma {float(s.max()):.4g} but a flow model's noise level ends at 1 "
+            "(x = (1-sigma) x0 + sigma noise); use a schedule made for this model (BasicScheduler with this model)")
     return s
 
 
@@ -43,10 +71,10 @@ def segment(sigmas: torch.Tensor, start_step: int = 0, end_step: int = 10000) ->
     """
     steps = int(sigmas.shape[0]) - 1
     if start_step < 0:
-        raise ScheduleError(f"start_step must be >= 0; got {start_step}")
+        raise ScheduleError(f"start_step must be >= 0 (got {start_step}); set it to 0 or more")
     end = min(int(end_step), steps)
     if end < 0:
-        raise ScheduleError(f"end_step must be >= 0; got {end_step}")
+        raise ScheduleError(f"end_step must be >= 0 (got {end_step}); set it to 1 or more")
     if start_step >= end:
         raise ScheduleError(
             f"start_step ({start_step}) must be smaller than end_step ({min(end_step, steps)}, capped at "

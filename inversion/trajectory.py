@@ -34,6 +34,7 @@ class Trajectory:
     latent_format: str = ""              # class name of the model's latent_format
     model_sampling: str = ""             # class name of the model's model_sampling (e.g. ModelSamplingDiscrete+EPS)
     family: str = ""                     # "vp" (x = x0 + sigma*eps) or "flow" (x = (1-sigma)x0 + sigma*eps)
+    sampling: dict = field(default_factory=dict)  # prediction type and sigma-table digest (what the sampler compares)
     noise_mask: Optional[torch.Tensor] = None
     batch_index: Optional[list] = None
     version: int = CONTRACT_VERSION

@@ -1,20 +1,33 @@
-"""The only module that talks to ComfyUI internals.
+"""The pack's boundary to ComfyUI internals (models and sampling). With ``nodes/_comfy_image.py`` (VAEs, latent
+formats) it is the only code that imports ComfyUI modules or reads ComfyUI objects' internals.
 
-* Model evaluation goes through ``comfy.samplers.CFGGuider`` (model loading/offload, LoRA, ControlNet,
-  hooks, model patches and CFG all apply) with our own ``comfy.samplers.Sampler`` subclass, whose
-  ``sample()`` runs a math-core loop and applies none of KSAMPLER's noise scaling.
-* ``model.get_model_object("model_sampling")`` / ``("latent_format")`` give the family and the
-  VAE-space <-> model-space maps.
-* Progress bar + live preview (``latent_preview.prepare_callback``) and an interrupt check before every
-  model evaluation.
+ComfyUI modules used here:
+
+* ``comfy.samplers``: ``CFGGuider`` (model loading/offload, LoRA, ControlNet, hooks, model patches and CFG all
+  apply) driving our own ``Sampler`` subclass, whose ``sample()`` runs a math-core loop and applies none of
+  KSAMPLER's noise scaling; ``calculate_sigmas`` and ``SCHEDULER_NAMES`` for the schedule;
+* ``comfy.sampler_helpers.prepare_mask``: a noise mask resized to the latent;
+* ``comfy.model_management``: ``intermediate_device`` (where outputs live) and
+  ``throw_exception_if_processing_interrupted`` (before every model evaluation);
+* ``comfy.utils.PROGRESS_BAR_ENABLED``: ComfyUI's switch for console progress bars (KSampler's convention);
+* ``latent_preview.prepare_callback``: the UI progress bar with a live x0 preview per step.
+
+ComfyUI objects read: a MODEL (``ModelPatcher``: ``get_model_object("model_sampling" | "latent_format")``,
+``model.model`` and its patch state -- ``patches_uuid``, ``object_patches``, ``model_options``, hooks,
+wrappers, callbacks -- for the guidance fingerprint), CONDITIONING lists, and the NOISE protocol (``seed``,
+``generate_noise``). ``tqdm`` (a ComfyUI dependency) draws the console bar.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import uuid
+import weakref
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 import comfy.model_management
 import comfy.sampler_helpers
@@ -22,11 +35,9 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..inversion.errors import InversionInputError
+
 log = logging.getLogger("ddim_inversion")
-
-
-class InversionInputError(ValueError):
-    """Bad node input; the message names the input and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------- model facts
@@ -36,6 +47,13 @@ def model_sampling(model):
 
 def latent_format(model):
     return model.get_model_object("latent_format")
+
+
+def latent_facts(model) -> dict:
+    """What a latent for this model must look like: channels, spatial rank (2 image, 3 video), format name."""
+    fmt = latent_format(model)
+    return {"channels": getattr(fmt, "latent_channels", None),
+            "spatial_dims": int(getattr(fmt, "latent_dimensions", 2)), "format": type(fmt).__name__}
 
 
 def family_of(model) -> str:
@@ -64,113 +82,175 @@ def input_scale(model) -> Callable[[float], float]:
 
 def model_sampling_name(model) -> str:
     ms = model_sampling(model)
-    bases = type(ms).__bases__ if type(ms).__name__ == "ModelSampling" else (type(ms),)
+    bases = type(ms).__bases__ if type(ms).__name__ in ("ModelSampling", "ModelSamplingAdvanced") else (type(ms),)
     return "+".join(c.__name__ for c in bases)
 
 
+def prediction_type(ms) -> str:
+    """The class that defines ``calculate_denoised`` (EPS, V_PREDICTION, CONST, X0, ...), whatever the wrapper
+    class is called (core ModelSamplingDiscrete makes a ``ModelSamplingAdvanced`` on the fly)."""
+    for c in type(ms).__mro__:
+        if "calculate_denoised" in c.__dict__:
+            return c.__name__
+    return type(ms).__name__
+
+
+def sampling_facts(model) -> dict:
+    """Prediction type and sigma table of the model's sampling: equal facts = the same noise schedule."""
+    ms = model_sampling(model)
+    table = getattr(ms, "sigmas", None)
+    facts = {"prediction": prediction_type(ms), "sigma_min": float(ms.sigma_min), "sigma_max": float(ms.sigma_max)}
+    if isinstance(table, torch.Tensor):
+        t = table.detach().to("cpu", torch.float32).contiguous()
+        facts["table"] = hashlib.blake2b(t.numpy().tobytes(), digest_size=8).hexdigest()
+        facts["table_size"] = int(t.numel())
+    return facts
+
+
 def sampling_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
+    """The sigmas KSampler uses for (scheduler, steps) on this model, unvalidated (the caller checks them)."""
     if scheduler not in comfy.samplers.SCHEDULER_NAMES:
-        raise InversionInputError(
-            f"scheduler {scheduler!r} is not one of ComfyUI's schedulers {comfy.samplers.SCHEDULER_NAMES}")
-    return comfy.samplers.calculate_sigmas(model_sampling(model), scheduler, int(steps)).cpu().float()
+        raise InversionInputError(f"scheduler {scheduler!r} is unknown; use one of ComfyUI's schedulers "
+                                  f"({', '.join(comfy.samplers.SCHEDULER_NAMES)})")
+    with torch.no_grad():
+        return comfy.samplers.calculate_sigmas(model_sampling(model), scheduler, int(steps)).cpu().float()
+
+
+def scheduler_names() -> list:
+    return list(comfy.samplers.SCHEDULER_NAMES)
 
 
 def to_model_space(model, samples: torch.Tensor) -> torch.Tensor:
     return latent_format(model).process_in(samples.detach().clone().float())
 
 
-def to_vae_space(model_or_format, x: torch.Tensor) -> torch.Tensor:
-    fmt = model_or_format if hasattr(model_or_format, "process_out") else latent_format(model_or_format)
-    return fmt.process_out(x.detach().clone().float())
+def to_vae_space(model, x: torch.Tensor) -> torch.Tensor:
+    return latent_format(model).process_out(x.detach().clone().float())
 
 
-def check_latent(model, samples, what: str = "latent") -> None:
-    if not isinstance(samples, torch.Tensor):
-        raise InversionInputError(f"{what} has no 'samples' tensor; connect a LATENT (e.g. from VAE Encode (Inversion))")
-    if getattr(samples, "is_nested", False):
-        raise InversionInputError(f"{what} is a nested (multi-stream) latent; DDIM inversion supports image latents only")
-    if samples.ndim not in (4, 5):
-        raise InversionInputError(f"{what} must be [B,C,H,W] (or [B,C,T,H,W]); got shape {tuple(samples.shape)}")
-    want = getattr(latent_format(model), "latent_channels", None)
-    if want is not None and samples.shape[1] != want:
-        raise InversionInputError(
-            f"{what} has {samples.shape[1]} channels but this model's latent format "
-            f"({type(latent_format(model)).__name__}) uses {want}: encode the image with this model's own VAE")
-    if not torch.isfinite(samples).all():
-        raise InversionInputError(f"{what} contains NaN or Inf values; re-encode the image (check the VAE and the image)")
+def output_device() -> torch.device:
+    """Where node outputs live: ComfyUI's intermediate device (the CPU unless --gpu-only)."""
+    return comfy.model_management.intermediate_device()
 
 
-def check_conditioning(cond, batch: int, name: str) -> None:
-    if not isinstance(cond, list) or len(cond) == 0:
-        raise InversionInputError(f"{name} is empty; connect a CONDITIONING (e.g. CLIP Text Encode)")
-    for i, c in enumerate(cond):
-        if not (isinstance(c, (list, tuple)) and len(c) >= 2 and isinstance(c[1], dict)):
-            raise InversionInputError(f"{name}[{i}] is not a ComfyUI conditioning entry; connect a CONDITIONING output")
-        t = c[0]
-        if isinstance(t, torch.Tensor):
-            if not torch.isfinite(t).all():
-                raise InversionInputError(f"{name} contains NaN or Inf values; re-encode the prompt")
-            b = t.shape[0]
-            if b not in (1, batch):
-                raise InversionInputError(
-                    f"{name} has batch {b} but the latent has batch {batch}: use one conditioning (batch 1, "
-                    f"shared) or exactly one per latent")
+def prepare_mask(mask: torch.Tensor, shape, model) -> torch.Tensor:
+    """A (checked) noise mask resized to a latent of ``shape`` on the model's device, as core samplers do."""
+    return comfy.sampler_helpers.prepare_mask(mask, shape, model.load_device)
 
 
-def check_cfg(cfg, name: str = "cfg") -> float:
-    """cfg must be a finite number (a NaN passes ComfyUI's min/max widget check and would silently give a
-    NaN latent)."""
+# ---------------------------------------------------------------------------------------------- guidance fingerprint
+class _Unhashable(Exception):
+    """A value the fingerprint cannot describe by content: the guidance is treated as different."""
+
+
+_MODEL_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _model_token(obj) -> str:
+    """A per-object identity that is never reused (unlike ``id``): kept in a weak map, nothing is written on
+    the model."""
     try:
-        v = float(cfg)
-    except (TypeError, ValueError):
-        raise InversionInputError(f"{name} must be a number (e.g. 1.0); got {cfg!r}") from None
-    if not math.isfinite(v):
-        raise InversionInputError(f"{name} must be a finite number (e.g. 1.0); got {cfg!r}")
-    return v
+        tok = _MODEL_TOKENS.get(obj)
+        if tok is None:
+            tok = _MODEL_TOKENS[obj] = uuid.uuid4().hex
+        return tok
+    except TypeError:
+        raise _Unhashable(type(obj).__name__) from None
 
 
-def check_noise_mask(mask, shape, name: str = "noise_mask") -> None:
-    """A latent's optional noise_mask: a finite tensor [H,W], [B,H,W] or [B,1,H,W] (any size: it is resized)."""
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise InversionInputError(f"latent {name} must be a MASK tensor; got {type(mask).__name__}: "
-                                  "set it with Set Latent Noise Mask")
-    if mask.ndim < 2 or mask.ndim > len(shape) or mask.numel() == 0:
-        raise InversionInputError(f"latent {name} must be [H,W], [B,H,W] or [B,1,H,W]; got shape {tuple(mask.shape)}: "
-                                  "set it with Set Latent Noise Mask")
-    if not torch.isfinite(mask).all():
-        raise InversionInputError(f"latent {name} contains NaN or Inf values; use a mask with values in [0, 1]")
+class _Hasher:
+    def __init__(self):
+        self.h = hashlib.blake2b(digest_size=20)
 
+    def text(self, s: str) -> None:
+        self.h.update(s.encode())
+        self.h.update(b"\0")
 
-def guidance_fingerprint(positive, negative, cfg: float) -> str:
-    """A hash of the conditioning tensors (and their tensor/scalar options) and the cfg: tells the sampler
-    whether it regenerates with exactly the inversion's guidance."""
-    import hashlib
-    h = hashlib.sha1()
-    h.update(repr(round(float(cfg), 8)).encode())
-
-    def feed(v):
+    def feed(self, v, depth: int = 0) -> None:
+        if depth > 12:
+            raise _Unhashable("too deep")
         if isinstance(v, torch.Tensor):
-            t = v.detach().to("cpu", torch.float32).contiguous()
-            h.update(repr(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            h.update(repr(v).encode())
+            t = v.detach().to("cpu").contiguous()
+            self.text(f"T{tuple(t.shape)}{t.dtype}")
+            self.h.update(t.float().numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            self.text(f"{type(v).__name__}:{v!r}")
         elif isinstance(v, (list, tuple)):
+            self.text(f"{type(v).__name__}[{len(v)}")
             for x in v:
-                feed(x)
+                self.feed(x, depth + 1)
+            self.text("]")
         elif isinstance(v, dict):
+            self.text(f"dict{{{len(v)}")
             for k in sorted(v, key=str):
-                h.update(str(k).encode())
-                feed(v[k])
-        else:
-            h.update(type(v).__name__.encode())
+                self.text(str(k))
+                self.feed(v[k], depth + 1)
+            self.text("}")
+        else:  # a ControlNet, a hook group, a function, an object patch...: not comparable by content
+            raise _Unhashable(type(v).__name__)
 
-    for cond in (positive, negative):
-        h.update(b"|")
-        feed(cond)
-    return h.hexdigest()
+    def feed_sampling(self, ms) -> None:
+        t = getattr(ms, "sigmas", None)
+        self.text(f"ms:{prediction_type(ms)}")
+        if isinstance(t, torch.Tensor):
+            self.feed(t)
+        for k, v in sorted(vars(ms).items()):
+            if isinstance(v, (bool, int, float, str)):
+                self.text(f"{k}={v!r}")
+
+
+def _feed_model(h: _Hasher, model) -> None:
+    """The model's identity and every patch that changes its predictions."""
+    h.text("model:" + _model_token(model.model))
+    h.text("weights:" + str(getattr(model, "patches_uuid", "")))
+    for name in sorted(getattr(model, "object_patches", {}) or {}):
+        obj = model.object_patches[name]
+        h.text("object_patch:" + name)
+        if name == "model_sampling":
+            h.feed_sampling(obj)
+        else:
+            h.feed(obj)
+    h.feed(getattr(model, "model_options", {}))
+    for attr in ("wrappers", "callbacks"):
+        groups = getattr(model, attr, {}) or {}
+        for key in sorted(groups, key=str):
+            for sub in (groups[key] or {}).values():
+                if sub:
+                    raise _Unhashable(f"{attr}[{key}]")
+    for attr in ("hook_patches", "additional_models", "injections", "attachments"):
+        if getattr(model, attr, None):
+            raise _Unhashable(attr)
+    for attr in ("current_hooks", "forced_hooks"):
+        if getattr(model, attr, None) is not None:
+            raise _Unhashable(attr)
+
+
+def guidance_fingerprint(model, positive, negative, cfg: float) -> Optional[str]:
+    """A hash of everything that decides the guided prediction: the model (identity, weight patches such as
+    LoRA, object patches, model_options), both conditionings (tensors and options) and the cfg.
+
+    Conservative: anything it cannot describe by content (a ControlNet or hook in the conditioning, a
+    function in model_options, a wrapper/callback/hook on the model) makes it return None, which never
+    equals another fingerprint, so ``exact_replay=auto`` picks the ddim replay.
+    """
+    h = _Hasher()
+    try:
+        h.text(repr(round(float(cfg), 8)))
+        _feed_model(h, model)
+        for cond in (positive, negative):
+            h.text("|cond")
+            h.feed(cond)
+    except _Unhashable as e:
+        log.debug("guidance fingerprint: %s is not comparable; exact_replay=auto will use ddim", e)
+        return None
+    except Exception as e:  # anything unexpected: "not the same", never a crash
+        log.debug("guidance fingerprint failed (%r); exact_replay=auto will use ddim", e)
+        return None
+    return h.h.hexdigest()
+
+
+def same_guidance(recorded: Optional[str], now: Optional[str]) -> bool:
+    return recorded is not None and now is not None and recorded == now
 
 
 # ---------------------------------------------------------------------------------------------- the sampler seam
@@ -178,18 +258,20 @@ class _LoopSampler(comfy.samplers.Sampler):
     """A ``comfy.samplers.Sampler`` that runs ``loop(model_fn, device, progress)`` inside CFGGuider.
 
     ``model_fn(x, sigma)`` evaluates the guided denoiser (CFG, patches, ControlNet) at a python-float sigma,
-    after checking for an interrupt. No noise scaling is applied before or after the loop.
+    after checking for an interrupt. No noise scaling is applied before or after the loop. ``progress`` feeds
+    ComfyUI's UI progress/preview callback and, unless ComfyUI disabled progress bars, a console bar.
     """
 
-    def __init__(self, loop: Callable, total_steps: int):
+    def __init__(self, loop: Callable, label: str):
         self.loop = loop
-        self.total_steps = total_steps
+        self.label = label
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         model_options = extra_args.get("model_options", {})
         seed = extra_args.get("seed", None)
+        bar: dict = {}
 
         def model_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -197,50 +279,42 @@ class _LoopSampler(comfy.samplers.Sampler):
             return model_wrap(x.to(noise.device), s, model_options=model_options, seed=seed)
 
         def progress(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=total, disable=disable_pbar, desc=self.label, leave=True)
+            bar["bar"].update(1)
             if callback is not None:
                 callback(i, denoised.to(torch.float32), x.to(torch.float32), total)
 
-        with torch.no_grad():
-            self.result = self.loop(model_fn, noise.device, progress)
+        try:
+            with torch.no_grad():
+                self.result = self.loop(model_fn, noise.device, progress)
+        finally:
+            if "bar" in bar:
+                bar["bar"].close()
         # CFGGuider post-processes what we return; our caller reads self.result instead
-        if isinstance(self.result, torch.Tensor):
+        if isinstance(self.result, torch.Tensor) and tuple(self.result.shape) == tuple(noise.shape):
             return self.result.to(noise.device, torch.float32)
         return torch.zeros_like(noise, dtype=torch.float32)
 
 
-def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tensor, loop: Callable,
-               total_steps: int, seed: int = 0, preview: bool = True):
-    """Run ``loop`` with the guided model of (model, positive, negative, cfg). Returns the loop's result.
+def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tensor, loop: Callable, steps: int,
+               label: str):
+    """Run ``loop`` with the guided model of (model, positive, negative, cfg); returns the loop's result.
 
     ``sigmas`` (descending) is what CFGGuider sees for model loading, memory estimates and
-    transformer_options['sample_sigmas']; the loop decides the sigma of each evaluation itself.
+    transformer_options['sample_sigmas']; the loop decides the sigma of each evaluation itself. ``steps`` is
+    the UI progress bar's length.
     """
-    cfg = check_cfg(cfg)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(float(cfg))
-    sampler = _LoopSampler(loop, total_steps)
+    sampler = _LoopSampler(loop, label)
     zeros = torch.zeros(shape, dtype=torch.float32)
-    callback = latent_preview.prepare_callback(model, total_steps) if preview else None
-    with torch.no_grad():
+    callback = latent_preview.prepare_callback(model, int(steps))
+    with torch.no_grad():   # seed: nothing here draws noise; CFGGuider passes it on to model_options users
         guider.sample(zeros, zeros.clone(), sampler, sigmas.to(torch.float32), denoise_mask=None,
-                      callback=callback, disable_pbar=True, seed=seed)
+                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     return sampler.result
-
-
-def storage_device() -> torch.device:
-    return comfy.model_management.intermediate_device()
-
-
-def compute_device(model) -> torch.device:
-    return model.load_device
-
-
-def prepare_mask(mask: Optional[torch.Tensor], shape, device) -> Optional[torch.Tensor]:
-    if mask is None:
-        return None
-    check_noise_mask(mask, shape)
-    return comfy.sampler_helpers.prepare_mask(mask, shape, device)
 
 
 # ---------------------------------------------------------------------------------------------- NOISE for core samplers
@@ -269,8 +343,9 @@ class InvertedNoise:
         samples = input_latent["samples"]
         if tuple(samples.shape) != tuple(self.state.shape):
             raise InversionInputError(
-                f"the latent given to the sampler has shape {tuple(samples.shape)} but the inverted noise has "
-                f"{tuple(self.state.shape)}: connect DDIM Invert's noise_latent (or an empty latent of the same size)")
+                f"DDIM Invert (noise): the latent given to the sampler has shape {tuple(samples.shape)} but the "
+                f"inverted noise has {tuple(self.state.shape)}; connect DDIM Invert's noise_latent (or an empty "
+                "latent of the same size and batch)")
         scale, a = self._coefficients()
         if torch.count_nonzero(samples) > 0:  # as CFGGuider.inner_sample: only a non-zero latent is processed
             li = self.latent_format.process_in(samples.detach().clone().float())

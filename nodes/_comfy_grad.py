@@ -12,7 +12,8 @@
   storage: no weight is copied, none requires grad, and the originals are put back afterwards.
 * ``model_sampling.percent_to_sigma`` turns the schedule into the ``start_percent``/``end_percent`` ranges that
   bind each optimised negative to its own sampling step (:func:`step_ranges`).
-* Progress bar + live preview (``latent_preview.prepare_callback``) and an interrupt check before every
+* Progress: the UI bar with a live preview (``latent_preview.prepare_callback``), a console bar unless
+  ComfyUI disabled them (``comfy.utils.PROGRESS_BAR_ENABLED``), and an interrupt check before every
   evaluation (``comfy.model_management.throw_exception_if_processing_interrupted``).
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ import contextlib
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 import comfy.model_management
 import comfy.samplers
+import comfy.utils
 import latent_preview
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -80,7 +83,8 @@ def step_ranges(model_sampling, sampling_sigmas: torch.Tensor) -> list:
     ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
     for k, (p0, p1) in enumerate(ranges):  # what ComfyUI will compute from them
         top, bottom = model_sampling.percent_to_sigma(p0), model_sampling.percent_to_sigma(p1)
-        if not (bottom < sig[k] <= top) or not p0 < p1:
+        inside = bottom < sig[k] < top or (k == 0 and bottom < sig[k] <= top)  # sigma_max may equal the top
+        if not inside or not p0 < p1:
             raise ValueError(f"cannot bind step {k} (sigma {sig[k]:.6g}) to a conditioning range: the model's "
                              f"percent_to_sigma gives [{bottom:.6g}, {top:.6g}] for [{p0:.6g}, {p1:.6g}]")
     return ranges
@@ -116,8 +120,9 @@ class _BranchSampler(comfy.samplers.Sampler):
     """Runs ``loop(cond_fn, uncond_fn, device, progress)`` inside ``CFGGuider.sample`` with the two
     branches of the prepared guider as separate callables (see the module docstring)."""
 
-    def __init__(self, loop: Callable):
+    def __init__(self, loop: Callable, label: str):
         self.loop = loop
+        self.label = label
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -143,29 +148,42 @@ class _BranchSampler(comfy.samplers.Sampler):
             neg = _with_embedding(conds["negative"], emb.to(device))
             return comfy.samplers.calc_cond_batch(inner, [None, neg], x, timestep(x, sigma), model_options)[1]
 
+        bar: dict = {}
+
         def progress(i, total, x, denoised):
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=total, disable=disable_pbar, desc=self.label, leave=True)
+            bar["bar"].update(1)
             if callback is not None:
                 callback(i, denoised.detach().to(torch.float32), x.detach().to(torch.float32), total)
 
-        with autograd_view(inner):
-            self.result = self.loop(cond_fn, uncond_fn, device, progress)
+        try:
+            with autograd_view(inner):
+                self.result = self.loop(cond_fn, uncond_fn, device, progress)
+        finally:
+            if "bar" in bar:
+                bar["bar"].close()
         return torch.zeros_like(noise, dtype=torch.float32)
 
 
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 def run_branches(model, positive, negative, cfg: float, shape, sampling_sigmas: torch.Tensor, loop: Callable,
-                 total: int, preview: bool = True):
+                 total: int, label: str):
     """Run ``loop(cond_fn, uncond_fn, device, progress)`` with the branches of (model, positive, negative)
     prepared by a ``CFGGuider`` at ``cfg`` (the schedule it sees for loading and memory estimates is
     ``sampling_sigmas``). Returns the loop's result."""
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(float(cfg))
-    sampler = _BranchSampler(loop)
+    sampler = _BranchSampler(loop, label)
     zeros = torch.zeros(shape, dtype=torch.float32)
-    callback = latent_preview.prepare_callback(model, total) if preview else None
+    callback = latent_preview.prepare_callback(model, total)
     with torch.no_grad():
         guider.sample(zeros, zeros.clone(), sampler, sampling_sigmas.to(torch.float32), denoise_mask=None,
-                      callback=callback, disable_pbar=True, seed=0)
+                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     return sampler.result
 
 

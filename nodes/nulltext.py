@@ -3,62 +3,54 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..inversion import checks
 from ..inversion import nulltext as NT
+from ..inversion.errors import InversionInputError, node_boundary
 from . import _comfy as C
 from . import _comfy_grad as G
-from .types import TRAJECTORY
+from .types import CATEGORY, TRAJECTORY
 
-CATEGORY = "sampling/ddim_inversion"
+DISPLAY = "Null-Text Inversion"
 MODES = ["null_text", "negative_prompt"]
 
 
-def _tensor_of(cond, name: str):
-    if not (isinstance(cond, list) and cond and isinstance(cond[0], (list, tuple)) and len(cond[0]) >= 2):
-        raise C.InversionInputError(f"Null-Text Inversion: {name} is empty; connect a CONDITIONING (CLIP Text Encode)")
-    return cond[0][0]
-
-
-def check_inputs(model, positive, negative, traj, cfg: float, mode: str) -> None:
-    """Every reason null-text cannot run on these inputs, as one clear error naming the fix."""
-    if traj is None or not hasattr(traj, "states") or not hasattr(traj, "sigmas"):
-        raise C.InversionInputError("Null-Text Inversion: trajectory is not a DDIM_TRAJECTORY; connect DDIM Invert's "
-                                    "trajectory output (method ddim, cfg 1: the pivot)")
+def check_inputs(model, positive, negative, traj, cfg: float, mode: str) -> float:
+    """Every reason null-text cannot run on these inputs, as one clear error naming the fix; returns cfg."""
+    checks.check_trajectory(traj)
     if traj.method == "exact":
-        raise C.InversionInputError("Null-Text Inversion: the trajectory was made with method 'exact' (BDIA), whose "
-                                    "sampler is not the DDIM sampler null-text retraces; invert with method ddim "
-                                    "(or implicit) at cfg 1 for the pivot")
+        raise InversionInputError("the trajectory was made with method 'exact' (BDIA), whose sampler is not the "
+                                  "DDIM sampler null-text retraces; invert with method ddim (or implicit) at cfg 1 "
+                                  "for the pivot")
     if mode not in MODES:
-        raise C.InversionInputError(f"Null-Text Inversion: mode must be one of {MODES}; got {mode!r}")
+        raise InversionInputError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     if G.is_guidance_distilled(model, positive):
-        raise C.InversionInputError(
-            "Null-Text Inversion: this is a guidance-distilled model (Flux-style: guidance is an input and there "
-            "is no unconditional branch to optimise); use DDIM Invert's method 'exact' to reconstruct, or the "
-            "Inverted-Latent Sampler's correction 'source_drift' to edit")
-    want = getattr(C.latent_format(model), "latent_channels", None)
-    if want is not None and traj.states.shape[2] != want:
-        raise C.InversionInputError(
-            f"Null-Text Inversion: the trajectory's latents have {traj.states.shape[2]} channels but this model "
-            f"uses {want}: connect the model that made the trajectory")
+        raise InversionInputError(
+            "this is a guidance-distilled model (Flux-style: guidance is an input and there is no unconditional "
+            "branch to optimise); use DDIM Invert's method 'exact' to reconstruct, or the Inverted-Latent "
+            "Sampler's correction 'source_drift' to edit")
+    facts = C.latent_facts(model)
+    if facts["channels"] is not None and traj.states.shape[2] != facts["channels"]:
+        raise InversionInputError(f"the trajectory's latents have {traj.states.shape[2]} channels but this model "
+                                  f"uses {facts['channels']}; connect the model that made the trajectory")
     if traj.family and C.family_of(model) != traj.family:
-        raise C.InversionInputError(
-            f"Null-Text Inversion: the trajectory was made by a {traj.family} model, this one is "
-            f"{C.family_of(model)}: connect the model that made the trajectory")
+        raise InversionInputError(f"the trajectory was made by a {traj.family} model, this one is "
+                                  f"{C.family_of(model)}; connect the model that made the trajectory")
     B = traj.batch_size
-    C.check_conditioning(positive, B, "positive")
-    C.check_conditioning(negative, B, "negative")
+    checks.check_conditioning(positive, B, "positive")
+    checks.check_conditioning(negative, B, "negative")
+    cfg = checks.check_cfg(cfg)
     if mode == "negative_prompt":
-        return
+        return cfg
     if len(negative) != 1:
-        raise C.InversionInputError(
-            f"Null-Text Inversion: negative has {len(negative)} entries; null-text optimises one negative "
-            "prompt: connect a single CLIP Text Encode (e.g. of an empty prompt)")
-    neg, pos = _tensor_of(negative, "negative"), _tensor_of(positive, "positive")
+        raise InversionInputError(f"negative has {len(negative)} entries but null-text optimises one negative "
+                                  "prompt; connect a single CLIP Text Encode (e.g. of an empty prompt)")
+    neg, pos = negative[0][0], positive[0][0]
     if neg.ndim != pos.ndim or neg.shape[-1] != pos.shape[-1]:
-        raise C.InversionInputError(
-            f"Null-Text Inversion: negative has shape {tuple(neg.shape)} but positive {tuple(pos.shape)}: encode "
-            "the negative with the same text encoder (the same CLIP output) as the positive")
-    if float(cfg) <= 1.0:
-        NT.NullTextOptions(cfg=float(cfg)).check()  # raises the core's message: nothing to optimise at cfg <= 1
+        raise InversionInputError(f"negative has shape {tuple(neg.shape)} but positive {tuple(pos.shape)}; encode "
+                                  "the negative with the same text encoder (the same CLIP output) as the positive")
+    if cfg <= 1.0:
+        NT.NullTextOptions(cfg=cfg).check()  # raises the core's message: nothing to optimise at cfg <= 1
+    return cfg
 
 
 class DDIMInvNullText(io.ComfyNode):
@@ -66,7 +58,7 @@ class DDIMInvNullText(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DDIMInvNullText",
-            display_name="Null-Text Inversion",
+            display_name=DISPLAY,
             category=CATEGORY,
             description=(
                 "Null-text inversion (Mokady et al. 2023): from a CFG-1 DDIM Invert trajectory (the pivot), "
@@ -114,46 +106,49 @@ class DDIMInvNullText(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, trajectory, cfg, mode="null_text", iterations=10,
                 learning_rate=1e-2, early_stop=1e-5) -> io.NodeOutput:
-        traj = trajectory
-        check_inputs(model, positive, negative, traj, cfg, mode)
-        store = C.storage_device()
+        with node_boundary(DISPLAY):
+            try:
+                return cls._run(model, positive, negative, trajectory, cfg, mode, iterations, learning_rate,
+                                early_stop)
+            except NT.NullTextError as e:
+                raise InversionInputError(str(e)) from None
+
+    @classmethod
+    def _run(cls, model, positive, negative, traj, cfg, mode, iterations, learning_rate, early_stop):
+        cfg = check_inputs(model, positive, negative, traj, cfg, mode)
+        store = C.output_device()
         sched = traj.sampling_sigmas()
         N = traj.steps
         if mode == "negative_prompt":
             neg_out = [[t, dict(d)] for t, d in positive]
             info = {"mode": mode, "cfg": None, "conditioning": neg_out, "nfe": 0, "backward": 0}
-            text = ("negative-prompt inversion: the source prompt is the negative at every step (no "
-                    "optimisation); any cfg samples the CFG-1 path")
+            text = (f"{DISPLAY}: negative-prompt inversion: the source prompt is the negative at every step (no "
+                    "optimisation); any cfg samples the cfg-1 path")
             return io.NodeOutput(neg_out, traj.with_(optimized_negative=info), ui=ui.PreviewText(text))
-        try:
-            opts = NT.NullTextOptions(cfg=float(cfg), iterations=int(iterations), learning_rate=float(learning_rate),
-                                      early_stop=float(early_stop)).check()
-        except NT.NullTextError as e:
-            raise C.InversionInputError(f"Null-Text Inversion: {e}") from None
+        opts = NT.NullTextOptions(cfg=cfg, iterations=int(iterations), learning_rate=float(learning_rate),
+                                  early_stop=float(early_stop)).check()
         cin = C.input_scale(model)
-        null0 = _tensor_of(negative, "negative")
+        null0 = negative[0][0]
 
         def loop(cond_fn, uncond_fn, device, progress):
-            import comfy.model_management
             return NT.optimize(traj, cond_fn, uncond_fn, null0, opts, input_scale=cin, progress=progress,
-                               check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                               device=device, store_device=store)
+                               check_interrupt=G.check_interrupt, device=device, store_device=store)
 
         res = G.run_branches(model, positive, negative, opts.cfg, tuple(traj.states.shape[1:]), sched, loop,
-                             total=N * (opts.iterations + 1))
+                             total=N * (opts.iterations + 1), label=DISPLAY)
         ranges = G.step_ranges(C.model_sampling(model), sched)
         neg_out = G.per_step_conditioning(negative, res.embeddings, ranges, store)
         info = {"mode": mode, "cfg": opts.cfg, "conditioning": neg_out, "nfe": res.nfe, "nfe_cond": res.nfe_cond,
                 "nfe_uncond": res.nfe_uncond, "backward": res.backward,
                 "iterations_per_step": res.iterations.max(dim=1).values.tolist(),
                 "loss_per_step": res.losses.max(dim=1).values.tolist(), "ranges": ranges}
-        warn = G.cfg_patches(model)
-        text = (f"null-text inversion at cfg {opts.cfg:g}: {N} steps, {res.backward} backward passes, "
-                f"{res.nfe} evaluations ({res.nfe_cond} positive + {res.nfe_uncond} negative), "
-                f"{res.backward / N:.1f} updates/step; worst final step loss {max(info['loss_per_step']):.2e}")
-        if warn:
-            text += (f". WARNING: the model has CFG patches ({', '.join(warn)}); null-text optimised plain CFG, "
-                     "so samplers applying them will not retrace the pivot")
+        text = (f"{DISPLAY}: cfg {opts.cfg:g}, {N} steps, {res.backward} backward passes, {res.nfe} evaluations "
+                f"({res.nfe_cond} positive + {res.nfe_uncond} negative), {res.backward / N:.1f} updates/step; worst "
+                f"final step loss {max(info['loss_per_step']):.2e}")
+        patches = G.cfg_patches(model)
+        if patches:
+            text += (f"\nWARNING: the model has CFG patches ({', '.join(patches)}); null-text optimised plain CFG, "
+                     "so samplers that apply them will not retrace the pivot")
         return io.NodeOutput(neg_out, traj.with_(optimized_negative=info), ui=ui.PreviewText(text))
 
 

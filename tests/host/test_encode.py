@@ -1,4 +1,5 @@
-"""VAE Encode (Inversion) in the real host: equality with core VAEEncode, fit modes, RGBA, ceiling, errors."""
+"""VAE Encode (Inversion) in the real host: equality with core VAEEncode, fit modes, channels, the ceiling (whole and
+sampled), errors in the pack's style. The pure pixel arithmetic is unit-tested in tests/unit/test_imaging.py."""
 from __future__ import annotations
 
 import math
@@ -11,23 +12,18 @@ from ddiminv_dev import host
 NODE = "DDIMInvVAEEncode"
 
 
-@pytest.fixture(scope="module")
-def fx():
-    nodes = host.boot()
-    from ddiminv_dev.fixtures import preview_nodes as f
-    return nodes, f
-
-
 def _image(f, width=64, height=64, batch=1, channels=3, seed=0, poison="none"):
     return f.TestNoiseImage().make(width, height, batch, channels, seed, poison)[0]
 
 
-def _prompt(width=64, height=64, batch=1, channels=3, seed=0, poison="none", fit="pad", tiled=False, vae_seed=0):
+def _prompt(width=64, height=64, batch=1, channels=3, seed=0, poison="none", fit="pad", tiled=False, vae_seed=0,
+            ceiling="sampled"):
     return {
         "img": {"class_type": "TestNoiseImage", "inputs": {"width": width, "height": height, "batch": batch,
                                                           "channels": channels, "seed": seed, "poison": poison}},
         "vae": {"class_type": "TestTinyVAE", "inputs": {"seed": vae_seed}},
-        "enc": {"class_type": NODE, "inputs": {"pixels": ["img", 0], "vae": ["vae", 0], "fit": fit, "tiled": tiled}},
+        "enc": {"class_type": NODE, "inputs": {"pixels": ["img", 0], "vae": ["vae", 0], "fit": fit, "tiled": tiled,
+                                               "ceiling": ceiling}},
         # PreviewAny is an output node: it makes the executor run the encoder
         "out": {"class_type": "PreviewAny", "inputs": {"source": ["enc", 1]}},
     }
@@ -40,11 +36,15 @@ def _run(**kw):
 
 
 def _error(**kw) -> str:
-    r = host.run(_prompt(**kw), expect_success=False)
+    p = _prompt(**kw)
+    assert host.validate(p)[0], "ComfyUI's validation rejected the prompt before the node's own check"
+    r = host.run(p, expect_success=False)
     assert not r.success
     err = r.error()
-    assert err is not None
-    return err.get("exception_message", "")
+    assert err is not None and err["node_id"] == "enc" and err["exception_type"].endswith("InversionInputError"), err
+    msg = err.get("exception_message", "")
+    assert msg.startswith("VAE Encode (Inversion): "), msg
+    return msg
 
 
 def _psnr(a, b):
@@ -58,7 +58,7 @@ def test_schema_documented(fx):
     assert schema.display_name == "VAE Encode (Inversion)"
     assert schema.category == "sampling/ddim_inversion"
     assert schema.description
-    assert [i.id for i in schema.inputs] == ["pixels", "vae", "fit", "tiled"]
+    assert [i.id for i in schema.inputs] == ["pixels", "vae", "fit", "tiled", "ceiling"]
     assert all(i.tooltip for i in schema.inputs)
     assert all(o.tooltip for o in schema.outputs)
     fit = schema.inputs[2]
@@ -92,7 +92,7 @@ def test_ceiling_is_psnr_of_round_trip(fx):
     assert isinstance(ceiling, float) and math.isfinite(ceiling)
     assert ceiling == pytest.approx(want, abs=1e-4)
     text = r.ui("enc")["text"][0]
-    assert f"{ceiling:.2f} dB" in text
+    assert f"{ceiling:.2f} dB" in text and "whole image" in text
 
 
 @torch.inference_mode()
@@ -157,7 +157,38 @@ def test_tiled(fx):
 @pytest.mark.parametrize("poison", ["nan", "inf"])
 def test_non_finite_image_is_refused(fx, poison):
     msg = _error(poison=poison)
-    assert "NaN/Inf" in msg and "Fix" in msg
+    assert "NaN/Inf" in msg and "fix the node that produced it" in msg
+
+
+@pytest.mark.parametrize("channels", [2, 5, 8])
+def test_images_that_are_not_grey_rgb_or_rgba_are_refused(fx, channels):
+    """5 channels used to pass (the first three were taken as RGB) while 2 failed: both are refused now."""
+    msg = _error(channels=channels)
+    assert f"has {channels} channels" in msg and "grey (1), RGB (3) or RGBA (4" in msg and "convert it to RGB" in msg
+
+
+@torch.inference_mode()
+def test_grey_image_is_repeated_to_rgb(fx):
+    nodes, f = fx
+    _, latent, _ = _run(channels=1, seed=5)
+    grey = _image(f, channels=1, seed=5)
+    ref = nodes.VAEEncode().encode(f.tiny_vae(0), grey.expand(-1, -1, -1, 3).contiguous())[0]["samples"]
+    assert torch.equal(latent, ref)
+
+
+@torch.inference_mode()
+def test_sampled_ceiling_of_a_large_image_estimates_the_full_one(fx):
+    """512x512: the default decodes one 14x14 latent window (~5% of the image) instead of everything."""
+    _, f = fx
+    r, latent, sampled = _run(width=512, height=512, seed=7)
+    _, latent_full, full = _run(width=512, height=512, seed=7, ceiling="full")
+    assert torch.equal(latent, latent_full)
+    text = r.ui("enc")["text"][0]
+    assert "measured on 1 latent windows" in text and "ceiling=full measures all" in text
+    assert abs(sampled - full) < 0.5, (sampled, full)
+    vae = f.tiny_vae(0)
+    img = _image(f, width=512, height=512, seed=7)
+    assert full == pytest.approx(_psnr(vae.decode(vae.encode(img)), img), abs=1e-4)
 
 
 @torch.inference_mode()

@@ -45,6 +45,10 @@ def prompt(fam, steps, cfg=7.5, iterations=ITERS, mode="null_text", lr=LR):
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": cfg,
             "mode": mode, "iterations": iterations, "learning_rate": lr, "early_stop": 1e-5}},
     }
+    # ours: the annotated trajectory (its optimised negative replaces "negative" by default)
+    p["ours"] = {"class_type": "DDIMInvSampler", "inputs": {"model": ["m", 0], "positive": ["c", 0],
+                                                            "negative": ["n", 0], "trajectory": ["nt", 1], "cfg": cfg}}
+    p["ours_out"] = {"class_type": "PreviewAny", "inputs": {"source": ["ours", 0]}}
     # core's samplers with the optimised negative, and with the plain one
     for name, neg in (("core", ["nt", 0]), ("plain", ["n", 0])):
         if fam == "flow":  # KSamplerAdvanced cannot start from sigma = 1 on flow models: the NOISE output
@@ -77,8 +81,12 @@ def test_null_text_reconstructs_at_cfg_7_5_through_core_samplers(fam):
     res = host.run(prompt(fam, 50))
     traj = res.outputs("nt")[1]
     info = traj.optimized_negative
-    plain, ours = rel(res, "plain"), rel(res, "core")
-    assert ours * 10 <= plain, (fam, ours, plain)
+    plain, core = rel(res, "plain"), rel(res, "core")
+    assert core * 10 <= plain, (fam, core, plain)
+    # core's sampler with the optimised CONDITIONING reproduces our sampler's result
+    a, b = res.outputs("core")[0]["samples"], res.outputs("ours")[0]["samples"]
+    assert float((a - b).norm() / b.norm()) <= 1e-4, (fam, float((a - b).norm() / b.norm()))
+    assert "null-text negative (50 entries)" in "".join(res.ui("ours").get("text", [])), res.ui("ours")
     # cost recorded: 1 positive + (u + 1) negative evaluations and u backward passes per step
     assert info["backward"] == sum(info["iterations_per_step"]) and info["backward"] <= 50 * ITERS
     assert info["nfe_cond"] == 50 and info["nfe_uncond"] == 50 + info["backward"]
@@ -172,3 +180,25 @@ def test_each_step_meets_exactly_its_own_negative():
         for k, sigma in enumerate(traj.sampling_sigmas()[:-1].tolist()):
             hit = [c["k"] for c in conds if c["timestep_end"] <= sigma <= c["timestep_start"]]
             assert hit == [k], (fam, k, sigma, hit)
+
+
+def test_the_sampler_edits_with_the_optimised_negative_and_can_be_told_not_to():
+    p = prompt("eps", 8)
+    p["c2"] = {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 7, "near_seed": 0,
+                                                                "distance": 0.5}}
+    p["edit"] = {"class_type": "DDIMInvSampler", "inputs": {"model": ["m", 0], "positive": ["c2", 0],
+                                                            "negative": ["n", 0], "trajectory": ["nt", 1], "cfg": 7.5}}
+    p["edit_off"] = {"class_type": "DDIMInvSampler", "inputs": {
+        "model": ["m", 0], "positive": ["c2", 0], "negative": ["n", 0], "trajectory": ["nt", 1], "cfg": 7.5,
+        "null_text": "off"}}
+    p["edit_plain"] = {"class_type": "DDIMInvSampler", "inputs": {
+        "model": ["m", 0], "positive": ["c2", 0], "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": 7.5}}
+    p["other_cfg"] = {"class_type": "DDIMInvSampler", "inputs": {
+        "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["nt", 1], "cfg": 4.0}}
+    for k in ("edit", "edit_off", "edit_plain", "other_cfg"):
+        p[k + "_o"] = {"class_type": "PreviewAny", "inputs": {"source": [k, 0]}}
+    res = host.run(p)
+    edit, off, plain = (res.outputs(k)[0]["samples"] for k in ("edit", "edit_off", "edit_plain"))
+    assert torch.equal(off, plain)              # off: the plain negative, exactly the pivot's plain edit
+    assert not torch.allclose(edit, plain)      # auto: the optimised negative changes the edit
+    assert "WARNING: the negative was optimised for cfg 7.5; at cfg 4" in "".join(res.ui("other_cfg")["text"])

@@ -13,13 +13,6 @@ from ddiminv_dev import host
 NODE = "DDIMInvTrajectoryPreview"
 
 
-@pytest.fixture(scope="module")
-def fx():
-    nodes = host.boot()
-    from ddiminv_dev.fixtures import preview_nodes as f
-    return nodes, f
-
-
 def _prompt(steps=10, batch=1, size=8, seed=0, latent_format="SD15", show="states", frames=4, decode="fast",
             vae=False, batch_index=0, channels=4):
     p = {
@@ -40,10 +33,16 @@ def _run(**kw):
     return r, r.outputs("prev")[0], r.ui("prev")
 
 
-def _error(**kw) -> str:
-    r = host.run(_prompt(**kw), expect_success=False)
+def _error(prompt=None, **kw) -> str:
+    p = prompt or _prompt(**kw)
+    assert host.validate(p)[0], "ComfyUI's validation rejected the prompt before the node's own check"
+    r = host.run(p, expect_success=False)
     assert not r.success
-    return (r.error() or {}).get("exception_message", "")
+    err = r.error() or {}
+    assert err.get("node_id") == "prev" and err["exception_type"].endswith("InversionInputError"), err
+    msg = err.get("exception_message", "")
+    assert msg.startswith("Trajectory Preview: "), msg
+    return msg
 
 
 def _traj(f, **kw):
@@ -67,17 +66,6 @@ def test_schema_documented(fx):
     assert schema.inputs[0].io_type == "DDIM_TRAJECTORY"
     ids = [i.id for i in schema.inputs]
     assert ids[:5] == ["trajectory", "vae", "show", "frames", "decode"]
-
-
-def test_select_frames_properties(fx):
-    select = host.pack_submodule("nodes.preview").select_frames
-    for count in range(1, 40):
-        for frames in range(2, 45):
-            idx = select(count, frames)
-            assert idx == sorted(set(idx))
-            assert idx[0] == 0 and idx[-1] == count - 1
-            assert len(idx) == min(count, frames)
-    assert select(11, 4) == [0, 3, 7, 10]
 
 
 def test_states_frames_include_both_ends(fx):
@@ -183,9 +171,26 @@ def test_unknown_latent_format(fx):
     assert "NoSuchFormat" in msg and "DDIM Invert" in msg
 
 
-def test_batch_index_out_of_range(fx):
-    msg = _error(batch=2, batch_index=5)
-    assert "batch_index" in msg and "0..1" in msg
+def test_channels_without_fast_factors_name_decode_vae(fx):
+    msg = _error(channels=5)
+    assert "5 latent channels" in msg and "decode=vae" in msg
+
+
+@pytest.mark.parametrize("index", [5, 4096, 10**6])
+@pytest.mark.parametrize("linked", [False, True])
+def test_batch_index_out_of_range_is_the_same_error_however_large(fx, index, linked):
+    """4096 used to exceed the widget's max (4095): ComfyUI's validation then dropped the preview from a prompt
+    with other outputs, which ran with status success, while 5 got the node's error. Now every out-of-range
+    index, typed or connected, reaches the node's own check, and the prompt fails."""
+    p = _prompt(batch=1, batch_index=index)
+    p["lat"] = {"class_type": "TestRandomLatent", "inputs": {"family": "eps", "batch": 1, "height": 8, "width": 8,
+                                                             "seed": 0}}
+    p["other"] = {"class_type": "PreviewAny", "inputs": {"source": ["lat", 0]}}     # another output node
+    if linked:
+        p["int"] = {"class_type": "PrimitiveInt", "inputs": {"value": index}}
+        p["prev"]["inputs"]["batch_index"] = ["int", 0]
+    msg = _error(prompt=p)
+    assert f"batch_index {index} is out of range" in msg and "use 0..0" in msg
 
 
 def test_trajectory_not_mutated(fx):
@@ -218,6 +223,7 @@ def test_real_inversion_trajectory(fx):
     n = data["steps"]  # the scheduler decides the exact count (ddim_uniform may add one)
     assert n >= 6 and data["method"] == "ddim"
     steps = [f["step"] for f in data["frames"]]
-    assert steps[0] == 0 and steps[-1] == n and steps == host.pack_submodule("nodes.preview").select_frames(n + 1, 3)
+    select = host.pack_submodule("inversion.imaging").select_frames
+    assert steps[0] == 0 and steps[-1] == n and steps == select(n + 1, 3)
     assert data["frames"][0]["sigma"] < data["frames"][-1]["sigma"] == pytest.approx(data["sigma_max"])
     json.dumps(data, allow_nan=False)

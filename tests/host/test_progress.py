@@ -3,12 +3,7 @@ import pytest
 import torch
 
 from ddiminv_dev import host
-from tests.host.test_invert_sampler import ours
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _boot():
-    host.boot()
+from ddiminv_dev.prompts import gmm_invert_sample as ours
 
 
 def _node():
@@ -28,7 +23,11 @@ def hook():
     # both: newer ComfyUI resets args.preview_method to latent_preview.default_preview_method at every prompt
     args.preview_method = LatentPreviewMethod.Latent2RGB
     latent_preview.default_preview_method = LatentPreviewMethod.Latent2RGB
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total, preview, _node())))
+
+    def record(value, total, preview, node_id=None):
+        calls.append((value, total, preview, _node()))
+
+    comfy.utils.set_progress_bar_global_hook(record)
     yield calls
     comfy.utils.set_progress_bar_global_hook(old_hook)
     args.preview_method = old_method

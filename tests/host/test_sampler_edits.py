@@ -1,23 +1,15 @@
-"""Inverted-Latent Sampler: edits, start_step, source_drift, exact replay and warnings (real executor)."""
+"""Inverted-Latent Sampler: edits, start_step, source_drift, which replay runs (exact_replay and the guidance
+fingerprint) and the model-mismatch warnings (real executor)."""
 import pytest
 import torch
 
 from ddiminv_dev import host
-from tests.host.test_invert_sampler import model_space, ours
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _boot():
-    host.boot()
-
-
-def gmm():
-    from ddiminv_dev.gmm import GMM
-    return GMM.make(seed=4)
+from ddiminv_dev.gmm import GMM
+from ddiminv_dev.prompts import GMM_SEED, gmm_invert_sample, model_space, rel_err
 
 
 def edit_prompt(method, fam="eps", cfg_inv=1.0, cfg_regen=3.0, subset="3", **sampler):
-    p = ours(fam, method, 20, cfg_inv)
+    p = gmm_invert_sample(fam, method, 20, cfg_inv)
     p["lat"]["inputs"]["comps"] = "0"
     p["pos"]["inputs"]["subset"] = "0"
     p["edit"] = {"class_type": "TestGMMCond", "inputs": {"subset": subset}}
@@ -25,27 +17,93 @@ def edit_prompt(method, fam="eps", cfg_inv=1.0, cfg_regen=3.0, subset="3", **sam
     return p
 
 
+def text(res, node="rec") -> str:
+    return "\n".join(res.ui(node).get("text", []))
+
+
 @pytest.mark.parametrize("method", ["ddim", "implicit", "exact"])
 def test_edit_lands_in_the_target_component(method):
     res = host.run(edit_prompt(method))
     out = model_space(res.outputs("rec")[0]["samples"])
-    g = gmm()
+    g = GMM.make(seed=GMM_SEED)
     assert int(g.responsibilities(out).argmax()) == 3
     assert 0.7 < float(out.std()) < 1.5            # a clean sample, not an overshoot
+    if method == "exact":
+        assert "exact_replay auto -> ddim" in text(res)
 
 
-def test_exact_replays_bdia_only_with_the_inversion_guidance():
+def test_forced_bdia_under_another_prompt_overshoots_and_same_guidance_is_bit_exact():
     # forcing BDIA under another prompt shows why auto switches to DDIM: the recurrence overshoots
     res = host.run(edit_prompt("exact", exact_replay="bdia"))
-    out = model_space(res.outputs("rec")[0]["samples"])
-    assert float(out.std()) > 5.0
-    # same prompt and cfg: auto keeps BDIA, bit-exact
-    p = ours("eps", "exact", 20, 7.5)
+    assert float(model_space(res.outputs("rec")[0]["samples"]).std()) > 5.0
+    res = host.run(gmm_invert_sample("eps", "exact", 20, 7.5))      # same prompt and cfg: auto keeps BDIA
+    assert rel_err(res) < 1e-6 and "exact_replay auto -> bdia" in text(res)
+
+
+# --------------------------------------------------------------------------------------- the guidance fingerprint
+def _exact_pair(sampler_pos=None, sampler_model=None, inv_pos=None, inv_model=None):
+    p = gmm_invert_sample("eps", "exact", 10, 3.0)
+    if inv_pos or sampler_pos:
+        p["x"] = {"class_type": "TestCondExtras",
+                  "inputs": {"conditioning": ["pos", 0], "extra": inv_pos or sampler_pos}}
+    if inv_model or sampler_model:
+        p["lora"] = {"class_type": "TestLoraPatch", "inputs": {"model": ["m", 0], "strength": 0.5}}
+    if inv_pos:
+        p["inv"]["inputs"]["positive"] = ["x", 0]
+    if sampler_pos:
+        p["rec"]["inputs"]["positive"] = ["x", 0]
+    if inv_model:
+        p["inv"]["inputs"]["model"] = ["lora", 0]
+    if sampler_model:
+        p["rec"]["inputs"]["model"] = ["lora", 0]
+    return p
+
+
+@pytest.mark.parametrize("case", ["control", "hook", "lora"])
+def test_auto_replays_ddim_when_the_sampler_adds_a_controlnet_a_hook_or_a_lora(case):
+    p = _exact_pair(sampler_pos=case if case != "lora" else None, sampler_model=case == "lora")
     res = host.run(p)
-    src, rec = res.outputs("lat")[0]["samples"], res.outputs("rec")[0]["samples"]
-    assert float((rec - src).norm() / src.norm()) < 1e-6
+    assert "exact_replay auto -> ddim" in text(res), text(res)
+    forced = _exact_pair(sampler_pos=case if case != "lora" else None, sampler_model=case == "lora")
+    forced["rec"]["inputs"]["exact_replay"] = "ddim"
+    assert torch.equal(res.outputs("rec")[0]["samples"], host.run(forced).outputs("rec")[0]["samples"])
 
 
+@pytest.mark.parametrize("case", ["control", "hook"])
+def test_objects_it_cannot_hash_count_as_different_even_on_both_sides(case):
+    res = host.run(_exact_pair(sampler_pos=case, inv_pos=case))
+    assert res.outputs("inv")[2].extra["guidance_fingerprint"] is None
+    assert "exact_replay auto -> ddim" in text(res)
+
+
+def test_identical_guidance_with_the_same_lora_keeps_bdia():
+    res = host.run(_exact_pair(sampler_model=True, inv_model=True))
+    assert "exact_replay auto -> bdia" in text(res) and rel_err(res) < 1e-6
+    res = host.run(gmm_invert_sample("eps", "exact", 10, 3.0))
+    assert "exact_replay auto -> bdia" in text(res) and rel_err(res) < 1e-6
+
+
+def test_bdia_with_no_step_left():
+    """start_step = N-1 leaves BDIA no step (it would return the source and ignore the prompt): auto runs the one
+    plain DDIM step instead and says so; an explicit bdia is refused."""
+    p = gmm_invert_sample("eps", "exact", 10, 3.0)
+    res = host.run(p)
+    n = res.outputs("inv")[2].steps
+    p["rec"]["inputs"]["start_step"] = n - 1
+    res = host.run(p)
+    assert "leaves no BDIA step" in text(res) and "exact_replay auto -> ddim" in text(res)
+    q = gmm_invert_sample("eps", "exact", 10, 3.0)
+    q["rec"]["inputs"].update(start_step=n - 1, exact_replay="ddim")
+    assert torch.equal(res.outputs("rec")[0]["samples"], host.run(q).outputs("rec")[0]["samples"])
+    q["rec"]["inputs"]["exact_replay"] = "bdia"
+    bad = host.run(q, expect_success=False)
+    msg = bad.error_text()
+    assert not bad.success and msg.startswith("Inverted-Latent Sampler: ") and "no step left" in msg
+    q["rec"]["inputs"]["start_step"] = n - 2       # one BDIA step left: runs
+    assert host.run(q).success
+
+
+# --------------------------------------------------------------------------------------- start_step, source_drift
 @pytest.mark.parametrize("fam", ["eps", "flow"])
 def test_start_step_monotonic(fam):
     dists = []
@@ -53,18 +111,16 @@ def test_start_step_monotonic(fam):
         res = host.run(edit_prompt("ddim", fam=fam, cfg_regen=1.0, start_step=k))
         src, rec = res.outputs("lat")[0]["samples"], res.outputs("rec")[0]["samples"]
         dists.append(float((rec - src).norm() / src.norm()))
-    assert all(a > b for a, b in zip(dists, dists[1:])), dists
+    assert all(a > b for a, b in zip(dists, dists[1:], strict=False)), dists
 
 
 @pytest.mark.parametrize("method", ["ddim", "implicit", "exact"])
 def test_source_drift_reconstructs_at_other_cfg(method):
     """Invert at CFG 1, regenerate with the source prompt at CFG 7.5: plain replay drifts, source_drift does not."""
     def run(correction):
-        p = ours("eps", method, 20, 1.0)
+        p = gmm_invert_sample("eps", method, 20, 1.0)
         p["rec"]["inputs"].update(cfg=7.5, correction=correction)
-        res = host.run(p)
-        src, rec = model_space(res.outputs("lat")[0]["samples"]), model_space(res.outputs("rec")[0]["samples"])
-        return float((rec - src).norm() / src.norm())
+        return rel_err(host.run(p))
     plain, fixed = run("none"), run("source_drift")
     assert fixed <= 1e-4 < plain, (plain, fixed)
 
@@ -74,26 +130,42 @@ def test_source_drift_with_a_source_prompt_still_edits():
     res = host.run(p)
     out = model_space(res.outputs("rec")[0]["samples"])
     src = model_space(res.outputs("lat")[0]["samples"])
-    g = gmm()
+    g = GMM.make(seed=GMM_SEED)
     assert int(g.responsibilities(out).argmax()) == 3
     # the drift keeps the source's within-component offset: out - mu_3 correlates with src - mu_0
     u_src = (src.flatten() - g.means[0].float()) / 0.3
     u_out = (out.flatten() - g.means[3].float()) / 0.3
     assert float(torch.nn.functional.cosine_similarity(u_src, u_out, dim=0)) > 0.8
+    assert "source_drift" in text(res)
 
 
-def test_model_mismatch_warns_in_ui():
-    p = ours("eps", "ddim", 10, 1.0)
-    p["m2"] = {"class_type": "TestGMMModel", "inputs": {"family": "v", "seed": 4}}
+# --------------------------------------------------------------------------------------- model mismatch warnings
+def _with_sampler_model(node):
+    p = gmm_invert_sample("eps", "ddim", 10, 1.0)
+    p["m2"] = node
     p["rec"]["inputs"]["model"] = ["m2", 0]
-    res = host.run(p)
-    text = str(res.ui("rec"))
-    assert "WARNING" in text and "model sampling differs" in text
+    return host.run(p)
 
 
-def test_start_step_out_of_range_names_the_fix():
-    p = ours("eps", "ddim", 10, 1.0)
-    p["rec"]["inputs"]["start_step"] = 10
-    res = host.run(p, expect_success=False)
-    assert not res.success
-    assert "start_step must be in [0, 9]" in res.error()["exception_message"]
+def test_identical_eps_patch_does_not_warn():
+    res = _with_sampler_model({"class_type": "ModelSamplingDiscrete",
+                               "inputs": {"model": ["m", 0], "sampling": "eps", "zsnr": False}})
+    assert "WARNING" not in text(res) and rel_err(res) < 0.2
+
+
+def test_eps_to_v_prediction_switch_warns():
+    res = _with_sampler_model({"class_type": "ModelSamplingDiscrete",
+                               "inputs": {"model": ["m", 0], "sampling": "v_prediction", "zsnr": False}})
+    t = text(res)
+    assert "WARNING" in t and "model sampling differs" in t and "EPS" in t and "V_PREDICTION" in t
+
+
+def test_another_sigma_table_warns():
+    res = _with_sampler_model({"class_type": "ModelSamplingDiscrete",
+                               "inputs": {"model": ["m", 0], "sampling": "eps", "zsnr": True}})
+    assert "another sigma table" in text(res)
+
+
+def test_another_model_family_warns():
+    res = _with_sampler_model({"class_type": "TestGMMModel", "inputs": {"family": "v", "seed": 4}})
+    assert "model sampling differs" in text(res) and "V_PREDICTION" in text(res)

@@ -1,0 +1,95 @@
+"""Host tier fixtures: one booted in-process ComfyUI (the pack loaded by ``nodes.init_extra_nodes``), the fixture
+node modules, and the shared assertions on the pack's error model. Prompt builders live in
+``ddiminv_dev.prompts`` (shared code), the executor harness in ``ddiminv_dev.host``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddiminv_dev import host
+
+ERR = "InversionInputError"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def booted():
+    """The ComfyUI ``nodes`` module with the pack and the test-only fixture nodes registered."""
+    return host.boot()
+
+
+@pytest.fixture(scope="session")
+def hard():
+    from ddiminv_dev.fixtures import hardening_nodes
+    return hardening_nodes
+
+
+@pytest.fixture(scope="session")
+def fx(booted):
+    """(ComfyUI nodes module, the preview/encode fixture module)."""
+    from ddiminv_dev.fixtures import preview_nodes
+    return booted, preview_nodes
+
+
+@pytest.fixture(scope="session")
+def pack_error():
+    """The pack's one error class, as ComfyUI loaded it."""
+    return host.pack_submodule("inversion.errors").InversionInputError
+
+
+def _unchanged(hard, r, p) -> None:
+    """The cached outputs of the hardening source nodes equal a fresh build of the same inputs (nothing the
+    pack touched was mutated)."""
+    want = hard.hard_latent(**p["l"]["inputs"])
+    got = r.outputs("l")[0]
+    assert set(got) == set(want)
+    for k in want:
+        same = got[k].dtype == want[k].dtype and torch.equal(torch.nan_to_num(got[k]), torch.nan_to_num(want[k]))
+        assert same and torch.equal(torch.isnan(got[k]), torch.isnan(want[k])), f"latent[{k!r}] was mutated"
+    for node in ("c", "n"):
+        want_c = hard.hard_cond(**p[node]["inputs"])
+        got_c = r.outputs(node)[0]
+        assert len(got_c) == len(want_c)
+        for (gt, gd), (wt, wd) in zip(got_c, want_c, strict=True):
+            assert torch.equal(torch.nan_to_num(gt), torch.nan_to_num(wt)), f"conditioning {node} was mutated"
+            assert set(gd) == set(wd), f"conditioning {node} options were changed"
+            for k in wd:
+                a, b = gd[k], wd[k]
+                same = (torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) if isinstance(b, torch.Tensor)
+                        else a == b)
+                assert same, f"conditioning {node}[{k!r}] was mutated"
+
+
+@pytest.fixture(scope="session")
+def assert_unchanged(hard):
+    return lambda r, p: _unchanged(hard, r, p)
+
+
+@pytest.fixture(scope="session")
+def run_error():
+    """``run_error(prompt, node, display, *words)``: the prompt passes ComfyUI's own validation, then fails in
+    ``node`` with the pack's error, whose message starts with ``display + ": "`` and contains every word
+    (case-insensitive). Returns (message, result)."""
+    def check(p, node, display, *words):
+        ok = host.validate(p)
+        assert ok[0], f"ComfyUI's validation rejected the prompt, so the pack's check is not reached: {ok[1]} {ok[3]}"
+        r = host.run(p, expect_success=False)
+        assert not r.success
+        e = r.error()
+        assert e is not None and e["node_id"] == node, e
+        assert e["exception_type"].endswith(ERR), (e["exception_type"], e["exception_message"])
+        msg = e["exception_message"]
+        assert msg.startswith(display + ": "), msg
+        for w in words:
+            assert w.lower() in msg.lower(), f"{w!r} not in {msg!r}"
+        return msg, r
+    return check
+
+
+def model_calls(r, node: str = "m") -> int:
+    return r.outputs(node)[0].model.diffusion_model.calls
+
+
+@pytest.fixture(scope="session")
+def calls():
+    """Model evaluations the TestHardModel of a result made (0 = the error came before any evaluation)."""
+    return model_calls

@@ -1,0 +1,96 @@
+"""Pure pixel/latent arithmetic of VAE Encode (Inversion) and Trajectory Preview (inversion/imaging.py)."""
+import math
+
+import pytest
+import torch
+
+from inversion import imaging as I
+from inversion.errors import InversionInputError as E
+
+
+def test_select_frames_properties():
+    for count in range(1, 40):
+        for frames in range(2, 45):
+            idx = I.select_frames(count, frames)
+            assert idx == sorted(set(idx))
+            assert idx[0] == 0 and idx[-1] == count - 1
+            assert len(idx) == min(count, frames)
+    assert I.select_frames(11, 4) == [0, 3, 7, 10] and I.select_frames(0, 4) == [] and I.select_frames(1, 9) == [0]
+
+
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_to_rgb_takes_grey_rgb_and_rgba(c):
+    x = torch.rand(2, 5, 6, c)
+    out = I.to_rgb(x)
+    assert out.shape == (2, 5, 6, 3)
+    assert torch.equal(out, x[..., :3] if c >= 3 else x.repeat(1, 1, 1, 3))
+
+
+@pytest.mark.parametrize("c", [2, 5, 8])
+def test_to_rgb_refuses_other_channel_counts(c):
+    with pytest.raises(E, match=f"has {c} channels but an IMAGE is grey \\(1\\), RGB \\(3\\) or RGBA"):
+        I.to_rgb(torch.rand(1, 4, 4, c))
+
+
+def test_to_rgb_refuses_non_images():
+    with pytest.raises(E, match=r"\[B,H,W,C\]"):
+        I.to_rgb(torch.rand(4, 4, 3))
+    with pytest.raises(E, match="empty"):
+        I.to_rgb(torch.rand(0, 4, 4, 3))
+
+
+def test_fit_modes():
+    x = torch.rand(1, 50, 70, 3)
+    pad, valid = I.fit_pixels(x, 8, "pad")
+    assert pad.shape == (1, 56, 72, 3) and valid == (50, 70) and torch.equal(pad[:, :50, :70], x)
+    assert torch.equal(pad[:, 55, :70], x[:, 49])                       # the last row replicated
+    crop, valid = I.fit_pixels(x, 8, "crop")
+    assert crop.shape == (1, 48, 64, 3) and valid == (48, 64) and torch.equal(crop, x[:, 1:49, 3:67])
+    res, valid = I.fit_pixels(x, 8, "resize")
+    assert res.shape == (1, 48, 72, 3) and valid == (48, 72) and float(res.min()) >= 0 and float(res.max()) <= 1
+    same, valid = I.fit_pixels(torch.rand(1, 16, 24, 3), 8, "error")
+    assert valid == (16, 24)
+    with pytest.raises(E, match="not a multiple of the VAE's factor 8; set 'fit' to pad, crop or resize"):
+        I.fit_pixels(x, 8, "error")
+    with pytest.raises(E, match="smaller than the VAE's factor"):
+        I.fit_pixels(torch.rand(1, 4, 4, 3), 8, "crop")
+    with pytest.raises(E, match="unknown fit"):
+        I.fit_pixels(x, 8, "stretch")
+
+
+def test_psnr():
+    a = torch.zeros(1, 4, 4, 3)
+    assert I.psnr(a, a) == I.PSNR_CAP_DB
+    assert I.psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-5)
+    assert math.isnan(I.psnr(a, a * float("nan")))
+    assert I.psnr_from_sse(0.01 * 48, 48) == pytest.approx(20.0, abs=1e-9)
+
+
+def test_ceiling_windows_are_cheap_inside_and_measured_in_their_core():
+    assert I.ceiling_windows(8, 8) is None and I.ceiling_windows(32, 32) is None     # small: decoded whole
+    assert I.ceiling_windows(20, 400) is None                                        # too narrow for a window
+    for h, w in [(64, 64), (128, 128), (96, 160), (256, 256), (64, 512)]:
+        ws = I.ceiling_windows(h, w)
+        decoded = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1, *_ in ws)
+        assert 1 <= len(ws) <= 4 and decoded <= 0.06 * h * w, (h, w, decoded)
+        for y0, y1, x0, x1, my0, my1, mx0, mx1 in ws:
+            assert 0 <= y0 <= my0 < my1 <= y1 <= h and 0 <= x0 <= mx0 < mx1 <= x1 <= w
+            # a margin is kept on every side that is not the image border
+            assert (my0 - y0 >= 2 or y0 == 0) and (y1 - my1 >= 2 or y1 == h)
+    assert len(I.ceiling_windows(256, 256)) == 4 and len(I.ceiling_windows(128, 128)) == 1
+
+
+def test_fast_rgb_is_the_latent2rgb_formula():
+    lat = torch.randn(3, 4, 5, 6)
+    factors = [[0.3, 0.2, 0.1], [0.1, 0.3, 0.2], [0.2, 0.1, 0.3], [0.0, 0.1, 0.0]]
+    bias = [0.1, -0.1, 0.0]
+    rgb = I.fast_rgb(lat, factors, bias)
+    want = ((torch.einsum("kchw,cr->khwr", lat, torch.tensor(factors)) + torch.tensor(bias) + 1) / 2).clamp(0, 1)
+    assert rgb.shape == (3, 5, 6, 3) and torch.allclose(rgb, want, atol=1e-6)
+    assert I.fast_rgb(lat.unsqueeze(2).expand(-1, -1, 2, -1, -1), factors).shape == (3, 5, 6, 3)   # video: frame 0
+    with pytest.raises(E, match="5 latent channels but SD15's fast RGB factors expect 4; set decode=vae"):
+        I.fast_rgb(torch.randn(1, 5, 2, 2), factors, format_name="SD15")
+
+
+def test_rms():
+    assert I.rms(torch.zeros(4), torch.full((4,), 2.0)) == pytest.approx(2.0)
