@@ -94,7 +94,7 @@ def test_null_text_reconstructs_at_cfg_7_5_through_core_samplers(fam):
     assert len(neg) == 50 and all(not t.requires_grad and t.grad_fn is None for t, _ in neg)
     ranges = [(d["start_percent"], d["end_percent"]) for _, d in neg]
     assert ranges[0][0] == 0.0 and ranges[-1][1] == 1.0
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))   # a partition: no gap, no overlap
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))   # a partition: no gap, no overlap
 
 
 def _error(p) -> str:
