@@ -8,7 +8,9 @@ although an exact preimage exists elsewhere. The solver therefore makes several 
 1. a local solve from ``x_s`` (its first iterate is the destination-sigma DDIM step): Anderson acceleration
    (history ``Options.anderson``) with a per-sample safeguard (an iterate that does not improve a sample's
    residual is rejected and that sample restarts from its best point with half the mixing);
-2. for a sample that stalls, up to ``Options.restarts`` further local solves from a *jump*: the stalled point
+2. a sample that stalls close to the tolerance (within 10 x: float32's floor rather than a fold) gets one more
+   local solve from its best point with a fresh history; one that stalls far from it gets, up to
+   ``Options.restarts`` attempts in all, local solves from a *jump*: the stalled point
    moved along the residual direction ``step(y) - x_s`` by -0.1, +0.1, -0.4, +0.4, -1.0, +1.0 times |x_s|
    (the denoiser's Jacobian is symmetric, so at a fold the residual points along the fold's normal: the
    preimage lies across it), then seeded random perturbations of x_s. The seed comes from the sample's own
@@ -20,7 +22,7 @@ never updated, and each sample's budget counts only the evaluations it was activ
 does not depend on the batch it is in.
 
 Budget: one attempt uses at most ``Options.max_iters`` evaluations and stops early when the sample's best
-residual has not shrunk by 30% in 6 evaluations; a whole inversion gives each sample at most
+residual has not shrunk by 10% in 8 evaluations; a whole inversion gives each sample at most
 ``2 * steps * max_iters`` evaluations (:class:`Budget`): restarts draw on what earlier steps left unused, and
 every later step keeps a full first attempt. Each iteration reads its residuals on the host (one device sync
 per evaluation) to decide whom to freeze.
@@ -35,8 +37,9 @@ ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 JUMPS = (-0.1, 0.1, -0.4, 0.4, -1.0, 1.0)        # along the residual direction, times |x_s|
 RANDOM_SCALES = (0.7, 1.0, 1.4, 2.0, 0.5, 3.0)    # times rms(x_s) per element
-PATIENCE = 6              # evaluations without a 30% improvement of the best residual = stalled
-STALL_FACTOR = 0.7
+PATIENCE = 8              # evaluations without a 10% improvement of the best residual = stalled
+STALL_FACTOR = 0.9
+NEAR = 10                 # a sample stalled within NEAR x tolerance is at its precision floor: no jumps
 RUN_BUDGET_FACTOR = 2     # per sample and run: at most RUN_BUDGET_FACTOR * steps * max_iters evaluations
 
 
@@ -168,8 +171,11 @@ def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, *, tole
                                          torch.minimum(full, cap), **kw)
     left = torch.minimum(cap - used, full * int(restarts))
     scale = torch.clamp(rms(xs), min=1e-3)
-    for r in range(int(restarts)):
-        bad = (res > tolerance) & (left > 0)
+    polished = torch.zeros(B, dtype=torch.bool, device=dev)
+    jumps = torch.zeros(B, dtype=torch.long, device=dev)
+    for _ in range(int(restarts)):
+        near = (res > tolerance) & (res <= tolerance * NEAR) & ~polished & (left > 0)
+        bad = ((res > tolerance * NEAR) & (left > 0)) | near
         if not bool(bad.any()):
             break
         back, _ = _residual(y, D, xs, s, t, scale)
@@ -177,12 +183,17 @@ def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, *, tole
         direction = direction / direction.norm(dim=1, keepdim=True).clamp(min=1e-30)
         starts = y.clone()
         for b in torch.nonzero(bad).flatten().tolist():
+            r = int(jumps[b])
+            if bool(near[b]):
+                continue               # close to the tolerance: polish from the best point with a fresh history
+            jumps[b] += 1
             if r < len(JUMPS):
                 starts[b] = y[b] + JUMPS[r] * direction[b] * xs[b].norm()
             else:
                 gen = torch.Generator().manual_seed(_seed(xs[b], r, t))
                 noise = torch.randn(xs[b].shape, generator=gen, dtype=torch.float32).to(dev, xs.dtype)
                 starts[b] = xs[b] + noise * scale[b] * RANDOM_SCALES[(r - len(JUMPS)) % len(RANDOM_SCALES)]
+        polished = polished | near
         y2, D2, r2, spent, n = local_solve(fn, xs, s, t, starts, bad, torch.minimum(left, full), **kw)
         evals += n
         used = used + spent

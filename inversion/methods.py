@@ -205,7 +205,7 @@ def invert_implicit(rec: Recorder, model_fn: ModelFn, opts: Options, cin=None) -
     sig = rec.sigmas
     budget = _implicit.Budget(rec.x.shape[0], rec.steps, int(opts.max_iters), device=rec.x.device)
     worst = torch.zeros(rec.x.shape[0], dtype=torch.float64, device=rec.x.device)
-    above = []
+    above, unsolved = [], []
     for i in range(rec.steps):
         # start from x_s (first iterate = the destination step): starting from the previous slope's
         # prediction saves ~0.2 evaluations/step but lands on another branch where a step folds
@@ -216,11 +216,14 @@ def invert_implicit(rec: Recorder, model_fn: ModelFn, opts: Options, cin=None) -
         budget.used += used
         worst = torch.maximum(worst, res)
         above.append(res > opts.tolerance)
+        unsolved.append(res > opts.tolerance * _implicit.NEAR)
         rec.record(x, D, sig[i + 1], n)
-    steps_above = int(torch.stack(above).any(1).sum()) if above else 0
+    steps_above = int(torch.stack(above).any(1).sum())
+    steps_unsolved = int(torch.stack(unsolved).any(1).sum())
     return {"tolerance": opts.tolerance, "max_iters": int(opts.max_iters), "damping": opts.damping,
             "anderson": int(opts.anderson), "restarts": int(opts.restarts), "max_residual": float(worst.max()),
-            "steps_above_tolerance": steps_above, "budget_per_sample": budget.total,
+            "steps_above_tolerance": steps_above, "steps_unsolved": steps_unsolved,
+            "budget_per_sample": budget.total,
             "evaluations_per_sample": [int(v) for v in budget.used.tolist()]}, {}
 
 

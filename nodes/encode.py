@@ -9,6 +9,7 @@ a margin of context), so the node costs about what core VAE Encode costs; ``full
 """
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io, ui
 
 from ..inversion import checks, imaging
@@ -98,7 +99,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, fit="pad", tiled=False, ceiling="sampled") -> io.NodeOutput:
-        with node_boundary(DISPLAY):
+        with node_boundary(DISPLAY), torch.no_grad():
             return cls._run(pixels, vae, fit, tiled, ceiling)
 
     @classmethod

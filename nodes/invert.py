@@ -16,10 +16,13 @@ def _implicit_text(traj) -> str:
     o = traj.options
     per = traj.nfe / max(1, traj.steps)
     txt = (f"implicit: {traj.nfe} evaluations ({per:.1f}/step, most in one step {max(traj.nfe_per_step)}; budget "
-           f"{o['budget_per_sample']} per sample), max residual {o['max_residual']:.2g}")
-    if o["steps_above_tolerance"]:
-        txt += (f"; {o['steps_above_tolerance']} of {traj.steps} steps stayed above tolerance {o['tolerance']:g} "
-                "(strong cfg folds some steps: more steps, a lower cfg, or more restarts/max_iters)")
+           f"{o['budget_per_sample']} per sample), max residual {o['max_residual']:.2g} (tolerance {o['tolerance']:g})")
+    if o.get("steps_unsolved"):
+        txt += (f"; {o['steps_unsolved']} of {traj.steps} steps unsolved (residual above 10 x tolerance: strong cfg "
+                "folds some steps; use more steps, a lower cfg, or more restarts/max_iters)")
+    elif o["steps_above_tolerance"]:
+        txt += (f"; {o['steps_above_tolerance']} of {traj.steps} steps ended within 10 x tolerance, at float32's "
+                "precision for these values")
     return txt
 
 

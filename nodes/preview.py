@@ -75,7 +75,7 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, trajectory, vae=None, show="states", frames=8, decode="fast", batch_index=0) -> io.NodeOutput:
-        with node_boundary(DISPLAY):
+        with node_boundary(DISPLAY), torch.no_grad():
             return cls._run(trajectory, vae, show, frames, decode, batch_index)
 
     @classmethod

@@ -43,8 +43,8 @@ def sweep(cfg, steps=10, **opts):
                 fn = g.model_fn(flow, cond=cond, cfg=cfg)
                 tr = M.invert(x0, sched(flow, steps), fn, M.Options("implicit", **opts),
                               family="flow" if flow else "vp")
-                out[(seed, tuple(cond), flow)] = (rel(M.sample(tr, fn), x0), tr.options["steps_above_tolerance"],
-                                                  tr.nfe / steps)
+                out[(seed, tuple(cond), flow)] = (rel(M.sample(tr, fn), x0), tr.options["steps_unsolved"],
+                                                  tr.nfe / steps, tr.options["max_residual"])
     return out
 
 
@@ -55,32 +55,34 @@ def guided_sweep():
 
 def test_the_solve_is_robust_over_oracle_draws_at_cfg_7_5(guided_sweep):
     """48 draws (8 oracle seeds x 3 prompts x EPS/flow), 10 steps, CFG 7.5, the defaults. Measured on this
-    machine: every step of every draw solved to tolerance; 47 end below 1e-3 (the other, 5.6e-3, is limited by
+    machine: every step of every draw solved (to tolerance, or within 10x of it at float32's floor); 47 end below
+    1e-3 (the other, 5.6e-3, is limited by
     the guided sampler amplifying the 1e-6 per-step residual). Before the jumps and the per-sample freezing:
     21 draws kept a step at a 1e-2..1e-1 residual and 15 missed 1e-3 (max 5.2e-2), at 26 evaluations/step
-    (now 5.7). The bounds leave room for another CPU's rounding."""
-    unsolved = [k for k, (_, above, _) in guided_sweep.items() if above]
-    missed = [k for k, (e, _, _) in guided_sweep.items() if e > 1e-3]
+    (now 5.9). The bounds leave room for another CPU's rounding."""
+    unsolved = [k for k, (_, u, _, _) in guided_sweep.items() if u]
+    missed = [k for k, (e, *_) in guided_sweep.items() if e > 1e-3]
     assert len(unsolved) <= 2, unsolved
     assert len(missed) <= 3, {k: guided_sweep[k][0] for k in missed}
-    assert max(e for e, _, _ in guided_sweep.values()) < 2e-2
-    assert statistics.median(e for e, _, _ in guided_sweep.values()) < 1e-5
-    assert statistics.mean(n for _, _, n in guided_sweep.values()) < 12
+    assert max(e for e, *_ in guided_sweep.values()) < 2e-2
+    assert statistics.median(e for e, *_ in guided_sweep.values()) < 1e-5
+    assert statistics.mean(n for _, _, n, _ in guided_sweep.values()) < 12
 
 
 def test_the_attempts_are_what_closes_the_folded_steps(guided_sweep):
     """The same draws with the first local solve only (restarts=0): many steps stay on a fold."""
     local = sweep(7.5, restarts=0)
-    assert sum(1 for _, above, _ in local.values() if above) >= 15
-    assert sum(1 for e, _, _ in local.values() if e > 1e-3) >= 10
+    assert sum(1 for _, unsolved, _, _ in local.values() if unsolved) >= 15
+    assert sum(1 for e, *_ in local.values() if e > 1e-3) >= 10
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.5])
 def test_moderate_guidance_solves_every_draw(cfg):
     res = sweep(cfg)
-    assert all(above == 0 for _, above, _ in res.values())
-    assert max(e for e, _, _ in res.values()) < 1e-4
-    assert statistics.mean(n for _, _, n in res.values()) < (4.5 if cfg == 1.0 else 6)
+    assert all(unsolved == 0 for _, unsolved, _, _ in res.values())
+    assert max(r for *_, r in res.values()) < 2e-6                      # the tolerance, or float32's floor
+    assert max(e for e, *_ in res.values()) < 1e-4
+    assert statistics.mean(n for _, _, n, _ in res.values()) < (4.5 if cfg == 1.0 else 6)
 
 
 def test_restarts_find_the_preimage_across_a_fold_on_seed_4():
@@ -134,7 +136,7 @@ def test_a_model_that_cannot_converge_stays_within_the_budget():
     cap = IM.RUN_BUDGET_FACTOR * tr.steps * opts.max_iters
     assert tr.options["budget_per_sample"] == cap == 400
     assert tr.options["evaluations_per_sample"][0] <= cap and tr.nfe <= cap
-    assert tr.options["steps_above_tolerance"] >= tr.steps - 1          # it really cannot converge
+    assert tr.options["steps_unsolved"] >= tr.steps - 1                 # it really cannot converge
     assert min(tr.nfe_per_step) >= 1 and max(tr.nfe_per_step) <= opts.max_iters * (1 + opts.restarts)
     old_worst = tr.steps * opts.max_iters * (1 + opts.restarts)
     assert tr.nfe <= old_worst * 2 / 7, (tr.nfe, old_worst)
@@ -159,8 +161,8 @@ def test_batch_independence_when_samples_do_not_converge():
     opts = M.Options("implicit", restarts=0)
     batch = M.invert(x0, sched(False, 10), fn, opts)
     per_row = [M.invert(x0[r:r + 1], sched(False, 10), fn, opts) for r in range(3)]
-    assert batch.options["steps_above_tolerance"] >= 1
-    assert {p.options["steps_above_tolerance"] > 0 for p in per_row} == {True, False}
+    assert batch.options["steps_unsolved"] >= 1
+    assert {p.options["steps_unsolved"] > 0 for p in per_row} == {True, False}
     for r, p in enumerate(per_row):
         assert torch.allclose(batch.states[:, r:r + 1], p.states, rtol=1e-6, atol=1e-6), r
 
