@@ -19,10 +19,12 @@ def hook():
     from comfy.cli_args import args, LatentPreviewMethod
     calls = []
     old_hook, old_method = comfy.utils.PROGRESS_BAR_HOOK, args.preview_method
-    old_default = latent_preview.default_preview_method
-    # both: newer ComfyUI resets args.preview_method to latent_preview.default_preview_method at every prompt
+    # newer ComfyUI (0.33) resets args.preview_method to latent_preview.default_preview_method at every prompt
+    has_default = hasattr(latent_preview, "default_preview_method")
+    old_default = getattr(latent_preview, "default_preview_method", None)
     args.preview_method = LatentPreviewMethod.Latent2RGB
-    latent_preview.default_preview_method = LatentPreviewMethod.Latent2RGB
+    if has_default:
+        latent_preview.default_preview_method = LatentPreviewMethod.Latent2RGB
 
     def record(value, total, preview, node_id=None):
         calls.append((value, total, preview, _node()))
@@ -31,7 +33,8 @@ def hook():
     yield calls
     comfy.utils.set_progress_bar_global_hook(old_hook)
     args.preview_method = old_method
-    latent_preview.default_preview_method = old_default
+    if has_default:
+        latent_preview.default_preview_method = old_default
 
 
 @pytest.mark.parametrize("method", ["ddim", "exact"])
