@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,15 +104,14 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        info["cpu"] = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("\n")[:12]
-    except Exception:
-        pass
+    lscpu = shutil.which("lscpu")
+    if lscpu:
+        info["cpu"] = subprocess.run([lscpu], capture_output=True, text=True).stdout.split("\n")[:12]  # noqa: S603
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
         import comfyui_version
         info["comfyui"] = comfyui_version.__version__
-    except Exception:
-        pass
+    except ImportError:
+        info["comfyui"] = None
     return info

@@ -17,6 +17,7 @@ Schedules: EPS/V ``ddim_uniform`` (SD1.5 discrete sigmas), flow ``simple`` (disc
 
 Writes bench/out/fidelity.json and bench/fidelity.png (error vs evaluations per step, log-log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ COND, UNCOND = [0, 1, 2], [0, 1, 2, 3]
 
 def rel_err(x, x0) -> float:
     import torch
+
     if not torch.isfinite(x).all():
         return float("nan")
     return float((x.double() - x0.double()).norm() / x0.double().norm())
@@ -54,6 +56,7 @@ def rel_err(x, x0) -> float:
 
 def noise_stats(xn, sigma_max: float) -> dict:
     import torch
+
     v = xn.double().flatten()
     if not torch.isfinite(v).all():
         return {"finite": False, "mean_rel": float("nan"), "std_rel": float("nan"), "excess_kurtosis": float("nan")}
@@ -72,7 +75,7 @@ def run_grid(seed: int, sample_seed: int, steps_list, cfgs, log=print, families=
     fmt = comfy.latent_formats.SD15()
     rows = []
     pos, neg = NG.gmm_cond(COND), NG.gmm_cond(UNCOND)
-    ours = [(l, kw) for l, kw in OURS if methods is None or l in methods]
+    ours = [(label, kw) for label, kw in OURS if methods is None or label in methods]
     do_core = methods is None or "core" in methods or CORE in methods
     for fam in families:
         counter = Counter(NG.gmm_model(fam, seed))
@@ -86,8 +89,15 @@ def run_grid(seed: int, sample_seed: int, steps_list, cfgs, log=print, families=
             sigma_max = float(sig[0])
             flipped = B.first(B.core("FlipSigmas").execute(sig))
             for cfg in cfgs:
-                base = dict(family=fam, seed=seed, sample_seed=sample_seed, steps=steps, cfg=cfg,
-                            scheduler=sched, sigma_max=sigma_max)
+                base = dict(
+                    family=fam,
+                    seed=seed,
+                    sample_seed=sample_seed,
+                    steps=steps,
+                    cfg=cfg,
+                    scheduler=sched,
+                    sigma_max=sigma_max,
+                )
                 for label, kw in ours:
                     t = time.perf_counter()
                     counter.take()
@@ -97,16 +107,26 @@ def run_grid(seed: int, sample_seed: int, steps_list, cfgs, log=print, families=
                     rec = B.first(smp.execute(m, pos, neg, traj, cfg))
                     n_reg = counter.take()
                     x_rec = fmt.process_in(rec["samples"].clone())
-                    row = dict(base, method=label, error=rel_err(x_rec, x0), evals_per_step=n_inv / steps,
-                               regen_evals_per_step=n_reg / steps, traj_nfe_per_step=traj.nfe / steps,
-                               max_residual=traj.options.get("max_residual"),
-                               noise=noise_stats(traj.noise, sigma_max), seconds=time.perf_counter() - t)
+                    row = dict(
+                        base,
+                        method=label,
+                        error=rel_err(x_rec, x0),
+                        evals_per_step=n_inv / steps,
+                        regen_evals_per_step=n_reg / steps,
+                        traj_nfe_per_step=traj.nfe / steps,
+                        max_residual=traj.options.get("max_residual"),
+                        noise=noise_stats(traj.noise, sigma_max),
+                        seconds=time.perf_counter() - t,
+                    )
                     rows.append(row)
                 # core: FlipSigmas + SamplerCustom(euler), add_noise off, then regenerate on normal sigmas
-                n_before = len(rows)
                 if not do_core:
-                    log(f"[seed {seed}] {fam:4s} steps={steps:2d} cfg={cfg:3.1f}  " + "  ".join(
-                        f"{r['method']}={r['error']:.2e}({r['evals_per_step']:.1f})" for r in rows[-len(ours):]))
+                    log(
+                        f"[seed {seed}] {fam:4s} steps={steps:2d} cfg={cfg:3.1f}  "
+                        + "  ".join(
+                            f"{r['method']}={r['error']:.2e}({r['evals_per_step']:.1f})" for r in rows[-len(ours) :]
+                        )
+                    )
                     continue
                 t = time.perf_counter()
                 counter.take()
@@ -117,19 +137,35 @@ def run_grid(seed: int, sample_seed: int, steps_list, cfgs, log=print, families=
                 n_reg = counter.take()
                 x_rec = fmt.process_in(rec["samples"].clone())
                 xn = fmt.process_in(inv_lat["samples"].clone())
-                rows.append(dict(base, method=CORE, error=rel_err(x_rec, x0), evals_per_step=n_inv / steps,
-                                 regen_evals_per_step=n_reg / steps, noise=noise_stats(xn, sigma_max),
-                                 seconds=time.perf_counter() - t))
-                errs = "  ".join(f"{r['method']}={r['error']:.2e}({r['evals_per_step']:.1f})"
-                                 for r in rows[-len(ours) - 1:])
+                rows.append(
+                    dict(
+                        base,
+                        method=CORE,
+                        error=rel_err(x_rec, x0),
+                        evals_per_step=n_inv / steps,
+                        regen_evals_per_step=n_reg / steps,
+                        noise=noise_stats(xn, sigma_max),
+                        seconds=time.perf_counter() - t,
+                    )
+                )
+                errs = "  ".join(
+                    f"{r['method']}={r['error']:.2e}({r['evals_per_step']:.1f})" for r in rows[-len(ours) - 1 :]
+                )
                 log(f"[seed {seed}] {fam:4s} steps={steps:2d} cfg={cfg:3.1f}  {errs}")
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- plot
-COLORS = {"ddim/predicted": (227, 119, 194), "ddim/current": (31, 119, 180), "ddim/destination": (23, 190, 207), "implicit 1e-4": (255, 127, 14),
-          "implicit 1e-6": (214, 39, 40), "implicit 1e-8": (148, 103, 189), "exact": (44, 160, 44),
-          CORE: (90, 90, 90)}
+COLORS = {
+    "ddim/predicted": (227, 119, 194),
+    "ddim/current": (31, 119, 180),
+    "ddim/destination": (23, 190, 207),
+    "implicit 1e-4": (255, 127, 14),
+    "implicit 1e-6": (214, 39, 40),
+    "implicit 1e-8": (148, 103, 189),
+    "exact": (44, 160, 44),
+    CORE: (90, 90, 90),
+}
 
 
 def plot(rows, path: Path, seed: int) -> None:
@@ -137,6 +173,7 @@ def plot(rows, path: Path, seed: int) -> None:
     Colour = method, marker = CFG (circle 1, square 3.5, triangle 7.5), marker size grows with steps.
     Errors below 1e-9 are drawn on the floor; non-finite results as an X on the top edge."""
     from PIL import Image, ImageDraw
+
     rows = [r for r in rows if r["seed"] == seed]
     W, H, top, bottom, left, right = 1500, 560, 50, 70, 70, 20
     pw = (W - left - right) // 3
@@ -147,20 +184,26 @@ def plot(rows, path: Path, seed: int) -> None:
 
     def X(ix, v):
         v = min(max(v, xmin), xmax)
-        return left + ix * pw + 10 + (pw - 40) * (math.log10(v) - math.log10(xmin)) / (math.log10(xmax) - math.log10(xmin))
+        return (
+            left + ix * pw + 10 + (pw - 40) * (math.log10(v) - math.log10(xmin)) / (math.log10(xmax) - math.log10(xmin))
+        )
 
     def Y(v):
         v = min(max(v, ymin), ymax)
         return top + (H - top - bottom) * (math.log10(ymax) - math.log10(v)) / (math.log10(ymax) - math.log10(ymin))
 
-    d.text((left, 10), f"Round trip ||x_rec - x0|| / ||x0|| (model space) vs guided evaluations per inversion step - "
-                       f"GMM oracle seed {seed} as a real ComfyUI MODEL.  o CFG 1   [] CFG 3.5   ^ CFG 7.5;  "
-                       "bigger = more steps (5,10,25,50)", fill="black")
+    d.text(
+        (left, 10),
+        f"Round trip ||x_rec - x0|| / ||x0|| (model space) vs guided evaluations per inversion step - "
+        f"GMM oracle seed {seed} as a real ComfyUI MODEL.  o CFG 1   [] CFG 3.5   ^ CFG 7.5;  "
+        "bigger = more steps (5,10,25,50)",
+        fill="black",
+    )
     for ix, fam in enumerate(FAMILIES):
         x0p, x1p = left + ix * pw + 10, left + ix * pw + pw - 30
         d.text((x0p + 5, top + 5), {"eps": "EPS", "v": "V-prediction", "flow": "FLOW (shift 3)"}[fam], fill="black")
         for e in range(-9, 2):
-            y = Y(10.0 ** e)
+            y = Y(10.0**e)
             d.line([x0p, y, x1p, y], fill=(230, 230, 230))
             if ix == 0 or True:
                 d.text((x0p - 38 if ix == 0 else x0p + 2, y - 6), f"1e{e}", fill="black")
@@ -215,12 +258,22 @@ def summary(rows, seed: int) -> str:
         for mth in methods:
             cells = []
             for s, c in keys:
-                r = next((r for r in rows if r["family"] == fam and r["method"] == mth and r["steps"] == s and r["cfg"] == c), None)
+                r = next(
+                    (
+                        r
+                        for r in rows
+                        if r["family"] == fam and r["method"] == mth and r["steps"] == s and r["cfg"] == c
+                    ),
+                    None,
+                )
                 if r is None:
                     cells.append("")
                 else:
                     e = r["error"]
-                    cells.append(("non-finite" if e is None or not math.isfinite(e) else f"{e:.2e}") + f" ({r['evals_per_step']:.1f})")
+                    cells.append(
+                        ("non-finite" if e is None or not math.isfinite(e) else f"{e:.2e}")
+                        + f" ({r['evals_per_step']:.1f})"
+                    )
             lines.append(f"| {mth} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,19 +285,33 @@ def main(argv=None):
     ap.add_argument("--steps", default="5,10,25,50", help="comma list of step counts")
     ap.add_argument("--cfgs", default="1,3.5,7.5", help="comma list of CFG scales")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma list of eps,v,flow")
-    ap.add_argument("--methods", default=None,
-                    help="comma list of method labels to run (default all), e.g. 'ddim/current,exact,core'")
-    ap.add_argument("--part", default=None,
-                    help="write bench/out/fidelity_part_<PART>.json only (run grids in parallel processes), "
-                         "then merge them with --merge")
-    ap.add_argument("--merge", action="store_true",
-                    help="merge bench/out/fidelity_part_*.json into fidelity.json (+ plot, summary); runs nothing")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of method labels to run (default all), e.g. 'ddim/current,exact,core'",
+    )
+    ap.add_argument(
+        "--part",
+        default=None,
+        help="write bench/out/fidelity_part_<PART>.json only (run grids in parallel processes), "
+        "then merge them with --merge",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge bench/out/fidelity_part_*.json into fidelity.json (+ plot, summary); runs nothing",
+    )
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
-                         "oversubscribed machine inflates times many-fold)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
+        "oversubscribed machine inflates times many-fold)",
+    )
     a = ap.parse_args(argv)
     import torch
+
     torch.set_num_threads(max(1, a.threads))
     steps_list = [5, 10] if a.quick else [int(v) for v in a.steps.split(",")]
     cfgs = [1.0, 7.5] if a.quick else [float(v) for v in a.cfgs.split(",")]
@@ -255,6 +322,7 @@ def main(argv=None):
     rows = []
     if a.merge:
         import json
+
         parts = sorted(B.OUT.glob("fidelity_part_*.json"))
         grids = []
         for f in parts:
@@ -268,20 +336,33 @@ def main(argv=None):
     else:
         B.boot(cpu=True)
         import torch
+
         torch.manual_seed(0)
         fams = [f for f in a.families.split(",") if f]
         want = None if not a.methods else [m.strip() for m in a.methods.split(",")]
         for seed, sseed in seeds:
             rows += run_grid(seed, sseed, steps_list, cfgs, families=fams, methods=want)
         machine = B.machine()
-    data = {"bench": "fidelity", "machine": machine, "seconds": time.perf_counter() - t0,
-            "config": {"gmm": {"k": 4, "shape": [4, 8, 8], "std": 0.3}, "seeds": seeds, "source_components": COMPS,
-                       "cond": COND, "uncond": UNCOND, "steps": steps_list, "cfg": cfgs, "scheduler": SCHEDULER,
-                       "error": "||x_rec - x0|| / ||x0|| over the whole batch, model space",
-                       "evals_per_step": "measured diffusion-model calls during inversion / steps (cond+uncond batched = 1)",
-                       "grid": {"seeds": seeds, "steps": steps_list, "cfg": cfgs},
-                       "parts": [p.name for p in sorted(B.OUT.glob("fidelity_part_*.json"))] if a.merge else None},
-            "rows": rows}
+    data = {
+        "bench": "fidelity",
+        "machine": machine,
+        "seconds": time.perf_counter() - t0,
+        "config": {
+            "gmm": {"k": 4, "shape": [4, 8, 8], "std": 0.3},
+            "seeds": seeds,
+            "source_components": COMPS,
+            "cond": COND,
+            "uncond": UNCOND,
+            "steps": steps_list,
+            "cfg": cfgs,
+            "scheduler": SCHEDULER,
+            "error": "||x_rec - x0|| / ||x0|| over the whole batch, model space",
+            "evals_per_step": "measured diffusion-model calls during inversion / steps (cond+uncond batched = 1)",
+            "grid": {"seeds": seeds, "steps": steps_list, "cfg": cfgs},
+            "parts": [p.name for p in sorted(B.OUT.glob("fidelity_part_*.json"))] if a.merge else None,
+        },
+        "rows": rows,
+    }
     p = B.write_json(f"fidelity_part_{a.part}.json" if a.part else "fidelity.json", data)
     if a.part:
         print(f"wrote {p} in {time.perf_counter() - t0:.0f} s")

@@ -10,11 +10,13 @@ methods (seconds and evaluations per step; with random weights the implicit iter
 meaningful for real images), and null-text inversion on SD1.5 (50 steps x 10 iterations, cfg 7.5, every
 iteration run: seconds, backward passes, peak memory).
 
-    .venv/bin/python bench/gpu.py                 # SD1.5 512x512 (latent 64), SDXL 1024x1024 (latent 128), 50 steps, 2 repeats
+    .venv/bin/python bench/gpu.py                 # SD1.5 512x512 (latent 64), SDXL 1024x1024 (latent 128),
+                                                  # 50 steps, 2 repeats
     .venv/bin/python bench/gpu.py --cpu-smoke     # CPU: tiny configs, 64x64, 2 steps (the unit test runs this)
 
 Writes bench/out/gpu.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,24 +31,69 @@ from bench import speed as S  # noqa: E402
 
 # The UNet configs comfy.model_detection.unet_config_from_diffusers_unet lists for real SD1.5 / SDXL
 # checkpoints (ComfyUI 0.3.75); the dtype is set by set_inference_dtype below.
-SD15_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-             'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
-             'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
-             'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
-             'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             'use_temporal_attention': False, 'use_temporal_resblock': False}
-SDXL_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-             'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
-             'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
-             'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
-             'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             'use_temporal_attention': False, 'use_temporal_resblock': False}
+SD15_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+SDXL_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
 # --cpu-smoke: the same classes and layouts, shrunk
-SD15_TINY = dict(SD15_UNET, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-                 transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], context_dim=64, num_heads=2)
-SDXL_TINY = dict(SDXL_UNET, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-                 transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1,
-                 context_dim=64, num_head_channels=16)
+SD15_TINY = dict(
+    SD15_UNET,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    context_dim=64,
+    num_heads=2,
+)
+SDXL_TINY = dict(
+    SDXL_UNET,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[0, 1],
+    transformer_depth_output=[0, 0, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=64,
+    num_head_channels=16,
+)
 POOLED = 1280  # SDXL clip_g pooled size; adm = 1280 + 6 * 256 = 2816
 
 
@@ -55,13 +102,17 @@ def build(kind: str, tiny: bool, device, dtype, seed: int = 0):
     import comfy.model_base as mb
     import comfy.model_patcher
     import comfy.supported_models as sm
+
     if kind == "sd15":
         cfg = sm.SD15(dict(SD15_TINY if tiny else SD15_UNET))
     else:
         cfg = sm.SDXL(dict(SDXL_TINY if tiny else SDXL_UNET))
     cfg.set_inference_dtype(dtype, None)
-    model = (mb.BaseModel(cfg, model_type=mb.ModelType.EPS, device=device) if kind == "sd15"
-             else mb.SDXL(cfg, model_type=mb.ModelType.EPS, device=device))
+    model = (
+        mb.BaseModel(cfg, model_type=mb.ModelType.EPS, device=device)
+        if kind == "sd15"
+        else mb.SDXL(cfg, model_type=mb.ModelType.EPS, device=device)
+    )
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.diffusion_model.named_parameters():
@@ -78,28 +129,50 @@ def build(kind: str, tiny: bool, device, dtype, seed: int = 0):
 
 def conditioning(kind: str, tiny: bool, seed: int, size: int):
     import torch
+
     g = torch.Generator().manual_seed(seed)
-    ctx = (SD15_TINY if tiny else SD15_UNET)["context_dim"] if kind == "sd15" else (SDXL_TINY if tiny else SDXL_UNET)["context_dim"]
+    ctx = (
+        (SD15_TINY if tiny else SD15_UNET)["context_dim"]
+        if kind == "sd15"
+        else (SDXL_TINY if tiny else SDXL_UNET)["context_dim"]
+    )
     c = torch.randn((1, 77, ctx), generator=g)
     extra = {}
     if kind == "sdxl":
-        extra = {"pooled_output": torch.randn((1, POOLED), generator=g), "width": size, "height": size,
-                 "target_width": size, "target_height": size}
+        extra = {
+            "pooled_output": torch.randn((1, POOLED), generator=g),
+            "width": size,
+            "height": size,
+            "target_width": size,
+            "target_height": size,
+        }
     return [[c, extra]]
 
 
 def method_cost(model, pos, neg, latent, steps, cfg, device) -> dict:
     """Seconds and evaluations/step of ddim, exact and implicit (tol 1e-4, max 10 iterations) inversions."""
     import torch
+
     inv = B.pack("nodes.invert").DDIMInvert
     out = {}
-    for label, kw in (("ddim", dict(method="ddim")), ("exact", dict(method="exact")),
-                      ("implicit", dict(method="implicit", tolerance=1e-4, max_iters=10))):
+    for label, kw in (
+        ("ddim", dict(method="ddim")),
+        ("exact", dict(method="exact")),
+        ("implicit", dict(method="implicit", tolerance=1e-4, max_iters=10)),
+    ):
         with torch.no_grad():
-            t = B.timed(lambda: out.__setitem__("_o", inv.execute(model, pos, neg, latent, steps, cfg, "ddim_uniform", **kw)), device)
+            t = B.timed(
+                lambda kw=kw: out.__setitem__(
+                    "_o", inv.execute(model, pos, neg, latent, steps, cfg, "ddim_uniform", **kw)
+                ),
+                device,
+            )
         traj = B.first(out.pop("_o"), 2)
-        out[label] = {"seconds": t, "evals_per_step": traj.nfe / steps,
-                      "finite": bool(torch.isfinite(traj.noise).all())}
+        out[label] = {
+            "seconds": t,
+            "evals_per_step": traj.nfe / steps,
+            "finite": bool(torch.isfinite(traj.noise).all()),
+        }
     return out
 
 
@@ -107,6 +180,7 @@ def nulltext_cost(model, pos, neg, latent, steps, iterations, device) -> dict:
     """Null-Text Inversion at cfg 7.5 on a cfg-1 ddim pivot: seconds, evaluations, backward passes, peak memory.
     ``early_stop`` 0 so every step runs all its iterations (the paper's worst case: steps x iterations)."""
     import torch
+
     inv = B.pack("nodes.invert").DDIMInvert
     nt = B.pack("nodes.nulltext").DDIMInvNullText
     with torch.no_grad():
@@ -114,11 +188,19 @@ def nulltext_cost(model, pos, neg, latent, steps, iterations, device) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     out = {}
-    t = B.timed(lambda: out.__setitem__("o", nt.execute(model, pos, neg, traj, 7.5, iterations=iterations,
-                                                        early_stop=0.0)), device)
+    t = B.timed(
+        lambda: out.__setitem__("o", nt.execute(model, pos, neg, traj, 7.5, iterations=iterations, early_stop=0.0)),
+        device,
+    )
     info = B.first(out["o"], 1).optimized_negative
-    res = {"seconds": t, "steps": steps, "iterations": iterations, "backward": info["backward"],
-           "evaluations": info["nfe"], "seconds_per_backward": t / max(info["backward"], 1)}
+    res = {
+        "seconds": t,
+        "steps": steps,
+        "iterations": iterations,
+        "backward": info["backward"],
+        "evaluations": info["nfe"],
+        "seconds_per_backward": t / max(info["backward"], 1),
+    }
     if torch.cuda.is_available():
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return res
@@ -128,7 +210,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, tiny configs, 64x64, 2 steps, 1 repeat")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=2, help="timed rounds after one warm-up round (2 keeps the whole run under ~5 min)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed rounds after one warm-up round (2 keeps the whole run under ~5 min)",
+    )
     ap.add_argument("--models", default="sd15,sdxl")
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for --cpu-smoke")
@@ -136,11 +223,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     if a.cpu_smoke:
         import torch
+
         torch.set_num_threads(max(1, a.threads))
     B.boot(cpu=a.cpu_smoke)
     import torch
     import comfy.model_management as mm
     import comfy.utils
+
     comfy.utils.PROGRESS_BAR_ENABLED = False
     if not a.cpu_smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --cpu-smoke on CPU")
@@ -160,24 +249,37 @@ def main(argv=None):
             return {"samples": torch.randn((b, 4, size // 8, size // 8), generator=g) / 0.18215}
 
         print(f"{kind}: {size}x{size} (latent {size // 8}), {steps} steps, {dtype}, {device}, median of {repeats}")
-        res = S.compare(model, pos, neg, make_latent, steps, cfgs, repeats, [1, 8], device,
-                        peak_memory=not a.cpu_smoke)
+        res = S.compare(model, pos, neg, make_latent, steps, cfgs, repeats, [1, 8], device, peak_memory=not a.cpu_smoke)
         res["method_cost"] = method_cost(model, pos, neg, make_latent(1), steps, cfgs[0], device)
         if kind == "sd15":
-            res["nulltext"] = nt = nulltext_cost(model, pos, neg, make_latent(1), steps, 2 if a.cpu_smoke else 10,
-                                                 device)
-            print(f"sd15 null-text ({steps} steps x {nt['iterations']} iterations, cfg 7.5): {nt['seconds']:.2f} s, "
-                  f"{nt['backward']} backward passes, {nt['evaluations']} evaluations")
+            res["nulltext"] = nt = nulltext_cost(
+                model, pos, neg, make_latent(1), steps, 2 if a.cpu_smoke else 10, device
+            )
+            print(
+                f"sd15 null-text ({steps} steps x {nt['iterations']} iterations, cfg 7.5): {nt['seconds']:.2f} s, "
+                f"{nt['backward']} backward passes, {nt['evaluations']} evaluations"
+            )
         mc = res["method_cost"]
-        print(f"{kind} method cost (cfg {cfgs[0]:g}): " + "  ".join(
-            f"{k} {v['seconds']:.2f} s ({v['evals_per_step']:.1f}/step)" for k, v in mc.items()))
-        print(f"{kind} ratios: " + str({c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()}))
+        print(
+            f"{kind} method cost (cfg {cfgs[0]:g}): "
+            + "  ".join(f"{k} {v['seconds']:.2f} s ({v['evals_per_step']:.1f}/step)" for k, v in mc.items())
+        )
+        print(
+            f"{kind} ratios: "
+            + str({c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
+        )
         results[kind] = res
         del model
         mm.unload_all_models()
         mm.soft_empty_cache()
-    data = {"bench": "gpu", "cpu_smoke": a.cpu_smoke, "machine": B.machine(), "steps": steps,
-            "seconds": time.perf_counter() - t0, "results": results}
+    data = {
+        "bench": "gpu",
+        "cpu_smoke": a.cpu_smoke,
+        "machine": B.machine(),
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+        "results": results,
+    }
     p = B.write_json("gpu_cpu_smoke.json" if a.cpu_smoke else "gpu.json", data)
     print(f"wrote {p} in {time.perf_counter() - t0:.0f} s")
 

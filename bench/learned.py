@@ -20,6 +20,7 @@ nodes and core ComfyUI nodes, called in-process on the real host (``bench/_commo
 
 Writes bench/out/learned.json (learned_quick.json with --quick) and prints the tables (markdown).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +34,20 @@ from bench import _common as B  # noqa: E402
 from ddiminv_dev.counting import Counter  # noqa: E402
 
 SCHED = "ddim_uniform"
-SOURCES = ("a cat", "a cup of coffee", "an astronaut", "a rocket")     # held-out crops of these photographs
-EDITS = (("a cat", "a cup of coffee"), ("a cup of coffee", "a cat"), ("an astronaut", "a rocket"),
-         ("a rocket", "an astronaut"))
-OURS = [("ddim/predicted", dict(method="ddim", eval_sigma="predicted")),
-        ("ddim/destination", dict(method="ddim", eval_sigma="destination")),
-        ("ddim/current", dict(method="ddim", eval_sigma="current")),
-        ("implicit", dict(method="implicit", tolerance=1e-6, max_iters=12, restarts=2)),
-        ("exact", dict(method="exact"))]
+SOURCES = ("a cat", "a cup of coffee", "an astronaut", "a rocket")  # held-out crops of these photographs
+EDITS = (
+    ("a cat", "a cup of coffee"),
+    ("a cup of coffee", "a cat"),
+    ("an astronaut", "a rocket"),
+    ("a rocket", "an astronaut"),
+)
+OURS = [
+    ("ddim/predicted", dict(method="ddim", eval_sigma="predicted")),
+    ("ddim/destination", dict(method="ddim", eval_sigma="destination")),
+    ("ddim/current", dict(method="ddim", eval_sigma="current")),
+    ("implicit", dict(method="implicit", tolerance=1e-6, max_iters=12, restarts=2)),
+    ("exact", dict(method="exact")),
+]
 CORE = "core FlipSigmas+euler"
 NULLTEXT = dict(iterations=10, learning_rate=0.01, early_stop=1e-5)
 
@@ -49,6 +56,7 @@ class Setup:
     def __init__(self, sources):
         import torch
         from ddiminv_dev.learned import build, data
+
         B.boot(cpu=True)
         build.register_model_dir()
         self.data = data
@@ -56,7 +64,7 @@ class Setup:
         self.counter = Counter(self.model)
         self.m = self.counter.model
         self.fmt = self.model.model.latent_format
-        self.pixels = torch.cat([data.demo_image(c) for c in sources])                  # [K, 64, 64, 3]
+        self.pixels = torch.cat([data.demo_image(c) for c in sources])  # [K, 64, 64, 3]
         enc = B.pack("nodes.encode").DDIMInvVAEEncode.execute(self.pixels, self.vae)
         self.latent, self.ceiling = B.first(enc, 0), float(B.first(enc, 1))
         self.x0 = self.fmt.process_in(self.latent["samples"].double())
@@ -66,10 +74,14 @@ class Setup:
     def encode(self, texts):
         """One CONDITIONING with a batch entry per text (what the nodes take for a batch of latents)."""
         import torch
+
         te = B.core("CLIPTextEncode")
         conds = [B.first(te.execute(self.clip, t))[0] for t in texts]
-        extras = {"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])} \
-            if "pooled_output" in conds[0][1] else {}
+        extras = (
+            {"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])}
+            if "pooled_output" in conds[0][1]
+            else {}
+        )
         return [[torch.cat([c[0] for c in conds]), extras]]
 
     def cond(self, texts):
@@ -87,12 +99,19 @@ class Setup:
         import torch
         from skimage.metrics import structural_similarity
         from ddiminv_dev.learned import classifier
+
         x = self.fmt.process_in(samples.double())
         err = float((x - self.x0).norm() / self.x0.norm()) if torch.isfinite(x).all() else float("nan")
         img = self.decode(samples).float().clamp(0, 1)
         mse = float(((img - self.pixels.float()) ** 2).mean())
-        ssim = float(np.mean([structural_similarity(a, b, channel_axis=2, data_range=1.0)
-                              for a, b in zip(img.numpy(), self.pixels.float().numpy(), strict=True)]))
+        ssim = float(
+            np.mean(
+                [
+                    structural_similarity(a, b, channel_axis=2, data_range=1.0)
+                    for a, b in zip(img.numpy(), self.pixels.float().numpy(), strict=True)
+                ]
+            )
+        )
         out = {"latent_rel_error": err, "psnr_db": 100.0 if mse <= 1e-10 else -10 * math.log10(mse), "ssim": ssim}
         pred = classifier.predict(img.movedim(-1, 1))
         if target is not None:
@@ -124,17 +143,41 @@ def round_trip(S, sources, steps_list, cfgs, log) -> list:
                 t = time.perf_counter()
                 _, traj, n = invert(S, pos, neg, steps, cfg, **kw)
                 rec = sample(S, pos, neg, traj, cfg)
-                rows.append(dict(part="round_trip", method=label, steps=steps, cfg=cfg, evals_per_step=n / steps,
-                                 seconds=time.perf_counter() - t, vae_ceiling_db=S.ceiling, **S.scores(rec)))
+                rows.append(
+                    dict(
+                        part="round_trip",
+                        method=label,
+                        steps=steps,
+                        cfg=cfg,
+                        evals_per_step=n / steps,
+                        seconds=time.perf_counter() - t,
+                        vae_ceiling_db=S.ceiling,
+                        **S.scores(rec),
+                    )
+                )
             t = time.perf_counter()
             S.counter.take()
             inv_lat = B.first(sc.execute(S.m, False, 0, cfg, pos, neg, euler, flipped, S.latent))
             n = S.counter.take()
             rec = B.first(sc.execute(S.m, False, 0, cfg, pos, neg, euler, sig, inv_lat))["samples"]
-            rows.append(dict(part="round_trip", method=CORE, steps=steps, cfg=cfg, evals_per_step=n / steps,
-                             seconds=time.perf_counter() - t, vae_ceiling_db=S.ceiling, **S.scores(rec)))
-            log("  ".join(f"{r['method']} {r['latent_rel_error']:.2e}/{r['psnr_db']:.1f}dB"
-                          for r in rows[-len(OURS) - 1:]) + f"   [steps {steps}, cfg {cfg:g}]")
+            rows.append(
+                dict(
+                    part="round_trip",
+                    method=CORE,
+                    steps=steps,
+                    cfg=cfg,
+                    evals_per_step=n / steps,
+                    seconds=time.perf_counter() - t,
+                    vae_ceiling_db=S.ceiling,
+                    **S.scores(rec),
+                )
+            )
+            log(
+                "  ".join(
+                    f"{r['method']} {r['latent_rel_error']:.2e}/{r['psnr_db']:.1f}dB" for r in rows[-len(OURS) - 1 :]
+                )
+                + f"   [steps {steps}, cfg {cfg:g}]"
+            )
     return rows
 
 
@@ -146,26 +189,44 @@ def guided(S, sources, targets, steps, cfgs, log, part) -> list:
     _, pivot, n_inv = invert(S, src, neg, steps, 1.0, method="ddim")
     edit = tuple(targets) != tuple(sources)
     for cfg in cfgs:
-        variants = {"plain": lambda: sample(S, tgt, neg, pivot, cfg),
-                    "source_drift": lambda: sample(S, tgt, neg, pivot, cfg, correction="source_drift",
-                                                   source_positive=src, source_negative=neg)}
+        variants = {
+            "plain": lambda cfg=cfg: sample(S, tgt, neg, pivot, cfg),
+            "source_drift": lambda cfg=cfg: sample(
+                S, tgt, neg, pivot, cfg, correction="source_drift", source_positive=src, source_negative=neg
+            ),
+        }
         for mode in ("null_text", "negative_prompt"):
-            def run(mode=mode):
+
+            def run(mode=mode, cfg=cfg):
                 annotated = B.first(nt.execute(S.m, src, neg, pivot, cfg, mode=mode, **NULLTEXT), 1)
                 return sample(S, tgt, neg, annotated, cfg), annotated.optimized_negative
+
             variants[mode] = run
         for label, fn in variants.items():
             t = time.perf_counter()
             S.counter.take()
             out = fn()
             rec, info = out if isinstance(out, tuple) else (out, None)
-            row = dict(part=part, method=label, steps=steps, cfg=cfg, evaluations=S.counter.take() + n_inv,
-                       backward=(info or {}).get("backward", 0), seconds=time.perf_counter() - t,
-                       vae_ceiling_db=S.ceiling, **S.scores(rec, list(targets) if edit else None))
+            row = dict(
+                part=part,
+                method=label,
+                steps=steps,
+                cfg=cfg,
+                evaluations=S.counter.take() + n_inv,
+                backward=(info or {}).get("backward", 0),
+                seconds=time.perf_counter() - t,
+                vae_ceiling_db=S.ceiling,
+                **S.scores(rec, list(targets) if edit else None),
+            )
             rows.append(row)
-        log("  ".join(f"{r['method']} {r['latent_rel_error']:.2e}/{r['psnr_db']:.1f}dB"
-                      + (f"/{r['edit_success']:.0%}" if edit else "") for r in rows[-4:])
-            + f"   [{part}, steps {steps}, cfg {cfg:g}]")
+        log(
+            "  ".join(
+                f"{r['method']} {r['latent_rel_error']:.2e}/{r['psnr_db']:.1f}dB"
+                + (f"/{r['edit_success']:.0%}" if edit else "")
+                for r in rows[-4:]
+            )
+            + f"   [{part}, steps {steps}, cfg {cfg:g}]"
+        )
     return rows
 
 
@@ -180,6 +241,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="steps {10}, cfg {1, 7.5}, two images")
     a = ap.parse_args(argv)
     import torch
+
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()
     sources = SOURCES[:2] if a.quick else SOURCES
@@ -194,18 +256,49 @@ def main(argv=None):
     S_edit = Setup([s for s, _ in edits]) if [s for s, _ in edits] != list(sources) else S
     rows += guided(S_edit, [s for s, _ in edits], [t for _, t in edits], gsteps, guided_cfgs, print, "edit")
     f3 = "{:.3g}".format
-    print("\n" + table(rows, "round_trip", [
-        ("method", lambda r: r["method"]), ("steps", lambda r: str(r["steps"])), ("cfg", lambda r: f"{r['cfg']:g}"),
-        ("evals/step", lambda r: f"{r['evals_per_step']:.1f}"), ("latent error", lambda r: f3(r["latent_rel_error"])),
-        ("PSNR dB", lambda r: f"{r['psnr_db']:.2f}"), ("SSIM", lambda r: f"{r['ssim']:.3f}")]))
+    print(
+        "\n"
+        + table(
+            rows,
+            "round_trip",
+            [
+                ("method", lambda r: r["method"]),
+                ("steps", lambda r: str(r["steps"])),
+                ("cfg", lambda r: f"{r['cfg']:g}"),
+                ("evals/step", lambda r: f"{r['evals_per_step']:.1f}"),
+                ("latent error", lambda r: f3(r["latent_rel_error"])),
+                ("PSNR dB", lambda r: f"{r['psnr_db']:.2f}"),
+                ("SSIM", lambda r: f"{r['ssim']:.3f}"),
+            ],
+        )
+    )
     for part in ("guided_reconstruction", "edit"):
-        print("\n" + table(rows, part, [
-            ("method", lambda r: r["method"]), ("cfg", lambda r: f"{r['cfg']:g}"),
-            ("latent error", lambda r: f3(r["latent_rel_error"])), ("PSNR dB", lambda r: f"{r['psnr_db']:.2f}"),
-            ("SSIM", lambda r: f"{r['ssim']:.3f}"), ("edit success", lambda r: f"{r.get('edit_success', float('nan')):.0%}"),
-            ("evaluations", lambda r: str(r["evaluations"])), ("backward", lambda r: str(r["backward"]))]))
-    data = {"bench": "learned", "machine": B.machine(), "sources": list(sources), "edits": [list(e) for e in edits],
-            "vae_ceiling_db": S.ceiling, "seconds": time.perf_counter() - t0, "rows": rows}
+        print(
+            "\n"
+            + table(
+                rows,
+                part,
+                [
+                    ("method", lambda r: r["method"]),
+                    ("cfg", lambda r: f"{r['cfg']:g}"),
+                    ("latent error", lambda r: f3(r["latent_rel_error"])),
+                    ("PSNR dB", lambda r: f"{r['psnr_db']:.2f}"),
+                    ("SSIM", lambda r: f"{r['ssim']:.3f}"),
+                    ("edit success", lambda r: f"{r.get('edit_success', float('nan')):.0%}"),
+                    ("evaluations", lambda r: str(r["evaluations"])),
+                    ("backward", lambda r: str(r["backward"])),
+                ],
+            )
+        )
+    data = {
+        "bench": "learned",
+        "machine": B.machine(),
+        "sources": list(sources),
+        "edits": [list(e) for e in edits],
+        "vae_ceiling_db": S.ceiling,
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
     p = B.write_json("learned_quick.json" if a.quick else "learned.json", data)
     print(f"\nwrote {p} in {time.perf_counter() - t0:.0f} s")
 

@@ -18,10 +18,10 @@ batch 8 for ours and KSampler. Medians of ``--repeats`` interleaved rounds. Timi
 
 Writes bench/out/speed.json (speed_quick.json with --quick).
 """
+
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +35,6 @@ SCHED = "ddim_uniform"
 def _ctx(model, cond):
     """c_crossattn and any extra model kwargs (SDXL's y) for a raw apply_model call, via the model's
     own ``extra_conds`` (what CFGGuider does), so raw forwards see exactly what the samplers feed."""
-    import torch
     c = cond[0]
     kw = dict(c[1])
     kw["cross_attn"] = c[0]
@@ -45,21 +44,29 @@ def _ctx(model, cond):
 def raw_forwards(model, positive, negative, x, steps: int, cfg: float, device):
     """The floor: ``steps`` diffusion-model forwards via model.model.apply_model (batch 2B when CFG > 1)."""
     import torch
-    import comfy.conds
+
     mm = model.model
     B_ = x.shape[0]
-    dtype = mm.get_dtype()
     pairs = [positive] if cfg == 1.0 else [positive, negative]
     conds = []
     for cond in pairs:
         kw = dict(cond[0][1])
-        out = mm.extra_conds(input=x, noise=x, device=device, cross_attn=cond[0][0].to(device), **{k: v for k, v in kw.items() if k != "cross_attn"})
+        out = mm.extra_conds(
+            input=x,
+            noise=x,
+            device=device,
+            cross_attn=cond[0][0].to(device),
+            **{k: v for k, v in kw.items() if k != "cross_attn"},
+        )
         conds.append(out)
     # batch cond (+ uncond) like calc_cond_batch: concatenate each conditioning along the batch
     keys = conds[0].keys()
     c = {}
     for k in keys:
-        vals = [cc[k].process_cond(batch_size=B_, device=device).cond if hasattr(cc[k], "process_cond") else cc[k] for cc in conds]
+        vals = [
+            cc[k].process_cond(batch_size=B_, device=device).cond if hasattr(cc[k], "process_cond") else cc[k]
+            for cc in conds
+        ]
         c[k] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else vals[0]
     xb = torch.cat([x] * len(pairs)).to(device)
     sig = model.get_model_object("model_sampling").sigmas
@@ -69,6 +76,7 @@ def raw_forwards(model, positive, negative, x, steps: int, cfg: float, device):
         with torch.no_grad():
             for s in ts:
                 mm.apply_model(xb, torch.full((xb.shape[0],), s, device=device), **c)
+
     return run, c
 
 
@@ -76,6 +84,7 @@ def variants(model, positive, negative, latent, steps: int, cfg: float, device):
     """name -> zero-arg callable for one run of each variant (all under no_grad)."""
     import torch
     import comfy.model_management
+
     nodes = B._STATE["nodes"]
     inv = B.pack("nodes.invert").DDIMInvert
     euler = B.first(B.core("KSamplerSelect").execute("euler"))
@@ -91,6 +100,7 @@ def variants(model, positive, negative, latent, steps: int, cfg: float, device):
         def run():
             with torch.no_grad():
                 return fn()
+
         return run
 
     return {
@@ -106,14 +116,18 @@ def capture_overhead(model, positive, latent, steps: int, repeats: int, device) 
     ``model_fn`` (keeps nothing), and the DDIM Invert node vs that bare loop. CFG 1."""
     import torch
     import comfy.samplers
+
     methods = B.pack("inversion.methods")
     mm = model.model
     x0 = mm.latent_format.process_in(latent["samples"].clone()).to(device)
     kw = {"c_crossattn": positive[0][0].to(device).repeat(x0.shape[0], 1, 1)}
-    for k, v in positive[0][1].items():  # SDXL-style pooled -> y via extra_conds
-        pass
-    extra = mm.extra_conds(input=x0, noise=x0, device=device, cross_attn=positive[0][0].to(device),
-                           **{k: v for k, v in positive[0][1].items()})
+    extra = mm.extra_conds(
+        input=x0,
+        noise=x0,
+        device=device,
+        cross_attn=positive[0][0].to(device),
+        **{k: v for k, v in positive[0][1].items()},
+    )
     kw = {k: (v.process_cond(batch_size=x0.shape[0], device=device).cond) for k, v in extra.items()}
 
     def model_fn(x, sigma):
@@ -149,40 +163,76 @@ def capture_overhead(model, positive, latent, steps: int, repeats: int, device) 
     xb, tr = bare(), core()
     same = float((xb.float() - tr.noise.to(xb.device).float()).abs().max())
     t = B.interleaved({"bare_loop": bare, "core_invert": core, "node": node}, repeats, device=device)
-    return {"times": t, "max_abs_diff_bare_vs_core": same,
-            "core_over_bare": t["core_invert"]["median_s"] / t["bare_loop"]["median_s"],
-            "node_over_bare": t["node"]["median_s"] / t["bare_loop"]["median_s"]}
+    return {
+        "times": t,
+        "max_abs_diff_bare_vs_core": same,
+        "core_over_bare": t["core_invert"]["median_s"] / t["bare_loop"]["median_s"],
+        "node_over_bare": t["node"]["median_s"] / t["bare_loop"]["median_s"],
+    }
 
 
-def compare(model, positive, negative, make_latent, steps: int, cfgs, repeats: int, batches, device,
-            log=print, peak_memory: bool = False) -> dict:
+def compare(
+    model,
+    positive,
+    negative,
+    make_latent,
+    steps: int,
+    cfgs,
+    repeats: int,
+    batches,
+    device,
+    log=print,
+    peak_memory: bool = False,
+) -> dict:
     """The ratios table for one model: for each CFG (batch 1) all four variants; then batch scaling."""
     import torch
+
     res = {"steps": steps, "cfgs": list(cfgs), "repeats": repeats, "by_cfg": {}, "batch": {}}
     for cfg in cfgs:
         v = variants(model, positive, negative, make_latent(1), steps, cfg, device)
         t = B.interleaved(v, repeats, device=device)
         med = {k: t[k]["median_s"] for k in t}
-        ratios = {"ours/ksampler": med["ours"] / med["ksampler"], "ours/raw": med["ours"] / med["raw"],
-                  "ksampler/raw": med["ksampler"] / med["raw"], "flip/raw": med["flip"] / med["raw"],
-                  "ours/flip": med["ours"] / med["flip"]}
+        ratios = {
+            "ours/ksampler": med["ours"] / med["ksampler"],
+            "ours/raw": med["ours"] / med["raw"],
+            "ksampler/raw": med["ksampler"] / med["raw"],
+            "flip/raw": med["flip"] / med["raw"],
+            "ours/flip": med["ours"] / med["flip"],
+        }
         mn = {k: t[k]["min_s"] for k in t}
-        entry = {"times": t, "ratios": ratios,  # medians; minimums are steadier on a shared machine
-                 "ratios_of_minimums": {"ours/ksampler": mn["ours"] / mn["ksampler"], "ours/raw": mn["ours"] / mn["raw"],
-                                        "ksampler/raw": mn["ksampler"] / mn["raw"], "flip/raw": mn["flip"] / mn["raw"]}}
+        entry = {
+            "times": t,
+            "ratios": ratios,  # medians; minimums are steadier on a shared machine
+            "ratios_of_minimums": {
+                "ours/ksampler": mn["ours"] / mn["ksampler"],
+                "ours/raw": mn["ours"] / mn["raw"],
+                "ksampler/raw": mn["ksampler"] / mn["raw"],
+                "flip/raw": mn["flip"] / mn["raw"],
+            },
+        }
         if peak_memory and torch.cuda.is_available():
             mem = {}
             for k in ("ours", "ksampler", "flip"):
-                torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 v[k]()
                 torch.cuda.synchronize()
-                mem[k] = {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_over_start_bytes": torch.cuda.max_memory_allocated() - base}
+                mem[k] = {
+                    "peak_bytes": torch.cuda.max_memory_allocated(),
+                    "peak_over_start_bytes": torch.cuda.max_memory_allocated() - base,
+                }
             entry["peak_memory"] = mem
-            entry["ratios"]["peak_mem_ours/ksampler"] = mem["ours"]["peak_over_start_bytes"] / max(mem["ksampler"]["peak_over_start_bytes"], 1)
+            entry["ratios"]["peak_mem_ours/ksampler"] = mem["ours"]["peak_over_start_bytes"] / max(
+                mem["ksampler"]["peak_over_start_bytes"], 1
+            )
         res["by_cfg"][str(cfg)] = entry
-        log(f"cfg {cfg:g}, batch 1, {steps} steps: " + "  ".join(f"{k} {med[k]*1e3:.1f} ms" for k in med)
-            + "  | " + "  ".join(f"{k} {r:.3f}" for k, r in ratios.items()))
+        log(
+            f"cfg {cfg:g}, batch 1, {steps} steps: "
+            + "  ".join(f"{k} {med[k] * 1e3:.1f} ms" for k in med)
+            + "  | "
+            + "  ".join(f"{k} {r:.3f}" for k, r in ratios.items())
+        )
     cfg = cfgs[0]
     per = {}
     for b in batches:
@@ -193,13 +243,19 @@ def compare(model, positive, negative, make_latent, steps: int, cfgs, repeats: i
         per[b]["images_per_s_ksampler"] = b / per[b]["ksampler"]
     if len(batches) > 1:
         b0, b1 = batches[0], batches[-1]
-        res["batch"] = {"cfg": cfg, "by_batch": per,
-                        f"ours_b{b1}/b{b0}": per[b1]["ours"] / per[b0]["ours"],
-                        f"ksampler_b{b1}/b{b0}": per[b1]["ksampler"] / per[b0]["ksampler"],
-                        f"ours/ksampler_b{b1}": per[b1]["ours"] / per[b1]["ksampler"]}
-        log(f"batch {b0} -> {b1} (cfg {cfg:g}): ours x{res['batch'][f'ours_b{b1}/b{b0}']:.2f} time, "
-            f"ksampler x{res['batch'][f'ksampler_b{b1}/b{b0}']:.2f};  images/s ours {per[b0]['images_per_s_ours']:.2f} -> "
-            f"{per[b1]['images_per_s_ours']:.2f}, ksampler {per[b0]['images_per_s_ksampler']:.2f} -> {per[b1]['images_per_s_ksampler']:.2f}")
+        res["batch"] = {
+            "cfg": cfg,
+            "by_batch": per,
+            f"ours_b{b1}/b{b0}": per[b1]["ours"] / per[b0]["ours"],
+            f"ksampler_b{b1}/b{b0}": per[b1]["ksampler"] / per[b0]["ksampler"],
+            f"ours/ksampler_b{b1}": per[b1]["ours"] / per[b1]["ksampler"],
+        }
+        log(
+            f"batch {b0} -> {b1} (cfg {cfg:g}): ours x{res['batch'][f'ours_b{b1}/b{b0}']:.2f} time, "
+            f"ksampler x{res['batch'][f'ksampler_b{b1}/b{b0}']:.2f};  "
+            f"images/s ours {per[b0]['images_per_s_ours']:.2f} -> {per[b1]['images_per_s_ours']:.2f}, "
+            f"ksampler {per[b0]['images_per_s_ksampler']:.2f} -> {per[b1]['images_per_s_ksampler']:.2f}"
+        )
     return res
 
 
@@ -211,11 +267,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
-                         "oversubscribed machine inflates times many-fold)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
+        "oversubscribed machine inflates times many-fold)",
+    )
     a = ap.parse_args(argv)
     import torch
+
     torch.set_num_threads(max(1, a.threads))
     if a.quick:
         a.steps, a.size, a.repeats, a.batches = 3, 64, 1, "1,2"
@@ -223,8 +284,10 @@ def main(argv=None):
     B.boot(cpu=True)
     import torch
     import comfy.utils
+
     comfy.utils.PROGRESS_BAR_ENABLED = False
     from ddiminv_dev import tiny_models as T
+
     model = T.tiny_model("eps")
     pos, neg = T.tiny_conditioning("eps", 0), T.tiny_conditioning("eps", 1)
     dev = torch.device("cpu")
@@ -234,15 +297,26 @@ def main(argv=None):
 
     cfgs = [float(v) for v in a.cfgs.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
-    print(f"tiny SD1.5-architecture UNet (ddiminv_dev/tiny_models.py 'eps'), {a.size}x{a.size} "
-          f"(latent {a.size // 8}x{a.size // 8}), {a.steps} steps, median of {a.repeats}, torch threads {torch.get_num_threads()}")
+    print(
+        f"tiny SD1.5-architecture UNet (ddiminv_dev/tiny_models.py 'eps'), {a.size}x{a.size} "
+        f"(latent {a.size // 8}x{a.size // 8}), {a.steps} steps, median of {a.repeats}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     res = compare(model, pos, neg, make_latent, a.steps, cfgs, a.repeats, batches, dev)
     cap = capture_overhead(model, pos, make_latent(1), a.steps, a.repeats, dev)
-    print(f"capture overhead (cfg 1): core invert / bare loop {cap['core_over_bare']:.3f}, "
-          f"node / bare loop {cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})")
+    print(
+        f"capture overhead (cfg 1): core invert / bare loop {cap['core_over_bare']:.3f}, "
+        f"node / bare loop {cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})"
+    )
     res["capture"] = cap
-    data = {"bench": "speed", "machine": B.machine(), "model": "tiny_models.tiny_model('eps')",
-            "size": a.size, "seconds": time.perf_counter() - t0, "result": res}
+    data = {
+        "bench": "speed",
+        "machine": B.machine(),
+        "model": "tiny_models.tiny_model('eps')",
+        "size": a.size,
+        "seconds": time.perf_counter() - t0,
+        "result": res,
+    }
     p = B.write_json("speed_quick.json" if a.quick else "speed.json", data)
     print("ratios:", {c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
     print(f"wrote {p} in {time.perf_counter() - t0:.0f} s")

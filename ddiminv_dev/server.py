@@ -2,7 +2,8 @@
 
 ``start_server()`` launches ``<comfy>/main.py`` with the venv's python on a free 127.0.0.1 port, with
 private input/output/temp/user directories and an extra_model_paths yaml that lists the tiny model folders
-(the SD1.5 checkpoint and the SD3 diffusion model, CLIP-L and VAE: ddiminv_dev/tiny_checkpoint.py, ddiminv_dev/tiny_flow_files.py), and waits until ``GET /object_info`` answers. The returned
+(the SD1.5 checkpoint and the SD3 diffusion model, CLIP-L and VAE: ddiminv_dev/tiny_checkpoint.py,
+ddiminv_dev/tiny_flow_files.py), and waits until ``GET /object_info`` answers. The returned
 ``ServerHandle`` speaks the HTTP API with the stdlib only (urllib + json; psutil for ``rss()``).
 """
 from __future__ import annotations

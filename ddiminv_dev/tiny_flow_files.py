@@ -19,7 +19,6 @@ ComfyUI must be importable (run inside a ComfyUI process, or put the ComfyUI fol
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 

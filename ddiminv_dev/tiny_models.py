@@ -22,7 +22,6 @@ functions; the ``comfy`` imports are done lazily inside them.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -20,7 +20,8 @@ from ddiminv_dev import host
 ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "example_workflows"
 API_DIR = WF_DIR / "api"
-EXPECTED = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model", "nulltext_reconstruct", "nulltext_edit")
+EXPECTED = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model",
+            "nulltext_reconstruct", "nulltext_edit")
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: never in the API prompt
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 THUMB_MAX_BYTES = 100 * 1024
@@ -167,7 +168,7 @@ def test_ui_and_api_twins_match(name, nodes):
         values = n.get("widgets_values") or []
         assert len(values) == len(slots), (
             f"node {nid} ({n['type']}): {len(values)} widgets_values for widgets {slots}")
-        ui_widgets = {s: v for s, v in zip(slots, values) if s is not None}
+        ui_widgets = {s: v for s, v in zip(slots, values, strict=True) if s is not None}
         api_widgets = {k: v for k, v in api[nid]["inputs"].items() if not isinstance(v, list)}
         assert api_widgets == ui_widgets, f"node {nid} ({n['type']}): widget values differ"
 
@@ -179,7 +180,7 @@ def test_api_workflow_fits_the_node_schemas(name, nodes):
     _, api = _load(name)
     for nid, node in api.items():
         spec = _spec(nodes.NODE_CLASS_MAPPINGS[node["class_type"]])
-        for iname, (t, opts, req) in spec.items():
+        for iname, (_t, _opts, req) in spec.items():
             if req:
                 assert iname in node["inputs"], f"node {nid} ({node['class_type']}) lacks required input {iname}"
         for iname, v in node["inputs"].items():

@@ -16,7 +16,8 @@ PY = sys.executable
 def _run(args, timeout=240):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, (f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}"
+                              f"\n--- stderr\n{p.stderr[-3000:]}")
     return p.stdout
 
 

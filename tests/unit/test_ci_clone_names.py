@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBSET = "tests/host/test_preview.py tests/unit/test_package.py"  # test_preview reaches the pack via host.pack_submodule
+# test_preview reaches the pack via host.pack_submodule
+SUBSET = "tests/host/test_preview.py tests/unit/test_package.py"
 
 pytestmark = pytest.mark.slow
 
