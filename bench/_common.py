@@ -99,6 +99,17 @@ def write_json(name: str, data: dict) -> Path:
     return p
 
 
+def add_threads_arg(ap) -> None:
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
+                    "oversubscribed machine inflates times many-fold)")
+
+
+def set_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(max(1, n))
+
+
 def machine() -> dict:
     import torch
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),

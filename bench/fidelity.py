@@ -302,17 +302,9 @@ def main(argv=None):
         help="merge bench/out/fidelity_part_*.json into fidelity.json (+ plot, summary); runs nothing",
     )
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
-        "oversubscribed machine inflates times many-fold)",
-    )
+    B.add_threads_arg(ap)
     a = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, a.threads))
+    B.set_threads(a.threads)
     steps_list = [5, 10] if a.quick else [int(v) for v in a.steps.split(",")]
     cfgs = [1.0, 7.5] if a.quick else [float(v) for v in a.cfgs.split(",")]
     seeds = [tuple(int(v) for v in p.split(":")) for p in a.seeds.split(",")]

@@ -267,17 +267,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: stable on a shared/small CPU; OpenMP spinning on an "
-        "oversubscribed machine inflates times many-fold)",
-    )
+    B.add_threads_arg(ap)
     a = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, a.threads))
+    B.set_threads(a.threads)
     if a.quick:
         a.steps, a.size, a.repeats, a.batches = 3, 64, 1, "1,2"
     t0 = time.perf_counter()

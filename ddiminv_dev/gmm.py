@@ -245,3 +245,14 @@ def simple(table: torch.Tensor, steps: int) -> torch.Tensor:
     ss = len(table) / steps
     sigs = [float(table[-(1 + int(x * ss))]) for x in range(steps)] + [0.0]
     return torch.tensor(sigs, dtype=torch.float32)
+
+
+def inversion_schedule(flow: bool, steps: int) -> torch.Tensor:
+    """The schedule the oracle tests invert along (ascending): ``simple`` on the flow table, ``ddim_uniform`` on
+    SD1.x's table otherwise, as ComfyUI builds them."""
+    return (simple(flow_table(), steps) if flow else ddim_uniform(sd15_sigmas_table(), steps)).flip(0)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from ddiminv_dev import tiny_checkpoint as checkpoint
+from inversion.imaging import select_frames  # pure: no ComfyUI import
 
 pytestmark = pytest.mark.slow
 
@@ -78,16 +79,6 @@ def playwright_core_dir() -> str | None:
         except (OSError, subprocess.SubprocessError):
             pass
     return None
-
-
-def select_frames(count: int, frames: int) -> list[int]:
-    """Same rule as nodes/preview.py select_frames (kept here so this file needs no ComfyUI import)."""
-    if count <= 0:
-        return []
-    if count == 1:
-        return [0]
-    k = max(2, min(int(frames), count))
-    return sorted({int(round(j * (count - 1) / (k - 1))) for j in range(k)})
 
 
 # ---------------------------------------------------------------------------------------------------- server I/O

@@ -8,28 +8,12 @@ import torch
 
 from inversion import implicit as IM
 from inversion import methods as M
-from ddiminv_dev.gmm import GMM, ddim_uniform, flow_table, sd15_sigmas_table, simple
+from ddiminv_dev.gmm import GMM, inversion_schedule as sched, rel_error as rel
 
 COND = [0, 1, 2]
 PROMPTS = [([0, 1, 2], [0, 1, 2]), ([0], [0]), ([3], [1, 3])]      # (prompt components, source components)
 SEEDS = range(8)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The oracle's tensors are tiny: one torch thread avoids OpenMP spin-waiting on a shared CPU (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def sched(flow, steps):
-    return (simple(flow_table(), steps) if flow else ddim_uniform(sd15_sigmas_table(), steps)).flip(0)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def sweep(cfg, steps=10, **opts):

@@ -8,27 +8,13 @@ import torch
 from inversion import methods as M
 from inversion import schedule as S
 from inversion.errors import InversionInputError
-from ddiminv_dev.gmm import GMM, ddim_uniform, flow_table, sd15_sigmas_table, simple
+from ddiminv_dev.gmm import GMM, ddim_uniform, sd15_sigmas_table
+from ddiminv_dev.gmm import inversion_schedule as sched
+from ddiminv_dev.gmm import rel_error as rel
 
 ORACLE_SEED = 4          # the fidelity oracle (ddiminv_dev/fixtures/gmm_nodes.py DEFAULT_SEED)
 COND = [0, 1, 2]         # the "prompt": components 0..2; unconditional = all four
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The oracle's tensors are tiny: one torch thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def sched(flow, steps):
-    return (simple(flow_table(), steps) if flow else ddim_uniform(sd15_sigmas_table(), steps)).flip(0)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import math
 import pytest
 import torch
 
-from ddiminv_dev.gmm import GMM, EmbeddingOracle, ddim_uniform, flow_table, sd15_sigmas_table, simple
+from ddiminv_dev.gmm import GMM, EmbeddingOracle, inversion_schedule as sched, rel_error as rel
 from inversion import methods as M
 from inversion import nulltext as NT
 
@@ -37,21 +37,6 @@ COND = [0, 1, 2]
 STYLE_RMS = 0.05
 CFG = 7.5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def sched(flow, steps):
-    return (simple(flow_table(), steps) if flow else ddim_uniform(sd15_sigmas_table(), steps)).flip(0)
 
 
 class Case:
