@@ -1,20 +1,13 @@
 #!/usr/bin/env python3
-"""Headless batch runner: invert and reconstruct (or edit) every image of a folder through ComfyUI's API.
+"""Headless batch runner: an API-format workflow on every image of a folder, through running ComfyUI servers.
 
-    python tools/runner.py --workflow example_workflows/api/invert_and_reconstruct.api.json \\
-        --images photos/ --out results/ --server http://127.0.0.1:8188 --server http://127.0.0.1:8189 \\
-        --set "DDIMInvert.steps=20" --set "CheckpointLoaderSimple.ckpt_name=v1-5-pruned-emaonly.safetensors"
+    python tools/runner.py --workflow example_workflows/api/invert_and_reconstruct.api.json --images photos/ \\
+        --out results/ --server http://127.0.0.1:8188 --server http://127.0.0.1:8189 --set "DDIMInvert.steps=20"
 
-Per image: upload it (/upload/image), set it on the workflow's LoadImage node, queue it (/prompt), follow it
-over the websocket (and /history every HISTORY_POLL_S, so missed messages cannot hang it), interrupt it after
---timeout, and download its file outputs (/view) into OUT/<image stem>/ under names reduced to a safe
-character set; a name that could leave OUT is refused and recorded. One prompt per server at a time; the work
-of a server that stops answering goes to the others. OUT/results.json and results.csv are rewritten
-atomically after every image; a rerun with the same --out skips the images already ok there.
-Exit status: 0 all ok, 1 some image failed, 2 usage error or no server reachable.
+Outputs go to OUT/<image stem>/; OUT/results.json and results.csv are rewritten after every image, and a rerun
+with the same --out skips the images already ok. Exit status: 0 all ok, 1 some image failed, 2 usage error or
+no server reachable.
 """
-from __future__ import annotations
-
 import argparse
 import asyncio
 import contextlib
@@ -22,32 +15,30 @@ import copy
 import csv
 import io
 import json
-import mimetypes
 import os
 import re
 import sys
 import tempfile
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 
 import aiohttp
+import yarl
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RESULTS_JSON, RESULTS_CSV = "results.json", "results.csv"
 CSV_FIELDS = ("image", "status", "server", "seconds", "outputs", "figure", "texts", "error", "prompt_id")
 HISTORY_POLL_S = 5.0
 NAME_MAX = 120  # characters in a local file name made from server-supplied parts
-MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold (images, history)
+MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold
 _DB_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*dB")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_WS_DOWN = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 
 
 class RunnerError(Exception):
-    """A problem the user must fix (bad workflow, bad --set, no server): printed, exit 2."""
+    """A problem the user must fix (bad workflow, bad --set, no server): printed, exit status 2."""
 
 
 class ServerGone(Exception):
@@ -58,7 +49,6 @@ class Refused(Exception):
     """A server-supplied output name that could leave the output folder: not downloaded, recorded."""
 
 
-# ----------------------------------------------------------------------------------------- workflow
 def load_workflow(path) -> dict:
     try:
         return check_api_workflow(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
@@ -70,8 +60,8 @@ def load_workflow(path) -> dict:
 
 def check_api_workflow(data, where: str = "workflow") -> dict:
     if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise RunnerError(f"{where} is a UI-format workflow (it has 'nodes' and 'links'); the runner needs the API "
-                          "format: in ComfyUI use Workflow > Export (API), or use an example_workflows/api/*.api.json")
+        raise RunnerError(f"{where} is a UI-format workflow; the runner needs the API format: in ComfyUI use "
+                          "Workflow > Export (API), or use an example_workflows/api/*.api.json")
     if not isinstance(data, dict) or not data or not all(
             isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs", {}), dict) for n in data.values()):
         raise RunnerError(f'{where} is not an API-format workflow: expected {{node_id: {{"class_type", "inputs"}}}}')
@@ -84,27 +74,21 @@ def _node_sort_key(node_id):
     return (0, int(node_id), "") if str(node_id).isdigit() else (1, 0, str(node_id))
 
 
-def node_title(node: dict):
-    return node["_meta"].get("title") if isinstance(node.get("_meta"), dict) else None
-
-
 def resolve_nodes(prompt: dict, target: str) -> list:
     """Node ids ``target`` names: a node id; else a unique ``_meta.title``; else every node of that class_type."""
     if target in prompt:
         return [target]
-    by_title = sorted((k for k, n in prompt.items() if node_title(n) == target), key=_node_sort_key)
-    if len(by_title) > 1:
-        raise RunnerError(f"title {target!r} matches nodes {', '.join(by_title)}; use a node id instead")
-    found = by_title or sorted((k for k, n in prompt.items() if n.get("class_type") == target), key=_node_sort_key)
-    if not found:
-        known = ", ".join(f"{k} ({node_title(prompt[k]) or prompt[k].get('class_type')})"
-                          for k in sorted(prompt, key=_node_sort_key))
+    ids = sorted(prompt, key=_node_sort_key)
+    title = {k: n["_meta"].get("title") if isinstance(n.get("_meta"), dict) else None for k, n in prompt.items()}
+    if len(found := [k for k in ids if title[k] == target]) > 1:
+        raise RunnerError(f"title {target!r} matches nodes {', '.join(found)}; use a node id instead")
+    if not (found := found or [k for k in ids if prompt[k].get("class_type") == target]):
+        known = ", ".join(f"{k} ({title[k] or prompt[k].get('class_type')})" for k in ids)
         raise RunnerError(f"no node with id, title or class {target!r} in the workflow; nodes: {known}")
     return found
 
 
 def parse_value(text: str):
-    """JSON when it parses (numbers, true/false/null, lists, quoted strings), else the raw string."""
     try:
         return json.loads(text)
     except ValueError:
@@ -131,7 +115,6 @@ def apply_overrides(prompt: dict, overrides, warn=None) -> dict:
 
 
 def find_image_node(prompt: dict, spec=None) -> str:
-    """The node that receives the uploaded image: ``spec`` (id/title/class) or the first LoadImage."""
     ids = resolve_nodes(prompt, spec) if spec else \
         sorted((k for k, n in prompt.items() if n.get("class_type") == "LoadImage"), key=_node_sort_key)[:1]
     if len(ids) != 1:
@@ -147,9 +130,8 @@ def list_images(folder) -> list:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-# ----------------------------------------------------------------------------------------- local names
 def unique(name: str, used: set) -> str:
-    """``name`` or name_1, name_2, ...: the first not in ``used`` (in lower case: case-insensitive file systems)."""
+    """``name`` or name_1, name_2, ...: the first not in ``used`` (compared in lower case)."""
     stem, suf = os.path.splitext(name)
     cand, i = name, 1
     while cand.lower() in used:
@@ -159,18 +141,15 @@ def unique(name: str, used: set) -> str:
 
 
 def output_stems(names) -> dict:
-    """Image name -> its folder under OUT: the stem (the whole name when the stem is dots, as in '...png'),
-    stem_ext when images share a stem or the stem is results.json/csv; never '.' or '..'."""
+    """Image name -> its folder under OUT: the stem (the whole name if the stem is dots), stem_ext if shared."""
     stem = {n: Path(n).stem if Path(n).stem.strip(".") else n for n in names}
-    lower = [s.lower() for s in stem.values()]
-    used = {RESULTS_JSON, RESULTS_CSV}
+    lower, used = [s.lower() for s in stem.values()], {RESULTS_JSON, RESULTS_CSV}
     return {n: unique(s if lower.count(s.lower()) == 1 and s.lower() not in used
                       else f"{s}_{Path(n).suffix.lstrip('.').lower()}", used) for n, s in stem.items()}
 
 
 def safe_part(text) -> str:
-    """A server-supplied name part reduced to [A-Za-z0-9._-] and NAME_MAX characters (suffix kept); '' for
-    '', '.', '..' or only dots."""
+    """A server-supplied name part in [A-Za-z0-9._-] and NAME_MAX characters (suffix kept); '' if only dots."""
     s = _UNSAFE.sub("_", str(text))
     if len(s) > NAME_MAX:
         stem, suf = os.path.splitext(s)
@@ -179,9 +158,7 @@ def safe_part(text) -> str:
 
 
 def output_name(f: dict, used: set) -> str:
-    """The local name of a server output {node, filename, subfolder}: safe_part(filename), node-prefixed when
-    the image already has it. Refused: a file name with a separator or NUL or of dots only; a subfolder that is
-    absolute or climbs. Honest ComfyUI servers send none of these."""
+    """The local name of an output: safe_part(filename), node-prefixed when taken; Refused when it could climb."""
     raw, sub, node = f["filename"], f["subfolder"], ascii(f["node"][:40])
     if not raw.strip(".") or any(c in raw for c in "/\\\0"):
         raise Refused(f"node {node}: file name {raw[:80]!a} refused")
@@ -191,7 +168,6 @@ def output_name(f: dict, used: set) -> str:
     return unique(safe_part(f"{safe_part(f['node']) or 'node'}_{name}") if name.lower() in used else name, used)
 
 
-# ----------------------------------------------------------------------------------------- results
 def atomic_write(path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
     try:
@@ -207,8 +183,7 @@ def atomic_write(path, data: bytes) -> None:
 
 
 def extract_ui(outputs: dict) -> tuple:
-    """History outputs -> (files [{node, key, filename, subfolder, type}], texts {node: [str]}, other UI
-    entries {node: {key: value}}, e.g. the trajectory preview's data)."""
+    """History outputs -> (files [{node, key, filename, subfolder, type}], texts {node: [str]}, other {node: {}})."""
     files, texts, other = [], {}, {}
     for nid in sorted(outputs or {}, key=_node_sort_key):
         for key, val in (outputs[nid] if isinstance(outputs[nid], dict) else {}).items():
@@ -223,21 +198,20 @@ def extract_ui(outputs: dict) -> tuple:
 
 
 def figure_from(texts: dict):
-    """The workflow's headline number: the last 'NN.NN dB' in the UI texts (node order), else None."""
+    """The last 'NN.NN dB' in the UI texts (node order), else None."""
     found = [m for k in sorted(texts or {}, key=_node_sort_key) for t in texts[k] for m in _DB_RE.findall(t)]
     return float(found[-1]) if found else None
 
 
 class Results:
-    """results.json / results.csv under ``out``: one record per image name, rewritten atomically."""
+    """results.json / results.csv under ``out_dir``: one record per image name, rewritten atomically."""
 
     def __init__(self, out_dir, meta=None):
-        self.out = Path(out_dir)
-        self.json_path, self.csv_path = self.out / RESULTS_JSON, self.out / RESULTS_CSV
-        self.meta, self.images = dict(meta or {}), {}
+        self.out, self.meta, self.images = Path(out_dir), dict(meta or {}), {}
+        self.json_path = self.out / RESULTS_JSON
 
     @classmethod
-    def load(cls, out_dir, meta=None) -> Results:
+    def load(cls, out_dir, meta=None):
         r = cls(out_dir, meta)
         if r.json_path.exists():
             try:
@@ -255,33 +229,24 @@ class Results:
         self.out.mkdir(parents=True, exist_ok=True)
         names = sorted(self.images)
         ok = sum(map(self.done, names))
-        doc = {"version": 1, **self.meta, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "summary": {"total": len(names), "ok": ok, "failed": len(names) - ok},
-               "images": {n: self.images[n] for n in names}}
-        atomic_write(self.json_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+        atomic_write(self.json_path, (json.dumps({
+            "version": 1, **self.meta, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "summary": {"total": len(names), "ok": ok, "failed": len(names) - ok},
+            "images": {n: self.images[n] for n in names}}, indent=2) + "\n").encode("utf-8"))
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         for row in map(self.images.get, names):
             texts = row.get("texts") or {}
-            w.writerow({k: _cell(v) for k, v in {
-                **row, "outputs": ";".join(row.get("outputs") or []),
-                "seconds": "" if row.get("seconds") is None else f"{row['seconds']:.3f}",
-                "texts": " | ".join(t for k in sorted(texts, key=_node_sort_key) for t in texts[k])}.items()})
-        atomic_write(self.csv_path, buf.getvalue().encode("utf-8"))
+            row = {**row, "outputs": ";".join(row.get("outputs") or []),
+                   "seconds": "" if row.get("seconds") is None else f"{row['seconds']:.3f}",
+                   "texts": " | ".join(t for k in sorted(texts, key=_node_sort_key) for t in texts[k])}
+            # a cell a spreadsheet would run as a formula gets a leading apostrophe
+            w.writerow({k: "'" + v if isinstance(v, str) and v.startswith(("=", "+", "-", "@", "\t", "\r")) else v
+                        for k, v in row.items()})
+        atomic_write(self.out / RESULTS_CSV, buf.getvalue().encode("utf-8"))
 
 
-def _cell(v):
-    """A CSV cell a spreadsheet shows as text: server-supplied strings starting with = + - @ (a formula)
-    get a leading apostrophe."""
-    return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
-
-
-def failed(server, error: str) -> dict:
-    return {"server": server, "status": "error", "error": error, "seconds": None, "outputs": []}
-
-
-# ----------------------------------------------------------------------------------------- messages
 def normalize_server(url: str) -> str:
     url = url.strip().rstrip("/")
     return url if re.match(r"^https?://", url) else "http://" + url
@@ -291,10 +256,15 @@ def ws_url(server: str, client_id: str) -> str:
     return f"ws{server[4:]}/ws?clientId={client_id}"  # server is http(s)://... (normalize_server)
 
 
+def unreachable_message(url: str, err) -> str:
+    u = yarl.URL(url)
+    return (f"ComfyUI server {url} is unreachable ({err.__class__.__name__}: {err}). Start it with `python main.py "
+            f"--listen {u.host} --port {u.port}` (add --cpu without a GPU) or fix --server.")
+
+
 def format_prompt_error(status: int, body) -> str:
-    """POST /prompt 400 body -> one readable line (validation errors per node)."""
-    if not isinstance(body, dict):
-        return f"HTTP {status}: {str(body)[:500]}"
+    """A rejected POST /prompt -> one line, with the validation errors per node."""
+    body = body if isinstance(body, dict) else {"error": str(body)[:500]}
     err = body.get("error")
     parts = [err.get("message") or err.get("type"), err.get("details")] if isinstance(err, dict) else [err]
     for nid, ne in (body.get("node_errors") or {}).items():
@@ -304,7 +274,6 @@ def format_prompt_error(status: int, body) -> str:
 
 
 def format_exec_error(data: dict, typ: str = "execution_error") -> str:
-    """The error of an execution_error or execution_interrupted message."""
     if typ != "execution_error":
         return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
     return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
@@ -314,47 +283,37 @@ def format_exec_error(data: dict, typ: str = "execution_error") -> str:
 def history_error(h: dict):
     """None for a /history entry that completed, else its error."""
     st = h.get("status") or {}
-    ended = [format_exec_error(d, t) for t, d in st.get("messages") or [] if t in ("execution_error",
-                                                                                   "execution_interrupted")]
+    ended = [format_exec_error(d, t) for t, d in st.get("messages") or []
+             if t in ("execution_error", "execution_interrupted")]
     return None if st.get("completed", True) else (ended or ["execution failed (see the server log)"])[0]
 
 
-def unreachable_message(url: str, err) -> str:
-    u = urllib.parse.urlsplit(url)
-    return (f"ComfyUI server {url} is unreachable ({err.__class__.__name__}: {err}). Start it with `python main.py "
-            f"--listen {u.hostname} --port {u.port or (443 if u.scheme == 'https' else 80)}` (add --cpu without a "
-            "GPU) or fix --server.")
-
-
-# ----------------------------------------------------------------------------------------- one server
 class Worker:
     """One server: one websocket, one prompt in flight."""
 
     def __init__(self, session, server: str, args):
-        self.session, self.server, self.args = session, server, args
-        self.client_id, self.ws = uuid.uuid4().hex, None
+        self.session, self.server, self.args, self.client_id, self.ws = session, server, args, uuid.uuid4().hex, None
 
     async def call(self, method: str, path: str, raw: bool = False, **kw) -> tuple:
         """(HTTP status, body: bytes when ``raw``, else JSON or text); ServerGone when the server does not answer."""
+        data = bytearray()
         try:
             async with self.session.request(method, self.server + path, **kw) as r:
-                data = await r.content.read(MAX_BODY + 1)  # a hostile server cannot exhaust memory
-                if len(data) > MAX_BODY:
-                    raise RuntimeError(f"{self.server}{path.split('?')[0]} answered more than {MAX_BODY >> 20} MiB")
+                async for chunk in r.content.iter_any():
+                    data += chunk
+                    if len(data) > MAX_BODY:  # a hostile server cannot exhaust memory
+                        raise RuntimeError(f"{self.server}{path.split('?')[0]} answered more than {MAX_BODY >> 20} MiB")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise ServerGone(f"{self.server} stopped answering ({e.__class__.__name__}: {e})") from None
-        if raw or not data:
-            return r.status, data
-        try:
-            return r.status, json.loads(data)
-        except ValueError:
-            return r.status, data.decode("utf-8", "replace")
+        with contextlib.suppress(ValueError):
+            return r.status, bytes(data) if raw or not data else json.loads(data)
+        return r.status, data.decode("utf-8", "replace")
 
     async def connect(self) -> None:
         if self.ws is None or self.ws.closed:
             try:
-                self.ws = await asyncio.wait_for(self.session.ws_connect(ws_url(self.server, self.client_id),
-                                                                         heartbeat=30), 15)
+                self.ws = await asyncio.wait_for(
+                    self.session.ws_connect(ws_url(self.server, self.client_id), heartbeat=30), 15)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 raise ServerGone(unreachable_message(self.server, e)) from None
 
@@ -363,48 +322,35 @@ class Worker:
         if ws is not None:
             await ws.close()
 
-    async def history(self, prompt_id: str, wait: float = 0.0):
-        """The prompt's /history entry, asked every 0.2 s for up to ``wait`` seconds; None when absent."""
-        deadline = time.monotonic() + wait
+    async def follow(self, pid: str, on_progress) -> tuple:
+        """Until the prompt's /history entry exists (the caller bounds the time): (entry, websocket error or None).
+        /history is asked every HISTORY_POLL_S, more often once the websocket is down or said the prompt ended."""
+        next_poll, ended, err = time.monotonic() + HISTORY_POLL_S, False, None
         while True:
-            status, body = await self.call("GET", f"/history/{prompt_id}")
-            if status == 200 and isinstance(body, dict) and isinstance(body.get(prompt_id), dict):
-                return body[prompt_id]
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(0.2)
-
-    async def follow(self, prompt_id: str, on_progress):
-        """Until the prompt ends (the caller bounds the time): its error, or None. /history is asked every
-        HISTORY_POLL_S, and every turn once the websocket is down, so missed messages cannot hang it."""
-        next_poll = time.monotonic() + HISTORY_POLL_S
-        while True:
-            msg = typ = data = None
-            if self.ws is None:
-                await asyncio.sleep(HISTORY_POLL_S / 2)
+            msg = typ = None
+            if self.ws is None or ended:
+                await asyncio.sleep(0.2 if ended else HISTORY_POLL_S / 2)
             else:
                 with contextlib.suppress(asyncio.TimeoutError):
                     msg = await self.ws.receive(timeout=HISTORY_POLL_S / 2)
-            if msg is not None and msg.type in _WS_DOWN:
-                self.ws, next_poll = None, 0  # the next image opens a new one
-            elif msg is not None and msg.type == aiohttp.WSMsgType.TEXT:
+            if msg is not None and msg.type == aiohttp.WSMsgType.TEXT:
                 with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
                     m = json.loads(msg.data)
-                    typ, data = (m["type"], m["data"]) if m["data"].get("prompt_id") == prompt_id else (None, None)
+                    typ, data = (m["type"], m["data"]) if m["data"].get("prompt_id") == pid else (None, None)
+            elif msg is not None and msg.type != aiohttp.WSMsgType.BINARY:  # closed: the next image opens a new one
+                self.ws, next_poll = None, 0
             if typ == "progress":
                 on_progress(data)
-            elif typ in ("execution_error", "execution_interrupted"):
-                return format_exec_error(data, typ)
-            elif typ == "execution_success":
-                return None
-            if time.monotonic() >= next_poll:
+            elif typ in ("execution_error", "execution_interrupted", "execution_success"):
+                ended, err = True, None if typ == "execution_success" else format_exec_error(data, typ)
+            if ended or time.monotonic() >= next_poll:  # /history is written just after the last message
                 next_poll = time.monotonic() + HISTORY_POLL_S
-                if (h := await self.history(prompt_id)) is not None:
-                    return history_error(h)
+                status, body = await self.call("GET", f"/history/{pid}")
+                if status == 200 and isinstance(body, dict) and isinstance(body.get(pid), dict):
+                    return body[pid], err
 
     async def download(self, f: dict, dest_dir: Path, used: set) -> str:
-        """One output into ``dest_dir``; Refused, with nothing requested or written, when its name (or where
-        the name resolves) is not inside the output folder."""
+        """One output into ``dest_dir``; Refused, with nothing requested, when its name resolves outside OUT."""
         name, root = output_name(f, used), Path(self.args.out).resolve()
         if root not in (dest_dir / name).resolve().parents:
             raise Refused(f"node {f['node'][:40]!a}: {name!a} resolves outside {root}")
@@ -417,21 +363,19 @@ class Worker:
         return name
 
     async def run(self, path: Path, prompt: dict, image_node: str, dest_dir: Path, on_progress) -> dict:
-        """One image; returns its record (status ok/error). ServerGone propagates."""
-        t0 = time.monotonic()
-        rec = {"server": self.server, "prompt_id": None, "outputs": [], "texts": {}, "ui": {}, "figure": None,
-               "error": None}
+        """One image -> its record (status ok or error); ServerGone propagates."""
+        t0, rec = time.monotonic(), {"server": self.server, "prompt_id": None, "outputs": [], "texts": {}, "ui": {},
+                                     "figure": None, "error": None}
         try:
             await self.connect()
-            form = aiohttp.FormData({"type": "input", "overwrite": "true"}, quote_fields=False)
-            form.add_field("image", path.read_bytes(), filename=path.name,
-                           content_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-            status, up = await self.call("POST", "/upload/image", data=form)
+            with path.open("rb") as fh:  # aiohttp sends the name as it is and guesses the type from it
+                form = aiohttp.FormData({"type": "input", "overwrite": "true"}, quote_fields=False)
+                form.add_field("image", fh, filename=path.name)
+                status, up = await self.call("POST", "/upload/image", data=form)
             if status != 200 or not isinstance(up, dict) or "name" not in up:
                 raise RuntimeError(f"upload of {path.name} failed: HTTP {status}: {str(up)[:300]}")
             prompt = copy.deepcopy(prompt)
-            prompt[image_node]["inputs"]["image"] = f"{up['subfolder']}/{up['name']}" if up.get("subfolder") \
-                else up["name"]
+            prompt[image_node]["inputs"]["image"] = "/".join(filter(None, (up.get("subfolder"), up["name"])))
             rec["prompt_id"] = pid = str(uuid.uuid4())
             status, body = await self.call("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id,
                                                                     "prompt_id": pid})
@@ -439,16 +383,13 @@ class Worker:
                 raise RuntimeError(format_prompt_error(status, body))
             try:
                 left = t0 + self.args.timeout - time.monotonic()
-                err = await asyncio.wait_for(self.follow(pid, on_progress), max(0.0, left))
+                h, err = await asyncio.wait_for(self.follow(pid, on_progress), max(0.0, left))
             except asyncio.TimeoutError:
                 with contextlib.suppress(ServerGone):
                     await self.call("POST", "/queue", json={"delete": [pid]})
                     await self.call("POST", "/interrupt", json={"prompt_id": pid})
                 await self.close()  # a fresh websocket for the next image
                 raise RuntimeError(f"timed out after {self.args.timeout:g}s (raise --timeout)") from None
-            h = await self.history(pid, wait=15.0)  # written just after the last websocket message
-            if h is None:
-                raise RuntimeError(err or f"no /history entry for prompt {pid}")
             files, rec["texts"], rec["ui"] = extract_ui(h.get("outputs"))
             rec["figure"] = figure_from(rec["texts"])
             if err := err or history_error(h):
@@ -465,15 +406,15 @@ class Worker:
             rec["status"] = "ok"
         except ServerGone:
             raise
-        except Exception as e:  # noqa: BLE001 - recorded per image, the batch goes on
+        except Exception as e:  # recorded per image, the batch goes on
             rec["status"], rec["error"] = "error", str(e) or e.__class__.__name__
         rec["seconds"] = round(time.monotonic() - t0, 3)
         return rec
 
 
-# ----------------------------------------------------------------------------------------- driver
 class Progress:
-    """A line per finished image on stderr; the sampler's step counter live, on a terminal only."""
+    """A line per finished image on stderr, the sampler's steps live on a terminal; control characters are
+    shown as '?' (server text cannot drive the terminal)."""
 
     def __init__(self, total: int, stream=None):
         self.total, self.n, self.stream, self.step_len = total, 0, stream or sys.stderr, 0
@@ -481,7 +422,7 @@ class Progress:
     def line(self, text: str) -> None:
         self.stream.write("\r" + " " * self.step_len + "\r" if self.step_len else "")
         self.step_len = 0
-        print(_CONTROL.sub("?", text), file=self.stream, flush=True)  # server text cannot drive the terminal
+        print(_CONTROL.sub("?", text), file=self.stream, flush=True)
 
     def done(self, name: str, rec: dict) -> None:
         self.n += 1
@@ -499,20 +440,16 @@ class Progress:
 
 
 async def run_async(args) -> int:
-    def log(text):
-        print(text, file=sys.stderr, flush=True)
-
+    progress = Progress(0)
     servers = list(dict.fromkeys(normalize_server(s) for s in args.server or ["http://127.0.0.1:8188"]))
-    template = apply_overrides(load_workflow(args.workflow), args.set, warn=log)
+    template = apply_overrides(load_workflow(args.workflow), args.set, warn=progress.line)
     image_node = find_image_node(template, args.image_node)
-    images = {p.name: p for p in list_images(args.images)}
-    if not images:
+    if not (images := {p.name: p for p in list_images(args.images)}):
         raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})")
     out = Path(args.out)
-    results = Results.load(out, {"workflow": str(args.workflow), "images_dir": str(args.images),
-                                 "overrides": args.set})
+    results = Results.load(out, {"workflow": str(args.workflow), "images_dir": str(args.images), "overrides": args.set})
     dirs, todo = output_stems(images), [n for n in images if not results.done(n)]
-    progress = Progress(len(todo))
+    progress.total = left = len(todo)
     if len(todo) < len(images):
         progress.line(f"resuming: {len(images) - len(todo)} image(s) already ok in {results.json_path}, "
                       f"{len(todo)} to do")
@@ -523,23 +460,21 @@ async def run_async(args) -> int:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         workers = [Worker(session, s, args) for s in servers]
         checks = await asyncio.gather(*(w.connect() for w in workers), return_exceptions=True)
-        live = {w for w, c in zip(workers, checks, strict=True) if c is None}
+        alive = [w for w, c in zip(workers, checks, strict=True) if c is None]
         for c in filter(None, checks):
-            log(("warning: " if live else "error: ") + str(c))
-        if not live:
+            progress.line(("warning: " if alive else "error: ") + str(c))
+        if not alive:
             raise RunnerError("no ComfyUI server reachable; nothing was run")
-        alive = [w for w in workers if w in live]
-        progress.line(f"{len(todo)} image(s) over {len(alive)} server(s): {', '.join(w.server for w in alive)}")
-        queue: asyncio.Queue = asyncio.Queue()
+        live, queue = set(alive), asyncio.Queue()
         for name in todo:
             queue.put_nowait((name, False))  # (image, moved here from a server that died)
-        left = [len(todo)]
 
-        def finish(name: str, rec: dict) -> None:
+        def finish(name: str, rec=None, server=None, error=None) -> None:
+            nonlocal left
+            rec = rec or {"server": server, "status": "error", "error": error, "seconds": None, "outputs": []}
             results.record(name, rec)
             progress.done(name, rec)
-            left[0] -= 1
-            if left[0] == 0:  # every image has its record: one sentinel per worker
+            if (left := left - 1) == 0:  # every image has its record: one sentinel per worker
                 for _ in alive:
                     queue.put_nowait(None)
 
@@ -552,12 +487,13 @@ async def run_async(args) -> int:
                                                  lambda data, n=name: progress.step(n, data)))
                     except ServerGone as e:
                         live.discard(w)
-                        if not moved and live:
-                            log(f"warning: {e}; {name} goes to another server, {w.server} is dropped")
+                        again = not moved and bool(live)
+                        progress.line(f"warning: {e}; {f'{name} goes to another server, ' if again else ''}"
+                                      f"{w.server} is dropped")
+                        if again:
                             queue.put_nowait((name, True))
                         else:
-                            log(f"warning: {e}; {w.server} is dropped")
-                            finish(name, failed(w.server, str(e)))
+                            finish(name, server=w.server, error=str(e))
                         return
             finally:
                 await w.close()
@@ -565,15 +501,14 @@ async def run_async(args) -> int:
         await asyncio.gather(*map(work, alive))
         while not queue.empty():  # every server went away
             if (item := queue.get_nowait()) is not None:
-                finish(item[0], failed(None, "no server left to run it"))
+                finish(item[0], error="no server left to run it")
     ok = sum(map(results.done, images))
     progress.line(f"done: {ok}/{len(images)} ok, {len(images) - ok} failed; results in {results.json_path}")
     return 0 if ok == len(images) else 1
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="runner.py", description="Invert and reconstruct (or edit) every image of a "
-                                "folder through running ComfyUI servers, with an API-format workflow as template.")
+    p = argparse.ArgumentParser(prog="runner.py", description=__doc__.split("\n")[0])
     p.add_argument("--workflow", required=True, help="API-format workflow JSON (e.g. example_workflows/api/*.api.json)")
     p.add_argument("--images", required=True, help="folder of input images")
     p.add_argument("--out", required=True, help="output folder: OUT/<image stem>/..., results.json, results.csv")

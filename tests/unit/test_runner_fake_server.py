@@ -480,3 +480,19 @@ def test_csv_cells_that_look_like_formulas_are_quoted(setup):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["image"] for r in rows} == {"'=1+1.png", "plain.png"}
     assert _results(out)["=1+1.png"]["status"] == "ok"  # the JSON keeps the real name
+
+
+def test_a_large_output_is_downloaded_whole(setup, monkeypatch):
+    """An output bigger than one network chunk (2 MiB) arrives byte for byte (a single read() returns only the
+    first chunk: the image was once recorded ok with 64 KB of it)."""
+    wf, imgs, out, make = setup
+    big = PNG + bytes(range(256)) * 8192
+
+    async def view(self, request):
+        return web.Response(body=big, content_type="image/png")
+
+    monkeypatch.setattr(FakeComfy, "view", view)
+    a = make()
+    assert _main(_args(wf, imgs, out, a)) == 0
+    files = sorted(out.rglob("rec_*.png"))
+    assert len(files) == 5 and all(f.read_bytes() == big for f in files), [f.stat().st_size for f in files]
