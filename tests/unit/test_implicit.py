@@ -15,7 +15,6 @@ PROMPTS = [([0, 1, 2], [0, 1, 2]), ([0], [0]), ([3], [1, 3])]      # (prompt com
 SEEDS = range(8)
 
 
-
 def sweep(cfg, steps=10, **opts):
     """Every oracle draw: (seed, prompt, family) -> (round-trip error, steps above tolerance, evaluations/step)."""
     out = {}

@@ -16,7 +16,6 @@ ORACLE_SEED = 4          # the fidelity oracle (ddiminv_dev/fixtures/gmm_nodes.p
 COND = [0, 1, 2]         # the "prompt": components 0..2; unconditional = all four
 
 
-
 @pytest.fixture(scope="module")
 def oracle():
     g = GMM.make(seed=ORACLE_SEED)

@@ -38,7 +38,6 @@ STYLE_RMS = 0.05
 CFG = 7.5
 
 
-
 class Case:
     """Oracle, prompt embeddings and a CFG-1 pivot of ``x0`` for one family."""
 
