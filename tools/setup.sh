@@ -115,6 +115,17 @@ else
   say "linked the pack: $link -> $ROOT"
 fi
 
+# ---------------------------------------------------------------- the built-in learned model
+# assembled from the committed weights (ddiminv_dev/learned/weights) once; rebuilt when they change
+ckpt="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
+from ddiminv_dev.host import import_comfy
+import_comfy()
+from ddiminv_dev.learned import build
+fresh = not build.is_built()
+print(("assembled " if fresh else "up to date: ") + str(build.checkpoint_path()))
+' 2>"$CACHE/setup-learned.log")" || { cat "$CACHE/setup-learned.log" >&2; echo "could not assemble the learned checkpoint (log above)" >&2; exit 1; }
+say "learned model $ckpt"
+
 # ---------------------------------------------------------------- node (js tests) is optional here
 if command -v node >/dev/null 2>&1; then
   say "node $(node --version) found (js unit tests)"
