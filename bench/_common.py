@@ -43,6 +43,13 @@ def core(node_id: str):
     return _STATE["nodes"].NODE_CLASS_MAPPINGS[node_id]
 
 
+def call(node_id: str, *args, **kwargs):
+    """Run a core node by id, V1 (``FUNCTION``) or V3 (``execute``): ComfyUI converts nodes between versions."""
+    cls = core(node_id)
+    fn = getattr(cls(), cls.FUNCTION) if getattr(cls, "FUNCTION", None) else cls.execute
+    return fn(*args, **kwargs)
+
+
 def first(out, i: int = 0):
     """Output ``i`` of a node call (V3 NodeOutput or a V1 tuple)."""
     return out.args[i] if hasattr(out, "args") else out[i]

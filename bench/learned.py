@@ -60,7 +60,7 @@ class Setup:
         B.boot(cpu=True)
         build.register_model_dir()
         self.data = data
-        self.model, self.clip, self.vae = B.core("CheckpointLoaderSimple").execute(build.CKPT_NAME)[:3]
+        self.model, self.clip, self.vae = B.call("CheckpointLoaderSimple", build.CKPT_NAME)[:3]
         self.counter = Counter(self.model)
         self.m = self.counter.model
         self.fmt = self.model.model.latent_format
@@ -75,8 +75,7 @@ class Setup:
         """One CONDITIONING with a batch entry per text (what the nodes take for a batch of latents)."""
         import torch
 
-        te = B.core("CLIPTextEncode")
-        conds = [B.first(te.execute(self.clip, t))[0] for t in texts]
+        conds = [B.first(B.call("CLIPTextEncode", self.clip, t))[0] for t in texts]
         extras = (
             {"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])}
             if "pooled_output" in conds[0][1]
@@ -91,7 +90,7 @@ class Setup:
         return self.prompts[key]
 
     def decode(self, samples):
-        return B.first(B.core("VAEDecode").execute(self.vae, {"samples": samples}))
+        return B.first(B.call("VAEDecode", self.vae, {"samples": samples}))
 
     def scores(self, samples, target=None) -> dict:
         """Latent error vs the source, PSNR / SSIM of the decoded image, classifier verdicts."""
@@ -142,7 +141,9 @@ def round_trip(S, sources, steps_list, cfgs, log) -> list:
             for label, kw in OURS:
                 t = time.perf_counter()
                 _, traj, n = invert(S, pos, neg, steps, cfg, **kw)
-                rec = sample(S, pos, neg, traj, cfg)
+                # the evaluation counter wraps the model, which the guidance fingerprint cannot hash: auto
+                # would replay ddim, so the exact rows ask for the BDIA replay outright
+                rec = sample(S, pos, neg, traj, cfg, **({"exact_replay": "bdia"} if kw["method"] == "exact" else {}))
                 rows.append(
                     dict(
                         part="round_trip",
@@ -236,6 +237,83 @@ def table(rows, part, cols) -> str:
     return head + "\n" + "\n".join("| " + " | ".join(f(r) for _, f in cols) + " |" for r in sel)
 
 
+PLOT_COLORS = {
+    "ddim/predicted": (227, 119, 194), "ddim/destination": (23, 190, 207), "ddim/current": (31, 119, 180),
+    "implicit": (214, 39, 40), "exact": (44, 160, 44), CORE: (90, 90, 90),
+    "edit: plain": (0, 0, 0), "edit: source_drift": (148, 103, 189), "edit: null_text": (140, 86, 75),
+    "edit: negative_prompt": (255, 127, 14),
+}
+
+
+def plot(rows, path: Path, ceiling: float) -> None:
+    """Two panels, PIL only. Left: round-trip latent error vs inversion evaluations/step (log-log; colour =
+    method, marker = cfg: circle 1, square 3.5, triangle 7.5; size grows with steps). Right: the edits,
+    classifier success vs pixel PSNR to the source (colour = method, marker = cfg)."""
+    from PIL import Image, ImageDraw
+
+    W, H, top, bottom, left = 1400, 560, 50, 70, 70
+    pw = (W - left - 40) // 2
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 10), "Learned tiny SD1.5-format model (held-out photograph crops).  o CFG 1   [] CFG 3.5   "
+           "^ CFG 7.5;  bigger = more steps (10, 25, 50)", fill="black")
+
+    def marker(x, y, cfg, size, col):
+        r = size
+        if cfg <= 1.0:
+            d.ellipse([x - r, y - r, x + r, y + r], outline=col, width=2)
+        elif cfg < 5:
+            d.rectangle([x - r, y - r, x + r, y + r], outline=col, width=2)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], outline=col, width=2)
+
+    def panel(ix, title, xs, ys, xlog, ylog, xlabel, ylabel):
+        x0p, x1p, y0p, y1p = left + ix * (pw + 20), left + ix * (pw + 20) + pw - 20, top, H - bottom
+        d.rectangle([x0p, y0p, x1p, y1p], outline="black")
+        d.text((x0p + 5, y0p + 5), title, fill="black")
+        d.text((x0p + pw // 2 - 80, y1p + 22), xlabel, fill="black")
+        d.text((x0p + 5, y1p + 40), ylabel, fill="black")
+
+        def tr(v, lo, hi, log):
+            v = min(max(v, lo), hi)
+            return (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) if log else (v - lo) / (hi - lo)
+
+        def X(v):
+            return x0p + 10 + (x1p - x0p - 20) * tr(v, *xs, xlog)
+
+        def Y(v):
+            return y1p - 10 - (y1p - y0p - 30) * tr(v, *ys, ylog)
+
+        ticks_x = [0.5, 1, 2, 5, 10, 20] if xlog else [xs[0] + k * (xs[1] - xs[0]) / 5 for k in range(6)]
+        ticks_y = [10.0 ** e for e in range(int(math.log10(ys[0])), 1)] if ylog else [k / 5 for k in range(6)]
+        for v in ticks_x:
+            d.line([X(v), y0p, X(v), y1p], fill=(235, 235, 235))
+            d.text((X(v) - 8, y1p + 4), f"{v:g}" if xlog else f"{v:.0f}", fill="black")
+        for v in ticks_y:
+            d.line([x0p, Y(v), x1p, Y(v)], fill=(230, 230, 230))
+            d.text((x0p - 40, Y(v) - 6), f"{v:.0e}" if ylog else f"{v:.0%}", fill="black")
+        return X, Y
+
+    X, Y = panel(0, "round trip: latent error vs evaluations / inversion step", (0.5, 20.0), (1e-8, 1.0),
+                 True, True, "evaluations / step (log)", "")
+    for r in (r for r in rows if r["part"] == "round_trip"):
+        err = r["latent_rel_error"]
+        if math.isfinite(err):
+            marker(X(r["evals_per_step"]), Y(max(err, 1e-8)), r["cfg"], 3 + r["steps"] // 10,
+                   PLOT_COLORS.get(r["method"], (0, 0, 0)))
+    X, Y = panel(1, f"edits: classifier success vs PSNR to the source (VAE ceiling {ceiling:.1f} dB)",
+                 (5.0, 35.0), (0.0, 1.0), False, False, "PSNR dB to the source (higher = more preserved)", "")
+    d.line([X(ceiling), top, X(ceiling), H - bottom], fill=(180, 180, 180))
+    for r in (r for r in rows if r["part"] == "edit"):
+        marker(X(r["psnr_db"]), Y(r["edit_success"]), r["cfg"], 7, PLOT_COLORS.get("edit: " + r["method"], (0, 0, 0)))
+    y = top + 25
+    for name, col in PLOT_COLORS.items():
+        d.rectangle([W - 230, y, W - 220, y + 10], fill=col)
+        d.text((W - 214, y - 1), name, fill="black")
+        y += 16
+    img.save(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="steps {10}, cfg {1, 7.5}, two images")
@@ -243,6 +321,8 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    # outside ComfyUI's executor: no autograd graph through the model (null-text enables grad for itself)
+    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     sources = SOURCES[:2] if a.quick else SOURCES
     steps_list, cfgs = ((10,), (1.0, 7.5)) if a.quick else ((10, 25, 50), (1.0, 3.5, 7.5))
@@ -300,6 +380,8 @@ def main(argv=None):
         "rows": rows,
     }
     p = B.write_json("learned_quick.json" if a.quick else "learned.json", data)
+    if not a.quick:
+        plot(rows, Path(__file__).resolve().parent / "learned.png", S.ceiling)
     print(f"\nwrote {p} in {time.perf_counter() - t0:.0f} s")
 
 

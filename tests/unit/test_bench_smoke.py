@@ -51,3 +51,20 @@ def test_speed_bench_quick():
     for cfg, entry in res["by_cfg"].items():
         assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (cfg, entry)
     assert res["capture"]["max_abs_diff_bare_vs_core"] < 1e-4, res["capture"]  # the bare loop computes the same
+
+
+@pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
+                    reason="ComfyUI host not set up (tools/setup.sh)")
+def test_learned_bench_quick():
+    result = ROOT / "bench" / "out" / "learned_quick.json"
+    result.unlink(missing_ok=True)  # the script must write it again
+    _run(["bench/learned.py", "--quick"])
+    rows = json.loads(result.read_text())["rows"]
+    rt = {(r["method"], r["cfg"]): r for r in rows if r["part"] == "round_trip"}
+    assert rt[("exact", 7.5)]["latent_rel_error"] < 1e-5          # BDIA replay: exact at any cfg
+    assert rt[("ddim/predicted", 1.0)]["latent_rel_error"] < rt[("ddim/current", 1.0)]["latent_rel_error"]
+    guided = {r["method"]: r for r in rows if r["part"] == "guided_reconstruction"}
+    assert guided["null_text"]["latent_rel_error"] < guided["plain"]["latent_rel_error"] / 5
+    assert guided["null_text"]["backward"] > 0 and guided["plain"]["backward"] == 0
+    edits = [r for r in rows if r["part"] == "edit"]
+    assert len(edits) == 4 and all(0.0 <= r["edit_success"] <= 1.0 for r in edits)
