@@ -317,6 +317,10 @@ def plot(rows, path: Path, ceiling: float) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="steps {10}, cfg {1, 7.5}, two images")
+    ap.add_argument("--steps", default="10,25,50", help="round-trip step counts")
+    ap.add_argument("--cfgs", default="1,3.5,7.5", help="round-trip cfgs")
+    ap.add_argument("--guided-cfgs", default="3.5,7.5", help="cfgs of the guided reconstruction and the edits")
+    ap.add_argument("--sources", type=int, default=len(SOURCES), help=f"how many of {SOURCES} (and their edits)")
     a = ap.parse_args(argv)
     import torch
 
@@ -324,15 +328,17 @@ def main(argv=None):
     # outside ComfyUI's executor: no autograd graph through the model (null-text enables grad for itself)
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
-    sources = SOURCES[:2] if a.quick else SOURCES
-    steps_list, cfgs = ((10,), (1.0, 7.5)) if a.quick else ((10, 25, 50), (1.0, 3.5, 7.5))
-    guided_cfgs = (7.5,) if a.quick else (3.5, 7.5)
+    floats = lambda v: tuple(float(x) for x in v.split(","))  # noqa: E731
+    sources = SOURCES[:2] if a.quick else SOURCES[: a.sources]
+    steps_list = (10,) if a.quick else tuple(int(x) for x in a.steps.split(","))
+    cfgs = (1.0, 7.5) if a.quick else floats(a.cfgs)
+    guided_cfgs = (7.5,) if a.quick else floats(a.guided_cfgs)
     S = Setup(sources)
     print(f"learned model, {len(sources)} held-out crops {sources}, VAE ceiling {S.ceiling:.2f} dB")
     rows = round_trip(S, sources, steps_list, cfgs, print)
     gsteps = steps_list[-1] if a.quick else 25
     rows += guided(S, sources, sources, gsteps, guided_cfgs, print, "guided_reconstruction")
-    edits = EDITS[:2] if a.quick else EDITS
+    edits = EDITS[: len(sources)]
     S_edit = Setup([s for s, _ in edits]) if [s for s, _ in edits] != list(sources) else S
     rows += guided(S_edit, [s for s, _ in edits], [t for _, t in edits], gsteps, guided_cfgs, print, "edit")
     f3 = "{:.3g}".format
@@ -372,6 +378,7 @@ def main(argv=None):
         )
     data = {
         "bench": "learned",
+        "command": " ".join(["bench/learned.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": B.machine(),
         "sources": list(sources),
         "edits": [list(e) for e in edits],

@@ -34,6 +34,16 @@ CKPT_NAME = "ddiminv-tiny-sd15.safetensors"
 VERSION = "1"  # bump when the generator changes: the cached file is regenerated
 SEED = 20240601
 
+# what every tiny SD1.x-family UNet here shares: plain spatial transformers, no ADM/temporal parts
+SD_UNET_FLAGS = {
+    "use_linear_in_transformer": False,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "use_checkpoint": False,
+}
 UNET_CONFIG = {
     "image_size": 32,
     "in_channels": 4,
@@ -47,13 +57,7 @@ UNET_CONFIG = {
     "context_dim": 768,
     "num_heads": 8,
     "num_head_channels": -1,
-    "use_linear_in_transformer": False,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-    "use_checkpoint": False,
+    **SD_UNET_FLAGS,
 }
 VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}

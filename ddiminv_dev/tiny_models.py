@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny_checkpoint import seeded_init_  # one seeded initialiser for every tiny model
+from .tiny_checkpoint import SD_UNET_FLAGS, seeded_init_  # one seeded initialiser for every tiny model
 
 FAMILIES = ("eps", "v", "flow", "flux", "sdxl")
 
@@ -56,13 +56,7 @@ def _unet_config(context_dim: int) -> dict:
         "transformer_depth_output": [1, 1, 1, 1],
         "transformer_depth_middle": 1,
         "context_dim": context_dim,
-        "use_linear_in_transformer": False,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "adm_in_channels": None,
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-        "use_checkpoint": False,
+        **SD_UNET_FLAGS,
     }
 
 

@@ -254,6 +254,25 @@ def same_guidance(recorded: Optional[str], now: Optional[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the sampler seam
+class _Progress:
+    """One step of work done: ComfyUI's UI progress/preview callback and, unless ComfyUI disabled progress bars,
+    a console bar (opened at the first step, closed by ``close``)."""
+
+    def __init__(self, label: str, callback, disable_pbar: bool):
+        self.label, self.callback, self.disable, self.bar = label, callback, disable_pbar, None
+
+    def __call__(self, i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=total, disable=self.disable, desc=self.label, leave=True)
+        self.bar.update(1)
+        if self.callback is not None:
+            self.callback(i, denoised.detach().to(torch.float32), x.detach().to(torch.float32), total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class _LoopSampler(comfy.samplers.Sampler):
     """A ``comfy.samplers.Sampler`` that runs ``loop(model_fn, device, progress)`` inside CFGGuider.
 
@@ -271,26 +290,17 @@ class _LoopSampler(comfy.samplers.Sampler):
                disable_pbar=False):
         model_options = extra_args.get("model_options", {})
         seed = extra_args.get("seed", None)
-        bar: dict = {}
-
         def model_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
             comfy.model_management.throw_exception_if_processing_interrupted()
             s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
             return model_wrap(x.to(noise.device), s, model_options=model_options, seed=seed)
 
-        def progress(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-            if "bar" not in bar:
-                bar["bar"] = tqdm(total=total, disable=disable_pbar, desc=self.label, leave=True)
-            bar["bar"].update(1)
-            if callback is not None:
-                callback(i, denoised.to(torch.float32), x.to(torch.float32), total)
-
+        progress = _Progress(self.label, callback, disable_pbar)
         try:
             with torch.no_grad():
                 self.result = self.loop(model_fn, noise.device, progress)
         finally:
-            if "bar" in bar:
-                bar["bar"].close()
+            progress.close()
         # CFGGuider post-processes what we return; our caller reads self.result instead
         if isinstance(self.result, torch.Tensor) and tuple(self.result.shape) == tuple(noise.shape):
             return self.result.to(noise.device, torch.float32)

@@ -22,12 +22,14 @@ import contextlib
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import latent_preview
+
+from . import _comfy as C
+
 
 # ---------------------------------------------------------------------------------------------- weights
 @contextlib.contextmanager
@@ -116,14 +118,9 @@ def _with_embedding(conds: list, emb: torch.Tensor) -> list:
     return out
 
 
-class _BranchSampler(comfy.samplers.Sampler):
+class _BranchSampler(C._LoopSampler):
     """Runs ``loop(cond_fn, uncond_fn, device, progress)`` inside ``CFGGuider.sample`` with the two
     branches of the prepared guider as separate callables (see the module docstring)."""
-
-    def __init__(self, loop: Callable, label: str):
-        self.loop = loop
-        self.label = label
-        self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -148,21 +145,12 @@ class _BranchSampler(comfy.samplers.Sampler):
             neg = _with_embedding(conds["negative"], emb.to(device))
             return comfy.samplers.calc_cond_batch(inner, [None, neg], x, timestep(x, sigma), model_options)[1]
 
-        bar: dict = {}
-
-        def progress(i, total, x, denoised):
-            if "bar" not in bar:
-                bar["bar"] = tqdm(total=total, disable=disable_pbar, desc=self.label, leave=True)
-            bar["bar"].update(1)
-            if callback is not None:
-                callback(i, denoised.detach().to(torch.float32), x.detach().to(torch.float32), total)
-
+        progress = C._Progress(self.label, callback, disable_pbar)
         try:
             with autograd_view(inner):
                 self.result = self.loop(cond_fn, uncond_fn, device, progress)
         finally:
-            if "bar" in bar:
-                bar["bar"].close()
+            progress.close()
         return torch.zeros_like(noise, dtype=torch.float32)
 
 
