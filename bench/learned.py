@@ -321,6 +321,7 @@ def main(argv=None):
     ap.add_argument("--cfgs", default="1,3.5,7.5", help="round-trip cfgs")
     ap.add_argument("--guided-cfgs", default="3.5,7.5", help="cfgs of the guided reconstruction and the edits")
     ap.add_argument("--sources", type=int, default=len(SOURCES), help=f"how many of {SOURCES} (and their edits)")
+    ap.add_argument("--tag", default="", help="write bench/out/learned_<tag>.json and no plot (extra cells)")
     a = ap.parse_args(argv)
     import torch
 
@@ -386,8 +387,8 @@ def main(argv=None):
         "seconds": time.perf_counter() - t0,
         "rows": rows,
     }
-    p = B.write_json("learned_quick.json" if a.quick else "learned.json", data)
-    if not a.quick:
+    p = B.write_json("learned_quick.json" if a.quick else f"learned_{a.tag}.json" if a.tag else "learned.json", data)
+    if not a.quick and not a.tag:
         plot(rows, Path(__file__).resolve().parent / "learned.png", S.ceiling)
     print(f"\nwrote {p} in {time.perf_counter() - t0:.0f} s")
 
