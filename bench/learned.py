@@ -132,6 +132,11 @@ def sample(S, pos, neg, traj, cfg, **kw):
 def round_trip(S, sources, steps_list, cfgs, log) -> list:
     rows = []
     pos, neg = S.cond(sources), S.empty
+
+    def row(method, steps, cfg, n, t, rec):
+        return dict(part="round_trip", method=method, steps=steps, cfg=cfg, evals_per_step=n / steps,
+                    seconds=time.perf_counter() - t, vae_ceiling_db=S.ceiling, **S.scores(rec))
+
     euler = B.first(B.core("KSamplerSelect").execute("euler"))
     sc = B.core("SamplerCustom")
     for steps in steps_list:
@@ -144,35 +149,13 @@ def round_trip(S, sources, steps_list, cfgs, log) -> list:
                 # the evaluation counter wraps the model, which the guidance fingerprint cannot hash: auto
                 # would replay ddim, so the exact rows ask for the BDIA replay outright
                 rec = sample(S, pos, neg, traj, cfg, **({"exact_replay": "bdia"} if kw["method"] == "exact" else {}))
-                rows.append(
-                    dict(
-                        part="round_trip",
-                        method=label,
-                        steps=steps,
-                        cfg=cfg,
-                        evals_per_step=n / steps,
-                        seconds=time.perf_counter() - t,
-                        vae_ceiling_db=S.ceiling,
-                        **S.scores(rec),
-                    )
-                )
+                rows.append(row(label, steps, cfg, n, t, rec))
             t = time.perf_counter()
             S.counter.take()
             inv_lat = B.first(sc.execute(S.m, False, 0, cfg, pos, neg, euler, flipped, S.latent))
             n = S.counter.take()
             rec = B.first(sc.execute(S.m, False, 0, cfg, pos, neg, euler, sig, inv_lat))["samples"]
-            rows.append(
-                dict(
-                    part="round_trip",
-                    method=CORE,
-                    steps=steps,
-                    cfg=cfg,
-                    evals_per_step=n / steps,
-                    seconds=time.perf_counter() - t,
-                    vae_ceiling_db=S.ceiling,
-                    **S.scores(rec),
-                )
-            )
+            rows.append(row(CORE, steps, cfg, n, t, rec))
             log(
                 "  ".join(
                     f"{r['method']} {r['latent_rel_error']:.2e}/{r['psnr_db']:.1f}dB" for r in rows[-len(OURS) - 1 :]
