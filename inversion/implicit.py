@@ -147,15 +147,17 @@ def _seed(x: torch.Tensor, r: int, t: float) -> int:
     return (int(torch.frexp(x.double().sum())[0].item() * 2**40) ^ (r * 7919 + int(t * 1e6))) & (2**62 - 1)
 
 
-def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, *, tolerance: float = 1e-6,
-               max_iters: int = 30, restarts: int = 6, damping: float = 1.0, anderson: int = 5,
+def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, opts,
                budget: Optional[torch.Tensor] = None):
     """Solve one implicit step for every sample of ``x_s`` (see the module docstring).
 
+    ``opts``: the inversion's ``methods.Options`` (checked), passed whole: its ``tolerance``, ``max_iters``,
+    ``restarts``, ``damping`` and ``anderson`` are the solver's settings.
     ``budget`` [B]: evaluations each sample may spend on this step, first attempt and restarts together
     (default ``(1 + restarts) * max_iters``).
     Returns (x_t, D(x_t, t), evaluations (batched model calls), residuals [B] float64, used [B] per sample).
     """
+    tolerance, max_iters, restarts = float(opts.tolerance), int(opts.max_iters), int(opts.restarts)
     shape = x_s.shape
     B = shape[0]
     dev = x_s.device
@@ -164,16 +166,16 @@ def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, *, tole
     def fn(y, sigma):
         return model_fn(y.reshape(shape), sigma).reshape(B, -1).to(y.dtype)
 
-    kw = dict(tolerance=tolerance, damping=damping, anderson=anderson)
-    full = torch.full((B,), int(max_iters), dtype=torch.long, device=dev)
-    cap = (budget.to(dev).long() if budget is not None else full * (1 + int(restarts)))
+    kw = dict(tolerance=tolerance, damping=float(opts.damping), anderson=int(opts.anderson))
+    full = torch.full((B,), max_iters, dtype=torch.long, device=dev)
+    cap = (budget.to(dev).long() if budget is not None else full * (1 + restarts))
     y, D, res, used, evals = local_solve(fn, xs, s, t, xs, torch.ones(B, dtype=torch.bool, device=dev),
                                          torch.minimum(full, cap), **kw)
-    left = torch.minimum(cap - used, full * int(restarts))
+    left = torch.minimum(cap - used, full * restarts)
     scale = torch.clamp(rms(xs), min=1e-3)
     polished = torch.zeros(B, dtype=torch.bool, device=dev)
     jumps = torch.zeros(B, dtype=torch.long, device=dev)
-    for _ in range(int(restarts)):
+    for _ in range(restarts):
         near = (res > tolerance) & (res <= tolerance * NEAR) & ~polished & (left > 0)
         bad = ((res > tolerance * NEAR) & (left > 0)) | near
         if not bool(bad.any()):

@@ -209,10 +209,8 @@ def invert_implicit(rec: Recorder, model_fn: ModelFn, opts: Options, cin=None) -
     for i in range(rec.steps):
         # start from x_s (first iterate = the destination step): starting from the previous slope's
         # prediction saves ~0.2 evaluations/step but lands on another branch where a step folds
-        x, D, n, res, used = _implicit.solve_step(
-            model_fn, rec.x, sig[i], sig[i + 1], tolerance=opts.tolerance, max_iters=int(opts.max_iters),
-            restarts=int(opts.restarts), damping=opts.damping, anderson=int(opts.anderson),
-            budget=budget.available(i))
+        x, D, n, res, used = _implicit.solve_step(model_fn, rec.x, sig[i], sig[i + 1], opts,
+                                                  budget=budget.available(i))
         budget.used += used
         worst = torch.maximum(worst, res)
         above.append(res > opts.tolerance)
@@ -396,7 +394,5 @@ def sample(traj: Trajectory, model_fn: ModelFn, *, replay: Optional[str] = None,
 
 def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, opts: Options = Options()):
     """One implicit step with ``opts`` (see :func:`inversion.implicit.solve_step`): (x_t, D, evaluations, residuals)."""
-    y, D, n, res, _ = _implicit.solve_step(model_fn, x_s, s, t, tolerance=opts.tolerance,
-                                           max_iters=int(opts.max_iters), restarts=int(opts.restarts),
-                                           damping=opts.damping, anderson=int(opts.anderson))
+    y, D, n, res, _ = _implicit.solve_step(model_fn, x_s, s, t, opts)
     return y, D, n, res

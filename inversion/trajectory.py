@@ -27,7 +27,8 @@ class Trajectory:
     eval_sigmas: torch.Tensor            # [N] float64, sigma each step's (final) evaluation used
     method: str                          # "ddim" | "implicit" | "exact"
     cfg: float                           # guidance scale used while inverting
-    nfe: int                             # model evaluations (a CFG>1 evaluation counts once; see nfe_cond)
+    nfe: int                             # model evaluations (a CFG>1 evaluation -- both branches in one
+    #                                      batched call -- counts once)
     nfe_per_step: tuple = ()             # evaluations used by each step
     options: dict = field(default_factory=dict)   # method options (eval_sigma, tolerance, gamma, ...)
     replay: dict = field(default_factory=dict)    # what the paired sampler needs (e.g. "pair" for exact)
@@ -40,7 +41,9 @@ class Trajectory:
     version: int = CONTRACT_VERSION
     extra: dict = field(default_factory=dict)     # free space for downstream packs
     # null-text / negative-prompt inversion (Null-Text Inversion node): {"mode", "cfg", "conditioning" (the
-    # per-step negative CONDITIONING), evaluation and backward counts, ...}; None for a plain inversion
+    # per-step negative CONDITIONING), evaluation and backward counts, ..., and for null_text "states" /
+    # "denoised": what sampling with that negative produces, shaped and ordered as states / denoised};
+    # None for a plain inversion
     optimized_negative: Optional[dict] = None
 
     # ------------------------------------------------------------------ derived views

@@ -61,7 +61,7 @@ function buildViewer() {
     const f = data.frames[i];
     slider.value = String(i);
     label.textContent = `frame ${i + 1}/${data.frames.length} · ${frameLabel(f, data.steps)}`;
-    figure.textContent = figureLabel(data.figureName, f.figure);
+    figure.textContent = figureLabel(data.figureName, f.figure, f.miss);
     const url = viewURL(f.image, (p) => api.apiURL(p));
     if (url) {
       img.src = url;
@@ -86,7 +86,7 @@ function buildViewer() {
       return;
     }
     header.textContent = `${data.method || "?"} · ${data.steps ?? "?"} steps · σmax ${formatNumber(data.sigmaMax)}` +
-      (data.show ? ` · ${data.show}` : "");
+      (data.show ? ` · ${data.show}` : "") + (data.reconstruction ? ` · ${data.reconstruction}` : "");
     slider.max = String(data.frames.length - 1);
     slider.disabled = data.frames.length < 2;
     root.dataset.frames = String(data.frames.length);

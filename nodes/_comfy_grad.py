@@ -1,5 +1,5 @@
-"""The adapter's autograd half: what null-text inversion needs from ComfyUI (the second module, after
-``_comfy.py``, that touches ComfyUI internals).
+"""The adapter's autograd half: what null-text inversion needs from ComfyUI (one of the ``nodes/_comfy*.py``
+adapters, the only modules that touch ComfyUI internals).
 
 * ``comfy.samplers.CFGGuider`` prepares the model exactly as every core sampler does (model loading and
   offload, LoRA / model patches, ControlNet, hooks, per-step conditioning ranges); our own
@@ -28,6 +28,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..inversion.errors import InversionInputError
 from . import _comfy as C
 
 
@@ -87,8 +88,11 @@ def step_ranges(model_sampling, sampling_sigmas: torch.Tensor) -> list:
         top, bottom = model_sampling.percent_to_sigma(p0), model_sampling.percent_to_sigma(p1)
         inside = bottom < sig[k] < top or (k == 0 and bottom < sig[k] <= top)  # sigma_max may equal the top
         if not inside or not p0 < p1:
-            raise ValueError(f"cannot bind step {k} (sigma {sig[k]:.6g}) to a conditioning range: the model's "
-                             f"percent_to_sigma gives [{bottom:.6g}, {top:.6g}] for [{p0:.6g}, {p1:.6g}]")
+            raise InversionInputError(
+                f"sampling step {k} (sigma {sig[k]:.6g}) cannot be bound to its own conditioning range: the model's "
+                f"percent_to_sigma gives [{bottom:.6g}, {top:.6g}] for [{p0:.6g}, {p1:.6g}], so core samplers "
+                "would not meet that step's negative; invert with a schedule of this model's own sigmas (a "
+                "ComfyUI scheduler, not a hand-made SIGMAS outside the model's range)")
     return ranges
 
 

@@ -8,14 +8,20 @@ from ..inversion import nulltext as NT
 from ..inversion.errors import InversionInputError, node_boundary
 from . import _comfy as C
 from . import _comfy_grad as G
+from .sampler import compatibility_warnings
 from .types import CATEGORY, TRAJECTORY
 
 DISPLAY = "Null-Text Inversion"
-MODES = ["null_text", "negative_prompt"]
+MODES = list(NT.MODES)
 
 
 def check_inputs(model, positive, negative, traj, cfg: float, mode: str) -> float:
-    """Every reason null-text cannot run on these inputs, as one clear error naming the fix; returns cfg."""
+    """Every reason null-text cannot run on these inputs, as one clear error naming the fix; returns cfg.
+
+    A model that differs from the trajectory's in what the states mean but not in their shape (latent format,
+    model sampling, family) is the Inverted-Latent Sampler's policy: a warning in the text output
+    (:func:`nodes.sampler.compatibility_warnings`), not an error. A latent of another channel count cannot
+    run at all and is refused."""
     checks.check_trajectory(traj)
     if traj.method == "exact":
         raise InversionInputError("the trajectory was made with method 'exact' (BDIA), whose sampler is not the "
@@ -32,9 +38,6 @@ def check_inputs(model, positive, negative, traj, cfg: float, mode: str) -> floa
     if facts["channels"] is not None and traj.states.shape[2] != facts["channels"]:
         raise InversionInputError(f"the trajectory's latents have {traj.states.shape[2]} channels but this model "
                                   f"uses {facts['channels']}; connect the model that made the trajectory")
-    if traj.family and C.family_of(model) != traj.family:
-        raise InversionInputError(f"the trajectory was made by a {traj.family} model, this one is "
-                                  f"{C.family_of(model)}; connect the model that made the trajectory")
     B = traj.batch_size
     checks.check_conditioning(positive, B, "positive")
     checks.check_conditioning(negative, B, "negative")
@@ -107,49 +110,71 @@ class DDIMInvNullText(io.ComfyNode):
     def execute(cls, model, positive, negative, trajectory, cfg, mode="null_text", iterations=10,
                 learning_rate=1e-2, early_stop=1e-5) -> io.NodeOutput:
         with node_boundary(DISPLAY):
-            try:
-                return cls._run(model, positive, negative, trajectory, cfg, mode, iterations, learning_rate,
-                                early_stop)
-            except NT.NullTextError as e:
-                raise InversionInputError(str(e)) from None
+            cfg = check_inputs(model, positive, negative, trajectory, cfg, mode)
+            notes = [f"WARNING: {w}" for w in compatibility_warnings(model, trajectory)]
+            if abs(float(trajectory.cfg) - 1.0) > 1e-6:
+                notes.append(
+                    f"note: the pivot was inverted at cfg {float(trajectory.cfg):g}, not 1: null-text retraces it, "
+                    "so the reconstruction is that inversion's own round trip (the paper's pivot is a cfg-1 "
+                    "inversion, whose path a cfg-1 sampler retraces; invert at cfg 1 for the usual setup)")
+            if mode == "negative_prompt":
+                return cls._negative_prompt(positive, trajectory, notes)
+            opts = NT.NullTextOptions(cfg=cfg, iterations=int(iterations), learning_rate=float(learning_rate),
+                                      early_stop=float(early_stop)).check()
+            return cls._null_text(model, positive, negative, trajectory, opts, notes)
 
     @classmethod
-    def _run(cls, model, positive, negative, traj, cfg, mode, iterations, learning_rate, early_stop):
-        cfg = check_inputs(model, positive, negative, traj, cfg, mode)
+    def _negative_prompt(cls, positive, traj, notes) -> io.NodeOutput:
+        neg_out = [[t, dict(d)] for t, d in positive]
+        info = {"mode": "negative_prompt", "cfg": None, "conditioning": neg_out, "nfe": 0, "backward": 0}
+        text = (f"{DISPLAY}: negative-prompt inversion: the source prompt is the negative at every step (no "
+                "optimisation); any cfg samples the cfg-1 path")
+        return io.NodeOutput(neg_out, traj.with_(optimized_negative=info),
+                             ui=ui.PreviewText("\n".join([text] + notes)))
+
+    @classmethod
+    def _null_text(cls, model, positive, negative, traj, opts, notes) -> io.NodeOutput:
         store = C.output_device()
         sched = traj.sampling_sigmas()
         N = traj.steps
-        if mode == "negative_prompt":
-            neg_out = [[t, dict(d)] for t, d in positive]
-            info = {"mode": mode, "cfg": None, "conditioning": neg_out, "nfe": 0, "backward": 0}
-            text = (f"{DISPLAY}: negative-prompt inversion: the source prompt is the negative at every step (no "
-                    "optimisation); any cfg samples the cfg-1 path")
-            return io.NodeOutput(neg_out, traj.with_(optimized_negative=info), ui=ui.PreviewText(text))
-        opts = NT.NullTextOptions(cfg=cfg, iterations=int(iterations), learning_rate=float(learning_rate),
-                                  early_stop=float(early_stop)).check()
+        shape = tuple(traj.states.shape[1:])
+        mask, mask_note = checks.check_mask(traj.noise_mask, shape, "the trajectory's noise_mask")
+        if mask_note:
+            notes.append("WARNING: " + mask_note)
+        prepared = None if mask is None else C.prepare_mask(mask, shape, model)
+        if mask is not None:
+            notes.append("masked: the loss counts only the region the mask regenerates (outside it the sampler "
+                         "keeps the source's states, as the Inverted-Latent Sampler does)")
         cin = C.input_scale(model)
         null0 = negative[0][0]
+        ranges = G.step_ranges(C.model_sampling(model), sched)   # refuse a schedule it cannot bind, before the work
 
         def loop(cond_fn, uncond_fn, device, progress):
-            return NT.optimize(traj, cond_fn, uncond_fn, null0, opts, input_scale=cin, progress=progress,
-                               check_interrupt=G.check_interrupt, device=device, store_device=store)
+            return NT.optimize(traj, cond_fn, uncond_fn, null0, opts, input_scale=cin, mask=prepared,
+                               progress=progress, check_interrupt=G.check_interrupt, device=device,
+                               store_device=store)
 
-        res = G.run_branches(model, positive, negative, opts.cfg, tuple(traj.states.shape[1:]), sched, loop,
+        res = G.run_branches(model, positive, negative, opts.cfg, shape, sched, loop,
                              total=N * (opts.iterations + 1), label=DISPLAY)
-        ranges = G.step_ranges(C.model_sampling(model), sched)
         neg_out = G.per_step_conditioning(negative, res.embeddings, ranges, store)
-        info = {"mode": mode, "cfg": opts.cfg, "conditioning": neg_out, "nfe": res.nfe, "nfe_cond": res.nfe_cond,
-                "nfe_uncond": res.nfe_uncond, "backward": res.backward,
+        info = {"mode": "null_text", "cfg": opts.cfg, "conditioning": neg_out, "nfe": res.nfe,
+                "nfe_cond": res.nfe_cond, "nfe_uncond": res.nfe_uncond, "backward": res.backward,
                 "iterations_per_step": res.iterations.max(dim=1).values.tolist(),
-                "loss_per_step": res.losses.max(dim=1).values.tolist(), "ranges": ranges}
+                "loss_per_step": res.losses.max(dim=1).values.tolist(), "ranges": ranges,
+                # what the sampler with this negative produces, in the trajectory's (ascending) order
+                "states": res.states.flip(0), "denoised": res.denoised.flip(0)}
         text = (f"{DISPLAY}: cfg {opts.cfg:g}, {N} steps, {res.backward} backward passes, {res.nfe} evaluations "
                 f"({res.nfe_cond} positive + {res.nfe_uncond} negative), {res.backward / N:.1f} updates/step; worst "
                 f"final step loss {max(info['loss_per_step']):.2e}")
+        if res.backward == 0:
+            notes.append(f"WARNING: nothing was optimised: every step's loss was already at most early_stop "
+                         f"({opts.early_stop:g}), so the negative is the input one at every step; lower early_stop "
+                         "(e.g. 1e-5, or 0 to always run every iteration)")
         patches = G.cfg_patches(model)
         if patches:
-            text += (f"\nWARNING: the model has CFG patches ({', '.join(patches)}); null-text optimised plain CFG, "
-                     "so samplers that apply them will not retrace the pivot")
-        return io.NodeOutput(neg_out, traj.with_(optimized_negative=info), ui=ui.PreviewText(text))
+            notes.append(f"WARNING: the model has CFG patches ({', '.join(patches)}); null-text optimised plain "
+                         "CFG, so samplers that apply them will not retrace the pivot")
+        return io.NodeOutput(neg_out, traj.with_(optimized_negative=info), ui=ui.PreviewText("\n".join([text] + notes)))
 
 
 NODES = [DDIMInvNullText]

@@ -9,6 +9,12 @@ difference, in model space, between the x0 estimate associated with the frame an
 estimate of the step that leaves it (the last state uses the last step's estimate). It is 0 for a perfect
 denoiser at low noise and grows as the model's notion of the clean image drifts away from the source,
 which is where an inversion starts to lose fidelity.
+
+A trajectory from Null-Text Inversion also carries what its optimised negative reconstructs: the states and
+guided x0 estimates of the sampler at the cfg it was optimised for (recorded by the optimisation, nothing is
+re-run). Each frame then shows the pivot on top and that reconstruction below it, at the same level, and the
+frame's ``miss`` is the RMS difference between the two states (where the guided sampler leaves the pivot).
+A negative-prompt trajectory records no reconstruction (nothing was evaluated): the pivot alone is shown.
 """
 from __future__ import annotations
 
@@ -37,6 +43,20 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
+def _reconstruction(traj):
+    """(states [N+1, B, ...], denoised [N, B, ...]) in the trajectory's order that the trajectory's optimised
+    negative reconstructs (Null-Text Inversion records them), or None."""
+    info = getattr(traj, "optimized_negative", None) or {}
+    st, dn = info.get("states"), info.get("denoised")
+    if not (isinstance(st, torch.Tensor) and isinstance(dn, torch.Tensor)):
+        return None
+    if tuple(st.shape) != tuple(traj.states.shape) or tuple(dn.shape) != tuple(traj.denoised.shape):
+        raise InversionInputError(
+            f"the trajectory's null-text reconstruction has shape {tuple(st.shape)} but its states "
+            f"{tuple(traj.states.shape)}; connect Null-Text Inversion's trajectory output unmodified")
+    return st, dn
+
+
 class DDIMInvTrajectoryPreview(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -47,7 +67,8 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
             description=(
                 "Shows an inversion trajectory frame by frame: the noisy states and/or the model's x0 estimates, "
                 "evenly spaced over the steps (both ends always included), with a scrubber, the step and sigma of "
-                "each frame and a plot of the x0 drift from the source."
+                "each frame and a plot of the x0 drift from the source. For a Null-Text Inversion trajectory, "
+                "what its optimised negative reconstructs is shown below the pivot, with the miss between them."
             ),
             is_output_node=True,
             inputs=[
@@ -69,7 +90,8 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="One image per chosen frame (both: states "
-                                                                         "left, x0 estimate right)."),
+                                                                         "left, x0 estimate right; a null-text "
+                                                                         "trajectory: its reconstruction below)."),
             ],
         )
 
@@ -111,6 +133,11 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
 
         st = torch.stack([states[i, batch_index] for i, *_ in rows]) if show != "denoised" else None
         dn = torch.stack([denoised[d, batch_index] for *_, d in rows]) if show != "states" else None
+        rec = _reconstruction(trajectory)
+        if rec is not None:
+            r_states, r_denoised = rec
+            rst = torch.stack([r_states[i, batch_index] for i, *_ in rows]) if show != "denoised" else None
+            rdn = torch.stack([r_denoised[d, batch_index] for *_, d in rows]) if show != "states" else None
 
         def render(lat):
             if decode == "vae":
@@ -118,18 +145,25 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
             factors, bias, reshape = CV.rgb_factors(fmt)
             return imaging.fast_rgb(lat, factors, bias, reshape, type(fmt).__name__)
 
-        if show == "states":
-            images = render(st)
-        elif show == "denoised":
-            images = render(dn)
-        else:
-            images = torch.cat([render(st), render(dn)], dim=2)
+        def panel(s_, d_):
+            if show == "states":
+                return render(s_)
+            if show == "denoised":
+                return render(d_)
+            return torch.cat([render(s_), render(d_)], dim=2)
+
+        images = panel(st, dn)
+        if rec is not None:
+            images = torch.cat([images, panel(rst, rdn)], dim=1)     # the reconstruction below the pivot
         images = images.to(C.output_device()).contiguous()
 
         frame_info = []
-        for j, (_, step, sigma, d) in enumerate(rows):
-            frame_info.append({"index": j, "step": int(step), "sigma": _finite(sigma),
-                               "figure": _finite(imaging.rms(denoised[d, batch_index], source))})
+        for j, (i, step, sigma, d) in enumerate(rows):
+            info = {"index": j, "step": int(step), "sigma": _finite(sigma),
+                    "figure": _finite(imaging.rms(denoised[d, batch_index], source))}
+            if rec is not None:   # state frame i: level i; denoised frame i: the level its step lands on
+                info["miss"] = _finite(imaging.rms(r_states[i, batch_index], states[i, batch_index]))
+            frame_info.append(info)
         data = {
             "frames": frame_info,
             "figure_name": FIGURE_NAME,
@@ -139,6 +173,9 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
             "sigma_max": _finite(sigmas[-1]),
             "sigma_min": _finite(sigmas[0]),
         }
+        if rec is not None:
+            cfg = trajectory.optimized_negative.get("cfg")
+            data["reconstruction"] = f"below: null-text reconstruction at cfg {float(cfg):g}"
         preview = ui.PreviewImage(images, cls=cls).as_dict()
         preview["ddim_trajectory"] = [data]
         return io.NodeOutput(images, ui=preview)

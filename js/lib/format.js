@@ -1,13 +1,5 @@
 // Pure formatting helpers for the Trajectory Preview viewer (no DOM, no side effects).
 
-const HTML_ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;", "`": "&#96;" };
-
-/** Escape a value for use in HTML text or a quoted attribute. null/undefined -> "". */
-export function escapeHTML(value) {
-  if (value === null || value === undefined) return "";
-  return String(value).replace(/[&<>"'`]/g, (c) => HTML_ESCAPES[c]);
-}
-
 /** A finite number as short text: fixed for ordinary magnitudes, exponent for tiny/huge; "–" otherwise. */
 export function formatNumber(x, digits = 3) {
   if (typeof x !== "number" || !Number.isFinite(x)) return "–";
@@ -27,8 +19,12 @@ export function frameLabel(frame, steps) {
   return `step ${step}${total} · σ ${formatNumber(frame.sigma)}`;
 }
 
-/** Label of the figure value of one frame: "x0 drift (RMS) 0.126". */
-export function figureLabel(name, value) {
+/**
+ * Label of the figure value of one frame: "x0 drift (RMS) 0.126", and with a null-text reconstruction's miss
+ * (a number; null/undefined = none): "x0 drift (RMS) 0.126 · miss 0.0031".
+ */
+export function figureLabel(name, value, miss) {
   const n = typeof name === "string" && name ? name : "figure";
-  return `${n} ${formatNumber(value)}`;
+  const m = typeof miss === "number" && Number.isFinite(miss) ? ` · miss ${formatNumber(miss)}` : "";
+  return `${n} ${formatNumber(value)}${m}`;
 }

@@ -7,8 +7,10 @@ function num(x) {
 
 /**
  * message: the node's UI output ({images: [{filename, subfolder, type}], ddim_trajectory: [{frames, ...}]}).
- * Returns {frames: [{index, step, sigma, figure, image}], figureName, method, steps, sigmaMax, show} or null
- * when the message carries no trajectory data. Frames without a matching image keep image = null.
+ * Returns {frames: [{index, step, sigma, figure, miss, image}], figureName, method, steps, sigmaMax, show,
+ * reconstruction} or null when the message carries no trajectory data. Frames without a matching image keep
+ * image = null. `reconstruction` (a caption, "" when absent) and each frame's `miss` (null when absent) come
+ * with a Null-Text Inversion trajectory, whose reconstruction the node shows below the pivot.
  */
 export function parseTrajectoryMessage(message) {
   if (!message || typeof message !== "object") return null;
@@ -22,6 +24,7 @@ export function parseTrajectoryMessage(message) {
       step: Number.isInteger(f?.step) ? f.step : null,
       sigma: num(f?.sigma),
       figure: num(f?.figure),
+      miss: num(f?.miss),
       image: images[index] && typeof images[index] === "object" ? images[index] : null,
     };
   });
@@ -32,6 +35,7 @@ export function parseTrajectoryMessage(message) {
     show: typeof data.show === "string" ? data.show : "",
     steps: Number.isInteger(data.steps) ? data.steps : null,
     sigmaMax: num(data.sigma_max),
+    reconstruction: typeof data.reconstruction === "string" ? data.reconstruction : "",
   };
 }
 
@@ -41,29 +45,4 @@ export function clampFrame(value, count) {
   const v = Math.round(Number(value));
   if (!Number.isFinite(v)) return 0;
   return Math.min(count - 1, Math.max(0, v));
-}
-
-/** The frame position whose step is closest to `step` (first on ties); 0 for no frames. */
-export function frameForStep(frames, step) {
-  let best = 0;
-  let bestD = Infinity;
-  (frames || []).forEach((f, i) => {
-    if (f.step === null || f.step === undefined) return;
-    const d = Math.abs(f.step - step);
-    if (d < bestD) { bestD = d; best = i; }
-  });
-  return best;
-}
-
-/**
- * Up to `max` positions in [0, count), evenly spaced, always including both ends (same rule as the node's
- * frame selection), for thinning ticks or thumbnails.
- */
-export function evenlySpaced(count, max) {
-  if (!(count > 0)) return [];
-  if (count === 1) return [0];
-  const k = Math.max(2, Math.min(Math.floor(max), count));
-  const out = new Set();
-  for (let j = 0; j < k; j++) out.add(Math.round((j * (count - 1)) / (k - 1)));
-  return [...out].sort((a, b) => a - b);
 }

@@ -1,6 +1,6 @@
 // Build ComfyUI /view URLs for saved images. Only ComfyUI's own folder types; everything encoded.
 
-export const FOLDER_TYPES = ["temp", "output", "input"];
+const FOLDER_TYPES = ["temp", "output", "input"];
 
 /**
  * The /view URL of a saved image ({filename, subfolder, type}) or null when it is not a valid ComfyUI result.

@@ -1,14 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { escapeHTML, formatNumber, frameLabel, figureLabel } from "../lib/format.js";
-
-test("escapeHTML escapes markup and quotes", () => {
-  assert.equal(escapeHTML(`<img src=x onerror="a('b')">&\``), "&lt;img src=x onerror=&quot;a(&#39;b&#39;)&quot;&gt;&amp;&#96;");
-  assert.equal(escapeHTML(null), "");
-  assert.equal(escapeHTML(undefined), "");
-  assert.equal(escapeHTML(3.5), "3.5");
-  assert.equal(escapeHTML("plain"), "plain");
-});
+import { formatNumber, frameLabel, figureLabel } from "../lib/format.js";
 
 test("formatNumber: ordinary, tiny, huge, non-finite", () => {
   assert.equal(formatNumber(0), "0");
@@ -34,4 +26,9 @@ test("frameLabel and figureLabel", () => {
   assert.equal(frameLabel(null, 10), "");
   assert.equal(figureLabel("x0 drift (RMS)", 0.12626), "x0 drift (RMS) 0.126");
   assert.equal(figureLabel("", 1), "figure 1");
+  // a null-text reconstruction's miss follows the figure; none (null, undefined, NaN) adds nothing
+  assert.equal(figureLabel("x0 drift (RMS)", 0.12626, 0.0031), "x0 drift (RMS) 0.126 · miss 0.0031");
+  assert.equal(figureLabel("x0 drift (RMS)", 0.12626, 0), "x0 drift (RMS) 0.126 · miss 0");
+  assert.equal(figureLabel("x0 drift (RMS)", 0.12626, null), "x0 drift (RMS) 0.126");
+  assert.equal(figureLabel("x0 drift (RMS)", 0.12626, NaN), "x0 drift (RMS) 0.126");
 });

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { parseTrajectoryMessage, clampFrame, frameForStep, evenlySpaced } from "../lib/frames.js";
+import { parseTrajectoryMessage, clampFrame } from "../lib/frames.js";
 
 const message = {
   images: [
@@ -51,25 +51,14 @@ test("clampFrame", () => {
   assert.equal(clampFrame(1, 0), 0);
 });
 
-test("frameForStep picks the nearest frame", () => {
-  const d = parseTrajectoryMessage(message);
-  assert.equal(frameForStep(d.frames, 0), 0);
-  assert.equal(frameForStep(d.frames, 4), 1);
-  assert.equal(frameForStep(d.frames, 9), 2);
-  assert.equal(frameForStep([], 3), 0);
-});
-
-test("evenlySpaced matches the node's rule: both ends, unique, at most max", () => {
-  for (let count = 1; count < 40; count++) {
-    for (let max = 2; max < 45; max++) {
-      const idx = evenlySpaced(count, max);
-      assert.equal(idx[0], 0);
-      assert.equal(idx[idx.length - 1], count - 1);
-      assert.equal(new Set(idx).size, idx.length);
-      assert.equal(idx.length, Math.min(count, max));
-      assert.deepEqual(idx, [...idx].sort((a, b) => a - b));
-    }
-  }
-  assert.deepEqual(evenlySpaced(11, 4), [0, 3, 7, 10]); // same as select_frames(11, 4) in nodes/preview.py
-  assert.deepEqual(evenlySpaced(0, 4), []);
+test("a null-text trajectory's reconstruction caption and per-frame miss", () => {
+  const d0 = parseTrajectoryMessage(message);
+  assert.equal(d0.reconstruction, "");
+  assert.deepEqual(d0.frames.map((f) => f.miss), [null, null, null]);
+  const data = { ...message.ddim_trajectory[0], reconstruction: "below: null-text reconstruction at cfg 7.5" };
+  data.frames = data.frames.map((f, i) => ({ ...f, miss: [0.004, "x", 0][i] }));
+  const d = parseTrajectoryMessage({ ...message, ddim_trajectory: [data] });
+  assert.equal(d.reconstruction, "below: null-text reconstruction at cfg 7.5");
+  assert.deepEqual(d.frames.map((f) => f.miss), [0.004, null, 0]);
+  assert.equal(parseTrajectoryMessage({ ...message, ddim_trajectory: [{ ...data, reconstruction: 7 }] }).reconstruction, "");
 });

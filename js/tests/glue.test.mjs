@@ -44,3 +44,20 @@ test("browser-served .js files are not tests and fetch nothing external", () => 
     }
   }
 });
+
+test("every export of ./lib is used by the glue (code the tests cover is code the browser runs)", async () => {
+  const src = readFileSync(join(JS_DIR, "ddim_inversion.js"), "utf8");
+  const imported = new Set();
+  for (const [, names, spec] of src.matchAll(IMPORT_RE)) {
+    if (!spec.startsWith("./lib/")) continue;
+    for (const n of names.split(",").map((x) => x.trim()).filter(Boolean)) imported.add(`${spec}:${n}`);
+  }
+  const libs = readdirSync(join(JS_DIR, "lib")).filter((n) => n.endsWith(".js"));
+  assert.ok(libs.length >= 4);
+  for (const lib of libs) {
+    const mod = await import(pathToFileURL(join(JS_DIR, "lib", lib)).href);
+    for (const name of Object.keys(mod)) {
+      assert.ok(imported.has(`./lib/${lib}:${name}`), `./lib/${lib} exports ${name}, which ddim_inversion.js never imports`);
+    }
+  }
+});

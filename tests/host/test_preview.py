@@ -227,3 +227,57 @@ def test_real_inversion_trajectory(fx):
     assert steps[0] == 0 and steps[-1] == n and steps == select(n + 1, 3)
     assert data["frames"][0]["sigma"] < data["frames"][-1]["sigma"] == pytest.approx(data["sigma_max"])
     json.dumps(data, allow_nan=False)
+
+
+def _null_text_preview(mode="null_text", show="both"):
+    """Tiny SD1.5 model: DDIM Invert (cfg 1, 4 steps) -> Null-Text Inversion (cfg 7.5) -> Trajectory Preview."""
+    p = {
+        "m": {"class_type": "TestTinyModel", "inputs": {"family": "eps", "seed": 0}},
+        "c": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 0}},
+        "n": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 1}},
+        "e": {"class_type": "TestRandomLatent", "inputs": {"family": "eps", "batch": 2, "height": 32, "width": 32,
+                                                           "seed": 0}},
+        "inv": {"class_type": "DDIMInvert", "inputs": {"model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0],
+                                                       "latent": ["e", 0], "steps": 4, "cfg": 1.0,
+                                                       "scheduler": "ddim_uniform", "method": "ddim"}},
+        "nt": {"class_type": "DDIMInvNullText", "inputs": {"model": ["m", 0], "positive": ["c", 0],
+                                                           "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": 7.5,
+                                                           "mode": mode, "iterations": 2, "learning_rate": 0.1}},
+        "prev": {"class_type": NODE, "inputs": {"trajectory": ["nt", 1], "show": show, "frames": 3,
+                                                "decode": "fast", "batch_index": 1}},
+    }
+    r = host.run(p)
+    return r, r.outputs("prev")[0], r.ui("prev")["ddim_trajectory"][0]
+
+
+def test_a_null_text_trajectory_shows_its_reconstruction_below_the_pivot(fx):
+    """The pivot on top, below it what the optimised negative reconstructs at the same levels (the sampler's
+    states and guided x0 estimates the optimisation recorded), and per frame the RMS miss between the two
+    states: 0 at the inverted noise (both start there), growing where guidance leaves the pivot."""
+    import comfy.latent_formats as lf
+    r, images, data = _null_text_preview()
+    traj = r.outputs("nt")[1]
+    info = traj.optimized_negative
+    rec_states, rec_denoised = info["states"], info["denoised"]
+    assert rec_states.shape == traj.states.shape and rec_denoised.shape == traj.denoised.shape
+    steps = [f["step"] for f in data["frames"]]
+    n = traj.steps
+    assert steps == [0, n // 2, n] and images.shape == (3, 8, 8, 3)      # 4x4 latents: 2x2 panels of 4x4
+    fmt = lf.SD15()
+    top = torch.cat([_fast_ref(traj.states[steps, 1], fmt),
+                     _fast_ref(traj.denoised[[min(s, n - 1) for s in steps], 1], fmt)], dim=2)
+    bottom = torch.cat([_fast_ref(rec_states[steps, 1], fmt),
+                        _fast_ref(rec_denoised[[min(s, n - 1) for s in steps], 1], fmt)], dim=2)
+    assert torch.allclose(images[:, :4], top, atol=1e-6) and torch.allclose(images[:, 4:], bottom, atol=1e-6)
+    assert not torch.allclose(images[:, 4:], top, atol=1e-3)          # the bottom is not the pivot again
+    miss = [f["miss"] for f in data["frames"]]
+    want = [float((rec_states[s, 1] - traj.states[s, 1]).pow(2).mean().sqrt()) for s in steps]
+    assert miss == pytest.approx(want, rel=1e-5) and miss[-1] == 0.0 and miss[0] > 0
+    assert data["reconstruction"] == "below: null-text reconstruction at cfg 7.5"
+    json.dumps(data, allow_nan=False)
+
+
+def test_a_negative_prompt_trajectory_shows_the_pivot_alone(fx):
+    r, images, data = _null_text_preview(mode="negative_prompt", show="states")
+    assert images.shape == (3, 4, 4, 3) and "reconstruction" not in data
+    assert all("miss" not in f for f in data["frames"])

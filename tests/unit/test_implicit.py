@@ -157,3 +157,32 @@ def test_budget_reserves_a_first_attempt_for_every_later_step():
     assert b.available(1).tolist() == [0 + 10, 67]            # sample 0 spent everything step 0 could use
     b.used += torch.tensor([10, 0])
     assert b.available(2).tolist() == [10, 77]
+
+
+def test_the_solver_takes_the_options_whole():
+    """``solve_step(model_fn, x_s, s, t, opts)`` reads every solver setting from the one ``Options``: each
+    field changed alone changes what the solve does, as that field says."""
+    _, b = sources()
+    s, t = 0.5, 0.8
+
+    def run(**kw):
+        return IM.solve_step(wild, b, s, t, M.Options("implicit", **kw).check())
+
+    base = run(max_iters=6, restarts=2)
+    assert int(base[4][0]) == base[2] == 18                        # (1 + restarts) x max_iters: nothing converges
+    assert run(max_iters=4, restarts=2)[2] == 12                   # max_iters
+    assert run(max_iters=6, restarts=0)[2] == 6                    # restarts
+    assert IM.solve_step(wild, b, s, t, M.Options("implicit", max_iters=6, restarts=2),
+                         budget=torch.tensor([7]))[2] == 7         # the budget caps the attempts together
+    g = GMM.make(seed=4)
+    x0 = g.sample_x0(COND, seed=1)[:1]
+    fn = g.model_fn(False, cond=COND, cfg=1.0)
+
+    def evals(**kw):
+        r = IM.solve_step(fn, x0, 0.5, 0.8, M.Options("implicit", **kw))
+        assert float(r[3][0]) <= M.Options("implicit", **kw).tolerance, kw
+        return r[2]
+
+    # measured: Anderson 3 evaluations, plain fixed point 12, half-damped 30, plain to 1e-2 only 4
+    assert evals() == 3 and evals(anderson=0) == 12 and evals(anderson=0, damping=0.5) == 30
+    assert evals(anderson=0, tolerance=1e-2) == 4

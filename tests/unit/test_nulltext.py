@@ -31,6 +31,7 @@ import torch
 from ddiminv_dev.gmm import GMM, EmbeddingOracle, inversion_schedule as sched, rel_error as rel
 from inversion import methods as M
 from inversion import nulltext as NT
+from inversion.errors import InversionInputError
 
 ORACLE_SEED = 4
 COND = [0, 1, 2]
@@ -55,6 +56,28 @@ class Case:
 
     def prompt_fn(self, emb):
         return lambda x, sigma: self.o.denoise(x, sigma, emb)
+
+
+def guided(cond_fn, uncond_fn, emb, w):
+    """``model_fn(x, sigma)`` = D_u + w (D_c - D_u) with a fixed negative ``emb`` (what CFGGuider computes)."""
+    def fn(x, sigma):
+        Du = uncond_fn(x, sigma, emb)
+        return Du + w * (cond_fn(x, sigma) - Du)
+    return fn
+
+
+def replay(pivot, cond_fn, uncond_fn, embeddings, w, mask=None):
+    """The Inverted-Latent Sampler's replay (methods.sample, DDIM) with step k's negative bound to the
+    evaluations at sampling sigma k, as ComfyUI's start/end percent ranges bind it. Returns the states in
+    sampling order [N+1, B, ...]."""
+    at = {float(v): k for k, v in enumerate(pivot.sampling_sigmas()[:-1].tolist())}
+    states = [pivot.noise]
+
+    def fn(x, sigma):
+        return guided(cond_fn, uncond_fn, embeddings[at[float(sigma)]], w)(x, sigma)
+
+    M.sample(pivot, fn, mask=mask, progress=lambda n, total, x, D: states.append(x.clone()))
+    return torch.stack(states)
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +117,12 @@ BARS = {  # (flow, steps): null-text error bar, from the measured values in the 
 @pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
 def test_null_text_cuts_the_cfg_drift_tenfold(flow, steps):
     c = Case(flow, steps)
-    plain_fn = NT.guided(c.cond_fn, c.uncond_fn, c.null0, CFG)
+    plain_fn = guided(c.cond_fn, c.uncond_fn, c.null0, CFG)
     cfg1 = rel(M.sample(c.pivot, c.cond_fn), c.x0)
     plain = rel(M.sample(c.pivot, plain_fn), c.x0)
     r = NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0, NT.NullTextOptions(cfg=CFG))
     nt = rel(r.x0, c.x0)
-    npi_res = NT.negative_prompt_embeddings(c.pivot, c.pos)
-    npi_x = NT.sample_with_embeddings(c.pivot, None, c.cond_fn, c.uncond_fn, npi_res, CFG)
+    npi_x = M.sample(c.pivot, guided(c.cond_fn, c.uncond_fn, c.pos, CFG))    # the source prompt as negative
     npi = rel(npi_x, c.x0)
     gaps = M.source_drift(c.pivot, plain_fn)
     drift = rel(M.sample(c.pivot, plain_fn, drift=gaps), c.x0)
@@ -134,23 +156,20 @@ def test_paper_ramp_saves_evaluations_but_costs_accuracy():
 
 # ---------------------------------------------------------------------------------------------- replay
 def test_replaying_the_embeddings_reproduces_the_reconstruction(vp20):
+    """The sampler, given embeddings[k] at sampling sigma k, produces exactly the optimiser's states and
+    guided x0 estimates (what the Trajectory Preview shows as the reconstruction, without re-running it)."""
     c = vp20
     r = NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0)
-    states = NT.sample_with_embeddings(c.pivot, None, c.cond_fn, c.uncond_fn, r, r.cfg, return_states=True)
-    assert (states - r.states).abs().max() <= 1e-6            # measured: bit-identical
-    # from a state tensor with explicit sigmas, embeddings as a list: the same
-    x = NT.sample_with_embeddings(c.pivot.noise, r.sigmas, c.cond_fn, c.uncond_fn, list(r.embeddings), r.cfg)
-    assert (x - r.x0).abs().max() <= 1e-6
-    # the embeddings matter: replaying the initial negative instead is the plain replay, far away
-    plain = NT.sample_with_embeddings(c.pivot, None, c.cond_fn, c.uncond_fn, [c.null0] * 20, r.cfg)
-    assert rel(plain, c.x0) > 10 * rel(r.x0, c.x0)
-    # embeddings are bound to the steps' evaluation sigmas
     assert r.sigmas.tolist() == c.pivot.sampling_sigmas().tolist()
+    states = replay(c.pivot, c.cond_fn, c.uncond_fn, r.embeddings, r.cfg)
+    assert (states - r.states).abs().max() <= 1e-6            # measured: bit-identical
     for k in (0, 7, 19):
-        assert r.step_for_sigma(float(r.sigmas[k])) == k
-        assert torch.equal(r.embedding_for_sigma(float(r.sigmas[k])), r.embeddings[k])
-    with pytest.raises(NT.NullTextError, match="not a level"):
-        r.step_for_sigma(float(r.sigmas[3]) * 1.01)
+        s = float(r.sigmas[k])
+        D = guided(c.cond_fn, c.uncond_fn, r.embeddings[k], r.cfg)(r.states[k], s)
+        assert (D - r.denoised[k]).abs().max() <= 1e-6
+    # the embeddings matter: replaying the initial negative instead is the plain replay, far away
+    plain = replay(c.pivot, c.cond_fn, c.uncond_fn, [c.null0] * 20, r.cfg)[-1]
+    assert rel(plain, c.x0) > 10 * rel(r.x0, c.x0)
 
 
 def test_the_loss_is_the_latent_scale_mse_to_the_pivot(vp20):
@@ -182,7 +201,7 @@ def test_zero_updates_is_the_plain_sampler(vp20):
     r = NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0, NT.NullTextOptions(early_stop=1e9))
     assert int(r.iterations.sum()) == 0 and r.backward == 0 and r.nfe == 2 * 20
     assert all(torch.equal(e, c.null0) for e in r.embeddings)
-    plain = M.sample(c.pivot, NT.guided(c.cond_fn, c.uncond_fn, c.null0, CFG))
+    plain = M.sample(c.pivot, guided(c.cond_fn, c.uncond_fn, c.null0, CFG))
     assert (r.x0 - plain).abs().max() <= 1e-6
 
 
@@ -288,8 +307,9 @@ def test_inference_mode_weights_get_a_message():
     with torch.inference_mode():
         o = EmbeddingOracle.make(g)                             # "weights" created in inference mode
     c = Case(False, 5, oracle=o)
-    with pytest.raises(RuntimeError, match="inference_mode"):
+    with pytest.raises(NT.NullTextError, match="inference_mode") as err:
         NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0)
+    assert isinstance(err.value, InversionInputError) and "; the model must run with normal tensors" in str(err.value)
 
 
 def test_a_non_finite_loss_names_the_step(vp20):
@@ -299,8 +319,9 @@ def test_a_non_finite_loss_names_the_step(vp20):
         D = c.uncond_fn(x, sigma, emb)
         return D * (math.inf if sigma < 1.0 else 1.0)
 
-    with pytest.raises(FloatingPointError, match="not finite"):
+    with pytest.raises(NT.NullTextError, match=r"not finite at sampling step \d+ \(sigma") as err:
         NT.optimize(c.pivot, c.cond_fn, overflowing, c.null0)
+    assert isinstance(err.value, InversionInputError) and "; run the model in float32" in str(err.value)
 
 
 def test_interrupt_stops_and_leaves_inputs_alone(vp20):
@@ -360,26 +381,6 @@ def test_batch_equals_single_runs():
         NT.optimize(both.pivot, both.cond_fn, both.uncond_fn, torch.zeros(3, 8, 48))
 
 
-# ---------------------------------------------------------------------------------------------- NPI
-def test_negative_prompt_embeddings_are_the_source_prompt(vp20):
-    c = vp20
-    r = NT.negative_prompt_embeddings(c.pivot, c.pos)
-    assert r.method == "negative_prompt" and r.embeddings.shape == (20, 1, 8, 48) and r.nfe == 0
-    assert all(torch.equal(e, c.pos) for e in r.embeddings) and r.x0 is None
-    assert r.embeddings.data_ptr() != c.pos.data_ptr()
-    # the guided prediction equals the conditional one at any cfg
-    x, s = c.pivot.states[5], float(c.pivot.sigmas[5])
-    for w in (1.0, 3.0, 7.5, 12.0):
-        D = NT.guided(c.cond_fn, c.uncond_fn, r.embeddings[0], w)(x, s)
-        assert torch.allclose(D, c.cond_fn(x, s), atol=1e-5)
-    same = NT.embeddings_for("negative_prompt", c.pivot, c.cond_fn, c.uncond_fn, c.null0, source_emb=c.pos)
-    assert torch.equal(same.embeddings, r.embeddings)
-    with pytest.raises(NT.NullTextError, match="source_emb"):
-        NT.embeddings_for("negative_prompt", c.pivot, c.cond_fn, c.uncond_fn, c.null0)
-    with pytest.raises(NT.NullTextError, match="mode"):
-        NT.embeddings_for("nulltext", c.pivot, c.cond_fn, c.uncond_fn, c.null0)
-
-
 # ---------------------------------------------------------------------------------------------- edit
 def test_edit_with_the_optimised_embeddings_lands_in_the_target():
     """Invert a component-0 sample with prompt {0}, optimise null-text at CFG 7.5, regenerate with prompt
@@ -391,8 +392,8 @@ def test_edit_with_the_optimised_embeddings_lands_in_the_target():
     r = NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, c.null0)
     assert rel(r.x0, c.x0) < 0.02                                    # measured 0.0131
     target = c.prompt_fn(c.o.encode([3], style=c.style))
-    out = NT.sample_with_embeddings(c.pivot, None, target, c.uncond_fn, r, CFG)
-    plain = NT.sample_with_embeddings(c.pivot, None, target, c.uncond_fn, [c.null0] * 25, CFG)
+    out = replay(c.pivot, target, c.uncond_fn, r.embeddings, CFG)[-1]
+    plain = replay(c.pivot, target, c.uncond_fn, [c.null0] * 25, CFG)[-1]
     assert int(c.g.responsibilities(c.x0).argmax()) == 0
     assert int(c.g.responsibilities(out).argmax()) == 3 and float(c.g.responsibilities(out)[0, 3]) > 0.99
     mu0, mu3 = (c.g.means[k].reshape(c.x0.shape).float() for k in (0, 3))
@@ -415,7 +416,7 @@ def test_edit_with_the_optimised_embeddings_lands_in_the_target():
 def test_bad_options_name_the_fix(bad, match):
     with pytest.raises(NT.NullTextError, match=match):
         NT.NullTextOptions(**bad).check()
-    assert issubclass(NT.NullTextError, ValueError)
+    assert issubclass(NT.NullTextError, InversionInputError)
 
 
 def test_cfg_one_message_says_what_to_use_instead(vp20):
@@ -426,14 +427,47 @@ def test_cfg_one_message_says_what_to_use_instead(vp20):
     assert "nothing to optimise" in msg and "cfg 1" in msg and "negative-prompt" in msg
 
 
-def test_replay_input_errors(vp20):
+def test_input_errors(vp20):
     c = vp20
-    embs = NT.negative_prompt_embeddings(c.pivot, c.pos).embeddings
-    with pytest.raises(NT.NullTextError, match="one per sampling step"):
-        NT.sample_with_embeddings(c.pivot, None, c.cond_fn, c.uncond_fn, embs[:5], CFG)
-    with pytest.raises(NT.NullTextError, match="descending"):
-        NT.sample_with_embeddings(c.pivot.noise, None, c.cond_fn, c.uncond_fn, embs, CFG)
-    with pytest.raises(NT.NullTextError, match="strictly decreasing"):
-        NT.sample_with_embeddings(c.pivot.noise, c.pivot.sigmas, c.cond_fn, c.uncond_fn, embs, CFG)
-    with pytest.raises(NT.NullTextError, match="Trajectory"):
+    with pytest.raises(NT.NullTextError, match="not a Trajectory"):
         NT.optimize(c.pivot.states, c.cond_fn, c.uncond_fn, c.null0)
+    with pytest.raises(NT.NullTextError, match="batch 3 but the latent batch is 1; pass one row"):
+        NT.optimize(c.pivot, c.cond_fn, c.uncond_fn, torch.zeros(3, 8, 48))
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def test_a_mask_restricts_the_loss_and_pins_the_outside_as_the_masked_sampler_does():
+    """With a mask (1 = regenerate) the optimiser's states are the masked sampler's: outside the mask every
+    state is the pivot's, inside it the guided step; the loss is the mean squared miss inside the mask
+    (divided by mean(m^2)), so a sample whose mask is empty needs no update at all."""
+    g = GMM.make(seed=ORACLE_SEED)
+    x0 = g.sample_x0([0, 1], seed=1)
+    two = Case(False, 20, x0=x0)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, 2:6, 1:7] = 1.0                                   # sample 0: a box; sample 1: nothing to regenerate
+    r = NT.optimize(two.pivot, two.cond_fn, two.uncond_fn, two.null0, mask=mask)
+    N = 20
+    piv = two.pivot.states.flip(0)                               # pivot states in sampling order
+    out = (1 - mask).bool().expand_as(r.states[0])
+    for k in range(N + 1):
+        assert torch.equal(r.states[k][out], piv[k][out]), k     # the outside is the pivot, exactly
+    assert int(r.iterations[:, 1].sum()) == 0 and float(r.losses[:, 1].abs().max()) == 0.0
+    assert int(r.iterations[:, 0].sum()) > 0
+    sig = two.pivot.sigmas.tolist()
+    for k in (0, 10, 19):
+        i = N - k
+        d = (r.states[k + 1][0] - piv[k + 1][0]) * mask[0] / math.sqrt(1 + sig[i - 1] ** 2)
+        want = float(d.pow(2).mean() / mask[0].pow(2).mean())
+        assert float(r.losses[k, 0]) == pytest.approx(want, rel=1e-4, abs=1e-12), k
+    # the Inverted-Latent Sampler with the same mask and these embeddings produces exactly these states
+    states = replay(two.pivot, two.cond_fn, two.uncond_fn, r.embeddings, CFG, mask=mask)
+    assert (states - r.states).abs().max() <= 1e-6
+    # and the masked region is reconstructed as well as without a mask (plain replay: far off)
+    whole = NT.optimize(two.pivot, two.cond_fn, two.uncond_fn, two.null0)
+    inside = mask[0].bool().expand_as(x0[0])
+    err_m = float((r.x0[0][inside] - x0[0][inside]).norm() / x0[0][inside].norm())
+    err_w = float((whole.x0[0][inside] - x0[0][inside]).norm() / x0[0][inside].norm())
+    plain = replay(two.pivot, two.cond_fn, two.uncond_fn, [two.null0] * N, CFG, mask=mask)[-1]
+    err_p = float((plain[0][inside] - x0[0][inside]).norm() / x0[0][inside].norm())
+    print(f"\n[nulltext mask] inside error: masked {err_m:.4f} whole {err_w:.4f} plain {err_p:.4f}")
+    assert err_m < err_p / 5 and err_m < 1.5 * err_w, (err_m, err_w, err_p)
