@@ -71,8 +71,8 @@ def oracle_rows(steps: int = 20, old_pairing: bool = False) -> list:
                               R.Prompts(positive=P, negative=N0))
                 if old_pairing and plan.drift is not None and mode is not None:
                     plan = plan.with_drift_negative(N0)   # the pre-issue-19 pairing: drift with the plain negative
-                x = R.run(plan, traj, guided)
-                rows.append(("oracle EPS", steps, mode or "none", correction, k, rel_error(x, x0)))
+                out = R.run(plan, traj, guided)
+                rows.append(("oracle EPS", steps, mode or "none", correction, k, rel_error(out, x0)))
     return rows
 
 
