@@ -35,7 +35,6 @@ from .trajectory import Trajectory
 CORRECTIONS = ("none", "source_drift")
 EXACT_REPLAYS = ("auto", "bdia", "ddim")
 NULL_TEXT = ("auto", "off")
-NEGATIVE_MODES = ("null_text", "negative_prompt")   # what Null-Text Inversion records in optimized_negative
 
 
 @dataclass(frozen=True)

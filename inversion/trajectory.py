@@ -27,7 +27,7 @@ class Trajectory:
     eval_sigmas: torch.Tensor            # [N] float64, sigma each step's (final) evaluation used
     method: str                          # "ddim" | "implicit" | "exact"
     cfg: float                           # guidance scale used while inverting
-    nfe: int                             # model evaluations (a CFG>1 evaluation counts once; see nfe_cond)
+    nfe: int                             # model evaluations (a guided CFG>1 evaluation counts once)
     nfe_per_step: tuple = ()             # evaluations used by each step
     options: dict = field(default_factory=dict)   # method options (eval_sigma, tolerance, gamma, ...)
     replay: dict = field(default_factory=dict)    # what the paired sampler needs (e.g. "pair" for exact)
