@@ -69,11 +69,12 @@ class DDIMInvSampler(io.ComfyNode):
                                      "noise level: a later start keeps more of the source."),
                 io.Combo.Input("correction", options=list(R.CORRECTIONS), default="none", optional=True,
                                tooltip="source_drift: add back, every step, the gap between the stored inversion "
-                                       "state and the same step re-run "
-                                       "from the stored states with the source prompt (source_positive/negative, else "
-                                       "positive/negative) at this cfg. "
-                                       "The source stays pinned even when cfg differs from the inversion's; costs one "
-                                       "more evaluation per step."),
+                                       "state and the same step re-run from the stored states with the source prompt "
+                                       "(source_positive, else positive) and the negative this sampler samples with "
+                                       "(the trajectory's optimised negative under null_text auto, else "
+                                       "source_negative, else negative) at this cfg. With the source prompt the "
+                                       "source stays pinned at any cfg and start_step; costs one more evaluation per "
+                                       "step."),
                 io.Combo.Input("exact_replay", options=list(R.EXACT_REPLAYS), default="auto", optional=True,
                                tooltip="For 'exact' trajectories: bdia replays the exact recurrence (bit-exact "
                                        "reconstruction, but it "
@@ -88,12 +89,15 @@ class DDIMInvSampler(io.ComfyNode):
                                tooltip="auto: when the trajectory comes from Null-Text Inversion, sample with its "
                                        "optimised per-step negative in place of 'negative' (reconstruct with the "
                                        "source prompt, edit with another; use the cfg it was optimised for). "
-                                       "off: always use 'negative'."),
+                                       "off: always use 'negative'. With source_drift the source stays pinned at "
+                                       "any cfg."),
                 io.Conditioning.Input("source_positive", optional=True,
                                       tooltip="source_drift only: the prompt the source was inverted with (default: "
                                               "positive)."),
                 io.Conditioning.Input("source_negative", optional=True,
-                                      tooltip="source_drift only: the source negative prompt (default: negative)."),
+                                      tooltip="source_drift only: the source negative prompt (default: negative). "
+                                              "Ignored while the trajectory's optimised negative is used: the drift "
+                                              "then uses that one."),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), "
                                                                                "ready for VAE Decode.")],
