@@ -14,6 +14,19 @@ every row must be <= 1e-4 (the source "stays pinned").
   not differentiable, so null_text mode cannot optimise there).
 
     .venv/bin/python bench/regenerate_combos.py [--cases oracle,sd15,sd3,gmm] [--steps 10]
+
+Measured (2 CPU cores, torch 2.14.1; "before" = the sampler before issue 19, which paired the drift with the plain
+negative; executor rows with --steps 10, start_step k = 2; oracle start_step k = 5):
+
+    case        trajectory negative   source_drift k=0 / k        before k=0 / k    no correction k=0
+    oracle EPS  null_text             0 / 0                       0.754 / 0.738     0.0174
+    oracle EPS  negative_prompt       1.2e-10 / 1.2e-10           0.781 / 0.766     0.0385
+    oracle EPS  none                  1.1e-8 / 1.1e-8             (unchanged)       0.755
+    tiny SD1.5  null_text             6.4e-7 / 2.7e-7             0.230 / 0.074     4.8e-3
+    tiny SD1.5  negative_prompt       0 / 0                       0.218 / 0.049     0.0175
+    tiny SD3    null_text             1.7e-8 / 1.7e-8             0.392 / 0.370     0.0527
+    tiny SD3    negative_prompt       1.7e-8 / 1.7e-8             0.379 / 0.343     0.0334
+    gmm MODEL   negative_prompt       6.1e-10 / 5.8e-10           2.2e-3 / 5.8e-10  0.0776
 """
 from __future__ import annotations
 
