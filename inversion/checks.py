@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 
 from .errors import InversionInputError
+from .methods import METHODS
+from .nulltext import MODES as NEGATIVE_MODES
 
-_METHODS = ("ddim", "implicit", "exact")
 _FAMILIES = ("vp", "flow", "other")
 _MAX_WALK = 64          # conditioning extras: how many nested values are inspected at most
 
@@ -160,7 +161,7 @@ def check_trajectory(traj) -> None:
     fix = "connect DDIM Invert's trajectory output (or re-run DDIM Invert)"
     if traj is None or not all(hasattr(traj, k) for k in _NEED):
         raise InversionInputError(f"trajectory is not a DDIM_TRAJECTORY; {fix}")
-    if traj.method not in _METHODS:
+    if traj.method not in METHODS:
         raise InversionInputError(f"trajectory method {traj.method!r} is unknown to this version of the pack; {fix}")
     sig, st, dn = traj.sigmas, traj.states, traj.denoised
     if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in (sig, st, dn)):
@@ -205,7 +206,7 @@ def check_trajectory(traj) -> None:
     if fp is not None and not isinstance(fp, str):
         raise InversionInputError(f"trajectory extra['guidance_fingerprint'] must be a string or None; {fix}")
     opt = getattr(traj, "optimized_negative", None)
-    if opt is not None and not (isinstance(opt, dict) and opt.get("mode") in ("null_text", "negative_prompt")
+    if opt is not None and not (isinstance(opt, dict) and opt.get("mode") in NEGATIVE_MODES
                                 and isinstance(opt.get("conditioning"), list) and opt["conditioning"]):
         raise InversionInputError("trajectory optimized_negative must be a dict with mode null_text or "
                                   "negative_prompt and a non-empty conditioning list; re-run Null-Text Inversion")

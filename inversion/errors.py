@@ -1,6 +1,6 @@
 """The pack's one error model (pure python).
 
-Every bad input any of the four nodes sees raises :class:`InversionInputError` with one message style::
+Every bad input any of the pack's nodes sees raises :class:`InversionInputError` with one message style::
 
     <Node display name>: <what is wrong>; <the fix>
 

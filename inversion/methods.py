@@ -390,9 +390,3 @@ def sample(traj: Trajectory, model_fn: ModelFn, *, replay: Optional[str] = None,
             if progress:
                 progress(n, total, x_cur, D)
         return x_cur.to(torch.float32)
-
-
-def solve_step(model_fn: ModelFn, x_s: torch.Tensor, s: float, t: float, opts: Options = Options()):
-    """One implicit step with ``opts`` (see :func:`inversion.implicit.solve_step`): (x_t, D, evaluations, residuals)."""
-    y, D, n, res, _ = _implicit.solve_step(model_fn, x_s, s, t, opts)
-    return y, D, n, res

@@ -9,7 +9,7 @@ Every schedule, whether a user connected it or a scheduler made it, passes :func
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -85,3 +85,45 @@ def segment(sigmas: torch.Tensor, start_step: int = 0, end_step: int = 10000) ->
 def inversion_order(sampling_sigmas: torch.Tensor) -> torch.Tensor:
     """Ascending schedule for inversion (the exact reverse of the sampling schedule)."""
     return sampling_sigmas.flip(0).clone()
+
+
+def _percent_for_sigma(percent_to_sigma: Callable[[float], float], sigma: float) -> float:
+    """The percent p with ``percent_to_sigma(p) == sigma`` (bisection: percent_to_sigma is decreasing)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if percent_to_sigma(mid) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def step_ranges(percent_to_sigma: Callable[[float], float], sampling_sigmas: torch.Tensor) -> list:
+    """``[(start_percent, end_percent)]`` per sampling step of the descending ``sampling_sigmas``: consecutive
+    ranges that tile [0, 1] (no gap, no overlap but their shared ends), each containing its own step's
+    evaluation sigma strictly inside, so ComfyUI's ``timestep_start``/``timestep_end`` test selects exactly one
+    entry per evaluation. The boundary between two steps sits at the geometric mean of their sigmas.
+
+    ``percent_to_sigma`` is the model's (``model_sampling.percent_to_sigma``). A schedule whose steps the model's
+    percent scale cannot separate (e.g. two sigmas above the model's sigma_max: a trajectory made with another
+    sigma table) raises :class:`ScheduleError` naming the step and the fix."""
+    sig = [float(v) for v in sampling_sigmas.tolist()]
+    n = len(sig) - 1
+    bounds = [0.0]
+    for k in range(1, n):
+        hi, lo = sig[k - 1], sig[k]
+        b = (hi * lo) ** 0.5 if lo > 0 else 0.5 * hi
+        bounds.append(_percent_for_sigma(percent_to_sigma, b))
+    bounds.append(1.0)
+    ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
+    for k, (p0, p1) in enumerate(ranges):  # what ComfyUI will compute from them
+        top, bottom = percent_to_sigma(p0), percent_to_sigma(p1)
+        inside = bottom < sig[k] < top or (k == 0 and bottom < sig[k] <= top)  # sigma_max may equal the top
+        if not inside or not p0 < p1:
+            raise ScheduleError(
+                f"the schedule's step {k} (sigma {sig[k]:.6g}) cannot be bound to its own conditioning range: this "
+                f"model's percent scale gives [{bottom:.6g}, {top:.6g}] for it (its noise levels end near sigma "
+                f"{percent_to_sigma(1e-6):.6g}); use the model that made the trajectory, or invert with a scheduler "
+                "of this model (sigmas within its range)")
+    return ranges

@@ -1,5 +1,7 @@
-"""The pack's boundary to ComfyUI internals (models and sampling). With ``nodes/_comfy_image.py`` (VAEs, latent
-formats) it is the only code that imports ComfyUI modules or reads ComfyUI objects' internals.
+"""The pack's boundary to ComfyUI internals (models and sampling). The adapters -- this module,
+``nodes/_comfy_image.py`` (VAEs, latent formats) and ``nodes/_comfy_grad.py`` (null-text's autograd branches) --
+are the only code that imports ComfyUI modules or reads ComfyUI objects' internals. :func:`drive` is the one
+place a ``CFGGuider`` is set up and run (for our loop sampler here and the null-text branch sampler).
 
 ComfyUI modules used here:
 
@@ -315,12 +317,18 @@ def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tenso
     transformer_options['sample_sigmas']; the loop decides the sigma of each evaluation itself. ``steps`` is
     the UI progress bar's length.
     """
+    return drive(model, positive, negative, cfg, shape, sigmas, _LoopSampler(loop, label), steps)
+
+
+def drive(model, positive, negative, cfg: float, shape, sigmas: torch.Tensor, sampler, total: int):
+    """Run ``sampler`` (a ``comfy.samplers.Sampler`` that stores its work in ``.result``) inside a ``CFGGuider``
+    of (model, positive, negative, cfg), on a zero latent of ``shape``, with ComfyUI's UI progress/preview
+    callback of ``total`` steps and its console-bar switch; returns ``sampler.result``."""
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(float(cfg))
-    sampler = _LoopSampler(loop, label)
     zeros = torch.zeros(shape, dtype=torch.float32)
-    callback = latent_preview.prepare_callback(model, int(steps))
+    callback = latent_preview.prepare_callback(model, int(total))
     with torch.no_grad():   # seed: nothing here draws noise; CFGGuider passes it on to model_options users
         guider.sample(zeros, zeros.clone(), sampler, sigmas.to(torch.float32), denoise_mask=None,
                       callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)

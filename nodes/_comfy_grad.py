@@ -26,9 +26,8 @@ import torch
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
-import latent_preview
 
-from ..inversion.errors import InversionInputError
+from ..inversion import schedule
 from . import _comfy as C
 
 
@@ -58,42 +57,10 @@ def autograd_view(module: torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-def _percent_for_sigma(ms, sigma: float) -> float:
-    """The percent p with ``ms.percent_to_sigma(p) == sigma`` (bisection: percent_to_sigma is decreasing)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if ms.percent_to_sigma(mid) > sigma:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
 def step_ranges(model_sampling, sampling_sigmas: torch.Tensor) -> list:
-    """``[(start_percent, end_percent)]`` per sampling step of the descending ``sampling_sigmas``: consecutive
-    ranges that tile [0, 1] (no gap, no overlap but their shared ends), each containing its own step's
-    evaluation sigma strictly inside, so ComfyUI's ``timestep_start``/``timestep_end`` test selects exactly one
-    entry per evaluation. The boundary between two steps sits at the geometric mean of their sigmas."""
-    sig = [float(v) for v in sampling_sigmas.tolist()]
-    n = len(sig) - 1
-    bounds = [0.0]
-    for k in range(1, n):
-        hi, lo = sig[k - 1], sig[k]
-        b = (hi * lo) ** 0.5 if lo > 0 else 0.5 * hi
-        bounds.append(_percent_for_sigma(model_sampling, b))
-    bounds.append(1.0)
-    ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
-    for k, (p0, p1) in enumerate(ranges):  # what ComfyUI will compute from them
-        top, bottom = model_sampling.percent_to_sigma(p0), model_sampling.percent_to_sigma(p1)
-        inside = bottom < sig[k] < top or (k == 0 and bottom < sig[k] <= top)  # sigma_max may equal the top
-        if not inside or not p0 < p1:
-            raise InversionInputError(
-                f"sampling step {k} (sigma {sig[k]:.6g}) cannot be bound to its own conditioning range: the model's "
-                f"percent_to_sigma gives [{bottom:.6g}, {top:.6g}] for [{p0:.6g}, {p1:.6g}], so core samplers "
-                "would not meet that step's negative; invert with a schedule of this model's own sigmas (a "
-                "ComfyUI scheduler, not a hand-made SIGMAS outside the model's range)")
-    return ranges
+    """``[(start_percent, end_percent)]`` per sampling step, on this model's percent scale
+    (:func:`inversion.schedule.step_ranges`; a schedule it cannot bind raises the pack's ScheduleError)."""
+    return schedule.step_ranges(model_sampling.percent_to_sigma, sampling_sigmas)
 
 
 def per_step_conditioning(negative: list, embeddings: torch.Tensor, ranges: list, device) -> list:
@@ -167,16 +134,7 @@ def run_branches(model, positive, negative, cfg: float, shape, sampling_sigmas: 
     """Run ``loop(cond_fn, uncond_fn, device, progress)`` with the branches of (model, positive, negative)
     prepared by a ``CFGGuider`` at ``cfg`` (the schedule it sees for loading and memory estimates is
     ``sampling_sigmas``). Returns the loop's result."""
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(float(cfg))
-    sampler = _BranchSampler(loop, label)
-    zeros = torch.zeros(shape, dtype=torch.float32)
-    callback = latent_preview.prepare_callback(model, total)
-    with torch.no_grad():
-        guider.sample(zeros, zeros.clone(), sampler, sampling_sigmas.to(torch.float32), denoise_mask=None,
-                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
-    return sampler.result
+    return C.drive(model, positive, negative, cfg, shape, sampling_sigmas, _BranchSampler(loop, label), total)
 
 
 def cfg_patches(model) -> list:

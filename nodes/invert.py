@@ -129,12 +129,29 @@ class DDIMInvert(io.ComfyNode):
                 start_step=0, end_step=10000, eval_sigma="auto", tolerance=1e-6, max_iters=30, restarts=6,
                 damping=1.0, gamma=1.0) -> io.NodeOutput:
         with node_boundary(DISPLAY):
-            return cls._run(model, positive, negative, latent, steps, cfg, scheduler, method, sigmas, start_step,
-                            end_step, eval_sigma, tolerance, max_iters, restarts, damping, gamma)
+            opts = methods.Options(method=method, eval_sigma=eval_sigma, tolerance=float(tolerance),
+                                   max_iters=int(max_iters), damping=float(damping), gamma=float(gamma),
+                                   restarts=int(restarts)).check()
+            seg = cls._schedule(model, steps, scheduler, sigmas, int(start_step), int(end_step))
+            return cls._run(model, positive, negative, latent, cfg, seg, opts)
 
     @classmethod
-    def _run(cls, model, positive, negative, latent, steps, cfg, scheduler, method, sigmas, start_step, end_step,
-             eval_sigma, tolerance, max_iters, restarts, damping, gamma) -> io.NodeOutput:
+    def _schedule(cls, model, steps, scheduler, sigmas, start_step: int, end_step: int):
+        """The checked sampling segment to invert: the connected sigmas, else (scheduler, steps)."""
+        if int(steps) < 1:
+            raise InversionInputError(f"steps must be >= 1 (got {steps}); set steps to 1 or more")
+        family = C.family_of(model)
+        if sigmas is not None:
+            full = schedule.check_sampling_sigmas(sigmas, family=family)
+        else:
+            full = schedule.check_sampling_sigmas(
+                C.sampling_sigmas(model, scheduler, steps), family=family,
+                source=f"the {scheduler} scheduler at {int(steps)} step{'s' if int(steps) != 1 else ''}")
+        return schedule.segment(full, start_step, end_step)
+
+    @classmethod
+    def _run(cls, model, positive, negative, latent, cfg, seg, opts: methods.Options) -> io.NodeOutput:
+        method = opts.method
         facts = C.latent_facts(model)
         samples = checks.check_latent(latent, channels=facts["channels"], spatial_dims=facts["spatial_dims"],
                                       format_name=facts["format"])
@@ -143,19 +160,7 @@ class DDIMInvert(io.ComfyNode):
         checks.check_conditioning(positive, B, "positive")
         checks.check_conditioning(negative, B, "negative")
         cfg = checks.check_cfg(cfg)
-        if int(steps) < 1:
-            raise InversionInputError(f"steps must be >= 1 (got {steps}); set steps to 1 or more")
-        opts = methods.Options(method=method, eval_sigma=eval_sigma, tolerance=float(tolerance),
-                               max_iters=int(max_iters), damping=float(damping), gamma=float(gamma),
-                               restarts=int(restarts)).check()
         family = C.family_of(model)
-        if sigmas is not None:
-            full = schedule.check_sampling_sigmas(sigmas, family=family)
-        else:
-            full = schedule.check_sampling_sigmas(
-                C.sampling_sigmas(model, scheduler, steps), family=family,
-                source=f"the {scheduler} scheduler at {int(steps)} step{'s' if int(steps) != 1 else ''}")
-        seg = schedule.segment(full, int(start_step), int(end_step))
         asc = schedule.inversion_order(seg)
         cin = C.input_scale(model)
         x0 = C.to_model_space(model, samples)

@@ -5,16 +5,14 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..inversion import checks, methods
+from ..inversion import checks
+from ..inversion import regenerate as R
 from ..inversion.errors import InversionInputError, node_boundary
 from ..inversion.trajectory import Trajectory
 from . import _comfy as C
 from .types import CATEGORY, TRAJECTORY
 
 DISPLAY = "Inverted-Latent Sampler"
-CORRECTIONS = ("none", "source_drift")
-EXACT_REPLAYS = ("auto", "bdia", "ddim")
-NULL_TEXT = ("auto", "off")
 log = logging.getLogger("ddim_inversion")
 
 
@@ -69,14 +67,15 @@ class DDIMInvSampler(io.ComfyNode):
                 io.Int.Input("start_step", default=0, min=0, max=10000, optional=True,
                              tooltip="Skip this many sampling steps and start from the trajectory's state at that "
                                      "noise level: a later start keeps more of the source."),
-                io.Combo.Input("correction", options=list(CORRECTIONS), default="none", optional=True,
+                io.Combo.Input("correction", options=list(R.CORRECTIONS), default="none", optional=True,
                                tooltip="source_drift: add back, every step, the gap between the stored inversion "
-                                       "state and the same step re-run "
-                                       "from the stored states with the source prompt (source_positive/negative, else "
-                                       "positive/negative) at this cfg. "
-                                       "The source stays pinned even when cfg differs from the inversion's; costs one "
-                                       "more evaluation per step."),
-                io.Combo.Input("exact_replay", options=list(EXACT_REPLAYS), default="auto", optional=True,
+                                       "state and the same step re-run from the stored states with the source prompt "
+                                       "(source_positive, else positive) and the negative this sampler samples with "
+                                       "(the trajectory's optimised negative under null_text auto, else "
+                                       "source_negative, else negative) at this cfg. With the source prompt the "
+                                       "source stays pinned at any cfg and start_step; costs one more evaluation per "
+                                       "step."),
+                io.Combo.Input("exact_replay", options=list(R.EXACT_REPLAYS), default="auto", optional=True,
                                tooltip="For 'exact' trajectories: bdia replays the exact recurrence (bit-exact "
                                        "reconstruction, but it "
                                        "overshoots under another prompt); ddim runs the plain DDIM sampler from the "
@@ -86,16 +85,19 @@ class DDIMInvSampler(io.ComfyNode):
                                        "cfg provably equal the inversion's, else ddim (a ControlNet or hook counts as "
                                        "different). "
                                        "A BDIA replay needs start_step <= steps-2."),
-                io.Combo.Input("null_text", options=list(NULL_TEXT), default="auto", optional=True,
+                io.Combo.Input("null_text", options=list(R.NULL_TEXT), default="auto", optional=True,
                                tooltip="auto: when the trajectory comes from Null-Text Inversion, sample with its "
                                        "optimised per-step negative in place of 'negative' (reconstruct with the "
                                        "source prompt, edit with another; use the cfg it was optimised for). "
-                                       "off: always use 'negative'."),
+                                       "off: always use 'negative'. With source_drift the source stays pinned at "
+                                       "any cfg."),
                 io.Conditioning.Input("source_positive", optional=True,
                                       tooltip="source_drift only: the prompt the source was inverted with (default: "
                                               "positive)."),
                 io.Conditioning.Input("source_negative", optional=True,
-                                      tooltip="source_drift only: the source negative prompt (default: negative)."),
+                                      tooltip="source_drift only: the source negative prompt (default: negative). "
+                                              "Ignored while the trajectory's optimised negative is used: the drift "
+                                              "then uses that one."),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), "
                                                                                "ready for VAE Decode.")],
@@ -106,18 +108,14 @@ class DDIMInvSampler(io.ComfyNode):
                 exact_replay="auto", null_text="auto", source_positive=None,
                 source_negative=None) -> io.NodeOutput:
         with node_boundary(DISPLAY):
-            return cls._run(model, positive, negative, trajectory, cfg, start_step, correction, exact_replay,
-                            null_text, source_positive, source_negative)
+            return cls._run(model, trajectory, R.Prompts(positive, negative, source_positive, source_negative),
+                            R.Choices(cfg=cfg, start_step=int(start_step), correction=correction,
+                                      exact_replay=exact_replay, null_text=null_text))
 
     @classmethod
-    def _run(cls, model, positive, negative, trajectory, cfg, start_step, correction, exact_replay, null_text,
-             source_positive, source_negative) -> io.NodeOutput:
-        checks.check_trajectory(trajectory)
-        traj: Trajectory = trajectory
-        cfg = checks.check_cfg(cfg)
-        B, N, k = traj.batch_size, traj.steps, int(start_step)
-        checks.check_conditioning(positive, B, "positive")
-        checks.check_conditioning(negative, B, "negative")
+    def _run(cls, model, traj: Trajectory, prompts: R.Prompts, choices: R.Choices) -> io.NodeOutput:
+        """Validate what depends on the model, ask the plan, run it, report."""
+        checks.check_trajectory(traj)
         facts = C.latent_facts(model)
         if facts["channels"] is not None and traj.states.shape[2] != facts["channels"]:
             raise InversionInputError(
@@ -127,42 +125,13 @@ class DDIMInvSampler(io.ComfyNode):
             raise InversionInputError(
                 f"the trajectory's latents have shape {tuple(traj.states.shape[1:])} but this model "
                 f"({facts['format']}) takes {2 + facts['spatial_dims']}-D latents; connect the model that made it")
-        if not (0 <= k < N):
-            raise InversionInputError(f"start_step must be in [0, {N - 1}] for this {N}-step trajectory (got "
-                                      f"{start_step}); choose a step inside the trajectory")
-        if correction not in CORRECTIONS:
-            raise InversionInputError(f"correction {correction!r} is unknown; use one of {', '.join(CORRECTIONS)}")
-        if exact_replay not in EXACT_REPLAYS:
-            raise InversionInputError(f"exact_replay {exact_replay!r} is unknown; use one of "
-                                      f"{', '.join(EXACT_REPLAYS)}")
-        if null_text not in NULL_TEXT:
-            raise InversionInputError(f"null_text {null_text!r} is unknown; use one of {', '.join(NULL_TEXT)}")
-        notes = []
-        optimized = traj.optimized_negative if null_text == "auto" else None
-        if optimized is not None:
-            if source_negative is None and correction == "source_drift":
-                source_negative = negative  # source_drift keeps the plain source pair unless told otherwise
-            negative = optimized["conditioning"]
-            checks.check_conditioning(negative, B, "the trajectory's optimised negative")
-            how = "null-text" if optimized["mode"] == "null_text" else "negative-prompt"
-            notes.append(f"negative: the trajectory's {how} negative ({len(negative)} entries)")
-            if optimized.get("cfg") is not None and abs(float(optimized["cfg"]) - cfg) > 1e-6:
-                notes.append(f"WARNING: the negative was optimised for cfg {optimized['cfg']:g}; at cfg {cfg:g} "
-                             "the sampler does not retrace the pivot")
-        replay = "ddim"
-        if traj.method == "exact":
-            if exact_replay == "auto":
-                same = C.same_guidance(traj.extra.get("guidance_fingerprint"),
-                                       C.guidance_fingerprint(model, positive, negative, cfg))
-                replay = "bdia" if same else "ddim"
-                why = "the inversion's model, prompts and cfg" if same else "guidance differs from the inversion's"
-                if same and methods.bdia_steps(traj, k) < 1:
-                    replay = "ddim"
-                    why = f"start_step {k} leaves no BDIA step: one plain DDIM step from the stored state"
-                notes.append(f"exact_replay auto -> {replay} ({why})")
-            else:
-                replay = exact_replay    # an explicit bdia with no step left is refused by methods.sample
-        warns = compatibility_warnings(model, traj)
+        recorded = traj.extra.get("guidance_fingerprint")
+
+        def same_guidance(negative) -> bool:
+            return C.same_guidance(recorded, C.guidance_fingerprint(model, prompts.positive, negative, choices.cfg))
+
+        plan = R.plan(traj, choices, prompts, same_guidance)
+        warns = list(plan.warnings) + compatibility_warnings(model, traj)
         for w in warns:
             log.warning("%s: %s", DISPLAY, w)
         mask, mask_note = checks.check_mask(traj.noise_mask, traj.states.shape[1:], "the trajectory's noise_mask")
@@ -170,42 +139,24 @@ class DDIMInvSampler(io.ComfyNode):
             warns.append(mask_note)
         shape = tuple(traj.states.shape[1:])
         sched = traj.sampling_sigmas()
-        store = C.output_device()
-        # validate the plan (start_step, replay) before any model evaluation
-        methods.check_replay(traj, replay, k)
-        drift = None
-        if correction == "source_drift":
-            sp = source_positive if source_positive is not None else positive
-            sn = source_negative if source_negative is not None else negative
-            checks.check_conditioning(sp, B, "source_positive")
-            checks.check_conditioning(sn, B, "source_negative")
 
-            def drift_loop(model_fn, device, progress):
-                return methods.source_drift(traj, model_fn, replay=replay, start_step=k, progress=progress,
-                                            device=device)
+        def guided(positive, negative, loop, steps, label):
+            return C.run_guided(model, positive, negative, plan.cfg, shape, sched, loop, steps=steps,
+                                label=DISPLAY + (f" ({label})" if label else ""))
 
-            drift = C.run_guided(model, sp, sn, cfg, shape, sched, drift_loop, steps=N - k,
-                                 label=DISPLAY + " (source_drift)")
-        prepared = None if mask is None else C.prepare_mask(mask, shape, model)
-
-        def loop(model_fn, device, progress):
-            return methods.sample(traj, model_fn, replay=replay, start_step=k, drift=drift, mask=prepared,
-                                  progress=progress, device=device)
-
-        steps_run = methods.bdia_steps(traj, k) if replay == "bdia" else N - k
-        x = C.run_guided(model, positive, negative, cfg, shape, sched, loop, steps=steps_run, label=DISPLAY)
-        gamma = float(traj.options.get("gamma", 1.0))
-        where = f"replay {replay}, {steps_run} steps, cfg {cfg:g}" + (f", gamma {gamma:g}" if replay == "bdia" else "")
+        x = R.run(plan, traj, guided, None if mask is None else C.prepare_mask(mask, shape, model))
+        where = R.describe(plan, traj)
         fix = ("the BDIA recurrence amplifies a gamma < 1 or another guidance: use exact_replay=ddim, or invert with "
-               "gamma 1.0" if replay == "bdia" else "lower cfg, or check the model and the trajectory")
+               "gamma 1.0" if plan.replay == "bdia" else "lower cfg, or check the model and the trajectory")
         checks.check_finite_result(x, f"the regenerated latent ({where})", fix)
-        out = {"samples": C.to_vae_space(model, x).to(store)}
+        out = {"samples": C.to_vae_space(model, x).to(C.output_device())}
         if mask is not None:
             out["noise_mask"] = mask
         if traj.batch_index is not None:
             out["batch_index"] = list(traj.batch_index)
-        lines = [f"{DISPLAY}: {where}, from start_step {k} of {N}" + (", source_drift" if drift is not None else "")]
-        lines += notes + ["WARNING: " + w for w in warns]
+        lines = [f"{DISPLAY}: {where}, from start_step {plan.start_step} of {traj.steps}"
+                 + (", source_drift" if plan.drift is not None else "")]
+        lines += list(plan.notes) + ["WARNING: " + w for w in warns]
         return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
 
 

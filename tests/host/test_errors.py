@@ -332,3 +332,46 @@ def test_a_malformed_trajectory_from_another_pack_is_refused(hard, pack_error):
             cls.execute(model=m, positive=c, negative=n, trajectory=t, cfg=1.0)
         assert str(e.value).startswith(SMP + ": ") and "trajectory" in str(e.value), (name, str(e.value))
     assert m.model.diffusion_model.calls == 0
+
+
+# --------------------------------------------------------------------------------------- the sampler's choices
+@pytest.mark.parametrize("field,value,words", [
+    ("correction", "pinned", ("correction 'pinned' is unknown", "none, source_drift")),
+    ("exact_replay", "fast", ("exact_replay 'fast' is unknown", "auto, bdia, ddim")),
+    ("null_text", "on", ("null_text 'on' is unknown", "auto, off")),
+])
+def test_sampler_choices_outside_the_lists(hard, pack_error, field, value, words):
+    """Another pack or a script can pass any string (ComfyUI's combo check only guards the UI)."""
+    res = host.run(prompt())
+    m = hard.hard_model("eps")
+    with pytest.raises(pack_error) as e:
+        node("DDIMInvSampler").execute(model=m, positive=hard.hard_cond(0.5), negative=hard.hard_cond(0.0),
+                                       trajectory=res.outputs("inv")[2], cfg=1.0, **{field: value})
+    msg = str(e.value)
+    assert type(e.value) is pack_error and msg.startswith(SMP + ": "), msg
+    assert all(w in msg for w in words), msg
+    assert m.model.diffusion_model.calls == 0
+
+
+# --------------------------------------------------------------------------------------- null-text schedules
+def test_a_schedule_null_text_cannot_bind_to_steps(run_error):
+    """A pivot inverted on a zero-terminal-SNR model with karras sigmas (485 and 4519, both above the plain
+    model's sigma_max 14.6), given to Null-Text Inversion with the plain model: its percent scale cannot give
+    step 1 a range of its own. The pack's error names the step and the fix (was a bare ValueError)."""
+    p = {
+        "m": {"class_type": "TestTinyModel", "inputs": {"family": "eps", "seed": 0}},
+        "z": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["m", 0], "sampling": "eps", "zsnr": True}},
+        "c": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 0}},
+        "n": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 1}},
+        "e": {"class_type": "TestRandomLatent", "inputs": {"family": "eps", "batch": 1, "height": 32, "width": 32,
+                                                           "seed": 0}},
+        "inv": {"class_type": "DDIMInvert", "inputs": {
+            "model": ["z", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["e", 0], "steps": 4,
+            "cfg": 1.0, "scheduler": "karras", "method": "ddim"}},
+        "nt": {"class_type": "DDIMInvNullText", "inputs": {
+            "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": 7.5,
+            "iterations": 1}},
+        "o": {"class_type": "PreviewAny", "inputs": {"source": ["nt", 0]}},
+    }
+    run_error(p, "nt", "Null-Text Inversion", "step 1", "sigma 485.5", "cannot be bound",
+              "use the model that made the trajectory")

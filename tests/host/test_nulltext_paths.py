@@ -279,5 +279,5 @@ def test_a_schedule_that_cannot_be_bound_to_ranges_is_the_packs_error(pack_error
     with pytest.raises(pack_error) as e:
         node_cls().execute(_wrapped(flow_model, count), pos, neg, traj, 7.5, iterations=1)
     msg = str(e.value)
-    assert msg.startswith(DISPLAY + ": sampling step 0 (sigma ") and "cannot be bound" in msg, msg
-    assert "; invert with a schedule of this model's own sigmas" in msg and calls == []
+    assert msg.startswith(DISPLAY + ": the schedule's step 0 (sigma ") and "cannot be bound" in msg, msg
+    assert "; use the model that made the trajectory" in msg and calls == []

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from inversion import checks, errors, schedule
 from inversion.trajectory import Trajectory
+from ddiminv_dev.gmm import ddim_uniform, sd15_sigmas_table
 
 E = errors.InversionInputError
 
@@ -68,6 +69,44 @@ def test_any_schedule_is_refused_or_invertible(values, flow):
         return
     assert s.numel() >= 2 and torch.isfinite(s).all() and (s >= 0).all() and (s[:-1] > s[1:]).all()
     assert not flow or float(s.max()) <= 1 + 1e-5
+
+
+def _discrete_percent_to_sigma(p: float) -> float:
+    """ComfyUI's ModelSamplingDiscrete.percent_to_sigma on the SD1.x table (interpolated in log sigma)."""
+    if p <= 0.0:
+        return 999999999.9
+    if p >= 1.0:
+        return 0.0
+    table = sd15_sigmas_table().double().log()
+    t = (1.0 - p) * 999
+    lo = int(math.floor(t))
+    hi = min(lo + 1, 999)
+    w = t - lo
+    return float(((1 - w) * table[lo] + w * table[hi]).exp())
+
+
+@pytest.mark.parametrize("name,p2s,sig", [
+    ("discrete", _discrete_percent_to_sigma, ddim_uniform(sd15_sigmas_table(), 10)),
+    ("flow", lambda p: 1.0 - min(max(p, 0.0), 1.0), torch.linspace(1.0, 0.0, 9)),
+])
+def test_step_ranges_tile_the_percent_scale_one_step_each(name, p2s, sig):
+    ranges = schedule.step_ranges(p2s, sig)
+    assert len(ranges) == sig.numel() - 1 and ranges[0][0] == 0.0 and ranges[-1][1] == 1.0
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:], strict=False))
+    for k, s in enumerate(sig[:-1].tolist()):      # ComfyUI's test: timestep_end <= sigma <= timestep_start
+        hits = [j for j, (p0, p1) in enumerate(ranges) if p2s(p1) <= s <= p2s(p0)]
+        assert hits == [k], (name, k, s, hits)
+
+
+def test_a_schedule_the_percent_scale_cannot_separate_is_the_packs_error():
+    """Two sigmas above the model's sigma_max (a zero-terminal-SNR model's karras schedule, given to the plain
+    model): step 1 gets no range of its own."""
+    with pytest.raises(schedule.ScheduleError) as e:
+        schedule.step_ranges(_discrete_percent_to_sigma, torch.tensor([4518.8, 485.59, 18.03, 0.029, 0.0]))
+    assert isinstance(e.value, E)
+    msg = str(e.value)
+    assert msg.startswith("the schedule's step 1 (sigma 485.59) cannot be bound to its own conditioning range")
+    assert "end near sigma 14.6" in msg and "; use the model that made the trajectory" in msg
 
 
 # ---------------------------------------------------------------------------------------------- latents, masks

@@ -5,6 +5,7 @@ robustness, budget and batch independence are in test_implicit.py."""
 import pytest
 import torch
 
+from inversion import implicit
 from inversion import methods as M
 from inversion import schedule as S
 from inversion.errors import InversionInputError
@@ -117,7 +118,7 @@ def test_implicit_solve_step_hits_tolerance():
     g = GMM.make(seed=ORACLE_SEED)
     x = g.sample_x0([0, 1], seed=3)
     fn = g.model_fn(False, cond=COND, cfg=1.0)
-    y, D, n, res = M.solve_step(fn, x, 0.5, 0.8, M.Options("implicit", tolerance=1e-7))
+    y, D, n, res, _ = implicit.solve_step(fn, x, 0.5, 0.8, M.Options("implicit", tolerance=1e-7))
     back = M.ddim_step(y, fn(y, 0.8), 0.8, 0.5)
     assert float(res.max()) <= 1e-7 and rel(back, x) <= 1e-6 and n <= 10
 
