@@ -116,7 +116,10 @@ def test_an_actor_starts_its_server_and_a_killed_driver_resumes(servers, tmp_pat
     log = (tmp_path / "driver.log").open("w+")
     proc = subprocess.Popen(job_cmd(tmp_path / "images", out, "--server", s1.url, "--actors", "1",
                                     f"--comfy-arg=--extra-model-paths-config={yaml}"),
-                            stdout=log, stderr=log, text=True, cwd=str(ROOT), start_new_session=True)
+                            stdout=log, stderr=log, text=True, cwd=str(ROOT), start_new_session=True,
+                            # Ray itself ends a dying worker's children; off, so that this checks the job's own
+                            # guard (the server started by an actor dies with that actor's process)
+                            env=dict(os.environ, RAY_kill_child_processes_on_worker_exit="0"))
     try:
         wait_for(lambda: n_ok(out) >= 1, proc, what="the first finished image")
     finally:
@@ -147,7 +150,9 @@ def test_an_actor_starts_its_server_and_a_killed_driver_resumes(servers, tmp_pat
     assert new == {recs[n]["prompt_id"] for n in names if n not in before}         # redid nothing else
     for n in names:
         rec = recs[n]
-        assert any("reconstruction" in f for f in rec["outputs"]) and rec["figure"] is not None
+        # (no figure check: an image the killed driver had already sent to s1 runs there again from ComfyUI's
+        # cache, whose history entry lacks the cached nodes' UI texts)
+        assert any("reconstruction" in f for f in rec["outputs"]), rec
         with Image.open(out / Path(n).stem / next(f for f in rec["outputs"] if "reconstruction" in f)) as im:
             assert im.size == (SIZE, SIZE)
     print(f"with the rerun: {time.monotonic() - t0:.1f}s")
