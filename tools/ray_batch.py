@@ -156,6 +156,8 @@ def init_local(ray, num_cpus=None) -> None:
 def start_actors(ray, args, progress) -> list:
     """[(actor, url)] of the actors whose server answers; the others are reported and killed."""
     opts = dict(num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor, max_restarts=1, max_task_retries=1)
+    if ComfyActor.__module__ != "__main__":  # imported (tests, bench): ship the class itself, as for a script,
+        ray.cloudpickle.register_pickle_by_value(sys.modules[ComfyActor.__module__])  # not an import path
     Actor = ray.remote(ComfyActor)
     start = {"args": args.comfy_arg, "cpu": args.gpus_per_actor == 0, "comfyui": args.comfyui,
              "timeout": args.start_timeout}
