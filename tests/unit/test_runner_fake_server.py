@@ -1,7 +1,7 @@
 """tools/runner.py (the one-server client) against an in-process fake ComfyUI server (ddiminv_dev/fake_comfy.py):
 the paths a real server rarely takes on demand (the server dying mid-batch, execution errors, missed websocket
 messages, timeouts, hostile names). The real-server behaviour is covered by tests/server/test_runner.py; several
-servers are tools/ray_batch.py's (tests/unit/test_ray_batch_fake.py)."""
+servers are tools/ray_batch.py's (tests/server/test_ray_batch_fake.py)."""
 from __future__ import annotations
 
 import csv

@@ -1,6 +1,7 @@
 """tools/ray_batch.py on a real local Ray (2 CPUs, 127.0.0.1, one Ray for the module) against in-process fake
 ComfyUI servers (ddiminv_dev/fake_comfy.py), which count every prompt they get: spreading over actors, a server
-dying mid-run, hostile output names, per-item overrides, resume. Real servers: tests/server/test_ray_batch.py."""
+dying mid-run, hostile output names, per-item overrides, resume. Real servers: tests/server/test_ray_batch.py.
+In the server tier because it starts processes (Ray's), which the unit tier does not."""
 from __future__ import annotations
 
 import json
