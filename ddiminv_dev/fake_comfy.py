@@ -14,16 +14,30 @@ from aiohttp import web
 PNG = b"\x89PNG\r\n\x1a\nfake"
 
 
+def _kill_peer(request) -> int:
+    """SIGKILL the local process on the other end of ``request``'s connection; its pid."""
+    import os
+    import signal
+
+    import psutil
+    port = request.transport.get_extra_info("peername")[1]
+    pid = next(c.pid for c in psutil.net_connections("inet") if c.laddr and c.laddr.port == port and c.pid)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 class FakeComfy:
     """Enough of ComfyUI's API: /upload/image, /prompt, /ws, /history, /view, /queue, /interrupt. ``mode``:
     ok | error | reject (HTTP 400 on /prompt) | die (``die_after`` s into a /prompt, drops the connection, then
     refuses; with ``die_on=N`` only the N-th /prompt dies, the ones before run) | silent (no websocket messages;
     history only) | dropws (closes the websocket once a prompt starts) | hang (never finishes) | hang_first (the
-    first prompt never finishes)."""
+    first prompt never finishes) | kill_client (the ``die_on``-th /prompt SIGKILLs the local process that sent
+    it, e.g. a Ray actor, and is not run)."""
 
     def __init__(self, mode="ok", delay=0.05, files=None, die_after=0.0, die_on=None):
         self.mode, self.delay, self.files, self.die_after, self.die_on = mode, delay, files, die_after, die_on
         self.posts = 0  # every POST /prompt, the one it died on included
+        self.killed_clients: list = []  # pids killed in mode kill_client
         self.uploads, self.upload_types, self.prompts, self.history, self.views = {}, {}, [], {}, []
         self.sockets: dict = {}
         self.interrupted, self.deleted = 0, []
@@ -98,6 +112,9 @@ class FakeComfy:
             await asyncio.sleep(self.die_after)
             await self.site.stop()  # refuse new connections, then drop this one
             request.transport.close()
+            raise ConnectionResetError
+        if self.mode == "kill_client" and self.die_on == self.posts:  # the process that sent it dies, not us
+            self.killed_clients.append(_kill_peer(request))
             raise ConnectionResetError
         pid = body.get("prompt_id") or str(uuid.uuid4())
         self.prompts.append(body)

@@ -1,6 +1,7 @@
 """tools/ray_batch.py on a real local Ray (2 CPUs, 127.0.0.1, one Ray for the module) against in-process fake
 ComfyUI servers (ddiminv_dev/fake_comfy.py), which count every prompt they get: spreading over actors, a server
-dying mid-run, hostile output names, per-item overrides, resume. Real servers: tests/server/test_ray_batch.py.
+dying mid-run, an actor process dying mid-item (Ray restarts it and retries), hostile output names, per-item
+overrides, resume. Real servers: tests/server/test_ray_batch.py.
 In the server tier because it starts processes (Ray's), which the unit tier does not."""
 from __future__ import annotations
 
@@ -98,6 +99,19 @@ def test_a_server_dying_mid_run_moves_its_item_to_the_other_actor(setup, capsys)
     assert [n for n, r in recs.items() if r["server"] == bad.url] == _images(bad)
     err = capsys.readouterr().err
     assert err.count("goes to another actor") == 1 and f"the actor of {bad.url} is retired" in err
+
+
+def test_an_actor_process_killed_mid_item_is_restarted_by_ray_and_the_item_retried(setup, capsys):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[3:]:
+        p.unlink()
+    server = make("kill_client", die_on=2, delay=0.05)  # its second /prompt kills the actor that sent it
+    assert _run(wf, imgs, out, server) == 0
+    recs = _results(out)
+    assert len(server.killed_clients) == 1 and server.posts == 4  # 3 images + the one retried after the kill
+    assert sorted(_images(server)) == sorted(recs) == ["im0.png", "im1.png", "im2.png"]  # each run once
+    assert all(r["status"] == "ok" for r in recs.values())
+    assert "goes to another actor" not in capsys.readouterr().err  # Ray's restart and retry, not a move
 
 
 def test_with_no_moves_left_the_item_fails_alone_and_a_rerun_redoes_only_it(setup, capsys):
