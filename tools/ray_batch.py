@@ -237,7 +237,8 @@ def run(args) -> int:
     image_node = find_image_node(template, args.image_node)
     items = {ident: (path, sets) for ident, path, sets in load_items(args)}
     if not items:
-        raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})")
+        raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})" if args.images else
+                          f"--manifest {args.manifest}: no items")
     for _, sets in items.values():  # a manifest column that names no node: before anything runs
         for target, _, _ in sets:
             resolve_nodes(template, target)

@@ -79,5 +79,8 @@ def test_usage_errors_before_anything_runs(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     assert ray_batch.main(base + ["--images", str(tmp_path / "empty")]) == 2
     assert "no images" in capsys.readouterr().err
+    (tmp_path / "none.csv").write_text("image,id\n")
+    assert ray_batch.main(base + ["--manifest", str(tmp_path / "none.csv")]) == 2
+    assert "none.csv: no items" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ray_batch.main(base + ["--images", str(tmp_path), "--actors", "-1"])
