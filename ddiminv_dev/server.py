@@ -184,28 +184,41 @@ def write_extra_model_paths(path: Path) -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (Linux PR_SET_PDEATHSIG), so a
+    server started by a Ray actor does not outlive a killed actor."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def start_server(extra_args=(), port: int | None = None, timeout: float = START_TIMEOUT,
-                 workdir: Path | None = None) -> ServerHandle:
-    """Start ComfyUI (CPU) in its own process group and wait for /object_info; see module doc."""
-    ensure_checkpoint()
-    cp = comfy_path()
+                 workdir: Path | None = None, models: bool = True, cpu: bool = True, comfy=None,
+                 die_with_parent: bool = False) -> ServerHandle:
+    """Start ComfyUI in its own process group on 127.0.0.1 and wait for /object_info; see module doc.
+    ``models``: the tiny test models' folders (generated when missing); ``cpu``: ``--cpu``; ``comfy``: the
+    ComfyUI folder (default: the host of ``make setup``); ``die_with_parent``: killed with its starter (Linux)."""
+    if models:
+        ensure_checkpoint()
+    cp = Path(comfy) if comfy else comfy_path()
     if not (cp / "main.py").exists():
         raise ServerError(f"ComfyUI not found at {cp}: run `make setup` first (or set COMFYUI_PATH)")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ddiminv-server-"))
     for sub in ("input", "output", "temp", "user"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
-    yaml = write_extra_model_paths(workdir / "extra_model_paths.yaml")
     port = int(port or free_port())
-    cmd = [sys.executable, str(cp / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--output-directory", str(workdir / "output"), "--temp-directory", str(workdir / "temp"),
-           "--input-directory", str(workdir / "input"), "--user-directory", str(workdir / "user"),
-           "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(yaml),
+    cmd = [sys.executable, str(cp / "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1",
+           "--port", str(port), "--output-directory", str(workdir / "output"),
+           "--temp-directory", str(workdir / "temp"), "--input-directory", str(workdir / "input"),
+           "--user-directory", str(workdir / "user"), "--database-url", "sqlite:///:memory:",
+           *(["--extra-model-paths-config", str(write_extra_model_paths(workdir / "extra_model_paths.yaml"))]
+             if models else []),
            "--disable-auto-launch", *map(str, extra_args)]
     log_path = workdir / "server.log"
     log = open(log_path, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=str(cp), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env,
+                            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None)
     handle = ServerHandle(proc, port, workdir, log_path)
     handle._log_file = log
     t0 = time.monotonic()

@@ -6,6 +6,7 @@
 #    torchaudio: ComfyUI 0.3.75 starts without it (only its audio nodes are skipped), so the built-in host
 #    leaves it out; newer ComfyUI (0.4+, e.g. 0.33) imports it unconditionally, so for a newer
 #    $COMFYUI_PATH a torchaudio 2.11.x wheel is installed with --no-deps (it works with torch 2.14.1).
+#  * Development extras (pytest, ruff, ..., Ray for tools/ray_batch.py) into the same venv, never the pack's.
 #  * The pack is linked into the host's custom_nodes/ as ddim-inversion.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,9 +81,12 @@ scikit-image
 scikit-learn
 ruff
 EOF
+# development extra: Ray, for tools/ray_batch.py (batch jobs over several ComfyUI servers) and its tests.
+# The pack never imports it (its requirements.txt stays empty). 2.60.0 is what pip gives on Python 3.11 here.
+echo "ray==2.60.0" >> "$CACHE/dev-requirements.txt"
 stamp="$CACHE/venv.stamp"
 want=$( (cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh"; echo "torchaudio=$NEED_TORCHAUDIO") | sha256sum | cut -c1-16)
-check="import torch, torchvision, comfyui_frontend_package, pytest"
+check="import torch, torchvision, comfyui_frontend_package, pytest, ray"
 [ "$NEED_TORCHAUDIO" = 1 ] && check="$check, torchaudio"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "$check" 2>/dev/null; then
   say ".venv up to date (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"

@@ -1,6 +1,6 @@
-"""tools/runner.py end to end: two real ComfyUI servers, a folder of PNGs, the example workflow
-(tiny checkpoint, 2 steps), results.json/csv, downloads, resume after a crash (pre-written results and a
-SIGKILL mid-run)."""
+"""tools/runner.py end to end: a real ComfyUI server, a folder of PNGs, the example workflow (tiny checkpoint,
+2 steps), results.json/csv, downloads, resume after a crash (pre-written results and a SIGKILL mid-run), an
+unreachable server. Several servers: tools/ray_batch.py (tests/server/test_ray_batch.py)."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,16 +74,14 @@ def make_images(folder: Path, n: int = N_IMAGES) -> list:
     return names
 
 
-def runner_cmd(workflow: Path, images: Path, out: Path, servers, extra=()) -> list:
+def runner_cmd(workflow: Path, images: Path, out: Path, server, extra=()) -> list:
     wf = json.loads(workflow.read_text())
     invert_id = next(k for k, n in wf.items() if n["class_type"] == "DDIMInvert")
     cmd = [sys.executable, str(RUNNER), "--workflow", str(workflow), "--images", str(images), "--out", str(out),
            "--set", f"CheckpointLoaderSimple.ckpt_name={checkpoint.CKPT_NAME}",  # by class_type
            "--set", f"{invert_id}.steps=2",                                       # by node id
            "--set", "Load Image.image=placeholder.png",                           # by title (replaced per image)
-           "--timeout", "120"]
-    for s in servers:
-        cmd += ["--server", s]
+           "--timeout", "120", "--server", server]
     return cmd + list(extra)
 
 
@@ -114,19 +111,17 @@ def check_outputs(out: Path, name: str, rec: dict):
         assert im.size == (SIZE, SIZE)
 
 
-def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
+def test_runner_one_server_and_resume(server, workflow, tmp_path):
     t_start = time.monotonic()
-    with ThreadPoolExecutor(2) as ex:  # start both servers at once (startup is mostly imports and I/O)
-        s1, s2 = ex.map(lambda _: server_factory(), range(2))
-    print(f"servers up in {time.monotonic() - t_start:.1f}s")
-    assert s1.port != s2.port
+    s1 = server
     images = tmp_path / "images"
     names = make_images(images)
     out = tmp_path / "out"
+    h_start = history_count(s1)
 
-    # ---------------------------------------------------------------- a full run over two servers
-    r, secs = run_runner(runner_cmd(workflow, images, out, [s1.url, s2.url]))
-    assert r.returncode == 0, f"rc {r.returncode}\nstderr:\n{r.stderr}\n{s1.log_tail(30)}\n{s2.log_tail(30)}"
+    # ---------------------------------------------------------------- a full run
+    r, secs = run_runner(runner_cmd(workflow, images, out, s1.url))
+    assert r.returncode == 0, f"rc {r.returncode}\nstderr:\n{r.stderr}\n{s1.log_tail(30)}"
     recs = read_results(out)
     assert sorted(recs) == names
     for n in names:
@@ -136,16 +131,15 @@ def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
         # the VAE Encode (Inversion) UI text (its PSNR ceiling) is recorded, and its dB figure
         assert any("dB" in t for ts in recs[n]["texts"].values() for t in ts), recs[n]["texts"]
         assert isinstance(recs[n]["figure"], float)
-    used = {recs[n]["server"] for n in names}
-    assert used == {s1.url, s2.url}, f"work was not spread: {used}"
+    assert {recs[n]["server"] for n in names} == {s1.url}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [row["image"] for row in rows] == names
-    assert all(row["status"] == "ok" and row["server"] in (s1.url, s2.url) and row["outputs"] and
+    assert all(row["status"] == "ok" and row["server"] == s1.url and row["outputs"] and
                float(row["seconds"]) > 0 and "dB" in row["texts"] for row in rows), rows
     for n in names:
         assert f"/{N_IMAGES}] {n} ok" in r.stderr, r.stderr
-    assert history_count(s1) + history_count(s2) == N_IMAGES
-    print(f"full run: {secs:.1f}s for {N_IMAGES} images on 2 servers\n{r.stderr}")
+    assert history_count(s1) - h_start == N_IMAGES
+    print(f"full run: {secs:.1f}s for {N_IMAGES} images\n{r.stderr}")
 
     # ---------------------------------------------------------------- resume: results written by a "crash"
     doc = json.loads((out / "results.json").read_text())
@@ -153,25 +147,27 @@ def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
     doc["images"][names[1]].update(status="error", error="simulated crash")
     del doc["images"][names[2]]
     (out / "results.json").write_text(json.dumps(doc))
-    before = history_count(s1) + history_count(s2)
-    dead = f"http://127.0.0.1:{_closed_port()}"
-    r, secs = run_runner(runner_cmd(workflow, images, out, [s1.url, s2.url, dead]))
+    before = history_count(s1)
+    r, secs = run_runner(runner_cmd(workflow, images, out, s1.url))
     assert r.returncode == 0, r.stderr
     assert f"resuming: {N_IMAGES - 2} image(s) already ok" in r.stderr, r.stderr
-    assert f"{dead} is unreachable" in r.stderr and "--port" in r.stderr  # warns, goes on with the others
-    assert history_count(s1) + history_count(s2) - before == 2      # only the two unfinished images ran
+    assert history_count(s1) - before == 2      # only the two unfinished images ran
     recs = read_results(out)
     assert all(recs[n]["status"] == "ok" for n in names)
-    for n in (names[0],):
-        assert recs[n]["prompt_id"] == first_ids[n]                  # untouched
+    assert recs[names[0]]["prompt_id"] == first_ids[names[0]]                  # untouched
     for n in (names[1], names[2]):
         assert recs[n]["prompt_id"] != first_ids[n] and "error" not in (recs[n]["error"] or "")
         check_outputs(out, n, recs[n])
     print(f"resume run: {secs:.1f}s")
 
+    # ---------------------------------------------------------------- an unreachable server: usage error
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    r, _ = run_runner(runner_cmd(workflow, images, tmp_path / "out_dead", dead))
+    assert r.returncode == 2 and f"{dead} is unreachable" in r.stderr and "--port" in r.stderr, r.stderr
+
     # ---------------------------------------------------------------- resume after SIGKILL mid-run
     out2 = tmp_path / "out_killed"
-    proc = subprocess.Popen(runner_cmd(workflow, images, out2, [s1.url]), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(runner_cmd(workflow, images, out2, s1.url), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=str(ROOT), start_new_session=True)
     deadline = time.monotonic() + 120
     try:
@@ -191,7 +187,7 @@ def test_runner_two_servers_and_resume(server_factory, workflow, tmp_path):
     killed = read_results(out2)  # must be valid JSON: writes are atomic
     ok_before = {n: rec["prompt_id"] for n, rec in killed.items() if rec["status"] == "ok"}
     assert 1 <= len(ok_before) < N_IMAGES, killed
-    r, secs = run_runner(runner_cmd(workflow, images, out2, [s1.url, s2.url]))
+    r, secs = run_runner(runner_cmd(workflow, images, out2, s1.url))
     assert r.returncode == 0, r.stderr
     assert f"resuming: {len(ok_before)} image(s) already ok" in r.stderr, r.stderr
     recs = read_results(out2)

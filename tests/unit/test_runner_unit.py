@@ -1,8 +1,7 @@
-"""Unit tests for tools/runner.py's pure parts: no server, no ComfyUI."""
+"""Unit tests for tools/lib.py's pure parts: no server, no ComfyUI."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,20 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))  # tools/ holds scripts; their shared module is batchlib
 
-
-def _load_runner():
-    name = "ddiminv_tools_runner"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "runner.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-runner = _load_runner()
+import batchlib as lib  # noqa: E402
+import runner  # noqa: E402
 
 
 def _wf():
@@ -45,53 +35,53 @@ def _wf():
     ("euler", "euler"), ("", ""), ("a=b", "a=b"), ("{bad", "{bad"),
 ])
 def test_parse_value(text, value):
-    assert runner.parse_value(text) == value
+    assert lib.parse_value(text) == value
 
 
 def test_parse_override_basic_and_dotted_titles():
-    assert runner.parse_override("DDIM Invert.steps=10") == ("DDIM Invert", "steps", 10)
-    assert runner.parse_override("3.cfg=2.5") == ("3", "cfg", 2.5)
+    assert lib.parse_override("DDIM Invert.steps=10") == ("DDIM Invert", "steps", 10)
+    assert lib.parse_override("3.cfg=2.5") == ("3", "cfg", 2.5)
     # dots in the title: the input is after the LAST dot of the key; '=' and dots allowed in the value
-    assert runner.parse_override("Step 1.5: sample.steps=4") == ("Step 1.5: sample", "steps", 4)
-    assert runner.parse_override("7.filename_prefix=a=b.c") == ("7", "filename_prefix", "a=b.c")
-    assert runner.parse_override(" 3 . cfg =7") == ("3", "cfg", 7)
+    assert lib.parse_override("Step 1.5: sample.steps=4") == ("Step 1.5: sample", "steps", 4)
+    assert lib.parse_override("7.filename_prefix=a=b.c") == ("7", "filename_prefix", "a=b.c")
+    assert lib.parse_override(" 3 . cfg =7") == ("3", "cfg", 7)
 
 
 @pytest.mark.parametrize("bad", ["steps=4", "3.steps", ".steps=4", "3.=4", "=4", ""])
 def test_parse_override_rejects_malformed(bad):
-    with pytest.raises(runner.RunnerError, match="TITLE_OR_ID.input=value"):
-        runner.parse_override(bad)
+    with pytest.raises(lib.RunnerError, match="TITLE_OR_ID.input=value"):
+        lib.parse_override(bad)
 
 
 # ------------------------------------------------------------------------------ title / id resolution
 def test_resolve_by_id_title_and_class():
     wf = _wf()
-    assert runner.resolve_nodes(wf, "3") == ["3"]
-    assert runner.resolve_nodes(wf, "DDIM Invert") == ["3"]
-    assert runner.resolve_nodes(wf, "Step 1.5: sample") == ["4"]
+    assert lib.resolve_nodes(wf, "3") == ["3"]
+    assert lib.resolve_nodes(wf, "DDIM Invert") == ["3"]
+    assert lib.resolve_nodes(wf, "Step 1.5: sample") == ["4"]
     # class_type fallback names every node of that class, in numeric id order
-    assert runner.resolve_nodes(wf, "KSampler") == ["4", "5", "6"]
-    assert runner.resolve_nodes(wf, "SaveImage") == ["7"]
+    assert lib.resolve_nodes(wf, "KSampler") == ["4", "5", "6"]
+    assert lib.resolve_nodes(wf, "SaveImage") == ["7"]
 
 
 def test_resolve_id_wins_over_title():
     wf = _wf()
     wf["4"]["_meta"]["title"] = "3"
-    assert runner.resolve_nodes(wf, "3") == ["3"]
+    assert lib.resolve_nodes(wf, "3") == ["3"]
 
 
 def test_resolve_errors_are_clear():
     wf = _wf()
-    with pytest.raises(runner.RunnerError, match="matches nodes 5, 6"):
-        runner.resolve_nodes(wf, "dup")
-    with pytest.raises(runner.RunnerError, match=r"no node .* 'Nope'.*3 \(DDIM Invert\)"):
-        runner.resolve_nodes(wf, "Nope")
+    with pytest.raises(lib.RunnerError, match="matches nodes 5, 6"):
+        lib.resolve_nodes(wf, "dup")
+    with pytest.raises(lib.RunnerError, match=r"no node .* 'Nope'.*3 \(DDIM Invert\)"):
+        lib.resolve_nodes(wf, "Nope")
 
 
 def test_apply_overrides_copies_and_sets():
     wf = _wf()
     notes = []
-    out = runner.apply_overrides(wf, ["DDIM Invert.steps=8", "KSampler.steps=8", "3.latent=[\"2\", 0]",
+    out = lib.apply_overrides(wf, ["DDIM Invert.steps=8", "KSampler.steps=8", "3.latent=[\"2\", 0]",
                                       "7.new_input=hello"], warn=notes.append)
     assert out["3"]["inputs"]["steps"] == 8 and out["3"]["inputs"]["latent"] == ["2", 0]
     assert [out[k]["inputs"]["steps"] for k in ("4", "5", "6")] == [8, 8, 8]
@@ -102,30 +92,30 @@ def test_apply_overrides_copies_and_sets():
 
 def test_find_image_node():
     wf = _wf()
-    assert runner.find_image_node(wf) == "2"  # first LoadImage by numeric id, not by text ("10" < "2")
-    assert runner.find_image_node(wf, "Source") == "10"
-    assert runner.find_image_node(wf, "10") == "10"
-    with pytest.raises(runner.RunnerError, match="use a node id"):
-        runner.find_image_node(wf, "LoadImage")
-    with pytest.raises(runner.RunnerError, match="no LoadImage"):
-        runner.find_image_node({"1": {"class_type": "SaveImage", "inputs": {}}})
+    assert lib.find_image_node(wf) == "2"  # first LoadImage by numeric id, not by text ("10" < "2")
+    assert lib.find_image_node(wf, "Source") == "10"
+    assert lib.find_image_node(wf, "10") == "10"
+    with pytest.raises(lib.RunnerError, match="use a node id"):
+        lib.find_image_node(wf, "LoadImage")
+    with pytest.raises(lib.RunnerError, match="no LoadImage"):
+        lib.find_image_node({"1": {"class_type": "SaveImage", "inputs": {}}})
 
 
 def test_check_api_workflow(tmp_path):
     ui = {"nodes": [], "links": [], "version": 0.4}
-    with pytest.raises(runner.RunnerError, match="UI-format"):
-        runner.check_api_workflow(ui)
-    with pytest.raises(runner.RunnerError, match="not an API-format"):
-        runner.check_api_workflow({"1": {"inputs": {}}})
-    with pytest.raises(runner.RunnerError, match="not an API-format"):  # a /prompt body is not a workflow
-        runner.check_api_workflow({"prompt": _wf(), "client_id": "x"})
-    assert runner.check_api_workflow({"1": {"class_type": "X"}}) == {"1": {"class_type": "X", "inputs": {}}}
+    with pytest.raises(lib.RunnerError, match="UI-format"):
+        lib.check_api_workflow(ui)
+    with pytest.raises(lib.RunnerError, match="not an API-format"):
+        lib.check_api_workflow({"1": {"inputs": {}}})
+    with pytest.raises(lib.RunnerError, match="not an API-format"):  # a /prompt body is not a workflow
+        lib.check_api_workflow({"prompt": _wf(), "client_id": "x"})
+    assert lib.check_api_workflow({"1": {"class_type": "X"}}) == {"1": {"class_type": "X", "inputs": {}}}
     p = tmp_path / "w.json"
     p.write_text("{not json")
-    with pytest.raises(runner.RunnerError, match="not valid JSON"):
-        runner.load_workflow(p)
-    with pytest.raises(runner.RunnerError, match="not found"):
-        runner.load_workflow(tmp_path / "missing.json")
+    with pytest.raises(lib.RunnerError, match="not valid JSON"):
+        lib.load_workflow(p)
+    with pytest.raises(lib.RunnerError, match="not found"):
+        lib.load_workflow(tmp_path / "missing.json")
 
 
 def test_example_workflows_are_runner_compatible():
@@ -133,19 +123,19 @@ def test_example_workflows_are_runner_compatible():
     if not wfs:
         pytest.skip("no example_workflows/*.api.json yet")
     for p in wfs:
-        wf = runner.load_workflow(p)
-        assert runner.find_image_node(wf) in wf, p.name
+        wf = lib.load_workflow(p)
+        assert lib.find_image_node(wf) in wf, p.name
 
 
 # ------------------------------------------------------------------------------ resume bookkeeping
 def test_results_roundtrip_and_done(tmp_path):
-    r = runner.Results(tmp_path, meta={"workflow": "w.json"})
+    r = lib.Results(tmp_path, meta={"workflow": "w.json"})
     r.record("a.png", {"status": "ok", "server": "http://s1", "seconds": 1.25, "outputs": ["x.png"],
                        "texts": {"5": ["VAE ceiling: 31.50 dB PSNR"]}, "figure": 31.5, "error": None})
     r.record("b.png", {"status": "error", "server": "http://s2", "seconds": 0.5, "outputs": [], "texts": {},
                        "figure": None, "error": "boom"})
     assert not list(tmp_path.glob(".results*"))  # no temp files left behind
-    r2 = runner.Results.load(tmp_path)
+    r2 = lib.Results.load(tmp_path)
     assert r2.done("a.png") and not r2.done("b.png") and not r2.done("c.png")
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["summary"] == {"total": 2, "ok": 1, "failed": 1} and doc["workflow"] == "w.json"
@@ -156,18 +146,18 @@ def test_results_roundtrip_and_done(tmp_path):
     assert rows[1]["error"] == "boom"
     # a redo replaces the record; previous ok records survive a new run's writes
     r2.record("b.png", {"status": "ok", "server": "http://s1", "seconds": 0.1, "outputs": []})
-    r3 = runner.Results.load(tmp_path)
+    r3 = lib.Results.load(tmp_path)
     assert r3.done("a.png") and r3.done("b.png")
 
 
 def test_results_missing_and_corrupt(tmp_path):
-    assert runner.Results.load(tmp_path / "nope").images == {}
+    assert lib.Results.load(tmp_path / "nope").images == {}
     (tmp_path / "results.json").write_text("{trunc")
-    with pytest.raises(runner.RunnerError, match="unreadable"):
-        runner.Results.load(tmp_path)
+    with pytest.raises(lib.RunnerError, match="unreadable"):
+        lib.Results.load(tmp_path)
     (tmp_path / "results.json").write_text("[]")  # not ours: not overwritten either
-    with pytest.raises(runner.RunnerError, match="unreadable"):
-        runner.Results.load(tmp_path)
+    with pytest.raises(lib.RunnerError, match="unreadable"):
+        lib.Results.load(tmp_path)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -177,20 +167,20 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runner.os, "replace", boom)
+    monkeypatch.setattr(lib.os, "replace", boom)
     with pytest.raises(OSError):
-        runner.atomic_write(p, b"new")
+        lib.atomic_write(p, b"new")
     assert p.read_text() == "old" and list(tmp_path.iterdir()) == [p]
 
 
 def test_output_stems_disambiguate():
-    assert runner.output_stems(["a.png", "b.jpg"]) == {"a.png": "a", "b.jpg": "b"}
-    assert runner.output_stems(["a.png", "a.jpg"]) == {"a.png": "a_png", "a.jpg": "a_jpg"}
+    assert lib.output_stems(["a.png", "b.jpg"]) == {"a.png": "a", "b.jpg": "b"}
+    assert lib.output_stems(["a.png", "a.jpg"]) == {"a.png": "a_png", "a.jpg": "a_jpg"}
     # a stem of dots would be '.' or '..' (OUT itself or its parent): the whole name is used instead
-    assert runner.output_stems(["...png", "..png"]) == {"...png": "...png", "..png": "..png"}
+    assert lib.output_stems(["...png", "..png"]) == {"...png": "...png", "..png": "..png"}
     # results.json/csv are taken; 'a.png' and 'a.PNG' must not share a folder
-    assert runner.output_stems(["results.json.png"]) == {"results.json.png": "results.json_png"}
-    assert runner.output_stems(["a.png", "a.PNG"]) == {"a.png": "a_png", "a.PNG": "a_png_1"}
+    assert lib.output_stems(["results.json.png"]) == {"results.json.png": "results.json_png"}
+    assert lib.output_stems(["a.png", "a.PNG"]) == {"a.png": "a_png", "a.PNG": "a_png_1"}
 
 
 @pytest.mark.parametrize("text,safe", [
@@ -199,15 +189,15 @@ def test_output_stems_disambiguate():
     ("L" * 300 + ".png", "L" * 116 + ".png"),
 ])
 def test_safe_part(text, safe):
-    assert runner.safe_part(text) == safe
-    assert len(safe) <= runner.NAME_MAX
+    assert lib.safe_part(text) == safe
+    assert len(safe) <= lib.NAME_MAX
 
 
 def test_output_name_refuses_and_dedupes():
     used: set = set()
 
     def name(node, filename, subfolder=""):
-        return runner.output_name({"node": node, "filename": filename, "subfolder": subfolder}, used)
+        return lib.output_name({"node": node, "filename": filename, "subfolder": subfolder}, used)
 
     assert name("9", "r.png", "ddiminv/a") == "r.png"
     assert name("../../x", "r.png") == ".._.._x_r.png"      # the node id only prefixes a duplicate, reduced
@@ -216,10 +206,10 @@ def test_output_name_refuses_and_dedupes():
     assert name("9", "r.png") == "9_r_1.png"
     assert name("9", "R.PNG") == "9_R_2.PNG"                 # case-insensitive file systems
     for bad in ("../../x.png", "/abs/x.png", "..", ".", "", "a\x00.png", "a\\b.png"):
-        with pytest.raises(runner.Refused, match="file name"):
+        with pytest.raises(lib.Refused, match="file name"):
             name("9", bad)
     for bad in ("..", "a/../..", "/etc", "\\srv", "a\x00"):
-        with pytest.raises(runner.Refused, match="subfolder"):
+        with pytest.raises(lib.Refused, match="subfolder"):
             name("9", "ok.png", bad)
     assert len(used) == 6
 
@@ -228,9 +218,9 @@ def test_list_images(tmp_path):
     for n in ("b.png", "a.JPG", "notes.txt", "c.webp"):
         (tmp_path / n).write_bytes(b"x")
     (tmp_path / "sub.png").mkdir()
-    assert [p.name for p in runner.list_images(tmp_path)] == ["a.JPG", "b.png", "c.webp"]
-    with pytest.raises(runner.RunnerError, match="not a folder"):
-        runner.list_images(tmp_path / "missing")
+    assert [p.name for p in lib.list_images(tmp_path)] == ["a.JPG", "b.png", "c.webp"]
+    with pytest.raises(lib.RunnerError, match="not a folder"):
+        lib.list_images(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------ UI outputs, errors
@@ -240,13 +230,13 @@ def test_extract_ui_and_figure():
         "5": {"text": ["VAE ceiling: 31.25 dB PSNR (decode(encode(image)) vs image)"]},
         "12": {"text": "round trip: 28.5 dB", "ddim_metrics": [{"psnr": 27.0}], "animated": [False]},
     }
-    files, texts, other = runner.extract_ui(outputs)
+    files, texts, other = lib.extract_ui(outputs)
     assert files == [{"node": "9", "key": "images", "filename": "r_00001_.png", "subfolder": "", "type": "output"}]
     assert texts == {"5": [outputs["5"]["text"][0]], "12": ["round trip: 28.5 dB"]}
     assert other == {"12": {"ddim_metrics": [{"psnr": 27.0}]}}  # kept in the record's "ui", not a figure
-    assert runner.figure_from(texts) == 28.5               # the last "NN dB" in the texts, in node order
-    assert runner.figure_from({"2": ["-3 dB then 4.25 dB"], "10": ["none"]}) == 4.25
-    assert runner.figure_from({"5": ["no number"]}) is None and runner.figure_from({}) is None
+    assert lib.figure_from(texts) == 28.5               # the last "NN dB" in the texts, in node order
+    assert lib.figure_from({"2": ["-3 dB then 4.25 dB"], "10": ["none"]}) == 4.25
+    assert lib.figure_from({"5": ["no number"]}) is None and lib.figure_from({}) is None
 
 
 def test_error_formatting():
@@ -254,23 +244,23 @@ def test_error_formatting():
                       "details": ""},
             "node_errors": {"3": {"class_type": "DDIMInvert",
                                   "errors": [{"message": "Value smaller than min", "details": "steps: 0 < 1"}]}}}
-    s = runner.format_prompt_error(400, body)
+    s = lib.format_prompt_error(400, body)
     assert "HTTP 400" in s and "node 3 (DDIMInvert): Value smaller than min: steps: 0 < 1" in s
-    assert "boom" in runner.format_exec_error({"node_id": "3", "node_type": "DDIMInvert",
+    assert "boom" in lib.format_exec_error({"node_id": "3", "node_type": "DDIMInvert",
                                                 "exception_type": "ValueError", "exception_message": "boom\n"})
-    assert runner.history_error({"status": {"status_str": "success", "completed": True}}) is None
-    assert runner.history_error({"status": {"completed": False, "messages": [
+    assert lib.history_error({"status": {"status_str": "success", "completed": True}}) is None
+    assert lib.history_error({"status": {"completed": False, "messages": [
         ["execution_start", {}], ["execution_interrupted", {"node_id": "6", "node_type": "DDIMInvert"}]]}}) \
         == "interrupted at node 6 (DDIMInvert)"
-    assert runner.history_error({"status": {"completed": False}}) == "execution failed (see the server log)"
-    msg = runner.unreachable_message("http://127.0.0.1:8190", ConnectionRefusedError("refused"))
+    assert lib.history_error({"status": {"completed": False}}) == "execution failed (see the server log)"
+    msg = lib.unreachable_message("http://127.0.0.1:8190", ConnectionRefusedError("refused"))
     assert "http://127.0.0.1:8190" in msg and "--port 8190" in msg and "--server" in msg
 
 
 def test_server_urls():
-    assert runner.normalize_server("127.0.0.1:8188/") == "http://127.0.0.1:8188"
-    assert runner.ws_url("http://h:1", "abc") == "ws://h:1/ws?clientId=abc"
-    assert runner.ws_url("https://h/comfy", "abc") == "wss://h/comfy/ws?clientId=abc"
+    assert lib.normalize_server("127.0.0.1:8188/") == "http://127.0.0.1:8188"
+    assert lib.ws_url("http://h:1", "abc") == "ws://h:1/ws?clientId=abc"
+    assert lib.ws_url("https://h/comfy", "abc") == "wss://h/comfy/ws?clientId=abc"
 
 
 def test_cli_usage_errors(tmp_path, capsys):
@@ -301,4 +291,4 @@ def test_cli_unreachable_server_names_url(tmp_path, capsys):
                       "--server", f"127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert rc == 2 and f"http://127.0.0.1:{port} is unreachable" in err and f"--port {port}" in err
-    assert "no ComfyUI server reachable" in err
+    assert "nothing was run" in err

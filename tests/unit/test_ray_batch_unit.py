@@ -1,0 +1,86 @@
+"""tools/ray_batch.py without Ray: the manifest (folder, CSV, JSON) and its per-item overrides, the usage errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+
+import batchlib as lib  # noqa: E402
+import ray_batch  # noqa: E402
+
+
+def _items(tmp_path, name=None, text=None, images=None):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    return ray_batch.load_items(argparse.Namespace(images=images, manifest=tmp_path / name if name else None))
+
+
+def test_folder_items(tmp_path):
+    for n in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    assert _items(tmp_path, images=tmp_path) == [("a.jpg", tmp_path / "a.jpg", []), ("b.png", tmp_path / "b.png", [])]
+
+
+def test_csv_manifest_overrides_per_item(tmp_path):
+    items = _items(tmp_path, "m.csv", 'image,Source prompt.text,DDIMInvert.steps,id\n'
+                                      'photos/cat.png,a cat,10,\n'
+                                      'photos/cat.png,"a dog, small",,cat-as-dog\n'
+                                      'dog.png,,"""7""",\n')
+    assert items == [
+        ("cat.png", tmp_path / "photos/cat.png", [("Source prompt", "text", "a cat"), ("DDIMInvert", "steps", 10)]),
+        ("cat-as-dog", tmp_path / "photos/cat.png", [("Source prompt", "text", "a dog, small")]),  # empty: unset
+        ("dog.png", tmp_path / "dog.png", [("DDIMInvert", "steps", "7")]),                 # JSON string stays one
+    ]
+    wf = {"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "x"}, "_meta": {"title": "Source prompt"}},
+          "2": {"class_type": "DDIMInvert", "inputs": {"steps": 50}}}
+    out = lib.apply_overrides(wf, items[0][2])
+    assert out["1"]["inputs"]["text"] == "a cat" and out["2"]["inputs"]["steps"] == 10
+    assert wf["2"]["inputs"]["steps"] == 50
+
+
+def test_json_manifest(tmp_path):
+    doc = [{"image": "a.png", "set": {"Source prompt.text": "a cat", "DDIMInvert.cfg": 2.5}},
+           {"image": "a.png", "id": "again"}]
+    assert _items(tmp_path, "m.json", json.dumps(doc)) == [
+        ("a.png", tmp_path / "a.png", [("Source prompt", "text", "a cat"), ("DDIMInvert", "cfg", 2.5)]),
+        ("again", tmp_path / "a.png", [])]
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("m.csv", "file,x.steps\na.png,1\n", "no 'image' column"),
+    ("m.csv", "image,steps\na.png,1\n", "TITLE_OR_ID.input=value"),
+    ("m.csv", "image\na.png\na.png\n", "appears twice; give each row its own 'id'"),
+    ("m.json", "{bad", "not valid JSON"),
+    ("m.json", '{"image": "a.png"}', "must be a list"),
+    ("m.json", '[{"image": "a.png", "set": [1]}]', "item 0 is not"),
+    ("missing.csv", None, "No such file"),
+])
+def test_manifest_errors(tmp_path, name, text, match):
+    with pytest.raises(lib.RunnerError, match=match):
+        _items(tmp_path, name, text)
+
+
+def test_usage_errors_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ray_batch, "import_ray", lambda: pytest.fail("Ray was started for a bad command"))
+    wf = tmp_path / "w.json"
+    wf.write_text(json.dumps({"1": {"class_type": "LoadImage", "inputs": {"image": "x"}}}))
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("image,Nope.text\na.png,hi\n")
+    base = ["--workflow", str(wf), "--out", str(tmp_path / "o"), "--server", "http://127.0.0.1:9"]
+    assert ray_batch.main(base + ["--manifest", str(tmp_path / "m.csv")]) == 2
+    assert "no node with id, title or class 'Nope'" in capsys.readouterr().err  # a column naming no node
+    (tmp_path / "empty").mkdir()
+    assert ray_batch.main(base + ["--images", str(tmp_path / "empty")]) == 2
+    assert "no images" in capsys.readouterr().err
+    (tmp_path / "none.csv").write_text("image,id\n")
+    assert ray_batch.main(base + ["--manifest", str(tmp_path / "none.csv")]) == 2
+    assert "none.csv: no items" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ray_batch.main(base + ["--images", str(tmp_path), "--actors", "-1"])
