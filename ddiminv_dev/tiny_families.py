@@ -32,6 +32,8 @@ class Spec:
     extras: dict = field(default_factory=dict)   # plain extras (guidance, sizes, ...)
     concat: bool = False             # I2V: a concat_latent_image of the latent's shape
     mask: bool = False               # a text attention_mask (T5 encoders give one)
+    llama: tuple | None = None       # HiDream's Llama hidden states: (layers, tokens, width)
+    t5: tuple | None = None          # HunyuanDiT's second text encoder: (tokens, width) states + mask
     frames: int = 0                  # latent T (0: not a video latent)
     size: int = 8                    # latent H = W (or L for audio)
     state_dict: object = None          # keys get_model inspects (e.g. a v-prediction flag)
@@ -133,6 +135,8 @@ SPECS: dict = {
                        note="KOALA 700M (SDXL distilled)"),
     "KOALA_1B": Spec("KOALA_1B", _sdxl_unet(24, SDXL_ADM), 24, pooled=32, extras=SDXL_SIZES,
                      note="KOALA 1B (SDXL distilled)"),
+    "SDXLRefiner": Spec("SDXLRefiner", _sdxl_unet(24, 32 + 5 * 256), 24, pooled=32, extras=SDXL_SIZES,
+                        note="SDXL refiner: aesthetic-score conditioning"),
     # refused by name (built to check the refusal on the real class)
     "LotusD": Spec("LotusD", _unet(24, use_linear_in_transformer=True, adm_in_channels=4, num_classes="sequential",
                                    num_heads=-1, num_head_channels=16), 24, note="Lotus depth/normal predictor"),
@@ -152,6 +156,40 @@ SPECS: dict = {
                               "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
                               "theta": 10000, "patch_size": 2, "qkv_bias": True},
                    24, extras={"pooled_output": None}, note="Chroma: distilled modulation, no pooled output"),
+    "FluxInpaint": Spec("FluxInpaint", _flux(in_channels=96), 24, pooled=32, extras={"guidance": 30.0}, concat=True,
+                        note="Flux Fill: concat image latent + mask"),
+    "HunyuanImage21": Spec("HunyuanImage21", _hunyuan_video(in_ch=64, out_ch=64, vec=None, patch=(1, 1),
+                                                            axes=(8, 8)),
+                           24, extras={"guidance": 3.5}, note="HunyuanImage 2.1: 64-channel latent"),
+    "Flux2": Spec("Flux2", _flux(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None,
+                                 axes_dim=[4, 4, 4, 4], theta=2000, mlp_ratio=3.0, global_modulation=True,
+                                 mlp_silu_act=True, qkv_bias=False, ops_bias=False, default_ref_method="index",
+                                 ref_index_scale=10.0),
+                  24, extras={"guidance": 4.0, "pooled_output": None}, note="Flux 2: 128-channel latent"),
+    "AuraFlow": Spec("AuraFlow", {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 32, "n_layers": 2,
+                                  "n_double_layers": 1, "n_heads": 2, "global_conddim": 32, "cond_seq_dim": 24,
+                                  "max_seq": 16 * 16}, 24, note="AuraFlow (SDXL latent, flow)"),
+    "PixArtAlpha": Spec("PixArtAlpha", {"image_model": "pixart_alpha", "micro_condition": True, "num_heads": 2,
+                                        "patch_size": 2, "hidden_size": 48, "in_channels": 4, "depth": 1,
+                                        "model_max_length": 8, "input_size": 16, "pe_interpolation": 0.25,
+                                        "caption_channels": 24},
+                        24, extras={"width": 320, "height": 320}, size=40,   # PixArt's position base needs >= 33
+                        note="PixArt-alpha: size and aspect conditioning"),
+    "PixArtSigma": Spec("PixArtSigma", {"image_model": "pixart_sigma", "micro_condition": False, "num_heads": 2,
+                                        "patch_size": 2, "hidden_size": 32, "in_channels": 4, "depth": 1,
+                                        "model_max_length": 8, "input_size": 16, "pe_interpolation": 0.25,
+                                        "caption_channels": 24}, 24, size=40, note="PixArt-sigma"),
+    "HunyuanDiT": Spec("HunyuanDiT", {"image_model": "hydit", "depth": 2, "hidden_size": 32, "num_heads": 2,
+                                      "patch_size": 2, "in_channels": 4, "input_size": 16, "text_states_dim": 24,
+                                      "text_states_dim_t5": 32, "text_len": 8, "text_len_t5": 6},
+                       24, mask=True, extras={"width": 64, "height": 64},
+                       t5=(6, 32), note="HunyuanDiT: CLIP + mT5 states with masks, image size"),
+    "Omnigen2": Spec("Omnigen2", {"image_model": "omnigen2", "axes_dim_rope": [4, 6, 6], "axes_lens": [64, 64, 64],
+                                  "ffn_dim_multiplier": None, "hidden_size": 32, "in_channels": 16, "multiple_of": 16,
+                                  "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 1,
+                                  "num_refiner_layers": 1, "out_channels": None, "patch_size": 2,
+                                  "text_feat_dim": 24, "timestep_scale": 1000.0},
+                     24, mask=True, note="OmniGen2 (Flux latent, text attention mask)"),
     "Lumina2": Spec("Lumina2", _lumina(), 24, note="Lumina 2 (NextDiT)"),
     "ZImage": Spec("ZImage", _lumina(dim=256, axes_dims=[32, 48, 48], n_kv_heads=2, z_image_modulation=True,
                                      time_scale=1000.0, ffn_dim_multiplier=8.0 / 3.0, rope_theta=256.0), 24,
@@ -163,11 +201,19 @@ SPECS: dict = {
                       24, frames=1, note="Qwen-Image: Wan 2.1 latent, 5-D [B,16,1,H,W]"),
     "CosmosT2IPredict2": Spec("CosmosT2IPredict2", _cosmos_predict2(), 24, frames=1,
                               note="Cosmos Predict2 text-to-image: COSMOS_RFLOW, 5-D Wan 2.1 latent"),
+    "HiDream": Spec("HiDream", {"image_model": "hidream", "attention_head_dim": 16, "axes_dims_rope": [8, 4, 4],
+                                "caption_channels": [24, 20], "max_resolution": [128, 128], "in_channels": 16,
+                                "llama_layers": [0, 1], "num_attention_heads": 2, "num_routed_experts": 4,
+                                "num_activated_experts": 2, "num_layers": 1, "num_single_layers": 1,
+                                "out_channels": 16, "patch_size": 2, "text_emb_dim": 32},
+                    24, pooled=32, llama=(2, 6, 20),
+                    note="HiDream: T5 + Llama hidden states per block, pooled output, mixture of experts"),
     # ---- audio (3-D latents)
-    "StableAudio": Spec("StableAudio", {"audio_model": "dit1.0", "io_channels": 64, "embed_dim": 128, "depth": 1,
+    "StableAudio": Spec("StableAudio", {"audio_model": "dit1.0", "io_channels": 64, "embed_dim": 768, "depth": 1,
                                         "num_heads": 2, "cond_token_dim": 768, "global_cond_dim": 1536,
                                         "project_cond_tokens": False, "transformer_type": "continuous_transformer"},
-                        768, size=16, state_dict=_stable_audio_sd,
+                        768, size=16, state_dict=_stable_audio_sd,   # width 768: its cross-attention needs
+                        # heads (width/64) divisible by the 768-wide context's 12, as 1536 is in the real model
                         note="Stable Audio 1.0: 3-D [B,64,L] latent, V_PREDICTION_CONTINUOUS"),
     # ---- video models (5-D latents)
     "WAN21_T2V": Spec("WAN21_T2V", _wan(16, 16), 24, frames=3, note="Wan 2.1 text-to-video"),
@@ -177,6 +223,15 @@ SPECS: dict = {
                       note="Wan 2.2 5B: 48-channel Wan 2.2 latent"),
     "HunyuanVideo": Spec("HunyuanVideo", _hunyuan_video(), 24, pooled=32, extras={"guidance": 6.0}, frames=3,
                          note="HunyuanVideo: pooled output + guidance embed"),
+    "HunyuanVideoI2V": Spec("HunyuanVideoI2V", _hunyuan_video(in_ch=33), 24, pooled=32, extras={"guidance": 6.0},
+                            frames=3, concat=True, note="HunyuanVideo I2V: concat latent + mask channels"),
+    "HunyuanVideoSkyreelsI2V": Spec("HunyuanVideoSkyreelsI2V", _hunyuan_video(in_ch=32), 24, pooled=32,
+                                    extras={"guidance": 6.0}, frames=3, concat=True,
+                                    note="SkyReels I2V (HunyuanVideo): concat latent"),
+    "CosmosI2V": Spec("CosmosI2V", dict(_cosmos_v1(), in_channels=17), 24, frames=2, extras={"frame_rate": 24},
+                      concat=True, note="Cosmos 1.0 image-to-video: mask channel"),
+    "CosmosI2VPredict2": Spec("CosmosI2VPredict2", _cosmos_predict2(17), 24, frames=2, concat=True,
+                              note="Cosmos Predict2 image-to-video: COSMOS_RFLOW, mask channel"),
     "LTXV": Spec("LTXV", {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 32,
                           "attention_head_dim": 16, "num_attention_heads": 2, "caption_channels": 24,
                           "num_layers": 1}, 24, frames=2, size=4, extras={"frame_rate": 25}, mask=True,
@@ -270,6 +325,11 @@ def conditioning(name: str, seed: int = 0) -> list:
         extra["pooled_output"] = torch.randn((1, spec.pooled), generator=g, dtype=torch.float32)
     if spec.mask:
         extra["attention_mask"] = torch.ones((1, spec.tokens), dtype=torch.long)
+    if spec.t5 is not None:
+        extra["conditioning_mt5xl"] = torch.randn((1, *spec.t5), generator=g, dtype=torch.float32)
+        extra["attention_mask_mt5xl"] = torch.ones((1, spec.t5[0]), dtype=torch.long)
+    if spec.llama is not None:
+        extra["conditioning_llama3"] = torch.randn((1, *spec.llama), generator=g, dtype=torch.float32)
     if spec.concat:
         extra["concat_latent_image"] = latent(name, seed=1000 + int(seed))["samples"]
     return [[cond, extra]]

@@ -19,9 +19,16 @@ from .errors import InversionInputError
 
 # supported_models classes with a tiny instance in the family matrix (ddiminv_dev/tiny_families.py SPECS)
 TESTED = frozenset({
-    "SD15", "SD20", "SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SD3", "Flux", "FluxSchnell",
-    "Chroma", "Lumina2", "ZImage", "QwenImage", "CosmosT2IPredict2", "StableAudio", "WAN21_T2V", "WAN21_I2V",
-    "WAN22_T2V", "HunyuanVideo", "LTXV", "GenmoMochi", "CosmosT2V",
+    # UNet images
+    "SD15", "SD20", "SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
+    # DiT / flow images
+    "SD3", "Flux", "FluxSchnell", "FluxInpaint", "Flux2", "Chroma", "AuraFlow", "PixArtAlpha", "PixArtSigma",
+    "HunyuanDiT", "HunyuanImage21", "HiDream", "Lumina2", "ZImage", "Omnigen2", "QwenImage", "CosmosT2IPredict2",
+    # video (5-D latents)
+    "WAN21_T2V", "WAN21_I2V", "WAN22_T2V", "HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V", "LTXV",
+    "GenmoMochi", "CosmosT2V", "CosmosI2V", "CosmosI2VPredict2",
+    # audio (3-D latent)
+    "StableAudio",
 })
 
 _NOT_DIFFUSION = "it is not a diffusion model (there is no noise schedule to invert)"

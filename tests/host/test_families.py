@@ -15,9 +15,10 @@ from ddiminv_dev import host, tiny_families as tf
 
 STEPS = 4
 EXACT_BAR = 1e-5
-# ddim at 4 steps, cfg 2, on a random network: finite and bounded, not accurate. Measured (0.3.75, relative to
-# the source in model space): vp families 3.0-12.7 (the state at sigma_max ~15 is ~15x the latent), flow 0.10-1.10
-DDIM_BAR = {"vp": 19.0, "flow": 1.65}
+# ddim at 4 steps, cfg 2, on a random network: finite and bounded, not accurate. Its error relative to the source
+# (model space) grows with the top noise level (the inverted state is ~sigma_max x the latent), so the bar is on
+# error / max(1, sigma_max): measured 0.006 (Stable Audio, sigma_max 500) to 1.4 (SkyReels I2V, flow) on 0.3.75
+DDIM_BAR = 2.1
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,26 @@ def test_matrix_is_the_claimed_families(fam):
 
 
 @pytest.mark.parametrize("name", MATRIX)
+def test_family_model_is_real_and_conditioned(name):
+    """The tiny instance is the host's class with its own model_base wrapper, and its prediction depends on the
+    family's own conditioning (so the round trip below runs the family's conditioning path, not a constant)."""
+    import comfy.supported_models as sm
+    m = tf.tiny_model(name).model
+    assert type(m.model_config) is getattr(sm, name)
+    x = tf.latent_format(name).process_in(tf.latent(name, seed=3)["samples"])
+
+    def fwd(seed):
+        c = tf.conditioning(name, seed)
+        extra = m.extra_conds(noise=x, device=torch.device("cpu"), cross_attn=c[0][0], **c[0][1])
+        with torch.no_grad():
+            return m.apply_model(x, torch.tensor([0.5]), **{k: v.cond for k, v in extra.items()})
+
+    a, b = fwd(1), fwd(2)
+    assert a.shape == x.shape and torch.isfinite(a).all()
+    assert float((a - b).abs().max()) > 1e-3, "the tiny model ignores its conditioning"
+
+
+@pytest.mark.parametrize("name", MATRIX)
 def test_family_round_trip(name, fam):
     """VAE-less DDIM Invert -> Inverted-Latent Sampler on the family's real class: exact to 1e-5 (cfg 2, two
     evaluations per step with the negative), ddim finite and bounded; latent rank and channels are the family's."""
@@ -79,10 +100,12 @@ def test_family_round_trip(name, fam):
     e_exact, e_ddim = _rel(res, name, "rec_exact"), _rel(res, name, "rec_ddim")
     noise = res.outputs("inv_ddim")[0]["samples"]
     assert torch.isfinite(noise).all() and noise.shape == src.shape
-    print(f"\nFAMILY {name}: exact {e_exact:.2e} ddim {e_ddim:.3g} latent {tuple(src.shape)}")
+    traj = res.outputs("inv_ddim")[2]
+    top = float(traj.sigmas.max())
+    print(f"\nFAMILY {name}: {traj.family} exact {e_exact:.2e} ddim {e_ddim:.3g} "
+          f"(/sigma_max {e_ddim / max(1, top):.3g}, sigma_max {top:.4g}) latent {tuple(src.shape)}")
     assert e_exact <= EXACT_BAR, (name, e_exact)
-    kind = res.outputs("inv_ddim")[2].family
-    assert e_ddim < DDIM_BAR[kind], (name, kind, e_ddim)
+    assert e_ddim / max(1.0, top) < DDIM_BAR, (name, e_ddim, top)
     text = str(res.ui("inv_exact"))
     assert "not in the tested family matrix" not in text
 
