@@ -267,12 +267,32 @@ def tiny_model(name: str, seed: int = DEFAULT_SEED):
     return _CACHE[key]
 
 
+# fields newer ComfyUI (0.33) added to a model's params dataclass, with the value model_detection gives classic
+# checkpoints; added only where the host's dataclass has the field (0.3.75's would reject it)
+_NEWER_FIELDS = {
+    "flux": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": []}),
+    "flux2": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": [3]}),
+    "chroma": ("comfy.ldm.chroma.model", "ChromaParams", {"txt_ids_dims": [], "vec_in_dim": None}),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams", {"meanflow_sum": False}),
+}
+
+
+def _host_unet(unet: dict) -> dict:
+    import importlib
+    out = dict(unet)
+    if unet.get("image_model") in _NEWER_FIELDS:
+        mod, cls, extra = _NEWER_FIELDS[unet["image_model"]]
+        fields = getattr(getattr(importlib.import_module(mod), cls), "__dataclass_fields__", {})
+        out.update({k: v for k, v in extra.items() if k in fields and k not in out})
+    return out
+
+
 def _build(name: str, seed: int):
     import comfy.model_patcher
     import comfy.supported_models as sm
 
     spec = SPECS[name]
-    cfg = getattr(sm, spec.config)(dict(spec.unet))
+    cfg = getattr(sm, spec.config)(_host_unet(spec.unet))
     for k in cfg.unet_extra_config:   # the class's defaults (e.g. 64-channel heads) would not fit a tiny width
         if k in spec.unet:
             cfg.unet_config[k] = spec.unet[k]
