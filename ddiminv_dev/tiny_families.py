@@ -247,11 +247,23 @@ SPECS: dict = {
                        24, frames=2, mask=True, note="Mochi: 12-channel latent, T5 attention mask"),
     "CosmosT2V": Spec("CosmosT2V", _cosmos_v1(), 24, frames=2, extras={"frame_rate": 24},
                       note="Cosmos 1.0 text-to-video: EDM, sigma_data 0.5"),
+    # ---- ComfyUI 0.33 only (absent classes are left out of names() on older hosts)
+    "CogVideoX_T2V": Spec("CogVideoX_T2V", {"image_model": "cogvideox", "num_attention_heads": 2,
+                                            "attention_head_dim": 16, "in_channels": 16, "out_channels": 16,
+                                            "time_embed_dim": 32, "text_embed_dim": 24, "num_layers": 1,
+                                            "patch_size": 2, "max_text_seq_length": 8,
+                                            "use_rotary_positional_embeddings": True,
+                                            "use_learned_positional_embeddings": False},
+                          24, frames=2, note="CogVideoX: V_PREDICTION_DDPM, zero terminal SNR (0.33)"),
+    "WAN21_FlowRVS": Spec("WAN21_FlowRVS", dict(_wan(16, 16), model_type="flow_rvs"), 24, frames=2,
+                          note="Wan FlowRVS: IMG_TO_IMG_FLOW predictor, refused (0.33)"),
 }
 
 
 def names() -> list:
-    return list(SPECS)
+    """The entries whose supported_models class exists on this host."""
+    import comfy.supported_models as sm
+    return [n for n, s in SPECS.items() if hasattr(sm, s.config)]
 
 
 _CACHE: dict = {}
@@ -380,4 +392,22 @@ def odd_sampling(mp):
     odd.__dict__.update(base.__dict__)
     c = mp.clone()
     c.add_object_patch("model_sampling", odd)
+    return c
+
+
+NOISE_SCALE = 8.0   # HiDream-O1's sampling_settings value (ComfyUI 0.33)
+
+
+def noise_scaled(mp, scale: float = NOISE_SCALE):
+    """A clone whose (flow) model_sampling has ``noise_scale`` set, as 0.33's HiDream-O1 sampling settings and
+    MiniMax nodes set it: CONST.noise_scaling then makes x = sigma*(scale*noise) + (1-sigma)*x0 (0.3.75's CONST
+    ignores the attribute)."""
+    import copy
+    ms = copy.deepcopy(mp.get_model_object("model_sampling"))
+    if hasattr(ms, "set_noise_scale"):
+        ms.set_noise_scale(scale)
+    else:
+        ms.noise_scale = float(scale)
+    c = mp.clone()
+    c.add_object_patch("model_sampling", ms)
     return c

@@ -29,6 +29,8 @@ TESTED = frozenset({
     "GenmoMochi", "CosmosT2V", "CosmosI2V", "CosmosI2VPredict2",
     # audio (3-D latent)
     "StableAudio",
+    # ComfyUI 0.33 only: V_PREDICTION_DDPM
+    "CogVideoX_T2V",
 })
 
 _NOT_DIFFUSION = "it is not a diffusion model (there is no noise schedule to invert)"

@@ -56,7 +56,15 @@ def _rel(res, name: str, node: str) -> float:
     return float((rec - src).norm() / src.norm())
 
 
-MATRIX = sorted(n for n in tf.names() if n not in ("LotusD",))
+REFUSED_BUILT = ("LotusD", "WAN21_FlowRVS")   # built only to check their refusal
+MATRIX = sorted(n for n in tf.SPECS if n not in REFUSED_BUILT)
+
+
+def _need(name: str) -> None:
+    """Skip (with the reason) an entry whose class this host's ComfyUI does not have (0.33-only samplings)."""
+    import comfy.supported_models as sm
+    if not hasattr(sm, tf.SPECS[name].config):
+        pytest.skip(f"{tf.SPECS[name].config} is not in this host's comfy.supported_models (ComfyUI 0.33 adds it)")
 
 
 def test_matrix_is_the_claimed_families(fam):
@@ -64,7 +72,9 @@ def test_matrix_is_the_claimed_families(fam):
     import comfy.supported_models as sm
     host_names = {c.__name__ for c in sm.models}
     assert set(MATRIX) == set(fam.TESTED), "inversion.families.TESTED and the matrix disagree"
-    assert set(MATRIX) <= host_names
+    assert set(tf.names()) == set(MATRIX + list(REFUSED_BUILT)) & host_names
+    assert set(fam.TESTED) - {"CogVideoX_T2V"} <= host_names   # only 0.33's classes may be absent
+    assert set(REFUSED_BUILT) <= set(fam.REFUSED)
     assert not set(fam.TESTED) & set(fam.REFUSED)
 
 
@@ -73,6 +83,7 @@ def test_family_model_is_real_and_conditioned(name):
     """The tiny instance is the host's class with its own model_base wrapper, and its prediction depends on the
     family's own conditioning (so the round trip below runs the family's conditioning path, not a constant)."""
     import comfy.supported_models as sm
+    _need(name)
     m = tf.tiny_model(name).model
     assert type(m.model_config) is getattr(sm, name)
     x = tf.latent_format(name).process_in(tf.latent(name, seed=3)["samples"])
@@ -93,6 +104,7 @@ def test_family_round_trip(name, fam):
     """VAE-less DDIM Invert -> Inverted-Latent Sampler on the family's real class: exact to 1e-5 (cfg 2, two
     evaluations per step with the negative), ddim finite and bounded; latent rank and channels are the family's."""
     import comfy.supported_models as sm
+    _need(name)
     res = host.run(_prompt(name, cfg=2.0))
     src = res.outputs("l")[0]["samples"]
     fmt = getattr(sm, name).latent_format
@@ -171,3 +183,78 @@ def test_sampling_rule_accepts(fam, pred, probe, want):
 def test_sampling_rule_refuses(fam, pack_error, pred, probe, words):
     with pytest.raises(pack_error, match=words):
         fam.sampling_family(probe, pred)
+
+
+# ---------------------------------------------------------------------------------------------- newer samplings
+def _core_from_noise(name: str, variant: str = "as_is", steps: int = STEPS) -> dict:
+    """DDIM Invert's NOISE drives core SamplerCustomAdvanced (euler, the same sigmas): core's own noise_scaling
+    must rebuild exactly our inverted state, so its euler run equals our ddim replay."""
+    p = _prompt(name, variant=variant, methods=("ddim",))
+    p.update({
+        "sch": {"class_type": "BasicScheduler", "inputs": {"model": ["m", 0], "scheduler": _scheduler(name),
+                                                          "steps": steps, "denoise": 1.0}},
+        "eul": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "g": {"class_type": "CFGGuider", "inputs": {"model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0],
+                                                     "cfg": 2.0}},
+        "sca": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["inv_ddim", 1], "guider": ["g", 0],
+                                                                  "sampler": ["eul", 0], "sigmas": ["sch", 0],
+                                                                  "latent_image": ["l", 0]}},
+        "out_sca": {"class_type": "TestLatentSink", "inputs": {"samples": ["sca", 0]}},
+    })
+    for k in ("inv_ddim", "rec_ddim"):
+        p[k]["inputs"]["cfg"] = 2.0
+    return p
+
+
+def test_flow_noise_scale():
+    """0.33's CONST noise_scale (x = sigma*(s*noise) + (1-sigma)*x0, HiDream-O1's s = 8): the probe reads
+    b = s*sigma from the model's own noise_scaling, the inversion is the flow one (exact to 1e-5), and the NOISE
+    divides by s, so core euler from it equals our ddim replay."""
+    import comfy.model_sampling as cms
+    if not hasattr(cms.ModelSamplingDiscreteFlow, "set_noise_scale"):
+        pytest.skip("this host's CONST has no noise_scale (ComfyUI 0.33 adds it)")
+    res = host.run(_prompt("SD3", cfg=2.0, variant="noise_scale"))
+    assert _rel(res, "SD3", "rec_exact") <= EXACT_BAR
+    noise = res.outputs("inv_exact")[2].noise
+    plain = host.run(_prompt("SD3", cfg=2.0)).outputs("inv_exact")[2].noise
+    # the state at sigma 1 is the same network's, whatever the noise scale (the DDIM step does not see s)
+    assert torch.allclose(noise, plain, atol=1e-5)
+    core = host.run(_core_from_noise("SD3", variant="noise_scale"))
+    a, b = core.outputs("sca")[0]["samples"], core.outputs("rec_ddim")[0]["samples"]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("name", ["CogVideoX_T2V", "StableAudio", "WAN21_T2V", "QwenImage"])
+def test_noise_drives_core_sampler(name):
+    """Video (5-D), audio (3-D) and 0.33's V_PREDICTION_DDPM (CogVideoX, zero terminal SNR: sigma_max ~4.5e3,
+    where core's max_denoise scales the noise by sqrt(1 + sigma^2)): core euler from DDIM Invert's NOISE equals
+    our ddim replay."""
+    _need(name)
+    res = host.run(_core_from_noise(name))
+    a, b = res.outputs("sca")[0]["samples"], res.outputs("rec_ddim")[0]["samples"]
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    # the first state is ~sigma_max x the latent: float32 keeps it to ~6e-8 * sigma_max (CogVideoX: 4.1e-4 measured
+    # at sigma_max 4519; the others <= 1e-5)
+    top = float(res.outputs("inv_ddim")[2].sigmas.max())
+    tol = 1e-4 + 1.2e-7 * top
+    assert torch.allclose(a, b, rtol=1e-4, atol=tol), (float((a - b).abs().max()), tol)
+
+
+def test_img_to_img_flow_refused(run_error):
+    """0.33's IMG_TO_IMG_FLOW (Wan FlowRVS: noise_scaling returns the input): refused by name, and by its sampling
+    when the class is unknown (renamed), never inverted as vp (its probe reads x = x0, no noise)."""
+    _need("WAN21_FlowRVS")
+    run_error(_prompt("WAN21_FlowRVS", methods=("exact",)), "inv_exact", "DDIM Invert", "WAN21_FlowRVS",
+              "cannot be inverted", "IMG_TO_IMG_FLOW")
+    run_error(_prompt("WAN21_FlowRVS", variant="renamed", methods=("exact",)), "inv_exact", "DDIM Invert",
+              "IMG_TO_IMG_FLOW sampling", "image-to-image predictor", "cannot be inverted")
+
+
+def test_nested_tensor_families_refused(fam, pack_error):
+    """LTX-2 (LTXAV) and MiniMax-H3 keep video and audio in a NestedTensor: refused by name, naming the fix."""
+    for name in ("LTXAV", "MiniMaxH3"):
+        with pytest.raises(pack_error, match=f"{name} cannot be inverted: its latent packs video and audio in a "
+                                             "NestedTensor"):
+            fam.check_family(name)
+    with pytest.raises(pack_error, match="LTXVSeparateAVLatent"):
+        fam.check_family("LTXAV")
