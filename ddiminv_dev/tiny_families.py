@@ -13,6 +13,7 @@ Built models are cached per (name, seed): the matrix builds each at most once pe
 from __future__ import annotations
 
 import atexit
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -314,7 +315,8 @@ def _build(name: str, seed: int):
         torch.manual_seed(seed)
         sd = spec.state_dict() if callable(spec.state_dict) else dict(spec.state_dict or {})
         model = cfg.get_model(sd, device=cpu)
-    seeded_init_(model.diffusion_model, seed=5000 + seed + sorted(SPECS).index(name))
+    # the weight seed depends on the name only (not on which other entries exist)
+    seeded_init_(model.diffusion_model, seed=5000 + seed + zlib.crc32(name.encode()) % 100_000)
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
