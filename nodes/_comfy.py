@@ -13,6 +13,7 @@ ComfyUI modules used here:
 * ``latent_preview.prepare_callback``: the UI progress bar with a live x0 preview per step.
 
 ComfyUI objects read: a MODEL (``ModelPatcher``: ``get_model_object("model_sampling" | "latent_format")``,
+the class of ``model.model.model_config`` -- its ``comfy.supported_models`` family, judged by ``inversion.families``,
 ``model.model`` and its patch state -- ``patches_uuid``, ``object_patches``, ``model_options``, hooks,
 wrappers, callbacks -- for the guidance fingerprint), CONDITIONING lists, and the NOISE protocol (``seed``,
 ``generate_noise``). ``tqdm`` (a ComfyUI dependency) draws the console bar.
