@@ -13,6 +13,7 @@ Built models are cached per (name, seed): the matrix builds each at most once pe
 from __future__ import annotations
 
 import atexit
+import types
 import zlib
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ class Spec:
     pooled: int | None = None        # pooled_output width
     extras: dict = field(default_factory=dict)   # plain extras (guidance, sizes, ...)
     concat: bool = False             # I2V: a concat_latent_image of the latent's shape
+    unclip: int | None = None        # unCLIP: a CLIP-vision image embedding of this width
+    exact_replay: str = "auto"       # the sampler's exact_replay (bdia where the guidance is not comparable)
+    pooled_3d: bool = False          # pooled_output as [1, 1, width] (Stable Cascade's CLIP-G)
     mask: bool = False               # a text attention_mask (T5 encoders give one)
     llama: tuple | None = None       # HiDream's Llama hidden states: (layers, tokens, width)
     t5: tuple | None = None          # HunyuanDiT's second text encoder: (tokens, width) states + mask
@@ -138,6 +142,18 @@ SPECS: dict = {
                      note="KOALA 1B (SDXL distilled)"),
     "SDXLRefiner": Spec("SDXLRefiner", _sdxl_unet(24, 32 + 5 * 256), 24, pooled=32, extras=SDXL_SIZES,
                         note="SDXL refiner: aesthetic-score conditioning"),
+    "SD21UnclipL": Spec("SD21UnclipL", _unet(24, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
+                                             adm_in_channels=1536, num_classes="sequential"),
+                        24, state_dict={"v_pred": torch.tensor([])}, unclip=768, exact_replay="bdia",
+                        note="SD2.1 unCLIP: CLIP-vision image embedding, noise-augmented"),
+    "Stable_Cascade_C": Spec("Stable_Cascade_C", {"stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_r": 16,
+                                                  "patch_size": 1, "c_cond": 32, "c_hidden": [32, 32],
+                                                  "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+                                                  "block_repeat": [[1, 1], [1, 1]], "level_config": ["CTA", "CTA"],
+                                                  "c_clip_text": 24, "c_clip_text_pooled": 32, "c_clip_img": 768,
+                                                  "c_clip_seq": 4, "switch_level": [False]},
+                             24, pooled=32, pooled_3d=True,
+                             note="Stable Cascade Stage C: StableCascadeSampling (cosine, shift 2)"),
     # refused by name (built to check the refusal on the real class)
     "LotusD": Spec("LotusD", _unet(24, use_linear_in_transformer=True, adm_in_channels=4, num_classes="sequential",
                                    num_heads=-1, num_head_channels=16), 24, note="Lotus depth/normal predictor"),
@@ -356,7 +372,11 @@ def conditioning(name: str, seed: int = 0) -> list:
     cond = torch.randn((1, spec.tokens, spec.ctx), generator=g, dtype=torch.float32)
     extra = dict(spec.extras)
     if spec.pooled is not None:
-        extra["pooled_output"] = torch.randn((1, spec.pooled), generator=g, dtype=torch.float32)
+        shape = (1, 1, spec.pooled) if spec.pooled_3d else (1, spec.pooled)
+        extra["pooled_output"] = torch.randn(shape, generator=g, dtype=torch.float32)
+    if spec.unclip is not None:
+        embeds = types.SimpleNamespace(image_embeds=torch.randn((1, spec.unclip), generator=g, dtype=torch.float32))
+        extra["unclip_conditioning"] = [{"clip_vision_output": embeds, "strength": 1.0, "noise_augmentation": 0.0}]
     if spec.mask:
         extra["attention_mask"] = torch.ones((1, spec.tokens), dtype=torch.long)
     if spec.t5 is not None:

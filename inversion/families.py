@@ -20,7 +20,8 @@ from .errors import InversionInputError
 # supported_models classes with a tiny instance in the family matrix (ddiminv_dev/tiny_families.py SPECS)
 TESTED = frozenset({
     # UNet images
-    "SD15", "SD20", "SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
+    "SD15", "SD20", "SD21UnclipL", "SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
+    "Stable_Cascade_C",
     # DiT / flow images
     "SD3", "Flux", "FluxSchnell", "FluxInpaint", "Flux2", "Chroma", "AuraFlow", "PixArtAlpha", "PixArtSigma",
     "HunyuanDiT", "HunyuanImage21", "HiDream", "Lumina2", "ZImage", "Omnigen2", "QwenImage", "CosmosT2IPredict2",

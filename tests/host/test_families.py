@@ -44,6 +44,8 @@ def _prompt(name: str, cfg: float = 1.0, variant: str = "as_is", methods=("exact
         p[f"rec_{meth}"] = {"class_type": "DDIMInvSampler", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": [f"inv_{meth}", 2],
             "cfg": cfg}}
+        if meth == "exact":   # bdia where the conditioning holds an object the guidance fingerprint cannot compare
+            p[f"rec_{meth}"]["inputs"]["exact_replay"] = tf.SPECS[name].exact_replay
         p[f"out_{meth}"] = {"class_type": "TestLatentSink", "inputs": {"samples": [f"rec_{meth}", 0]}}
     return p
 
