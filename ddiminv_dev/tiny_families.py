@@ -40,6 +40,7 @@ class Spec:
     llama: tuple | None = None       # HiDream's Llama hidden states: (layers, tokens, width)
     t5: tuple | None = None          # HunyuanDiT's second text encoder: (tokens, width) states + mask
     frames: int = 0                  # latent T (0: not a video latent)
+    batch: int = 1                   # the matrix's latent batch (SVD: its video frames)
     size: int = 8                    # latent H = W (or L for audio)
     state_dict: object = None          # keys get_model inspects (e.g. a v-prediction flag)
     note: str = ""                   # what this entry stands for (README table)
@@ -154,6 +155,16 @@ SPECS: dict = {
                                                   "c_clip_seq": 4, "switch_level": [False]},
                              24, pooled=32, pooled_3d=True,
                              note="Stable Cascade Stage C: StableCascadeSampling (cosine, shift 2)"),
+    "SVD_img2vid": Spec("SVD_img2vid", _unet(24, in_channels=8, num_heads=-1, num_head_channels=16,
+                                             use_linear_in_transformer=True, adm_in_channels=768,
+                                             num_classes="sequential", use_temporal_attention=True,
+                                             use_temporal_resblock=True, extra_ff_mix_layer=True,
+                                             use_spatial_context=True, merge_strategy="learned_with_images",
+                                             merge_factor=0.0, video_kernel_size=[3, 1, 1],
+                                             disable_temporal_crossattention=False, max_ddpm_temb_period=10000),
+                        24, tokens=1, concat=True, batch=3,
+                        extras={"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0},
+                        note="Stable Video Diffusion: V_PREDICTION_EDM, frames as the batch, concat image"),
     # refused by name (built to check the refusal on the real class)
     "LotusD": Spec("LotusD", _unet(24, use_linear_in_transformer=True, adm_in_channels=4, num_classes="sequential",
                                    num_heads=-1, num_head_channels=16), 24, note="Lotus depth/normal predictor"),
@@ -201,6 +212,12 @@ SPECS: dict = {
                                       "text_states_dim_t5": 32, "text_len": 8, "text_len_t5": 6},
                        24, mask=True, extras={"width": 64, "height": 64},
                        t5=(6, 32), note="HunyuanDiT: CLIP + mT5 states with masks, image size"),
+    "HunyuanDiT1": Spec("HunyuanDiT1", {"image_model": "hydit1", "depth": 2, "hidden_size": 32, "num_heads": 2,
+                                        "patch_size": 2, "in_channels": 4, "input_size": 16, "text_states_dim": 24,
+                                        "text_states_dim_t5": 32, "text_len": 8, "text_len_t5": 6,
+                                        "size_cond": True, "use_style_cond": True},
+                        24, mask=True, extras={"width": 64, "height": 64}, t5=(6, 32),
+                        note="HunyuanDiT 1.0: + size and style embeddings"),
     "Omnigen2": Spec("Omnigen2", {"image_model": "omnigen2", "axes_dim_rope": [4, 6, 6], "axes_lens": [64, 64, 64],
                                   "ffn_dim_multiplier": None, "hidden_size": 32, "in_channels": 16, "multiple_of": 16,
                                   "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 1,

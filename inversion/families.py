@@ -24,10 +24,11 @@ TESTED = frozenset({
     "Stable_Cascade_C",
     # DiT / flow images
     "SD3", "Flux", "FluxSchnell", "FluxInpaint", "Flux2", "Chroma", "AuraFlow", "PixArtAlpha", "PixArtSigma",
-    "HunyuanDiT", "HunyuanImage21", "HiDream", "Lumina2", "ZImage", "Omnigen2", "QwenImage", "CosmosT2IPredict2",
+    "HunyuanDiT", "HunyuanDiT1", "HunyuanImage21", "HiDream", "Lumina2", "ZImage", "Omnigen2", "QwenImage",
+    "CosmosT2IPredict2",
     # video (5-D latents)
     "WAN21_T2V", "WAN21_I2V", "WAN22_T2V", "HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V", "LTXV",
-    "GenmoMochi", "CosmosT2V", "CosmosI2V", "CosmosI2VPredict2",
+    "GenmoMochi", "CosmosT2V", "CosmosI2V", "CosmosI2VPredict2", "SVD_img2vid",
     # audio (3-D latent)
     "StableAudio",
     # ComfyUI 0.33 only: V_PREDICTION_DDPM

@@ -35,7 +35,7 @@ def _prompt(name: str, cfg: float = 1.0, variant: str = "as_is", methods=("exact
         "m": {"class_type": "TestFamilyModel", "inputs": {"name": name, "seed": 0, "variant": variant}},
         "c": {"class_type": "TestFamilyConditioning", "inputs": {"name": name, "seed": 1}},
         "n": {"class_type": "TestFamilyConditioning", "inputs": {"name": name, "seed": 2}},
-        "l": {"class_type": "TestFamilyLatent", "inputs": {"name": name, "batch": 1, "seed": 3}},
+        "l": {"class_type": "TestFamilyLatent", "inputs": {"name": name, "batch": tf.SPECS[name].batch, "seed": 3}},
     }
     for meth in methods:
         p[f"inv_{meth}"] = {"class_type": "DDIMInvert", "inputs": {
