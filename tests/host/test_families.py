@@ -263,3 +263,26 @@ def test_nested_tensor_families_refused(fam, pack_error):
             fam.check_family(name)
     with pytest.raises(pack_error, match="LTXVSeparateAVLatent"):
         fam.check_family("LTXAV")
+
+
+@pytest.mark.parametrize("name", ["SD15", "SD3", "CosmosT2V", "StableAudio", "WAN21_T2V", "CogVideoX_T2V"])
+def test_first_evaluation_sees_the_clean_latent(name):
+    """The inversion's first evaluation (0 -> sigma_1, a destination step) must give the network exactly the tensor
+    it sees at the current level, c_in(0)*x0, told it is at sigma_1: so the adapter's c_in must be the model
+    sampling's own calculate_input (vp 1/sqrt(1+s^2), EDM 1/sqrt(s^2+sigma_data^2), flow and V_PREDICTION_DDPM 1).
+    The exact round trip cannot see a wrong c_in; this does, through a hook on the real network."""
+    _need(name)
+    mp = tf.tiny_model(name)
+    seen = []
+    hook = mp.model.diffusion_model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        host.run(_prompt(name, cfg=1.0, methods=("exact",)))
+    finally:
+        hook.remove()
+    assert seen, "the network was not evaluated"
+    x0 = tf.latent_format(name).process_in(tf.latent(name, batch=tf.SPECS[name].batch, seed=3)["samples"])
+    ms = mp.get_model_object("model_sampling")
+    want = ms.calculate_input(torch.tensor([0.0]), x0)
+    got = seen[0].float()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), float((got - want).abs().max())
