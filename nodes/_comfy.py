@@ -15,6 +15,7 @@ ComfyUI modules used here:
 * ``latent_preview.prepare_callback``: the UI progress bar with a live x0 preview per step.
 
 ComfyUI objects read: a MODEL (``ModelPatcher``: ``get_model_object("model_sampling" | "latent_format")``,
+the class of ``model.model.model_config`` -- its ``comfy.supported_models`` family, judged by ``inversion.families``,
 ``model.model`` and its patch state -- ``patches_uuid``, ``object_patches``, ``model_options``, hooks,
 wrappers, callbacks -- for the guidance fingerprint), CONDITIONING lists, and the NOISE protocol (``seed``,
 ``generate_noise``). ``tqdm`` (a ComfyUI dependency) draws the console bar.
@@ -37,6 +38,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..inversion import families
 from ..inversion.errors import InversionInputError
 
 log = logging.getLogger("ddim_inversion")
@@ -52,25 +54,60 @@ def latent_format(model):
 
 
 def latent_facts(model) -> dict:
-    """What a latent for this model must look like: channels, spatial rank (2 image, 3 video), format name."""
+    """What a latent for this model must look like: channels, spatial rank (1 audio, 2 image, 3 video), format
+    name. A refused family (``inversion.families``) is refused here already, before its latent is checked."""
+    family_of(model)
     fmt = latent_format(model)
     return {"channels": getattr(fmt, "latent_channels", None),
             "spatial_dims": int(getattr(fmt, "latent_dimensions", 2)), "format": type(fmt).__name__}
 
 
-def family_of(model) -> str:
-    """'vp' when x = x0 + sigma*eps (EPS, V, EDM), 'flow' when x = (1-sigma)x0 + sigma*eps (CONST).
+def family_name(model) -> Optional[str]:
+    """The model's ``comfy.supported_models`` class name (its family), None when it has no config."""
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    return type(cfg).__name__ if cfg is not None else None
 
-    Probed from the model's own ``noise_scaling`` (so patched or new model_sampling classes work).
-    """
+
+def noise_probe(model) -> list:
+    """(sigma, a, b) with ``noise_scaling(sigma, noise, x0) = a*x0 + b*noise`` at ``families.PROBE_SIGMAS``,
+    read from the model's own (possibly patched) model_sampling."""
     ms = model_sampling(model)
-    s = torch.tensor([0.5])
-    a = float(ms.noise_scaling(s, torch.zeros(1), torch.ones(1)))
-    if math.isclose(a, 1.0, abs_tol=1e-6):
-        return "vp"
-    if math.isclose(a, 0.5, abs_tol=1e-6):
-        return "flow"
-    return "other"
+    out = []
+    for sig in families.PROBE_SIGMAS:
+        s = torch.tensor([float(sig)])
+        a = float(ms.noise_scaling(s, torch.zeros(1), torch.ones(1)))
+        b = float(ms.noise_scaling(s, torch.ones(1), torch.zeros(1)))
+        out.append((float(sig), a, b))
+    return out
+
+
+_WARNED: set = set()
+
+
+def family_notes(model) -> list:
+    """Warnings for the node's text output (a family outside the tested matrix); raises for a refused one."""
+    family_of(model)
+    note = families.check_family(family_name(model))
+    return [note] if note else []
+
+
+def family_of(model) -> str:
+    """'vp' when x = x0 + sigma*eps (EPS, V, EDM, X0, ...), 'flow' when x = (1-sigma)x0 + sigma*eps (CONST).
+
+    Probed from the model's own ``noise_scaling`` (so patched or new model_sampling classes work); an
+    image-to-image predictor, an unknown noise scaling or a refused family (``inversion.families``) raises
+    InversionInputError; a family outside the tested matrix is logged once as a warning.
+    """
+    name = family_name(model)
+    note = families.check_family(name)
+    ms = model_sampling(model)
+    # IMG_TO_IMG only overrides calculate_input (it inherits X0's calculate_denoised): look at the whole MRO
+    refused = [c.__name__ for c in type(ms).__mro__ if c.__name__ in families.REFUSED_PREDICTIONS]
+    fam = families.sampling_family(noise_probe(model), refused[0] if refused else prediction_type(ms))
+    if note and name not in _WARNED:
+        _WARNED.add(name)
+        log.warning("ddim-inversion: %s", note)
+    return fam
 
 
 def input_scale(model) -> Callable[[float], float]:

@@ -192,6 +192,7 @@ class DDIMInvert(io.ComfyNode):
             lines.append(_implicit_text(traj))
         if mask_note:
             lines.append("WARNING: " + mask_note)
+        lines += ["WARNING: " + n for n in C.family_notes(model)]   # a family outside the tested matrix
         return io.NodeOutput(out, noise, traj, ui=ui.PreviewText("\n".join(lines)))
 
 
