@@ -129,6 +129,9 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
                     raise RefineError(f"the VAE decodes a {tuple(z.shape[-2:])} latent to {tuple(dec.shape[1:3])} "
                                       f"pixels, not the {f}x size of the image; set refine to 0 for this VAE")
                 sse = (rec - ref).square().flatten(1).sum(1)
+                if grad and not sse.requires_grad:
+                    raise RefineError("the decoder returns no autograd graph, so the latent cannot be refined; set "
+                                      "refine to 0")
                 if grad and rec.numel():
                     (sse.sum() / count).backward()
             data += sse.detach().double().cpu() / count
