@@ -28,7 +28,7 @@ import torch
 
 from .errors import InversionInputError
 
-DEFAULT_LR = 0.05
+DEFAULT_LR = 0.1
 DEFAULT_ANCHOR = 0.0
 LR_FLOOR = 0.1
 TOL = 1e-4

@@ -56,7 +56,8 @@ def decode_fn(vae):
 
 
 def probe(decode, z0: torch.Tensor) -> None:
-    """Raise NotDifferentiable unless a small window of ``z0`` decodes with a finite, non-zero gradient."""
+    """Raise NotDifferentiable unless a small window of ``z0`` decodes with a gradient (whether it is finite is
+    the optimiser's check: a non-finite loss is an error, not a fallback)."""
     win = z0[:1, :, :8, :8].detach().clone().to(torch.float32).requires_grad_(True)
     try:
         out = decode(win)
@@ -65,9 +66,8 @@ def probe(decode, z0: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
         raise NotDifferentiable("its decoder returns no autograd graph (it decodes without gradients)")
     out.float().square().sum().backward()
-    g = win.grad
-    if g is None or not bool(torch.isfinite(g).all()) or not bool(g.abs().sum() > 0):
-        raise NotDifferentiable("its decoder gives no finite, non-zero gradient")
+    if win.grad is None:
+        raise NotDifferentiable("its decoder gives no gradient for the latent")
 
 
 def _preview(decoded: torch.Tensor):
