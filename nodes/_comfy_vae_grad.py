@@ -28,8 +28,9 @@ import comfy.utils
 from ..inversion import refine as R
 from ._comfy_grad import autograd_view
 
-# The backward pass keeps the decoder's activations: about this many times the memory ComfyUI budgets for a
-# plain decode of the same latent (measured on the SD VAE on CPU: forward + saved activations + gradients).
+# The backward pass keeps the decoder's activations: the memory asked of ComfyUI's loader is this many times
+# what it budgets for a plain decode of the same latent (an estimate: saved activations + their gradients;
+# ``bench/vae_encode.py --refine N`` prints the measured peak against core VAE Encode).
 BACKWARD_MEMORY_FACTOR = 3
 PREVIEW_EVERY_S = 0.25   # at most ~4 previews a second (a JPEG encode per preview)
 
