@@ -102,7 +102,6 @@ def e2e_part(model, clip, vae, iters, lrs, anchors, steps, captions, log) -> lis
     inv = B.pack("nodes.invert").DDIMInvert
     smp = B.pack("nodes.sampler").DDIMInvSampler
     pixels = torch.cat([data.demo_image(c) for c in captions])
-    pos = B.first(B.call("CLIPTextEncode", clip, captions[0]))  # replaced below by a batched conditioning
     conds = [B.first(B.call("CLIPTextEncode", clip, c))[0] for c in captions]
     pos = [[torch.cat([c[0] for c in conds]), {"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])}
             if "pooled_output" in conds[0][1] else {}]]
