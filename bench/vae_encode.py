@@ -4,6 +4,7 @@
     .venv/bin/python bench/vae_encode.py --size 1024     # the issue's size (slow on a small CPU)
     .venv/bin/python bench/vae_encode.py --full          # also ceiling=full (decodes everything, for reference)
     .venv/bin/python bench/vae_encode.py --quick         # tiny VAE at 128x128, one round: a smoke test (seconds)
+    .venv/bin/python bench/vae_encode.py --size 256 --refine 10   # also refine=10 (decoder inversion)
 
 The VAE is ``comfy.sd.VAE`` built from the SD1.x AutoencoderKL config (ch 128, ch_mult 1-2-4-4, 2 res blocks,
 the state-dict layout of ``ddiminv_dev/tiny_checkpoint.py``) with seeded random weights: costs are those of the
@@ -11,7 +12,9 @@ real architecture, the pictures are meaningless. Variants, called round-robin ``
 warm-up: core ``VAEEncode.encode``, our node with the default ``ceiling=sampled`` (and ``ceiling=full`` with
 ``--full``). Time: wall clock per call. Memory: on CUDA the peak allocated during the call
 (``torch.cuda.max_memory_allocated`` after a reset); on CPU the peak resident set size above the level before the
-call, sampled every 2 ms by a thread. Prints the medians and the ours/core ratios; writes
+call, sampled every 2 ms by a thread. ``--refine N`` adds our node with ``refine=N`` (decoder inversion; the time of one
+refine iteration relative to core VAE Encode is printed too; ``--quick`` runs refine=2).
+Prints the medians and the ours/core ratios; writes
 ``bench/out/vae_encode[_quick].json``. No assertion on timings anywhere.
 """
 from __future__ import annotations
@@ -85,9 +88,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="also measure ceiling=full")
     ap.add_argument("--quick", action="store_true", help="tiny VAE, 128x128, one round (a smoke test)")
     ap.add_argument("--gpu", action="store_true", help="boot ComfyUI on the GPU")
+    ap.add_argument("--refine", type=int, default=0, help="also our node with refine=N (decoder inversion)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.size, a.repeats = 128, 1
+        a.size, a.repeats, a.refine = 128, 1, a.refine or 2
     nodes = B.boot(cpu=not a.gpu)
     import torch
     if a.threads:
@@ -102,6 +106,8 @@ def main(argv=None) -> int:
                 "ours": lambda: ours.execute(pixels, vae)}
     if a.full:
         variants["ours_full"] = lambda: ours.execute(pixels, vae, ceiling="full")
+    if a.refine:
+        variants["ours_refine"] = lambda: ours.execute(pixels, vae, refine=a.refine)
     times = {k: [] for k in variants}
     mem = {k: [] for k in variants}
     last = {}
@@ -140,11 +146,21 @@ def main(argv=None) -> int:
         res["ratios"]["time ours_full/core"] = med["ours_full"] / med["core"]
         res["ratios"]["memory ours_full/core"] = peak["ours_full"] / max(1, peak["core"])
         res["ceiling_full_db"] = B.first(last["ours_full"], 1)
+    if a.refine:
+        res["refine"] = a.refine
+        res["ratios"]["time ours_refine/core"] = med["ours_refine"] / med["core"]
+        res["ratios"]["memory ours_refine/core"] = peak["ours_refine"] / max(1, peak["core"])
+        res["ceiling_refined_db"] = B.first(last["ours_refine"], 1)
+        res["refine_text"] = last["ours_refine"].ui.as_dict()["text"][0]
     print(f"VAE encode {a.size}x{a.size} ({res['device']}): medians " +
           ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
     print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in res["ratios"].items()))
     print(f"latent identical to core VAE Encode: {same}; vae_ceiling sampled {res['ceiling_sampled_db']:.2f} dB" +
           (f", full {res['ceiling_full_db']:.2f} dB" if a.full else ""))
+    if a.refine:
+        print(f"refine={a.refine}: vae_ceiling {res['ceiling_refined_db']:.2f} dB; time per refine iteration / core "
+              f"VAE Encode {(med['ours_refine'] - med['ours']) / a.refine / med['core']:.2f}x; "
+              + res["refine_text"].split("\n")[-1])
     out = B.write_json("vae_encode_quick.json" if a.quick else f"vae_encode_{a.size}.json", res)
     print(f"wrote {out}")
     return 0

@@ -58,11 +58,14 @@ def test_schema_documented(fx):
     assert schema.display_name == "VAE Encode (Inversion)"
     assert schema.category == "sampling/ddim_inversion"
     assert schema.description
-    assert [i.id for i in schema.inputs] == ["pixels", "vae", "fit", "tiled", "ceiling"]
+    assert [i.id for i in schema.inputs] == ["pixels", "vae", "fit", "tiled", "ceiling", "refine", "refine_lr",
+                                             "refine_anchor"]
     assert all(i.tooltip for i in schema.inputs)
     assert all(o.tooltip for o in schema.outputs)
     fit = schema.inputs[2]
     assert fit.optional and set(fit.options) == {"crop", "pad", "resize", "error"} and fit.default == "pad"
+    refine = schema.inputs[5]
+    assert refine.optional and refine.default == 0 and refine.min == 0   # default: today's node (the mean)
 
 
 @torch.inference_mode()  # the VAE was built inside the executor (inference mode): use it the same way
