@@ -227,7 +227,12 @@ def test_every_family_on_tiny_real_architectures(fam):
 
 def test_sockets_have_their_issue_names_in_object_info(booted):
     want = {"DDIMInvert": ["noise_latent", "noise", "trajectory"], "DDIMInvSampler": ["latent"],
-            "DDIMInvVAEEncode": ["latent", "vae_ceiling"], "DDIMInvTrajectoryPreview": ["images"]}
+            "DDIMInvVAEEncode": ["latent", "vae_ceiling"], "DDIMInvTrajectoryPreview": ["images"],
+            "DDIMInvNullText": ["negative", "trajectory"]}
+    assert sorted(want) == sorted(host.PACK_NODES)
+    in_category = [k for k, v in booted.NODE_CLASS_MAPPINGS.items() if getattr(v, "GET_NODE_INFO_V1", None)
+                   and v.GET_NODE_INFO_V1()["category"] == "sampling/ddim_inversion"]
+    assert sorted(in_category) == sorted(want), in_category      # no pack node is left out
     for node_id, names in want.items():
         info = booted.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()
         assert list(info["output_name"]) == names, (node_id, info["output_name"])
