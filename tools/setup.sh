@@ -79,6 +79,7 @@ requests
 scikit-image
 scikit-learn
 ruff
+mutmut==3.8.1
 EOF
 stamp="$CACHE/venv.stamp"
 want=$( (cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh"; echo "torchaudio=$NEED_TORCHAUDIO") | sha256sum | cut -c1-16)
