@@ -104,3 +104,80 @@ def test_a_partial_regeneration_starts_from_the_stored_state(oracle):
         x = M.ddim_step(x, fn(x, sig[i]), sig[i], sig[i - 1])
     assert torch.allclose(out, x, atol=1e-6)
     assert rel(out, x0) < rel(M.sample(tr, fn, start_step=0), x0) + 1e-3
+
+
+def test_exact_records_its_first_step_and_options(oracle):
+    """The exact method's first step is a ddim step at the destination sigma (auto) or the one asked for, and
+    its options record it; the BDIA pair and gamma are kept."""
+    g, x0 = oracle
+    fn = g.model_fn(False, cond=[0, 1, 2])
+    asc = sched(False, 6)
+    tr = M.invert(x0, asc, fn, M.Options("exact"))
+    assert tr.options == {"gamma": 1.0, "first_step": "ddim/destination"}
+    assert M.bdia_steps(tr) == tr.steps - 1 and M.bdia_steps(tr, 2) == tr.steps - 3
+    s1 = float(asc[1])
+    want, *_ = M._explicit_step(fn, x0.double(), 0.0, s1, "destination", M.default_input_scale("vp"))
+    assert torch.allclose(tr.states[1].double(), want, atol=1e-6) and float(tr.eval_sigmas[0]) == pytest.approx(s1)
+    cur = M.invert(x0, asc, fn, M.Options("exact", eval_sigma="current"))
+    assert cur.options["first_step"] == "ddim/current"
+    assert float(cur.eval_sigmas[0]) == pytest.approx(min(M.FIRST_EVAL_SIGMA, s1 / 2))
+    assert float(cur.eval_sigmas[1]) == pytest.approx(s1)                     # BDIA: D(x_i, s_i)
+    assert "pair" in tr.replay and tr.replay["pair"].dtype == torch.float64
+
+
+def test_exact_with_gamma_below_one_still_round_trips(oracle):
+    g, x0 = oracle
+    fn = g.model_fn(False, cond=[0, 1, 2])
+    tr = M.invert(x0, sched(False, 5), fn, M.Options("exact", gamma=0.5))
+    assert tr.options["gamma"] == 0.5
+    assert rel(M.sample(tr, fn), x0) < 1e-6
+
+
+def test_the_first_current_sigma_evaluation_is_half_a_tiny_first_step():
+    """A clean source (sigma 0) is evaluated at min(FIRST_EVAL_SIGMA, t/2) (t/2 when the first step is tiny)."""
+    seen = []
+    def fn(x, s):
+        seen.append(s)
+        return x / (1 + s * s)
+    x0 = torch.ones(1, 1, 1, 1)
+    M.invert(x0, torch.tensor([0.0, 1e-4, 0.5]), fn, M.Options("ddim", eval_sigma="current"))
+    assert seen[0] == pytest.approx(5e-5) and seen[1] == pytest.approx(1e-4)
+    tr = M.invert(x0, torch.tensor([0.0, 1.0]), fn, M.Options("ddim"))
+    assert tr.options == {"eval_sigma": "predicted"}
+
+
+def test_implicit_records_its_evaluations_and_uses_its_options(oracle):
+    g, x0 = oracle
+    fn = g.model_fn(False, cond=[0, 1, 2], cfg=3.0)
+    asc = sched(False, 6)
+    tr = M.invert(x0, asc, fn, M.Options("implicit"))
+    assert tr.eval_sigmas.tolist() == pytest.approx(asc[1:].tolist())          # D(x_t, t) at the destination
+    assert sum(tr.nfe_per_step) == tr.nfe and max(tr.nfe_per_step) > 1
+    o = tr.options
+    assert (o["tolerance"], o["max_iters"], o["damping"], o["anderson"], o["restarts"]) == (1e-6, 30, 1.0, 5, 6)
+    assert o["steps_above_tolerance"] == 0 and o["steps_unsolved"] == 0 and o["budget_per_sample"] >= 2 * 6 * 30
+    unreachable = M.invert(x0, asc, fn, M.Options("implicit", tolerance=1e-14, max_iters=3, restarts=0))
+    assert unreachable.options["steps_above_tolerance"] == 6 and unreachable.options["max_residual"] > 1e-14
+    nfe = {k: M.invert(x0, asc, fn, M.Options("implicit", **kw)).nfe for k, kw in {
+        "loose": dict(tolerance=1e-2), "tight": dict(tolerance=1e-7), "plain": dict(anderson=0),
+        "damped": dict(damping=0.3), "default": {}}.items()}
+    assert nfe["loose"] < nfe["default"] < nfe["tight"], nfe
+    assert nfe["plain"] != nfe["default"] and nfe["damped"] != nfe["default"], nfe
+
+
+@pytest.mark.parametrize("method,bar", [("ddim", 7.7e-10), ("implicit", 1e-12), ("exact", 2.8e-6)])
+def test_source_drift_pins_every_level_to_float_rounding(oracle, method, bar):
+    """With the source prompt at another cfg, source_drift reproduces the stored source to rounding (measured:
+    ddim 5.1e-10, implicit 0, exact 1.8e-6: the BDIA replay starts from the float64 pair, the gaps come from the
+    float32 states; bars 1.5x measured, 1e-12 for a measured 0)."""
+    g, x0 = oracle
+    tr = M.invert(x0, sched(False, 10), g.model_fn(False, cond=[0, 1, 2]), M.Options(method))
+    f75 = g.model_fn(False, cond=[0, 1, 2], cfg=7.5)
+    seen = []
+    gaps = M.source_drift(tr, f75, progress=lambda n, total, x, D: seen.append((n, total, x.shape, D.shape)))
+    levels = tr.steps - (1 if method == "exact" else 0)
+    assert sorted(gaps) == list(range(levels)) and seen == [(n, levels, x0.shape, x0.shape) for n in range(levels)]
+    assert all(v.dtype == (torch.float64 if method == "exact" else torch.float32) for v in gaps.values())
+    out = M.sample(tr, f75, drift=gaps)
+    e = float((out.double() - tr.states[0].double()).norm() / tr.states[0].double().norm())
+    assert e <= bar, e
