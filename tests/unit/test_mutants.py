@@ -181,3 +181,16 @@ def test_source_drift_pins_every_level_to_float_rounding(oracle, method, bar):
     out = M.sample(tr, f75, drift=gaps)
     e = float((out.double() - tr.states[0].double()).norm() / tr.states[0].double().norm())
     assert e <= bar, e
+
+
+@pytest.mark.parametrize("replay,gamma", [("ddim", 1.0), ("bdia", 0.5)])
+def test_source_drift_follows_the_replay_and_gamma_it_is_given(oracle, replay, gamma):
+    """An exact trajectory regenerated with an explicit replay (the node's exact_replay=ddim) or with gamma < 1:
+    the gaps are computed with that replay and gamma, so the source is pinned (measured 5e-10 / 2e-6)."""
+    g, x0 = oracle
+    tr = M.invert(x0, sched(False, 8), g.model_fn(False, cond=[0, 1, 2]), M.Options("exact", gamma=gamma))
+    f75 = g.model_fn(False, cond=[0, 1, 2], cfg=7.5)
+    gaps = M.source_drift(tr, f75, replay=replay)
+    assert len(gaps) == tr.steps - (1 if replay == "bdia" else 0)
+    out = M.sample(tr, f75, replay=replay, drift=gaps)
+    assert rel(out, tr.states[0]) <= 3e-6, rel(out, tr.states[0])
