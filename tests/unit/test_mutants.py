@@ -194,3 +194,16 @@ def test_source_drift_follows_the_replay_and_gamma_it_is_given(oracle, replay, g
     assert len(gaps) == tr.steps - (1 if replay == "bdia" else 0)
     out = M.sample(tr, f75, replay=replay, drift=gaps)
     assert rel(out, tr.states[0]) <= 3e-6, rel(out, tr.states[0])
+
+
+def test_a_start_step_past_the_last_step_is_refused(oracle):
+    """start_step N would run no step and return the stored source whatever the prompt."""
+    g, x0 = oracle
+    fn = g.model_fn(False, cond=[0, 1, 2])
+    tr = M.invert(x0, sched(False, 5), fn, M.Options("ddim"))
+    n = tr.steps
+    for k in (n, n + 1, -1):
+        with pytest.raises(M.MethodError, match=rf"start_step must be in \[0, {n - 1}\] for this {n}-step "
+                                                rf"trajectory \(got {k}\); choose a step inside"):
+            M.sample(tr, fn, start_step=k)
+    assert M.check_replay(tr, None, n - 1) == (1, "ddim")
