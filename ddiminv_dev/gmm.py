@@ -256,3 +256,25 @@ def inversion_schedule(flow: bool, steps: int) -> torch.Tensor:
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------- a prompt cfg moves
+CFG_STYLE_AMPLITUDE = 0.1   # RMS of the styled prompt's offset (the data's per-component std is 0.3)
+
+
+def styled_prompt_fn(gmm: GMM, flow: bool = False, cond: Optional[Sequence[int]] = (0, 1, 2), cfg: float = 1.0,
+                     amplitude: float = CFG_STYLE_AMPLITUDE, seed: int = 1):
+    """A guided ``model_fn(x, sigma)`` whose prompt changes the prediction at every level, so the cfg axis of a
+    round trip means something.
+
+    ``GMM.model_fn(cond=...)`` guides between a component subset and the full mixture: for a source sampled
+    from the subset the two posterior means agree almost everywhere along the trajectory (the other
+    components have no responsibility there), so cfg 7.5 gives the cfg-1 round trip. Here the positive is the
+    :class:`EmbeddingOracle` encoding of ``cond`` *in a seeded style* (an offset of RMS ``amplitude`` added to
+    the prediction at every level, as a real prompt moves a real model's prediction near the data too) and the
+    negative is the empty prompt (the full mixture, no offset): the guided prediction is
+    ``D_u + cfg * (D_c + offset - D_u)``, so the guidance moves the state by ``cfg * offset`` wherever the
+    source is."""
+    eo = EmbeddingOracle.make(gmm, flow)
+    pos = eo.encode(cond, style=eo.style(amplitude, seed))
+    return eo.model_fn(pos, eo.empty(), cfg)

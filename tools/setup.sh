@@ -80,6 +80,7 @@ requests
 scikit-image
 scikit-learn
 ruff
+mutmut==3.8.1
 EOF
 # development extra: Ray, for tools/ray_batch.py (batch jobs over several ComfyUI servers) and its tests.
 # The pack never imports it (its requirements.txt stays empty). 2.60.0 is what pip gives on Python 3.11 here.

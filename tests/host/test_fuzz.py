@@ -1,18 +1,25 @@
 """Property tests through the real ComfyUI modules (hypothesis, derandomized).
 
-1. DDIM Invert + Inverted-Latent Sampler with random valid and invalid inputs: ComfyUI's validation rejects the
-   prompt, or it runs to success with finite outputs, or it fails with the pack's own InversionInputError
-   ("<Node>: ..."); never another exception, the source latent / conditioning never mutated, and the implicit
-   solver never spends more than its budget.
+1. DDIM Invert + Inverted-Latent Sampler, two strategies:
+   * valid inputs (any family, method, replay, scheduler, eval_sigma, shape, batch, mask, latent dtype, prompt,
+     cfg, start_step, correction): the prompt must run, with finite outputs, the implicit budget kept, nothing
+     mutated, and a round trip (same prompt and cfg) within a per-method bound;
+   * the same inputs with exactly one field made invalid: the prompt must fail in the node that reads that
+     field, with the pack's error, "<Node>: ..." naming that field.
+   Each test counts what it drew and asserts that every method and every mutated field occurred.
 2. Every schedule ComfyUI's schedulers make (schedulers x step counts 1-5, 50, 1000 x model samplings EPS, V,
    SD3-style flow and Flux at two shifts) either fails the pack's schedule check with a message naming the fix
    or is an invertible schedule; a few of them run through the real node and give finite latents.
 """
 from __future__ import annotations
 
+import copy
+import math
+from collections import Counter
+
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ddiminv_dev import host
@@ -21,85 +28,186 @@ from ddiminv_dev.prompts import hard_prompt as prompt
 ERR = "InversionInputError"
 STEP_COUNTS = [1, 2, 3, 4, 5, 50, 1000]
 SAMPLINGS = ["eps", "v", "flow", "flux-1.15", "flux-3.0"]
+DISPLAY = {"inv": "DDIM Invert", "s": "Inverted-Latent Sampler"}
+# round-trip bound (relative latent error, same prompt and cfg as the inversion) per route: 1.5x the largest error
+# measured over the valid strategy's draws. source_drift pins every stored state (any method: measured 8.6e-7),
+# the BDIA replay and the implicit inverse are exact to float rounding (6.2e-7, 7.6e-7); plain ddim at 2-6 steps
+# on this prior, and the ddim replay of an exact trajectory, are far from the source (1.6, 2.3): bounded, not small.
+ROUND_TRIP = {"source_drift": 1.3e-6, "exact/bdia": 9.3e-7, "implicit": 1.2e-6, "ddim": 2.4, "exact/ddim": 3.4}
+
+
+ROUTES = ("ddim", "implicit", "exact/bdia", "exact/ddim")      # method / replay the sampler runs
+CORRECTIONS = ("none", "source_drift")
 
 
 @st.composite
-def cases(draw):
-    from ddiminv_dev.fixtures.hardening_nodes import MASKS, POOLED, SIGMA_KINDS
-    batch = draw(st.integers(1, 3))
-    lat = dict(
-        batch=batch,
-        channels=draw(st.sampled_from([4, 4, 4, 4, 3, 16])),
-        height=draw(st.integers(1, 12)),
-        width=draw(st.integers(1, 12)),
-        seed=draw(st.integers(0, 1000)),
-        dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"])),
-        poison=draw(st.sampled_from(["none"] * 6 + ["nan", "inf", "neg_inf", "huge", "all_nan"])),
-        mask=draw(st.sampled_from(["none"] * 3 + list(MASKS[1:]))),
-        scale=draw(st.sampled_from([1.0, 1.0, 0.0, 1e-6, 50.0, 1e4])),
-        frames=draw(st.sampled_from([0] * 8 + [2])),
-    )
-    method = draw(st.sampled_from(["ddim", "implicit", "exact"]))
-    steps = draw(st.integers(1, 6))
-    inv = dict(
-        steps=steps,
-        cfg=draw(st.sampled_from([1.0, 1.0, 0.0, 2.5, 7.0, 100.0, float("nan")])),
-        scheduler=draw(st.sampled_from(["ddim_uniform", "normal", "karras", "simple", "beta", "kl_optimal",
-                                        "linear_quadratic", "exponential", "sgm_uniform"])),
-        method=method,
-        start_step=draw(st.integers(0, 7)),
-        end_step=draw(st.sampled_from([10000, 10000, 1, 3, 6])),
-        eval_sigma=draw(st.sampled_from(["auto", "current", "destination"])),
-        tolerance=draw(st.sampled_from([1e-6, 1e-3, 1e-12, float("nan")])),
-        max_iters=draw(st.sampled_from([30, 1, 3, 0])),
-        damping=draw(st.sampled_from([1.0, 0.5, 0.01])),
-        gamma=draw(st.sampled_from([1.0, 0.5, 0.05])),
-    )
-    cond = dict(mean=draw(st.sampled_from([0.5, -1.0, 0.0, 40.0])),
-                batch=draw(st.sampled_from([1, 1, batch, batch + 1])), empty=draw(st.integers(0, 9)) == 0,
-                poison=draw(st.integers(0, 14)) == 0, pooled=draw(st.sampled_from(list(POOLED) + ["none"] * 4)))
-    sampler = dict(cfg=draw(st.sampled_from([1.0, inv["cfg"], 4.0])), start_step=draw(st.integers(0, 6)),
-                   correction=draw(st.sampled_from(["none", "none", "source_drift"])),
-                   exact_replay=draw(st.sampled_from(["auto", "auto", "bdia", "ddim"])))
+def valid_cases(draw, route=None, correction=None):
+    batch = draw(st.integers(1, 2))
+    steps = draw(st.integers(2, 6))
+    route = route or draw(st.sampled_from(ROUTES))
+    method = route.split("/")[0]
     family = draw(st.sampled_from(["eps", "v", "flow"]))
-    sigmas = draw(st.sampled_from([None] * 6 + list(SIGMA_KINDS)))
-    return dict(lat=lat, inv=inv, cond=cond, sampler=sampler, model={"family": family}, sigmas=sigmas)
+    cfg = draw(st.sampled_from([1.0, 1.0, 2.5]))
+    lat = dict(batch=batch, channels=4, height=draw(st.integers(2, 8)), width=draw(st.integers(2, 8)),
+               seed=draw(st.integers(0, 1000)), dtype=draw(st.sampled_from(["float32", "float32", "float16",
+                                                                              "bfloat16"])),
+               poison="none", mask=draw(st.sampled_from(["none", "none", "hw", "bhw", "b1hw", "ones"])),
+               scale=draw(st.sampled_from([1.0, 0.5, 2.0])), frames=0)
+    inv = dict(steps=steps, cfg=cfg, method=method, start_step=0, end_step=10000,
+               scheduler=draw(st.sampled_from(["ddim_uniform", "normal", "karras", "simple", "beta",
+                                               "sgm_uniform", "exponential", "linear_quadratic"])),
+               eval_sigma=draw(st.sampled_from(["auto", "current", "destination"])), tolerance=1e-6,
+               max_iters=draw(st.sampled_from([30, 10])), damping=1.0, gamma=1.0)
+    cond = dict(mean=draw(st.sampled_from([0.5, -1.0, 0.0])), batch=draw(st.sampled_from([1, batch])), empty=False,
+                poison=False, pooled=draw(st.sampled_from(["none", "finite"])))
+    replay = {"exact/bdia": draw(st.sampled_from(["auto", "bdia"])), "exact/ddim": "ddim"}.get(route, "auto")
+    sampler = dict(cfg=cfg, start_step=draw(st.integers(0, steps - 2)),
+                   correction=correction or draw(st.sampled_from(CORRECTIONS)), exact_replay=replay)
+    return dict(lat=lat, inv=inv, cond=cond, neg={}, sampler=sampler, model={"family": family}, sigmas=None,
+                sampler_model=None)
+
+
+def _nan(case):
+    return float("nan")
+
+
+# field -> (node that reads it, words its message must contain, how to make it invalid)
+MUTATIONS = {
+    "lat.poison": ("inv", ("latent", "NaN"), lambda c: "nan"),
+    "lat.channels": ("inv", ("latent", "16 channels"), lambda c: 16),
+    "lat.mask": ("inv", ("noise_mask",), lambda c: "nan"),
+    "cond.empty": ("inv", ("positive", "empty"), lambda c: True),
+    "cond.poison": ("inv", ("positive", "NaN"), lambda c: True),
+    "cond.batch": ("inv", ("positive", "batch"), lambda c: c["lat"]["batch"] + 1),
+    "neg.empty": ("inv", ("negative", "empty"), lambda c: True),
+    "inv.cfg": ("inv", ("cfg",), _nan),
+    "inv.tolerance": ("inv", ("tolerance",), _nan),
+    "inv.damping": ("inv", ("damping",), _nan),
+    "inv.gamma": ("inv", ("gamma",), _nan),
+    "inv.start_step": ("inv", ("start_step",), lambda c: c["inv"]["steps"]),
+    "sigmas": ("inv", ("sigmas",), lambda c: "ascending"),
+    "sampler.cfg": ("s", ("cfg",), _nan),
+    "sampler.start_step": ("s", ("start_step",), lambda c: c["inv"]["steps"]),
+    "sampler_model": ("s", ("model that made the trajectory",), lambda c: {"family": c["model"]["family"],
+                                                                           "latent": "sd3"}),
+}
+
+
+def mutate(case: dict, field: str) -> dict:
+    """A copy of ``case`` with exactly ``field`` made invalid."""
+    bad = copy.deepcopy(case)
+    value = MUTATIONS[field][2](case)
+    if "." in field:
+        group, key = field.split(".")
+        bad[group][key] = value
+    else:
+        bad[field] = value
+    return bad
+
+
+def flatten(case) -> dict:
+    out = {}
+    for group, v in case.items():
+        if isinstance(v, dict) and group not in ("sampler_model",):
+            out.update({f"{group}.{k}": x for k, x in v.items()})
+        else:
+            out[group] = v
+    return out
+
+
+def build(case) -> dict:
+    return prompt(inv=case["inv"], lat=case["lat"], cond=case["cond"], neg=case["neg"] or None,
+                  sampler=case["sampler"], model=case["model"], sigmas=case["sigmas"],
+                  sampler_model=case["sampler_model"], sigma_steps=case["inv"]["steps"])
 
 
 def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.float()).all())
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(case=cases())
-def test_fuzz_invert_and_sample(assert_unchanged, case):
-    p = prompt(inv=case["inv"], lat=case["lat"], cond=case["cond"], sampler=case["sampler"], model=case["model"],
-               sigmas=case["sigmas"], sigma_steps=case["inv"]["steps"])
-    ok = host.validate(p)
-    if not ok[0]:
-        # ComfyUI's own validation (widget min/max) rejected the prompt: a clean rejection naming the node
-        assert ok[3], ok
-        for errs in ok[3].values():
-            assert errs["errors"], errs
-        return
-    r = host.run(p, expect_success=False)
-    if r.success:
+def round_trip_error(r) -> float:
+    src = r.outputs("l")[0]["samples"].double()
+    rec = r.outputs("s")[0]["samples"].double()
+    return float((rec - src).norm() / src.norm())
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS)
+@pytest.mark.parametrize("route", ROUTES)
+def test_fuzz_valid_inputs_run_and_round_trip(assert_unchanged, route, correction):
+    seen, worst = Counter(), [0.0]
+    kind = "source_drift" if correction == "source_drift" else route
+
+    @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=valid_cases(route=route, correction=correction))
+    def check(case):
+        p = build(case)
+        ok = host.validate(p)
+        assert ok[0], ("ComfyUI rejected a valid prompt", ok[1], ok[3], case)
+        r = host.run(p, expect_success=False)
+        assert r.success, (r.error_text(), case)
         inv_out = r.outputs("inv")
-        assert _finite(inv_out[0]["samples"]), "DDIM Invert gave a non-finite noise latent"
         traj = inv_out[2]
-        assert _finite(traj.states) and _finite(traj.noise)
+        assert traj.method == route.split("/")[0]
+        assert _finite(inv_out[0]["samples"]) and _finite(traj.states) and _finite(traj.noise)
         if traj.method == "implicit":     # the budget holds: per sample at most 2 x steps x max_iters evaluations
             assert max(traj.options["evaluations_per_sample"]) <= 2 * traj.steps * traj.options["max_iters"]
         out = r.outputs("s")[0]["samples"]
-        assert _finite(out), "Inverted-Latent Sampler gave a non-finite latent"
-        assert out.shape == inv_out[0]["samples"].shape
-    else:
+        assert out.shape == inv_out[0]["samples"].shape and _finite(out)
+        text = "".join(r.ui("s").get("text", []))
+        assert f"replay {'bdia' if route == 'exact/bdia' else 'ddim'}" in text, text
+        e = round_trip_error(r)
+        worst[0] = max(worst[0], e)
+        assert e <= ROUND_TRIP[kind], (kind, e, case)
+        assert_unchanged(r, p)
+        for label in (f"family={case['model']['family']}", f"mask={case['lat']['mask'] != 'none'}",
+                      f"dtype={case['lat']['dtype']}", f"start_step={case['sampler']['start_step'] > 0}"):
+            seen[label] += 1
+            event(label)
+
+    check()
+    assert sum(seen.values()) == 4 * 8, seen          # every example ran to the end (none was filtered out)
+
+
+@pytest.mark.parametrize("field", sorted(MUTATIONS))
+def test_fuzz_one_invalid_field_is_named(assert_unchanged, field):
+    seen = Counter()
+    node, words, _ = MUTATIONS[field]
+
+    @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=valid_cases())
+    def check(case):
+        p = build(mutate(case, field))
+        ok = host.validate(p)
+        assert ok[0], ("ComfyUI's validation rejected the prompt before the pack's check", field, ok[3])
+        r = host.run(p, expect_success=False)
+        assert not r.success, (field, case)
         e = r.error()
-        assert e is not None, r.server.messages
-        assert e["exception_type"].endswith(ERR), (e["exception_type"], e["exception_message"], case)
-        display = {"inv": "DDIM Invert", "s": "Inverted-Latent Sampler"}[e["node_id"]]
-        assert e["exception_message"].startswith(display + ": "), e["exception_message"]
-    assert_unchanged(r, p)
+        assert e is not None and e["node_id"] == node, (field, e)
+        assert e["exception_type"].endswith(ERR), (field, e["exception_type"], e["exception_message"])
+        msg = e["exception_message"]
+        assert msg.startswith(DISPLAY[node] + ": "), (field, msg)
+        for w in words:
+            assert w.lower() in msg.lower(), (field, w, msg)
+        assert_unchanged(r, p)
+        for label in (f"method={case['inv']['method']}", f"family={case['model']['family']}"):
+            seen[label] += 1
+            event(label)
+
+    check()
+    assert sum(seen.values()) == 2 * 4, seen          # every example reached the failure branch's checks
+
+
+@pytest.mark.parametrize("field", sorted(MUTATIONS))
+def test_a_mutated_case_differs_from_its_valid_case_in_exactly_one_field(field):
+    @settings(max_examples=20, derandomize=True)
+    @given(valid=valid_cases())
+    def check(valid):
+        a, b = flatten(valid), flatten(mutate(valid, field))
+        diff = [k for k in set(a) | set(b) if not (a.get(k) == b.get(k) or (isinstance(a.get(k), float) and
+                                                                           isinstance(b.get(k), float) and
+                                                                           math.isnan(a[k]) and math.isnan(b[k])))]
+        assert diff == [field], (field, diff)
+    check()
 
 
 # --------------------------------------------------------------------------------------- every scheduler's schedule

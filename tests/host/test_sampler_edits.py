@@ -170,9 +170,18 @@ def test_another_sigma_table_warns():
     assert "another sigma table" in text(res)
 
 
-def test_another_model_family_warns():
+def test_another_prediction_type_warns():
     res = _with_sampler_model({"class_type": "TestGMMModel", "inputs": {"family": "v", "seed": 4}})
     assert "model sampling differs" in text(res) and "V_PREDICTION" in text(res)
+    assert "model family differs" not in text(res)      # EPS and V are one family (vp)
+
+
+def test_another_model_family_warns():
+    """A flow model on a vp (EPS) trajectory: the family check itself, not only the prediction-type one."""
+    res = _with_sampler_model({"class_type": "TestGMMModel", "inputs": {"family": "flow", "seed": 4}})
+    t = text(res)
+    assert "model family differs: trajectory vp, model flow" in t, t
+    assert "model sampling differs" in t and "CONST" in t, t
 
 
 # --------------------------------------------------------------------------------------- null-text + source_drift

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddiminv_dev import tiny_checkpoint as checkpoint
+from ddiminv_dev.host import PACK_NODES       # the five nodes (one list for the host and the server tiers)
 
-PACK_NODES = ("DDIMInvert", "DDIMInvSampler", "DDIMInvVAEEncode", "DDIMInvTrajectoryPreview")
+CATEGORY = "sampling/ddim_inversion"
 
 
 def _inputs(info: dict):
@@ -18,6 +19,8 @@ def test_object_info_lists_pack_nodes_with_docs(server):
     info = server.object_info()
     missing = [n for n in PACK_NODES if n not in info]
     assert not missing, f"not registered by the server: {missing}\n{server.log_tail(40)}"
+    # and no pack node is left out of the list (every node in the pack's category is one of them)
+    assert sorted(n for n, v in info.items() if v.get("category") == CATEGORY) == sorted(PACK_NODES)
     problems = []
     for n in PACK_NODES:
         node = info[n]
