@@ -60,7 +60,7 @@ def load():
     return model, clip, vae
 
 
-def ceiling_part(vae, imgs, labels, iters, lrs, anchors, log) -> list:
+def ceiling_part(vae, imgs, labels, iters, lrs, anchors, log, losses=("clamped",)) -> list:
     import torch
     VG = B.pack("nodes._comfy_vae_grad")
     with torch.inference_mode():
@@ -69,29 +69,28 @@ def ceiling_part(vae, imgs, labels, iters, lrs, anchors, log) -> list:
     tex = texture(imgs)
     cut = statistics.median(tex)
     rows = []
-    for lr in lrs:
-        for anchor in anchors:
-            for k in iters:
-                t = time.perf_counter()
-                with torch.inference_mode():
-                    res = VG.refine(vae, mean, imgs, steps=k, lr=lr, anchor=anchor, valid_hw=imgs.shape[1:3])
-                    after = psnr_per_image(vae.decode(res.latent), imgs)
-                secs = time.perf_counter() - t
-                with torch.no_grad():
-                    drift = ((res.latent.float() - mean.float()).flatten(1).norm(dim=1)
-                             / mean.float().flatten(1).norm(dim=1)).tolist()
-                gain = [a - b for a, b in zip(after, base, strict=True)]
-                g_tex = [g for g, x in zip(gain, tex, strict=True) if x >= cut]
-                g_smooth = [g for g, x in zip(gain, tex, strict=True) if x < cut]
-                row = dict(part="ceiling", lr=lr, anchor=anchor, iters=k, used=res.iterations, stopped=res.stopped,
-                           seconds=secs, n=len(gain), base=quantiles(base), after=quantiles(after),
-                           gain=quantiles(gain), gain_textured=quantiles(g_tex), gain_smooth=quantiles(g_smooth),
-                           drift=quantiles(drift), worse=sum(g < 0 for g in gain),
-                           per_crop=dict(base=base, after=after, label=labels, texture=tex))
-                rows.append(row)
-                log(f"lr {lr:g} anchor {anchor:g} iters {k} ({res.iterations} used, {res.stopped}): gain median "
-                    f"{row['gain']['median']:+.2f} dB [textured {row['gain_textured']['median']:+.2f}, smooth "
-                    f"{row['gain_smooth']['median']:+.2f}], drift {row['drift']['median']:.3f}, {secs:.1f} s")
+    for loss, lr, anchor, k in [(s, lr, a, k) for s in losses for lr in lrs for a in anchors for k in iters]:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            res = VG.refine(vae, mean, imgs, steps=k, lr=lr, anchor=anchor, valid_hw=imgs.shape[1:3],
+                            loss=loss)
+            after = psnr_per_image(vae.decode(res.latent), imgs)
+        secs = time.perf_counter() - t
+        with torch.no_grad():
+            drift = ((res.latent.float() - mean.float()).flatten(1).norm(dim=1)
+                     / mean.float().flatten(1).norm(dim=1)).tolist()
+        gain = [a - b for a, b in zip(after, base, strict=True)]
+        g_tex = [g for g, x in zip(gain, tex, strict=True) if x >= cut]
+        g_smooth = [g for g, x in zip(gain, tex, strict=True) if x < cut]
+        row = dict(part="ceiling", loss=loss, lr=lr, anchor=anchor, iters=k, used=res.iterations, stopped=res.stopped,
+                   seconds=secs, n=len(gain), base=quantiles(base), after=quantiles(after),
+                   gain=quantiles(gain), gain_textured=quantiles(g_tex), gain_smooth=quantiles(g_smooth),
+                   drift=quantiles(drift), worse=sum(g < 0 for g in gain),
+                   per_crop=dict(base=base, after=after, label=labels, texture=tex))
+        rows.append(row)
+        log(f"loss {loss} lr {lr:g} anchor {anchor:g} iters {k} ({res.iterations} used, {res.stopped}): gain median "
+            f"{row['gain']['median']:+.2f} dB [textured {row['gain_textured']['median']:+.2f}, smooth "
+            f"{row['gain_smooth']['median']:+.2f}], drift {row['drift']['median']:.3f}, {secs:.1f} s")
     return rows
 
 
@@ -130,11 +129,13 @@ def e2e_part(model, clip, vae, iters, lrs, anchors, steps, captions, log) -> lis
 
 
 def ceiling_table(rows) -> str:
-    out = ["| lr | anchor | iters (used) | ceiling at 0, median | after, median | gain min / q1 / median / q3 / max "
-           "| textured median (min) | smooth median | latent drift median | worse | s |", "|" + "---|" * 11]
+    out = ["| loss | lr | anchor | iters (used) | ceiling at 0, median | after, median "
+           "| gain min / q1 / median / q3 / max | textured median (min) | smooth median | latent drift median "
+           "| worse | s |", "|" + "---|" * 12]
     for r in rows:
         g, gt = r["gain"], r["gain_textured"]
-        out.append(f"| {r['lr']:g} | {r['anchor']:g} | {r['iters']} ({r['used']}) | {r['base']['median']:.2f} | "
+        out.append(f"| {r.get('loss', 'clamped')} | {r['lr']:g} | {r['anchor']:g} | {r['iters']} ({r['used']}) | "
+                   f"{r['base']['median']:.2f} | "
                    f"{r['after']['median']:.2f} | {g['min']:+.2f} / {g['q1']:+.2f} / {g['median']:+.2f} / "
                    f"{g['q3']:+.2f} / {g['max']:+.2f} | {gt['median']:+.2f} ({gt['min']:+.2f}) | "
                    f"{r['gain_smooth']['median']:+.2f} | {r['drift']['median']:.3f} | {r['worse']} | "
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, nargs="+", default=[25, 100, 300])
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.05])
     ap.add_argument("--anchors", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--losses", nargs="+", default=["clamped"], choices=["clamped", "unclamped", "straight"],
+                    help="what the gradient sees (inversion.refine.LOSSES); the ceiling is always the clamped one")
     ap.add_argument("--per-class", type=int, default=4, help="held-out crops per photograph (15 photographs)")
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end reconstruction (one crop per photo)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the ceiling part")
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = {"command": " ".join(sys.argv), "machine": B.machine(), "crop_seed": CROP_SEED}
     if not a.no_ceiling:
-        res["ceiling"] = ceiling_part(vae, imgs, lab.tolist(), a.iters, a.lrs, a.anchors, print)
+        res["ceiling"] = ceiling_part(vae, imgs, lab.tolist(), a.iters, a.lrs, a.anchors, print, a.losses)
         print("\n" + ceiling_table(res["ceiling"]))
     if a.e2e:
         caps = [data.CAPTIONS[i] for i in photos]

@@ -30,6 +30,8 @@ from .errors import InversionInputError
 
 DEFAULT_LR = 0.1
 DEFAULT_ANCHOR = 0.0
+LOSSES = ("clamped", "unclamped", "straight")
+DEFAULT_LOSS = "clamped"
 LR_FLOOR = 0.1
 TOL = 1e-4
 
@@ -81,6 +83,7 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
                   steps: int, lr: float = DEFAULT_LR, anchor: float = DEFAULT_ANCHOR,
                   valid_hw: Optional[Sequence[int]] = None, windows: Optional[list] = None,
                   lr_floor: float = LR_FLOOR, tol: float = TOL, patience: Optional[int] = None,
+                  loss: str = DEFAULT_LOSS, clip: Sequence[float] = (0.0, 1.0),
                   on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> RefineResult:
     """Decoder inversion of ``z0`` [N,C,h,w] against ``target`` [N,H,W,3]; see the module docstring.
 
@@ -88,7 +91,17 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
     :func:`windows_for`, or None to decode the whole latent at once. ``on_step(i, total, decoded)`` is called after
     every evaluation but the last (``decoded``: the first window's decoded image of the current iterate, no graph);
     it may raise to interrupt. ``steps = 0`` returns ``z0`` itself (untouched) after one decode.
+
+    ``decode`` may return pixels outside ``clip`` (a VAE's raw output): every *measure* (the pixel error reported,
+    the best iterate, early stop) is taken on the decode clamped to ``clip``, as the image the user gets. ``loss``
+    says what the gradient sees: ``clamped`` the same clamped error (pixels past the range get no gradient),
+    ``unclamped`` the raw decode's error (overshoot is pulled back even where clamping would hide it),
+    ``straight`` the clamped error with the clamp's gradient passed straight through (an overshooting pixel whose
+    clamped value is off still gets a gradient; one whose clamped value is right does not).
     """
+    if loss not in LOSSES:
+        raise RefineError(f"unknown refine loss {loss!r}; use one of {', '.join(LOSSES)}")
+    lo, hi = float(clip[0]), float(clip[1])
     steps = int(steps)
     if steps < 0:
         raise RefineError(f"refine must be >= 0 (got {steps}); use 0 for the posterior mean")
@@ -128,12 +141,19 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
                 if rec.shape != ref.shape:
                     raise RefineError(f"the VAE decodes a {tuple(z.shape[-2:])} latent to {tuple(dec.shape[1:3])} "
                                       f"pixels, not the {f}x size of the image; set refine to 0 for this VAE")
-                sse = (rec - ref).square().flatten(1).sum(1)
+                shown = rec.clamp(lo, hi)
+                sse = (shown - ref).square().flatten(1).sum(1)
                 if grad and not sse.requires_grad:
                     raise RefineError("the decoder returns no autograd graph, so the latent cannot be refined; set "
                                       "refine to 0")
                 if grad and rec.numel():
-                    (sse.sum() / count).backward()
+                    if loss == "clamped":
+                        obj = sse
+                    elif loss == "unclamped":
+                        obj = (rec - ref).square().flatten(1).sum(1)
+                    else:
+                        obj = (rec + (shown - rec).detach() - ref).square().flatten(1).sum(1)
+                    (obj.sum() / count).backward()
             data += sse.detach().double().cpu() / count
             if first is None:
                 first = dec.detach()

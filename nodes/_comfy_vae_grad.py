@@ -46,13 +46,26 @@ def _module(vae):
     return m
 
 
-def decode_fn(vae):
-    """``z [N,C,h,w] -> image [N,H,W,3]`` in [0, 1]: ``vae.decode``'s computation, differentiable in ``z``."""
+def _clamps_affine(vae) -> bool:
+    """Whether ``vae.process_output`` is ComfyUI's image default ``clamp((x + 1) / 2, 0, 1)``."""
+    x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0])
+    try:
+        y = vae.process_output(x.clone())
+    except Exception:  # noqa: BLE001 - an unusual process_output: treat it as opaque
+        return False
+    return isinstance(y, torch.Tensor) and torch.equal(y.float(), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+
+
+def decode_fn(vae, raw: bool = False):
+    """``z [N,C,h,w] -> image [N,H,W,3]``: ``vae.decode``'s computation, differentiable in ``z``. With ``raw`` and
+    ComfyUI's default ``process_output`` (``clamp((x + 1) / 2, 0, 1)``), the values before the clamp (the
+    optimiser clamps them itself for every measure); any other ``process_output`` is applied as it is."""
     m = _module(vae)
+    unclamped = raw and _clamps_affine(vae)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
-        out = m.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
-        return vae.process_output(out.float()).movedim(1, -1)
+        out = m.decode(z.to(device=vae.device, dtype=vae.vae_dtype)).float()
+        return ((out + 1.0) / 2.0 if unclamped else vae.process_output(out)).movedim(1, -1)
     return decode
 
 
@@ -81,7 +94,7 @@ def _preview(decoded: torch.Tensor):
 
 
 def refine(vae, z0: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float, anchor: float, valid_hw,
-           windows=None, label: str = "VAE refine") -> R.RefineResult:
+           windows=None, label: str = "VAE refine", loss: str = R.DEFAULT_LOSS) -> R.RefineResult:
     """Decoder inversion through ``vae`` (see ``inversion.refine.refine_latent``) with progress, preview and
     interrupt; raises NotDifferentiable (before any step) when the decoder gives no gradient."""
     comfy.model_management.throw_exception_if_processing_interrupted()
@@ -111,10 +124,10 @@ def refine(vae, z0: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float
         with torch.inference_mode(False), torch.enable_grad(), autograd_view(module):
             z = z0.detach().clone()          # ordinary tensors: inference tensors cannot enter autograd
             tgt = target.detach().clone()
-            decode = decode_fn(vae)
+            decode = decode_fn(vae, raw=loss != "clamped")
             probe(decode, z)
             return R.refine_latent(z, tgt, decode, steps=steps, lr=lr, anchor=anchor, valid_hw=valid_hw,
-                                   windows=windows, on_step=on_step)
+                                   windows=windows, loss=loss, on_step=on_step)
     finally:
         bar.close()
 

@@ -236,3 +236,19 @@ def test_progress_preview_and_interrupt(fx, hook):
     again = host.run(p)
     fresh = host.run(p)
     assert torch.equal(again.outputs("enc")[0]["samples"], fresh.outputs("enc")[0]["samples"])
+
+
+@torch.inference_mode()
+def test_raw_decode_is_the_ceilings_decode_before_its_clamp(fx):
+    """The unclamped / straight losses see ``vae.decode``'s values before ComfyUI's clamp: clamped, they are the
+    clamped decode exactly; a VAE whose process_output is not that clamp is decoded as it is."""
+    nodes, f = fx
+    VG = host.pack_submodule("nodes._comfy_vae_grad")
+    vae = f.tiny_vae(0)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(13)) * 3
+    raw, shown = VG.decode_fn(vae, raw=True)(z), VG.decode_fn(vae)(z)
+    assert torch.equal(raw.clamp(0, 1), shown)
+    assert bool(((raw < 0) | (raw > 1)).any())          # this latent overshoots: the raw path is not clamped
+    odd = _Proxy(vae, vae.first_stage_model)
+    odd.process_output = lambda x: x * 0.25 + 0.5       # not ComfyUI's clamp: applied as it is
+    assert torch.equal(VG.decode_fn(odd, raw=True)(z), VG.decode_fn(odd)(z))

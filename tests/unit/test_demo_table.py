@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,5 +26,26 @@ def test_readme_demo_table_is_the_recorded_run():
     # the recorded run is the built-in learned model, within the demo's promise
     assert metrics["model"] == "learned" and metrics["total_seconds"] < 180
     kinds = {r["kind"] for r in metrics["results"]}
-    assert kinds == {"reconstruction", "edit"}
-    assert all(r["psnr_db"] <= r["vae_ceiling_db"] + 0.5 for r in metrics["results"] if r["kind"] == "reconstruction")
+    assert {"reconstruction", "edit"} <= kinds <= {"reconstruction", "edit", "refined"}
+    assert all(r["psnr_db"] <= r["vae_ceiling_db"] + 0.5 for r in metrics["results"] if r["kind"] != "edit")
+
+
+def refined_row_beats_the_mean(metrics: dict) -> None:
+    """The demo's refined row (exact from a decoder-inverted latent) is above the mean's ceiling and above exact
+    from the mean: refine's point, in the numbers the README shows."""
+    rows = metrics["results"]
+    refined = [r for r in rows if r["kind"] == "refined"]
+    exact = next(r for r in rows if r["what"] == "exact")
+    assert len(refined) == 1 and refined[0]["refine_seconds"] > 0, "no refined row in the recorded demo run"
+    r = refined[0]
+    assert r["vae_ceiling_db"] > exact["vae_ceiling_db"] + 1.2, (r, exact)   # measured +1.78 dB (100 iterations)
+    assert r["psnr_db"] > exact["psnr_db"] + 1.2, (r, exact)                 # measured +1.78 dB
+    assert r["latent_rel_error"] < 1e-5                     # exact from the refined latent is still exact (2.8e-8)
+
+
+@pytest.mark.xfail(strict=True, reason="the recorded table predates the demo's refined row (the branch's only "
+                   "full run was on a loaded machine, over the 3-minute budget): regenerate it on an idle machine "
+                   "with `python tools/demo.py --write-readme`, then drop this marker (strict: it fails once the "
+                   "row is there)")
+def test_the_refined_row_beats_the_means_ceiling_and_its_exact_reconstruction():
+    refined_row_beats_the_mean(json.loads(_demo().DEMO_METRICS.read_text()))
