@@ -31,10 +31,13 @@ def is_built() -> bool:
     return is_current(MODEL_DIR / CKPT_NAME, version())
 
 
-def register_model_dir() -> Path:
-    """Build the checkpoint if needed and add its folder to ComfyUI's "checkpoints" search path (in-process)."""
+def register_model_dir(weights_dir=None) -> Path:
+    """Build the checkpoint if needed and add its folder to ComfyUI's "checkpoints" search path (in-process).
+    With ``weights_dir`` (e.g. a training run's folder) it is built from those weights, as
+    ``ddiminv-scenes-sd15-other.safetensors``."""
     import folder_paths
-    path = checkpoint_path()
+    path = checkpoint_path() if weights_dir is None else checkpoint_path(
+        weights_dir, MODEL_DIR / CKPT_NAME.replace(".safetensors", "-other.safetensors"))
     if str(MODEL_DIR) not in folder_paths.get_folder_paths("checkpoints"):
         folder_paths.add_model_folder_path("checkpoints", str(MODEL_DIR))
     return path
