@@ -27,7 +27,9 @@ def trained(tmp_path_factory):
     return d
 
 
-def test_trainer_writes_fp16_weights_and_resumes(trained):
+def test_trainer_writes_fp16_weights_and_resumes(trained, tmp_path):
+    """Two iterations then a resumed third give the weights of three iterations in one run."""
+    import shutil
     from safetensors.torch import load_file
     unet = trained / train.UNET_FILE
     assert _meta(unet)["iterations"] == "2" and _meta(trained / train.VAE_FILE)["iterations"] == "2"
@@ -38,8 +40,12 @@ def test_trainer_writes_fp16_weights_and_resumes(trained):
     train.train_unet(trained, trained / train.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
     assert _meta(unet)["iterations"] == "3"  # continued from 2: one more step
     after = torch.load(trained / "unet_state.pt", weights_only=False)["model"]
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed, "resuming did not train"
+    assert any(not torch.equal(before[k], after[k]) for k in before), "resuming did not train"
+    shutil.copy(trained / train.VAE_FILE, tmp_path / train.VAE_FILE)
+    train.train_unet(tmp_path, tmp_path / train.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
+    one_run = load_file(str(tmp_path / train.UNET_FILE))
+    resumed = load_file(str(unet))
+    assert all(torch.equal(one_run[k], resumed[k]) for k in one_run)
 
 
 def test_rank_extension_keeps_the_model():

@@ -157,3 +157,15 @@ def test_library_metrics():
     assert M.bg_ssim(b, a, ~keep) < 0.5
     assert M.bg_psnr(b, a, ~keep) == pytest.approx(10 * np.log10(255**2 / 100))
     assert M.iou(keep, keep) == 1.0 and M.iou(keep, ~keep) == 0.0
+
+
+def test_committed_weights_fit_the_budget():
+    """All committed model weights (the learned model's, the scenes model's, later the flow model's) <= 24 MB; the
+    scenes SD1.5 model leaves room for the flow model (<= 10 MB)."""
+    from pathlib import Path
+    root = Path(R.__file__).resolve().parents[1]
+    every = list(root.glob("*/weights/*.safetensors"))
+    scenes = [p for p in every if p.parent.parent.name == "scenes"]
+    assert any(p.parent.parent.name == "learned" for p in every)
+    assert sum(p.stat().st_size for p in every) <= 24_000_000
+    assert sum(p.stat().st_size for p in scenes) <= 10_000_000
