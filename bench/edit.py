@@ -61,7 +61,7 @@ class Setup:
         from ddiminv_dev.scenes import build
         path = build.register_model_dir(weights)
         self.name, self.steps, self.cfg, self.seed = model_name, steps, cfg, seed
-        self.weights = build.version(weights)
+        self.weights, self.checkpoint = build.version(weights), path.name
         self.model, self.clip, self.vae = B.call("CheckpointLoaderSimple", path.name)[:3]
         self._cond = {}
         self.torch = torch
@@ -171,6 +171,11 @@ def items(seed: int, n: int, kinds=E.KINDS) -> list[Batch]:
         b.gt = [R.render(e.target) for e in b.edits]
         out.append(b)
     return out
+
+
+def held_out(edit: E.Edit) -> bool:
+    """Whether the edit's target shows a colour x shape pair the model never saw in training."""
+    return any((o.colour, o.shape) in R.HELD_OUT for o in edit.target.objects)
 
 
 def score(edit: E.Edit, src: R.Rendered, gt: R.Rendered, result: np.ndarray) -> dict:
@@ -311,11 +316,11 @@ def main(argv=None) -> int:
     batches = items(a.seed, a.scenes, tuple(a.kinds.split(",")))
     rows, pictures = run(S, batches, methods)
     a.out.mkdir(parents=True, exist_ok=True)
-    from ddiminv_dev.scenes import build
-    data = {"model": a.model, "checkpoint": build.CKPT_NAME, "weights": S.weights, "seed": a.seed,
+    data = {"model": a.model, "checkpoint": S.checkpoint, "weights": S.weights, "seed": a.seed,
             "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg,
             "command": " ".join(["bench/edit.py", *(sys.argv[1:] if argv is None else argv)]),
-            "items": {b.kind: [[e.source_caption, e.target_caption] for e in b.edits] for b in batches},
+            "items": {b.kind: [{"source": e.source_caption, "target": e.target_caption, "held_out_target": held_out(e)}
+                               for e in b.edits] for b in batches},
             "machine": B.machine(), "seconds": time.perf_counter() - t0, "rows": rows}
     (a.out / "edit.json").write_text(json.dumps(B.clean(data), indent=1))
     grid(batches, pictures, methods, a.out / "edit_grid.png")

@@ -63,3 +63,10 @@ def test_a_wrong_background_is_a_failed_background_edit(batches):
         third = next(x for x in R.BACKGROUNDS if x not in (e.source.background, e.target.background))
         wrong = R.render(replace(e.target, background=third, bg_x=0, bg_y=0)).image
         assert BE.score(e, s, g, wrong)["accuracy"] == 0.0
+
+
+def test_held_out_targets_are_flagged():
+    from ddiminv_dev.scenes import edits as E
+    sc = R.Scene((R.Obj("circle", "red", 20, 30, 10), R.Obj("square", "blue", 45, 30, 9)), "grass", 3, 4)
+    assert BE.held_out(E.colour_swap(sc, 0, "yellow")) and BE.held_out(E.shape_swap(sc, 1, "circle")) is False
+    assert BE.held_out(E.colour_swap(sc, 1, "green")) is False and BE.held_out(E.shape_swap(sc, 0, "square")) is False
