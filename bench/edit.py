@@ -17,8 +17,9 @@ pack's nodes and core ComfyUI nodes; the result is scored against the source and
 * ``gt_psnr``: the whole result against the ground-truth edit, next to ``gt_ceiling``: decode(encode(ground truth))
   against the ground truth, the best a latent model can score.
 
-A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR/edit.json``, ``DIR/edit_grid.png``
-(rows: source, ground truth, then one per method) and ``DIR/edit_plot.png`` (accuracy against background PSNR).
+A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR/edit.json``,
+``DIR/edit_grid.png`` (a row per item; columns: source, ground truth, then one per method) and
+``DIR/edit_plot.png`` (accuracy against background PSNR).
 
     .venv/bin/python bench/edit.py --seed 0 --scenes 4 --out bench/out/edit
 """
@@ -227,27 +228,34 @@ def run(S, batches, methods, log=print) -> tuple[list, dict]:
 
 
 def grid(batches, pictures, methods, path: Path, scale: int = 2) -> None:
-    """Per edit kind a block: a column per item; rows source, ground truth, then each method."""
+    """A row per item (its edit and target caption on the left); columns: source, ground truth, each method."""
     from PIL import Image, ImageDraw
-    label_w, side = 200, 64 * scale
-    blocks = []
+    label_w, side, head = 230, 64 * scale, 28
+    cols = ["source", "ground truth", *methods]
+    n_rows = sum(len(b.edits) for b in batches)
+    img = Image.new("RGB", (label_w + side * len(cols), head + side * n_rows), "white")
+    d = ImageDraw.Draw(img)
+    for j, c in enumerate(cols):
+        x = label_w + j * side + 2
+        d.text((x, 2), c[:21], fill="black")
+        d.text((x, 14), c[21:42], fill="black")
+    y = head
     for b in batches:
-        rows = [("source", [r.image for r in b.src]), ("ground truth", [r.image for r in b.gt])]
-        rows += [(m, list(pictures[(b.kind, m)])) for m in methods]
-        img = Image.new("RGB", (label_w + side * len(b.edits), 14 + side * len(rows)), "white")
-        d = ImageDraw.Draw(img)
-        d.text((4, 2), f"{b.kind} swap: " + " | ".join(e.target_caption for e in b.edits)[:160], fill="black")
-        for j, (label, ims) in enumerate(rows):
-            d.text((4, 14 + j * side + side // 2 - 6), label, fill="black")
-            for i, im in enumerate(ims):
-                img.paste(Image.fromarray(im).resize((side, side), Image.NEAREST), (label_w + i * side, 14 + j * side))
-        blocks.append(img)
-    out = Image.new("RGB", (max(b.width for b in blocks), sum(b.height for b in blocks)), "white")
-    y = 0
-    for blk in blocks:
-        out.paste(blk, (0, y))
-        y += blk.height
-    out.save(path)
+        for i, e in enumerate(b.edits):
+            words = f"{b.kind}: {e.target_caption}".split(" ")
+            lines, line = [], ""
+            for w in words:
+                if len(line) + len(w) > 36:
+                    lines.append(line)
+                    line = ""
+                line += w + " "
+            for k, t in enumerate([*lines, line]):
+                d.text((4, y + 6 + 12 * k), t, fill="black")
+            ims = [b.src[i].image, b.gt[i].image, *(pictures[(b.kind, m)][i] for m in methods)]
+            for j, im in enumerate(ims):
+                img.paste(Image.fromarray(im).resize((side, side), Image.NEAREST), (label_w + j * side, y))
+            y += side
+    img.save(path)
 
 
 def plot(rows, path: Path) -> None:
