@@ -128,3 +128,25 @@ def bg_ssim(result: np.ndarray, source: np.ndarray, keep: np.ndarray) -> float:
     a, b = result * keep[..., None], source * keep[..., None]
     _, full = structural_similarity(a, b, data_range=255, channel_axis=-1, full=True)
     return float(full.mean(-1)[keep].mean())
+
+
+def read_scene(image: np.ndarray, min_pixels: int = 40,
+               distance: float = 60.0) -> tuple[list[tuple[str, str | None]], str]:
+    """Read a whole picture without knowing its layout (for samples): ((colour, shape) of every object, left to
+    right; background). Objects are the connected regions of pixels within ``distance`` (RGB) of one palette
+    colour, of at least ``min_pixels`` pixels."""
+    from scipy.ndimage import binary_opening, label
+    img = image.astype(np.float32)
+    d = np.sqrt(((img[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1))  # [H, W, colours]
+    nearest, close = d.argmin(-1), d.min(-1) <= distance
+    found, union = [], np.zeros(image.shape[:2], bool)
+    for c, name in enumerate(R.COLOUR_NAMES):
+        mask = binary_opening(close & (nearest == c))
+        lab, n = label(mask)
+        for k in range(1, n + 1):
+            m = lab == k
+            if m.sum() >= min_pixels:
+                found.append((float(np.nonzero(m)[1].mean()), name, read_shape(m)))
+                union |= m
+    found.sort()
+    return [(c, s) for _, c, s in found], read_background(image, union)

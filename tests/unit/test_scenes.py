@@ -168,3 +168,14 @@ def test_committed_weights_fit_the_budget():
     assert any(p.parent.parent.name == "learned" for p in every)
     assert sum(p.stat().st_size for p in every) <= 24_000_000
     assert sum(p.stat().st_size for p in scenes) <= 10_000_000
+
+
+def test_read_scene_reads_ground_truth_without_the_layout():
+    from ddiminv_dev.scenes.evaluate import judge
+    for sc in _scenes("test", range(40)):
+        r = R.render(sc)
+        assert M.read_scene(r.image) == ([(o.colour, o.shape) for o in sc.objects], sc.background)
+        v = judge(r.caption, r.image)
+        assert v["caption"] and v["colour"] and v["shape"] and v["background"]
+    blank = R.background(R.layout(np.random.default_rng(0), [("red", "circle")], "grass", "test"))
+    assert M.read_scene(blank)[0] == [] and not judge("a red circle on grass", blank)["count"]
