@@ -65,8 +65,8 @@ def evaluate(weights=None, per_caption: int = 2, cfg: float = 5.0, steps: int = 
         pos = nodes.CLIPTextEncode().encode(clip, cap)[0]
         lat = nodes.EmptyLatentImage().generate(64, 64, per_caption)[0]
         res = nodes.KSampler().sample(model, seed + i, steps, cfg, "euler", "normal", pos, neg, lat)[0]
-        ims = np.round(nodes.VAEDecode().decode(vae, res["samples"])[0].float().clamp(0, 1).numpy() * 255)
-        verdicts += [dict(judge(cap, im.astype(np.uint8)), caption=cap) for im in ims]
+        ims = np.round(nodes.VAEDecode().decode(vae, res)[0].detach().float().clamp(0, 1).numpy() * 255)
+        verdicts += [dict(judge(cap, im.astype(np.uint8)), text=cap) for im in ims]
     for group, sel in (("seen", [v for v in verdicts if not v["held_out"]]),
                        ("held_out", [v for v in verdicts if v["held_out"]])):
         out[group] = {k: float(np.mean([v[k] for v in sel])) for k in ("background", "count", "colour", "shape",
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
     print(json.dumps(evaluate(a.weights, a.per_caption, a.cfg, a.steps), indent=1))
     return 0
 
