@@ -131,6 +131,21 @@ print(("assembled " if fresh else "up to date: ") + str(build.checkpoint_path())
 ' 2>"$CACHE/setup-learned.log")" || { cat "$CACHE/setup-learned.log" >&2; echo "could not assemble the learned checkpoint (log above)" >&2; exit 1; }
 say "learned model $ckpt"
 
+# ---------------------------------------------------------------- the scenes model (issue 20)
+# assembled from the committed weights (ddiminv_dev/scenes/weights) once; rebuilt when they change
+if [ -f "$ROOT/ddiminv_dev/scenes/weights/unet_lowrank.safetensors" ]; then
+  ckpt="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
+from ddiminv_dev.host import import_comfy
+import_comfy()
+from ddiminv_dev.scenes import build
+fresh = not build.is_built()
+print(("assembled " if fresh else "up to date: ") + str(build.checkpoint_path()))
+' 2>"$CACHE/setup-scenes.log")" || { cat "$CACHE/setup-scenes.log" >&2; echo "could not assemble the scenes checkpoint (log above)" >&2; exit 1; }
+  say "scenes model $ckpt"
+else
+  say "scenes model: no committed weights yet (train them with tools/train_scenes.py)"
+fi
+
 # ---------------------------------------------------------------- node (js tests) is optional here
 if command -v node >/dev/null 2>&1; then
   say "node $(node --version) found (js unit tests)"

@@ -1,0 +1,341 @@
+"""Editing benchmark with ground truth, on the scenes model (in-process ComfyUI, CPU).
+
+Every item is a held-out scene (``ddiminv_dev.scenes``: test split, so unseen texture columns and held-out
+colour x shape pairs can occur) and one edit of it (colour, shape or background swap); rendering the edited scene
+gives the exact answer. Each method turns the source picture and the target caption into a result, through the
+pack's nodes and core ComfyUI nodes; the result is scored against the source and the ground truth:
+
+* ``accuracy``: the edited attribute is right: colour = the palette colour nearest the median of the result's
+  pixels inside the ground-truth object (``coverage >= 0.5``); shape = the shape template that best fits the
+  pixels of that colour near the object; background = the nearest background statistics outside the objects
+  (``ddiminv_dev/scenes/measure.py``, direct pixel measures, 100 % on ground truth);
+* ``iou``: the object segmented from the result (pixels near its target colour, in a window around it) against the
+  ground-truth mask (scikit-learn ``jaccard_score``); for a background edit, the mean over all objects;
+* ``bg_psnr`` / ``bg_ssim``: PSNR / SSIM (scikit-image) of the result against the source outside the edited object's
+  mask (union of source and target masks, dilated by 2 px): PIE-Bench's background preservation. For a
+  background edit the kept region is the objects instead (their ground-truth pixels, eroded by 1 px);
+* ``gt_psnr``: the whole result against the ground-truth edit, next to ``gt_ceiling``: decode(encode(ground truth))
+  against the ground truth, the best a latent model can score.
+
+A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR/edit.json``,
+``DIR/edit_grid.png`` (a row per item; columns: source, ground truth, then one per method) and
+``DIR/edit_plot.png`` (accuracy against background PSNR).
+
+    .venv/bin/python bench/edit.py --seed 0 --scenes 4 --out bench/out/edit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as B  # noqa: E402
+from ddiminv_dev.scenes import edits as E  # noqa: E402
+from ddiminv_dev.scenes import measure as M  # noqa: E402
+from ddiminv_dev.scenes import render as R  # noqa: E402
+
+SCHED = "ddim_uniform"
+NULLTEXT = dict(iterations=10, learning_rate=0.01, early_stop=1e-5)
+
+
+@dataclass
+class Batch:
+    """One edit kind's items, with everything the methods share (computed once, lazily)."""
+    kind: str
+    edits: list
+    src: list = field(default_factory=list)  # Rendered
+    gt: list = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+
+class Setup:
+    def __init__(self, model_name: str, steps: int, cfg: float, seed: int, weights=None):
+        import torch
+        B.boot(cpu=True)
+        from ddiminv_dev.scenes import build
+        path = build.register_model_dir(weights)
+        self.name, self.steps, self.cfg, self.seed = model_name, steps, cfg, seed
+        self.weights, self.checkpoint = build.version(weights), path.name
+        self.model, self.clip, self.vae = B.call("CheckpointLoaderSimple", path.name)[:3]
+        self._cond = {}
+        self.torch = torch
+
+    def cond(self, texts):
+        """One CONDITIONING with a batch entry per text (what the nodes take for a batch of latents)."""
+        torch = self.torch
+        key = tuple(texts)
+        if key not in self._cond:
+            conds = [B.first(B.call("CLIPTextEncode", self.clip, t))[0] for t in texts]
+            extras = ({"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])}
+                      if "pooled_output" in conds[0][1] else {})
+            self._cond[key] = [[torch.cat([c[0] for c in conds]), extras]]
+        return self._cond[key]
+
+    def pixels(self, images) -> object:
+        return self.torch.from_numpy(np.stack(images).astype(np.float32) / 255.0)
+
+    def encode(self, images) -> dict:
+        return B.first(B.pack("nodes.encode").DDIMInvVAEEncode.execute(self.pixels(images), self.vae), 0)
+
+    def decode(self, samples) -> np.ndarray:
+        img = B.first(B.call("VAEDecode", self.vae, {"samples": samples})).float().clamp(0, 1)
+        return np.round(img.numpy() * 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def _src(S, b):
+    return S.cond([e.source_caption for e in b.edits])
+
+
+def _tgt(S, b):
+    return S.cond([e.target_caption for e in b.edits])
+
+
+def _neg(S, b):
+    return S.cond([""] * len(b.edits))
+
+
+def _latent(S, b):
+    if "latent" not in b.cache:
+        b.cache["latent"] = S.encode([r.image for r in b.src])
+    return b.cache["latent"]
+
+
+def _invert(S, b, method="ddim"):
+    key = "traj-" + method
+    if key not in b.cache:
+        out = B.pack("nodes.invert").DDIMInvert.execute(S.model, _src(S, b), _neg(S, b), _latent(S, b), S.steps,
+                                                        1.0, SCHED, method)
+        b.cache[key] = B.first(out, 2)
+    return b.cache[key]
+
+
+def _sample(S, b, traj, **kw):
+    out = B.pack("nodes.sampler").DDIMInvSampler.execute(S.model, _tgt(S, b), _neg(S, b), traj, S.cfg, **kw)
+    return B.first(out)["samples"]
+
+
+def sdedit(denoise: float):
+    def run(S, b):
+        out = B.call("KSampler", S.model, S.seed, S.steps, S.cfg, "euler", "normal", _tgt(S, b), _neg(S, b),
+                     _latent(S, b), denoise)
+        return B.first(out)["samples"]
+    return run
+
+
+def core_flip(S, b):
+    """Core FlipSigmas + SamplerCustom(euler): invert with the source prompt (cfg 1), regenerate with the target."""
+    euler = B.first(B.core("KSamplerSelect").execute("euler"))
+    sig = B.first(B.core("BasicScheduler").execute(S.model, SCHED, S.steps, 1.0))
+    flipped = B.first(B.core("FlipSigmas").execute(sig))
+    sc = B.core("SamplerCustom")
+    inv = B.first(sc.execute(S.model, False, 0, 1.0, _src(S, b), _neg(S, b), euler, flipped, _latent(S, b)))
+    return B.first(sc.execute(S.model, False, 0, S.cfg, _tgt(S, b), _neg(S, b), euler, sig, inv))["samples"]
+
+
+def nulltext(mode: str):
+    def run(S, b):
+        nt = B.pack("nodes.nulltext").DDIMInvNullText
+        annotated = B.first(nt.execute(S.model, _src(S, b), _neg(S, b), _invert(S, b), S.cfg, mode=mode, **NULLTEXT), 1)
+        return _sample(S, b, annotated)
+    return run
+
+
+# name -> function(Setup, Batch) -> result latent (VAE space, [n, 4, h, w]); add a method with one line
+METHODS = {
+    "sdedit 0.6 (core KSampler)": sdedit(0.6),
+    "sdedit 0.8 (core KSampler)": sdedit(0.8),
+    "core FlipSigmas+SamplerCustom": core_flip,
+    "ddim (plain)": lambda S, b: _sample(S, b, _invert(S, b)),
+    "exact, ddim replay": lambda S, b: _sample(S, b, _invert(S, b, "exact"), exact_replay="ddim"),
+    "ddim + source_drift": lambda S, b: _sample(S, b, _invert(S, b), correction="source_drift",
+                                                source_positive=_src(S, b), source_negative=_neg(S, b)),
+    "null-text": nulltext("null_text"),
+    "negative-prompt": nulltext("negative_prompt"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def items(seed: int, n: int, kinds=E.KINDS) -> list[Batch]:
+    rng = np.random.default_rng(int(seed))
+    out = []
+    for kind in kinds:
+        b = Batch(kind, [E.random_edit(rng, R.sample_scene(rng, "test"), kind) for _ in range(n)])
+        b.src = [R.render(e.source) for e in b.edits]
+        b.gt = [R.render(e.target) for e in b.edits]
+        out.append(b)
+    return out
+
+
+def held_out(edit: E.Edit) -> bool:
+    """Whether the edit's target shows a colour x shape pair the model never saw in training."""
+    return any((o.colour, o.shape) in R.HELD_OUT for o in edit.target.objects)
+
+
+def score(edit: E.Edit, src: R.Rendered, gt: R.Rendered, result: np.ndarray) -> dict:
+    """The measures of one result (uint8 [H, W, 3]) of ``edit``."""
+    solid = gt.coverage >= 0.5
+    if edit.kind == "background":
+        acc = M.read_background(result, gt.masks.any(0)) == edit.target.background
+        ious = [M.iou(M.segment(result, o.colour, M.dilate(m, 3)), s)
+                for o, m, s in zip(edit.target.objects, gt.masks, solid, strict=True)]
+        keep = np.stack([M._erode(s) for s in solid]).any(0)
+        iou = float(np.mean(ious))
+    else:
+        i = edit.index
+        o = edit.target.objects[i]
+        window = M.dilate(src.masks[i] | gt.masks[i], 3)
+        seg = M.segment(result, o.colour, window)
+        acc = (M.read_colour(result, solid[i]) == o.colour if edit.kind == "colour"
+               else M.read_shape(seg) == o.shape)
+        iou = M.iou(seg, solid[i])
+        keep = ~M.dilate(src.masks[i] | gt.masks[i], 2)
+    return {"accuracy": float(acc), "iou": iou, "bg_psnr": M.bg_psnr(result, src.image, keep),
+            "bg_ssim": M.bg_ssim(result, src.image, keep), "gt_psnr": M.psnr(result, gt.image)}
+
+
+def mean(v):
+    v = [x for x in v if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def run(S, batches, methods, log=print) -> tuple[list, dict]:
+    rows, pictures = [], {}
+    for b in batches:
+        gt_dec = S.decode(B.first(B.call("VAEEncode", S.vae, S.pixels([r.image for r in b.gt])))["samples"])
+        ceiling = [M.psnr(d, r.image) for d, r in zip(gt_dec, b.gt, strict=True)]
+        for name in methods:
+            t = time.perf_counter()
+            result = S.decode(METHODS[name](S, b))
+            seconds = time.perf_counter() - t
+            per = [score(e, s, g, r) for e, s, g, r in zip(b.edits, b.src, b.gt, result, strict=True)]
+            row = {"method": name, "edit": b.kind, "n": len(per),
+                   **{k: mean([p[k] for p in per]) for k in ("accuracy", "iou", "bg_psnr", "bg_ssim", "gt_psnr")},
+                   "gt_ceiling": mean(ceiling), "seconds": seconds, "per_item": per}
+            rows.append(row)
+            pictures[(b.kind, name)] = result
+            log(f"{b.kind:10s} {name:32s} acc {row['accuracy']:.2f} iou {row['iou']:.2f} "
+                f"bg {row['bg_psnr']:.1f} dB/{row['bg_ssim']:.2f} gt {row['gt_psnr']:.1f} dB "
+                f"(ceiling {row['gt_ceiling']:.1f}) {seconds:.1f}s")
+    return rows, pictures
+
+
+def grid(batches, pictures, methods, path: Path, scale: int = 2) -> None:
+    """A row per item (its edit and target caption on the left); columns: source, ground truth, each method."""
+    from PIL import Image, ImageDraw
+    label_w, side, head = 230, 64 * scale, 28
+    cols = ["source", "ground truth", *methods]
+    n_rows = sum(len(b.edits) for b in batches)
+    img = Image.new("RGB", (label_w + side * len(cols), head + side * n_rows), "white")
+    d = ImageDraw.Draw(img)
+    for j, c in enumerate(cols):
+        x = label_w + j * side + 2
+        d.text((x, 2), c[:21], fill="black")
+        d.text((x, 14), c[21:42], fill="black")
+    y = head
+    for b in batches:
+        for i, e in enumerate(b.edits):
+            words = f"{b.kind}: {e.target_caption}".split(" ")
+            lines, line = [], ""
+            for w in words:
+                if len(line) + len(w) > 36:
+                    lines.append(line)
+                    line = ""
+                line += w + " "
+            for k, t in enumerate([*lines, line]):
+                d.text((4, y + 6 + 12 * k), t, fill="black")
+            ims = [b.src[i].image, b.gt[i].image, *(pictures[(b.kind, m)][i] for m in methods)]
+            for j, im in enumerate(ims):
+                img.paste(Image.fromarray(im).resize((side, side), Image.NEAREST), (label_w + j * side, y))
+            y += side
+    img.save(path)
+
+
+def plot(rows, path: Path) -> None:
+    """Accuracy against background PSNR, one marker per (method, edit): circle colour, square shape, triangle
+    background; a colour per method (PIL only)."""
+    from PIL import Image, ImageDraw
+    W, H, L, T, Bm = 900, 520, 60, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    x0, x1, y0, y1 = L, W - 260, T, H - Bm
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    d.text((L, 10), "edits on held-out scenes: accuracy vs background PSNR (o colour, [] shape, ^ background)",
+           fill="black")
+    lo, hi = 5.0, 45.0
+    X = lambda v: x0 + (x1 - x0) * (min(max(v, lo), hi) - lo) / (hi - lo)  # noqa: E731
+    Y = lambda v: y1 - (y1 - y0) * v  # noqa: E731
+    for v in range(10, 45, 5):
+        d.line([X(v), y0, X(v), y1], fill=(230, 230, 230))
+        d.text((X(v) - 6, y1 + 4), str(v), fill="black")
+    for k in range(6):
+        d.text((x0 - 34, Y(k / 5) - 6), f"{k * 20}%", fill="black")
+    d.text(((x0 + x1) // 2 - 90, y1 + 24), "background PSNR to the source, dB", fill="black")
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (90, 90, 90), (188, 189, 34), (23, 190, 207)]
+    for r in rows:
+        if r["bg_psnr"] is None or r["accuracy"] is None:
+            continue
+        col = palette[names.index(r["method"]) % len(palette)]
+        x, y, s = X(r["bg_psnr"]), Y(r["accuracy"]), 6
+        if r["edit"] == "colour":
+            d.ellipse([x - s, y - s, x + s, y + s], outline=col, width=2)
+        elif r["edit"] == "shape":
+            d.rectangle([x - s, y - s, x + s, y + s], outline=col, width=2)
+        else:
+            d.polygon([(x, y - s), (x - s, y + s), (x + s, y + s)], outline=col, width=2)
+    for i, n in enumerate(names):
+        d.rectangle([x1 + 12, T + 16 * i, x1 + 22, T + 16 * i + 10], fill=palette[i % len(palette)])
+        d.text((x1 + 28, T + 16 * i - 1), n, fill="black")
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scenes", type=int, default=4, help="items per edit kind")
+    ap.add_argument("--out", type=Path, default=B.OUT / "edit")
+    ap.add_argument("--model", default="scenes-sd15", choices=["scenes-sd15"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="a folder of scenes weights (default: the committed ddiminv_dev/scenes/weights)")
+    ap.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
+    ap.add_argument("--kinds", default=",".join(E.KINDS))
+    B.add_threads_arg(ap)
+    a = ap.parse_args(argv)
+    methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    B.set_threads(a.threads)
+    import torch
+    torch.set_grad_enabled(False)  # null-text enables grad for itself
+    t0 = time.perf_counter()
+    S = Setup(a.model, a.steps, a.cfg, a.seed, a.weights)
+    batches = items(a.seed, a.scenes, tuple(a.kinds.split(",")))
+    rows, pictures = run(S, batches, methods)
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = {"model": a.model, "checkpoint": S.checkpoint, "weights": S.weights, "seed": a.seed,
+            "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg,
+            "command": " ".join(["bench/edit.py", *(sys.argv[1:] if argv is None else argv)]),
+            "items": {b.kind: [{"source": e.source_caption, "target": e.target_caption, "held_out_target": held_out(e)}
+                               for e in b.edits] for b in batches},
+            "machine": B.machine(), "seconds": time.perf_counter() - t0, "rows": rows}
+    (a.out / "edit.json").write_text(json.dumps(B.clean(data), indent=1))
+    grid(batches, pictures, methods, a.out / "edit_grid.png")
+    plot(rows, a.out / "edit_plot.png")
+    print(f"wrote {a.out / 'edit.json'} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

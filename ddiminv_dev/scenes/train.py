@@ -1,0 +1,309 @@
+"""Trainer of the scenes SD1.5-format model (CPU-first, seeded, resumable): reuses the learned model's pipeline.
+
+* VAE: ComfyUI's TAESD (:func:`ddiminv_dev.learned.train.new_taesd`), *initialised from the learned model's
+  committed VAE* and fine-tuned on 32x32 crops of rendered training scenes (L1 + MSE), then calibrated to
+  SD1.5's latent scale (:func:`ddiminv_dev.learned.train.calibrate_vae` logic, on scenes).
+* UNet: the learned model's low-rank SD1.x UNet (:mod:`ddiminv_dev.learned.lowrank`, one level, 320 channels,
+  cross-attention to 768-d CLIP-L tokens), *initialised from the learned model's committed factors* (rank
+  extended from 14 to :data:`RANK` with zero ``B`` columns, so the start is exactly that model), trained by
+  denoising score matching (eps, MSE) on ComfyUI's SD15 schedule, conditioned on the per-token CLIP-L
+  encodings (the seeded random CLIP-L of :mod:`ddiminv_dev.tiny_checkpoint`) of the scene captions, 10 % empty.
+
+Data: a fixed seeded set of training captions (:func:`training_captions`: every one-object caption, plus
+``N2`` two-object and ``N3`` three-object ones, never a held-out colour x shape pair), each rendered in several
+random layouts; the pool of latents and the caption encodings are computed once and cached (git-ignored,
+``.cache/scenes/``). Encoding a caption with the 123M-parameter CLIP-L costs ~1 s on a busy 2-core CPU, which is
+why the caption set is fixed and small; a later run can grow it (a new ``captions_seed``/``N2``/``N3``).
+
+Resumable: the fp16 EMA weights are written every ``save_minutes`` (and at the end) with the iteration count in
+their metadata, with a git-ignored full state (raw weights, EMA, optimiser, RNG) next to them; a new run with
+the same ``out_dir`` continues from the full state if present, else from the fp16 weights. Learning rates are
+constant after a warm-up, so a run split over sessions trains like one run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..learned import train as LT
+from . import render as R
+
+VAE_SEED = 2001
+UNET_SEED = 2002
+CAPTIONS_SEED = 2003
+RANK = 20
+N2, N3 = 60, 20  # small because each new caption costs ~1-7 s of CLIP-L on the shared CPU
+VAE_ITERS = 200
+LAYOUTS = (8, 6, 5)  # layouts per one-, two-, three-object caption
+VAE_FILE = "vae.safetensors"
+UNET_FILE = "unet_lowrank.safetensors"
+CACHE_VERSION = "1"
+
+
+def _log(log, msg: str) -> None:
+    LT._log(log, msg)
+
+
+def cache_dir() -> Path:
+    from ddiminv_dev.paths import CACHE
+    d = CACHE / "scenes"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ data
+def training_captions(seed: int = CAPTIONS_SEED, n2: int = N2, n3: int = N3) -> list[list]:
+    """[[pairs, background], ...]: all one-object captions, then n2 two- and n3 three-object ones (seeded,
+    distinct, never a held-out pair)."""
+    rng = np.random.default_rng(int(seed))
+    pairs = R.allowed_pairs("train")
+    out = [[[p], b] for p in pairs for b in R.BACKGROUNDS]
+    for n, count in ((2, n2), (3, n3)):
+        seen = set()
+        while len(seen) < count:
+            ps = tuple(pairs[int(i)] for i in rng.integers(0, len(pairs), n))
+            b = R.BACKGROUNDS[int(rng.integers(0, len(R.BACKGROUNDS)))]
+            if (ps, b) not in seen:
+                seen.add((ps, b))
+                out.append([list(ps), b])
+    return out
+
+
+def render_pool(captions, layouts=LAYOUTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 64, 64, 3], caption index [N]): ``layouts[k-1]`` random training layouts per caption."""
+    rng = np.random.default_rng(int(seed))
+    ims, idx = [], []
+    for i, (pairs, b) in enumerate(captions):
+        for _ in range(layouts[len(pairs) - 1]):
+            ims.append(R.render(R.layout(rng, [tuple(p) for p in pairs], b, "train")).image)
+            idx.append(i)
+    return np.stack(ims), np.asarray(idx, np.int64)
+
+
+def load_clip():
+    """ComfyUI's CLIP object of the tiny checkpoint (the seeded random CLIP-L every SD1.5 model here carries)."""
+    from ddiminv_dev import tiny_checkpoint
+    from ddiminv_dev.host import import_comfy
+    import_comfy()
+    import comfy.sd
+    return comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint.tiny_checkpoint_path()), output_vae=False,
+                                                 output_clip=True, output_model=False)[1]
+
+
+def encode_texts(texts, log=None) -> torch.Tensor:
+    """CLIP-L encodings [len(texts), 77, 768] (float16) exactly as ``CLIPTextEncode`` computes them, cached per
+    text on disk (so growing the caption set costs only the new captions)."""
+    from ddiminv_dev import tiny_checkpoint
+    path = cache_dir() / f"contexts-clip{tiny_checkpoint.VERSION}-seed{tiny_checkpoint.SEED}.pt"
+    store = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+    missing = [t for t in dict.fromkeys(texts) if t not in store]
+    if missing:
+        clip = load_clip()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for j, t in enumerate(missing):
+                cond, _ = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
+                store[t] = cond[0].to(torch.float16).cpu()
+                if (j + 1) % 50 == 0 or j + 1 == len(missing):
+                    torch.save(store, path.with_suffix(".tmp"))
+                    path.with_suffix(".tmp").replace(path)
+                    _log(log, f"clip: {j + 1}/{len(missing)} captions encoded ({time.perf_counter() - t0:.0f}s)")
+    return torch.stack([store[t] for t in texts])
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def learned_vae_path() -> Path:
+    from ddiminv_dev.learned.build import VAE_FILE as LV, WEIGHTS
+    return WEIGHTS / LV
+
+
+def _meta(path: Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+@torch.no_grad()
+def calibrate(m, images: np.ndarray) -> None:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    z = torch.cat([m.taesd_encoder(x[i:i + 64]) for i in range(0, len(x), 64)])
+    scale = float(z.std()) * LT.SD15_LATENT_SCALE
+    m.vae_scale.fill_(scale)
+    m.vae_shift.fill_(-float(z.mean()) / scale)
+
+
+def train_vae(out_dir, iterations: int, seed: int = VAE_SEED, batch: int = 16, size: int = 32, lr: float = 3e-4,
+              n_scenes: int = 600, save_minutes: float = 4.0, log=None) -> Path:
+    """Fine-tune the TAESD on scene crops, up to ``iterations`` in all (resumes from ``out_dir/vae.safetensors``
+    when it exists; else starts from the learned model's VAE)."""
+    out = Path(out_dir) / VAE_FILE
+    start = 0
+    init = learned_vae_path()
+    if out.exists():
+        start, init = int(_meta(out).get("iterations", 0)), out
+    m = LT.load_taesd(init).train()
+    if start >= iterations:
+        return out
+    rng = np.random.default_rng(int(seed) + start)
+    images = np.stack([R.render(R.sample_scene(rng, "train")).image for _ in range(n_scenes)])
+    xs = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    params = list(m.taesd_encoder.parameters()) + list(m.taesd_decoder.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(int(seed) + start)
+    t0 = last_save = time.perf_counter()
+    run = None
+    for it in range(start, iterations):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (it - start + 1) / 50)
+        i = torch.randint(0, len(xs), (batch,), generator=g)
+        oy, ox = torch.randint(0, 64 - size + 1, (2,), generator=g).tolist()
+        x = xs[i][:, :, oy:oy + size, ox:ox + size]
+        y = m.taesd_decoder(m.taesd_encoder(x))
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lv = float(loss.detach())
+        run = lv if run is None else 0.98 * run + 0.02 * lv
+        done = it + 1 == iterations
+        if (it + 1) % 50 == 0 or done:
+            _log(log, f"vae it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
+        if done or time.perf_counter() - last_save > save_minutes * 60:
+            with torch.no_grad():
+                calibrate(m, images[:256])
+            LT.save(LT.vae_state_dict(m), out, {"iterations": it + 1, "seed": seed, "init": "learned VAE"})
+            last_save = time.perf_counter()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+def extend_rank(sd: dict, rank: int, seed: int) -> dict:
+    """Low-rank factors padded to ``rank``: new ``A`` rows random (N(0, 1/fan_in)), new ``B`` columns zero,
+    so ``B @ A`` (the model) is unchanged."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for k, v in sd.items():
+        v = v.float()
+        if k.endswith("A.weight") and v.shape[0] < rank:
+            extra = torch.randn((rank - v.shape[0],) + tuple(v.shape[1:]), generator=g) / float(np.sqrt(v[0].numel()))
+            v = torch.cat([v, extra])
+        elif k.endswith("B.weight") and v.shape[1] < rank:
+            v = torch.cat([v, torch.zeros((v.shape[0], rank - v.shape[1]) + tuple(v.shape[2:]))], dim=1)
+        out[k] = v
+    return out
+
+
+def _pool_key(vae_path: Path, captions) -> str:
+    h = hashlib.sha256(Path(vae_path).read_bytes())
+    h.update(json.dumps([captions, list(LAYOUTS), CACHE_VERSION, R.VERSION]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model-space latents [N, 4, 8, 8], caption index [N]) of the rendered pool; cached per VAE and captions."""
+    path = cache_dir() / f"pool-{_pool_key(vae_path, captions)}.pt"
+    if path.exists():
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return d["latents"], d["index"]
+    t0 = time.perf_counter()
+    images, index = render_pool(captions)
+    _log(log, f"pool: {len(images)} scenes rendered ({time.perf_counter() - t0:.0f}s)")
+    m = LT.load_taesd(vae_path)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    z = torch.cat([m.encode(x[i:i + 64] * 2 - 1) for i in range(0, len(x), 64)]) * LT.SD15_LATENT_SCALE
+    torch.save({"latents": z, "index": torch.from_numpy(index)}, path)
+    _log(log, f"pool: encoded, std {float(z.std()):.3f} mean {float(z.mean()):.3f} ({time.perf_counter() - t0:.0f}s)")
+    return z, torch.from_numpy(index)
+
+
+def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch: int = 32, lr: float = 5e-4,
+               rank: int = RANK, drop: float = 0.1, ema: float = 0.999, captions=None, save_minutes: float = 4.0,
+               log=None) -> Path:
+    """Train the low-rank UNet up to ``iterations`` in all; writes ``out_dir/unet_lowrank.safetensors`` (fp16
+    EMA factors) and ``out_dir/unet_state.pt`` (full state, git-ignored by its suffix... keep it out of git)."""
+    from ddiminv_dev.learned import lowrank
+    from ddiminv_dev.learned.build import UNET_FILE as LU, WEIGHTS
+    from ddiminv_dev.tiny_checkpoint import UNET_CONFIG
+    from safetensors.torch import load_file
+    out = Path(out_dir) / UNET_FILE
+    state_path = Path(out_dir) / "unet_state.pt"
+    captions = training_captions() if captions is None else captions
+    texts = [R.caption_of([tuple(p) for p in ps], b) for ps, b in captions] + [""]
+    t0 = time.perf_counter()
+    ms = LT.sd15_model_sampling()
+    contexts = encode_texts(texts, log=log)
+    pool, index = latent_pool(vae_path, captions, log=log)
+    empty = len(texts) - 1
+    unet = lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(int(seed))
+    start = 0
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(st["model"])
+        avg = st["ema"]
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["rng"])
+        start = int(st["iterations"])
+        _log(log, f"unet: resumed full state at iteration {start}")
+    else:
+        if out.exists():
+            sd, start = load_file(str(out)), int(_meta(out).get("iterations", 0))
+            _log(log, f"unet: resumed from fp16 weights at iteration {start}")
+        else:
+            sd = extend_rank(load_file(str(WEIGHTS / LU)), rank, seed)
+            _log(log, "unet: starting from the learned model's factors")
+        unet.load_state_dict({k: v.float() for k, v in sd.items()})
+        avg = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        g.manual_seed(int(seed) + start)
+    _log(log, f"unet: pool {tuple(pool.shape)}, {len(texts) - 1} captions ({time.perf_counter() - t0:.0f}s)")
+    sigmas = ms.sigmas.float()
+    run = None
+    last_save = time.perf_counter()
+
+    def save(it):
+        LT.save({k: v.to(torch.float16).contiguous() for k, v in avg.items()}, out,
+                {"iterations": it, "seed": seed, "rank": rank, "captions": len(texts) - 1,
+                 "init": "learned model factors", "loss": f"{run:.4f}"})
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": unet.state_dict(), "ema": avg, "opt": opt.state_dict(), "rng": g.get_state(),
+                    "iterations": it}, tmp)
+        tmp.replace(state_path)
+
+    for it in range(start, iterations):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (it + 1) / 100)
+        idx = torch.randint(0, len(pool), (batch,), generator=g)
+        x0, cls = pool[idx], index[idx].clone()
+        cls[torch.rand(batch, generator=g) < drop] = empty
+        sigma = sigmas[torch.randint(0, len(sigmas), (batch,), generator=g)]
+        eps = torch.randn(x0.shape, generator=g)
+        xc = ms.calculate_input(sigma, x0 + eps * sigma.view(-1, 1, 1, 1))
+        pred = unet(xc, ms.timestep(sigma).float(), context=contexts[cls].float())
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema, (1 + it) / (10 + it))
+            for k, v in unet.state_dict().items():
+                if v.is_floating_point():
+                    avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        lv = float(loss.detach())
+        run = lv if run is None else 0.99 * run + 0.01 * lv
+        done = it + 1 == iterations
+        if (it + 1) % 25 == 0 or done:
+            _log(log, f"unet it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
+        if done or time.perf_counter() - last_save > save_minutes * 60:
+            save(it + 1)
+            last_save = time.perf_counter()
+    return out

@@ -1,0 +1,81 @@
+"""The scenes SD1.5-format model: its trainer runs and resumes, and the assembled checkpoint loads through core
+``CheckpointLoaderSimple`` as SD15 and computes what the trained low-rank UNet and TAESD compute."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddiminv_dev.learned import lowrank
+from ddiminv_dev.learned import train as LT
+from ddiminv_dev.scenes import build, train
+from ddiminv_dev.tiny_checkpoint import UNET_CONFIG
+
+CAPTIONS = [[[["red", "circle"]], "grass"], [[["blue", "square"], ["yellow", "triangle"]], "night"]]
+
+
+def _meta(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scenes-weights")
+    vae = train.train_vae(d, iterations=2, batch=2, n_scenes=4)
+    train.train_unet(d, vae, iterations=2, batch=2, captions=CAPTIONS)
+    return d
+
+
+def test_trainer_writes_fp16_weights_and_resumes(trained, tmp_path):
+    """Two iterations then a resumed third give the weights of three iterations in one run."""
+    import shutil
+    from safetensors.torch import load_file
+    unet = trained / train.UNET_FILE
+    assert _meta(unet)["iterations"] == "2" and _meta(trained / train.VAE_FILE)["iterations"] == "2"
+    sd = load_file(str(unet))
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    assert next(v.shape[0] for k, v in sd.items() if k.endswith(".A.weight")) == train.RANK
+    before = torch.load(trained / "unet_state.pt", weights_only=False)["model"]
+    train.train_unet(trained, trained / train.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
+    assert _meta(unet)["iterations"] == "3"  # continued from 2: one more step
+    after = torch.load(trained / "unet_state.pt", weights_only=False)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before), "resuming did not train"
+    shutil.copy(trained / train.VAE_FILE, tmp_path / train.VAE_FILE)
+    train.train_unet(tmp_path, tmp_path / train.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
+    one_run = load_file(str(tmp_path / train.UNET_FILE))
+    resumed = load_file(str(unet))
+    assert all(torch.equal(one_run[k], resumed[k]) for k in one_run)
+
+
+def test_rank_extension_keeps_the_model():
+    from ddiminv_dev.learned.build import UNET_FILE, WEIGHTS
+    from safetensors.torch import load_file
+    sd = load_file(str(WEIGHTS / UNET_FILE))
+    ext = train.extend_rank(sd, train.RANK, seed=0)
+    a, b = lowrank.merge_state_dict(sd), lowrank.merge_state_dict(ext)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.shape[0] == train.RANK for k, v in ext.items() if k.endswith(".A.weight"))
+
+
+def test_assembled_checkpoint_loads_as_sd15_and_is_the_trained_model(booted, trained):
+    """Core CheckpointLoaderSimple on the assembled file gives the same UNet and VAE as the trained weights."""
+    import comfy.supported_models as sm
+    import comfy.taesd.taesd
+    from safetensors.torch import load_file
+    path = build.register_model_dir(trained)
+    model, clip, vae = booted.CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+    assert type(model.model.model_config) is sm.SD15 and clip is not None
+    assert isinstance(vae.first_stage_model, comfy.taesd.taesd.TAESD)
+    g = torch.Generator().manual_seed(3)
+    x, t, c = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([30.0, 800.0]), torch.randn(2, 77, 768, generator=g)
+    dm = model.model.diffusion_model
+    want = lowrank.load_lowrank_unet(UNET_CONFIG, load_file(str(trained / train.UNET_FILE)))
+    with torch.no_grad():
+        got, ref = dm(x.to(dm.dtype), t, context=c.to(dm.dtype)).float(), want(x, t, context=c)
+        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()  # merged in fp32, stored fp16
+        px = torch.rand(1, 3, 64, 64, generator=g)
+        m = LT.load_taesd(trained / train.VAE_FILE)
+        z_ref = m.encode(px * 2 - 1)
+        z = vae.encode(px.movedim(1, -1))
+        assert (z.float() - z_ref).abs().max() <= 2e-2 * z_ref.abs().max()
