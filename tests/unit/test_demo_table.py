@@ -4,7 +4,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,9 +42,5 @@ def refined_row_beats_the_mean(metrics: dict) -> None:
     assert r["latent_rel_error"] < 1e-5                     # exact from the refined latent is still exact (2.8e-8)
 
 
-@pytest.mark.xfail(strict=True, reason="the recorded table predates the demo's refined row (the branch's only "
-                   "full run was on a loaded machine, over the 3-minute budget): regenerate it on an idle machine "
-                   "with `python tools/demo.py --write-readme`, then drop this marker (strict: it fails once the "
-                   "row is there)")
 def test_the_refined_row_beats_the_means_ceiling_and_its_exact_reconstruction():
     refined_row_beats_the_mean(json.loads(_demo().DEMO_METRICS.read_text()))
