@@ -236,3 +236,33 @@ def test_bad_conditionings_are_refused_by_name(oc):
     with pytest.raises(InversionInputError, match="no mask was given"):
         R.run(R.plan(oc.traj("ddim", masked=True), R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG)),
               oc.traj("ddim", masked=True), oc.guided())
+
+
+# ------------------------------------------------------------------- what the node prints, word for word (mutants)
+@pytest.mark.parametrize("negative,how", [("null_text", "null-text"), ("negative_prompt", "negative-prompt")])
+def test_the_notes_name_the_negative_the_loop_samples_with(oc, negative, how):
+    """The node's text is the user's only view of which negative sampled: it names the trajectory's mode and
+    its entry count (null-text: one per step), and says when null_text off leaves it unused."""
+    entries = N if negative == "null_text" else 1
+    auto = R.plan(oc.traj("ddim", negative), R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG))
+    assert auto.notes == (f"negative: the trajectory's {how} negative ({entries} entries)",)
+    off = R.plan(oc.traj("ddim", negative), R.Choices(cfg=CFG, null_text="off"), R.Prompts(oc.P, oc.NEG))
+    assert off.notes == (f"null_text off: sampling with 'negative' (the trajectory's {how} negative is not used)",)
+    plain = R.plan(oc.traj("ddim"), R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG))
+    assert plain.notes == () and plain.warnings == ()
+
+
+@pytest.mark.parametrize("name", ["positive", "negative", "source_positive", "source_negative",
+                                  "the trajectory's optimised negative"])
+def test_a_conditioning_of_another_batch_is_refused_by_name(oc, name):
+    """Batch 1 (shared) or one per latent; a batch-3 conditioning on a batch-1 trajectory names its input."""
+    three = [[torch.zeros(3, 8, 48), {}]]
+    prompts = {"positive": oc.P, "negative": oc.NEG}
+    traj = oc.traj("ddim")
+    if name == "the trajectory's optimised negative":
+        traj = traj.with_(optimized_negative={"mode": "negative_prompt", "cfg": None, "conditioning": three})
+    else:
+        prompts[name] = three
+    with pytest.raises(InversionInputError) as e:
+        R.plan(traj, R.Choices(cfg=CFG, correction="source_drift"), R.Prompts(**prompts))
+    assert str(e.value).startswith(f"{name} has batch 3 but the latent has batch 1; use one conditioning"), str(e.value)
