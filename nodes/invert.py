@@ -18,8 +18,9 @@ def _implicit_text(traj) -> str:
     txt = (f"implicit: {traj.nfe} evaluations ({per:.1f}/step, most in one step {max(traj.nfe_per_step)}; budget "
            f"{o['budget_per_sample']} per sample), max residual {o['max_residual']:.2g} (tolerance {o['tolerance']:g})")
     if o.get("steps_unsolved"):
-        txt += (f"; {o['steps_unsolved']} of {traj.steps} steps unsolved (residual above 10 x tolerance: strong cfg "
-                "folds some steps; use more steps, a lower cfg, or more restarts/max_iters)")
+        why = ("a strong cfg folds some steps; use more steps, a lower cfg, or more restarts/max_iters"
+               if traj.cfg > 1 else "the solver's budget is too small; use more restarts/max_iters, or more steps")
+        txt += f"; {o['steps_unsolved']} of {traj.steps} steps unsolved (residual above 10 x tolerance: {why})"
     elif o["steps_above_tolerance"]:
         txt += (f"; {o['steps_above_tolerance']} of {traj.steps} steps ended within 10 x tolerance, at float32's "
                 "precision for these values")

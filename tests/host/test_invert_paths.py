@@ -30,6 +30,9 @@ def test_implicit_steps_left_unsolved_are_counted_in_the_text_with_what_to_do():
     assert f"; {traj.steps} of {traj.steps} steps unsolved (residual above 10 x tolerance" in t, t
     assert "more restarts/max_iters" in t and f"max residual {o['max_residual']:.2g}" in t, t
     assert "within 10 x tolerance" not in t
+    assert "the solver's budget is too small" in t and "cfg" not in t.split("unsolved")[1], t   # cfg 1: not cfg's fault
+    guided = _text(host.run(_implicit(max_iters=1, restarts=0, cfg=7.5)))
+    assert "unsolved (residual above 10 x tolerance: a strong cfg folds some steps" in guided, guided
 
 
 def test_implicit_steps_just_above_the_tolerance_are_float32s_floor_not_unsolved():
