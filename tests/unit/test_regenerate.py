@@ -266,3 +266,54 @@ def test_a_conditioning_of_another_batch_is_refused_by_name(oc, name):
     with pytest.raises(InversionInputError) as e:
         R.plan(traj, R.Choices(cfg=CFG, correction="source_drift"), R.Prompts(**prompts))
     assert str(e.value).startswith(f"{name} has batch 3 but the latent has batch 1; use one conditioning"), str(e.value)
+
+
+def test_the_texts_of_the_replay_choice_and_of_the_drift_pair_word_for_word(oc):
+    """The node's text is where a user learns why a replay ran and what the drift used (mutants that changed
+    these words, or a boundary, survived the matrix)."""
+    same, _ = fingerprint(oc)
+    other = [[oc.o.encode([3]), {}]]
+    differs = R.plan(oc.traj("exact"), R.Choices(cfg=CFG), R.Prompts(oc.P, other), same)
+    assert differs.replay == "ddim"
+    assert differs.notes == ("exact_replay auto -> ddim (guidance differs from the inversion's)",)
+    one_left = R.plan(oc.traj("exact"), R.Choices(cfg=CFG, start_step=N - 2), R.Prompts(oc.P, oc.NEG), same)
+    assert (one_left.replay, one_left.steps) == ("bdia", 1)          # one BDIA step left is still a BDIA replay
+    nt = R.plan(oc.traj("ddim", "null_text"), R.Choices(cfg=CFG, correction="source_drift"),
+                R.Prompts(oc.P, oc.NEG, source_negative=other))
+    assert nt.notes[-1] == ("source_negative ignored: the drift uses the trajectory's optimised negative, the one "
+                            "the loop samples with (another negative would correct the guidance twice)")
+    unused = R.plan(oc.traj("ddim"), R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG, source_negative=other))
+    assert unused.notes == ("source_positive/source_negative are used only by correction source_drift; ignored",)
+    near = R.plan(oc.traj("ddim", "null_text"), R.Choices(cfg=7.0), R.Prompts(oc.P, oc.NEG))
+    assert len(near.warnings) == 1                                   # 0.5 away from the optimised cfg still warns
+    pinned = R.plan(oc.traj("ddim", "null_text"), R.Choices(cfg=7.0, correction="source_drift"),
+                    R.Prompts(oc.P, oc.NEG))
+    assert pinned.notes[-1] == "the negative was optimised for cfg 7.5; at cfg 7 source_drift still pins the source"
+
+
+def test_describe_names_gamma_only_for_a_bdia_replay(oc):
+    same, _ = fingerprint(oc)
+    plain = R.plan(oc.traj("ddim"), R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG))
+    assert R.describe(plain, oc.traj("ddim")) == "replay ddim, 5 steps, cfg 7.5"
+    t = oc.traj("exact")
+    t = t.with_(options={**t.options, "gamma": 0.9})
+    bdia = R.plan(t, R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG), same)
+    assert R.describe(bdia, t) == "replay bdia, 4 steps, cfg 7.5, gamma 0.9"
+
+
+@pytest.mark.parametrize("correction", ["none", "source_drift"])
+def test_run_reports_progress_for_every_step_of_both_runs(oc, correction):
+    """The UI bar: the loop and the drift run each call progress once per step they run, with the labels and
+    step counts the plan gives the adapter."""
+    plan = R.plan(oc.traj("ddim"), R.Choices(cfg=CFG, start_step=K, correction=correction), R.Prompts(oc.P, oc.NEG))
+    calls, runs = [], []
+
+    def guided(positive, negative, loop, steps, label):
+        runs.append((steps, label))
+        return loop(oc.step_fn(positive, negative), oc.x0.device, lambda *a: calls.append((label, a[0], a[1])))
+
+    R.run(plan, oc.traj("ddim"), guided)
+    want = [(N - K, "")] if correction == "none" else [(N - K, "source_drift"), (N - K, "")]
+    assert runs == want
+    for steps, label in want:
+        assert [c[1:] for c in calls if c[0] == label] == [(i, steps) for i in range(steps)], (label, calls)
