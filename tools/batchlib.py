@@ -28,6 +28,19 @@ class RunnerError(Exception):
     """A problem the user must fix (bad workflow, bad --set, no server): printed, exit status 2."""
 
 
+def run_cli(job) -> int:
+    """Run ``job()`` as a command's body: its exit status, a RunnerError printed as ``error: ...`` (status 2),
+    Ctrl-C as a hint to rerun the same command, which resumes (status 130)."""
+    try:
+        return job()
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
 class ServerGone(Exception):
     """The server stopped answering mid-image (the Ray job moves the image to another actor)."""
 

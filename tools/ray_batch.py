@@ -30,7 +30,7 @@ if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
     IMAGE_EXTS, Progress, Results, RunnerError, apply_overrides, find_image_node, list_images, load_workflow,
-    output_stems, parse_override, resolve_nodes, store)
+    output_stems, parse_override, resolve_nodes, run_cli, store)
 
 CLUSTER_EXCLUDES = [".git", ".venv", ".comfyui", ".cache", "out", "bench/out", "node_modules", "*.safetensors"]
 
@@ -330,14 +330,7 @@ def main(argv=None) -> int:
         args.actors = 0 if args.server else 1
     if args.timeout <= 0 or args.actors < 0 or args.moves < 0 or not (args.actors or args.server):
         p.error("--timeout must be > 0, --actors and --moves >= 0, and there must be an actor")
-    try:
-        return run(args)
-    except RunnerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ if _TOOLS not in sys.path:
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
     IMAGE_EXTS, Progress, Refused, Results, RunnerError, ServerGone, apply_overrides, extract_ui, figure_from,
     find_image_node, format_exec_error, format_prompt_error, history_error, list_images, load_workflow,
-    normalize_server, output_name, output_stems, store, unreachable_message, ws_url)
+    normalize_server, output_name, output_stems, run_cli, store, unreachable_message, ws_url)
 
 HISTORY_POLL_S = 5.0
 MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold
@@ -215,14 +215,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
-    try:
-        return asyncio.run(run_async(args))
-    except RunnerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_cli(lambda: asyncio.run(run_async(args)))
 
 
 if __name__ == "__main__":
