@@ -4,6 +4,7 @@ websocket messages, timeouts, hostile output names). Counts what it was asked: `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import uuid
@@ -168,3 +169,27 @@ class FakeComfy:
         if q["type"] != "output" or not (self.files or q["subfolder"] == "ddiminv"):
             raise web.HTTPBadRequest(text="unexpected /view query")
         return web.Response(body=PNG + q["filename"].encode(), content_type="image/png")
+
+
+@contextlib.contextmanager
+def fake_batch(tmp: Path, workflow: dict, n_images: int):
+    """A batch job's inputs under ``tmp``: ``(workflow file, folder of n distinct fake PNGs, output folder,
+    make)``, where ``make(mode, **kw)`` starts a :class:`FakeComfy`; every server made is stopped on exit."""
+    wf = Path(tmp) / "wf.api.json"
+    wf.write_text(json.dumps(workflow))
+    imgs = Path(tmp) / "imgs"
+    imgs.mkdir()
+    for i in range(n_images):
+        (imgs / f"im{i}.png").write_bytes(PNG + bytes([i]))
+    servers = []
+
+    def make(mode="ok", **kw):
+        s = FakeComfy(mode, **kw)
+        servers.append(s)
+        return s
+
+    try:
+        yield wf, imgs, Path(tmp) / "out", make
+    finally:
+        for s in servers:
+            s.stop()

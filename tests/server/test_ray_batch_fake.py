@@ -17,7 +17,7 @@ if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
 import ray_batch  # noqa: E402
-from ddiminv_dev.fake_comfy import PNG, FakeComfy  # noqa: E402
+from ddiminv_dev.fake_comfy import PNG, fake_batch  # noqa: E402
 
 WF = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}},
@@ -35,22 +35,8 @@ def local_ray():
 
 @pytest.fixture
 def setup(tmp_path, local_ray):
-    wf = tmp_path / "wf.api.json"
-    wf.write_text(json.dumps(WF))
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i in range(6):
-        (imgs / f"im{i}.png").write_bytes(PNG + bytes([i]))
-    servers = []
-
-    def make(mode="ok", **kw):
-        s = FakeComfy(mode, **kw)
-        servers.append(s)
-        return s
-
-    yield wf, imgs, tmp_path / "out", make
-    for s in servers:
-        s.stop()
+    with fake_batch(tmp_path, WF, 6) as job:
+        yield job
 
 
 def _run(wf, src, out, *servers, extra=()):

@@ -20,7 +20,7 @@ if str(ROOT / "tools") not in sys.path:
 
 import batchlib as lib  # noqa: E402
 import runner  # noqa: E402
-from ddiminv_dev.fake_comfy import PNG, FakeComfy  # noqa: E402
+from ddiminv_dev.fake_comfy import PNG, FakeComfy, fake_batch  # noqa: E402
 
 WF = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}},
@@ -32,22 +32,8 @@ WF = {
 
 @pytest.fixture
 def setup(tmp_path):
-    wf = tmp_path / "wf.api.json"
-    wf.write_text(json.dumps(WF))
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i in range(5):
-        (imgs / f"im{i}.png").write_bytes(PNG + bytes([i]))
-    servers = []
-
-    def make(mode="ok", **kw):
-        s = FakeComfy(mode, **kw)
-        servers.append(s)
-        return s
-
-    yield wf, imgs, tmp_path / "out", make
-    for s in servers:
-        s.stop()
+    with fake_batch(tmp_path, WF, 5) as job:
+        yield job
 
 
 def _args(wf, imgs, out, server, extra=()):
