@@ -55,8 +55,8 @@ def background_swap(scene: R.Scene, background: str, bg_x: int | None = None, bg
     if background == scene.background:
         raise ValueError(f"background_swap: the scene is already on {background}; pick another background")
     if background in R.TEXTURES:
-        bx = bg_x if bg_x is not None else min(scene.bg_x, R.TEXTURE_SIDE - 64) if scene.bg_x < R.TEXTURE_SIDE else 0
-        by = bg_y if bg_y is not None else min(scene.bg_y, R.TEXTURE_SIDE - 64) if scene.bg_y < R.TEXTURE_SIDE else 0
+        bx = bg_x if bg_x is not None else min(scene.bg_x, R.TEXTURE_SIDE - R.REF) if scene.bg_x < R.TEXTURE_SIDE else 0
+        by = bg_y if bg_y is not None else min(scene.bg_y, R.TEXTURE_SIDE - R.REF) if scene.bg_y < R.TEXTURE_SIDE else 0
     else:
         bx = bg_x if bg_x is not None else scene.bg_x
         by = bg_y if bg_y is not None else scene.bg_y

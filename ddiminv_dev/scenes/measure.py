@@ -69,12 +69,12 @@ def read_shape(mask: np.ndarray) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _bg_refs() -> tuple[np.ndarray, tuple]:
+def _bg_refs(size: int = R.SIZE) -> tuple[np.ndarray, tuple]:
     rng = np.random.default_rng(0)
     feats, names = [], []
     for b in R.BACKGROUNDS:
         for _ in range(6):
-            sc = R.layout(rng, [("red", "circle")], b, "test")
+            sc = R.layout(rng, [("red", "circle")], b, "test", size)
             bg = R.background(sc)
             feats.append(_bg_features(bg, np.zeros(bg.shape[:2], bool)))
             names.append(b)
@@ -93,7 +93,7 @@ def _bg_features(image: np.ndarray, objects: np.ndarray) -> np.ndarray:
 def read_background(image: np.ndarray, objects: np.ndarray) -> str:
     """The background nearest (mean RGB, mean gradient) to ``image`` outside ``objects`` (bool [H, W], dilated by
     2 px here)."""
-    refs, names = _bg_refs()
+    refs, names = _bg_refs(int(image.shape[0]))
     f = _bg_features(image, dilate(np.asarray(objects, bool), 2))
     return names[int(np.argmin(((refs - f) ** 2).sum(1)))]
 

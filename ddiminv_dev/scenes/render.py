@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-VERSION = "1"  # bump when a change alters rendered pixels (cached training pools are keyed on it)
-SIZE = 64  # default picture side (px)
+VERSION = "2"  # bump when a change alters rendered pixels (cached training pools are keyed on it)
+SIZE = 128  # default picture side (px): 16x16 latent cells, so shapes survive the VAE round trip
+REF = 64  # the side at which object sizes, gaps and texture crops are given (scaled by size / REF)
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> RGB (uint8): saturated and far apart, none close to a background's mean
@@ -42,10 +43,11 @@ BACKGROUNDS = tuple(TEXTURES) + tuple(PLAIN)
 # colour x shape pairs the training sampler never draws (generalisation is measured on them)
 HELD_OUT = frozenset({("green", "triangle"), ("yellow", "circle")})
 TEXTURE_SIDE = 256  # textures are resized to this side before cropping
-TRAIN_MAX_X = 112  # training crops start at x in [0, TRAIN_MAX_X]: they cover columns [0, 176) at SIZE 64
+TRAIN_MAX_X = 112  # training crops (REF px wide) start at x in [0, TRAIN_MAX_X]: they cover columns [0, 176)
 TEST_MIN_X = 176  # test crops start at x >= 176: columns never in a training crop
-MIN_HALF, MAX_HALF = 8, 14  # object half-size range at SIZE 64 (objects 16..28 px: 2..3.5 latent cells)
+MIN_HALF, MAX_HALF = 8, 14  # object half-size range at REF (at SIZE 128: objects 32..56 px, 4..7 latent cells)
 GAP = 2  # px between the bounding circles of two objects (and to the border)
+MIN_DX = 4  # px at REF between two objects' centre x, so that "left to right" (the caption's order) is never a tie
 REACH = 1.3  # bounding-circle radius / half-size: every shape (square corners 1.22, triangle corners 1.28) fits
 
 
@@ -109,10 +111,10 @@ def background(scene: Scene) -> np.ndarray:
     s = scene.size
     if scene.background in TEXTURES:
         tex = _texture(scene.background)
-        crop = tex[scene.bg_y:scene.bg_y + 64, scene.bg_x:scene.bg_x + 64]  # a 64 px crop, resized to size
-        if crop.shape[:2] != (64, 64):
+        crop = tex[scene.bg_y:scene.bg_y + REF, scene.bg_x:scene.bg_x + REF]  # a REF px crop, resized to size
+        if crop.shape[:2] != (REF, REF):
             raise ValueError(f"texture offset ({scene.bg_x}, {scene.bg_y}) out of range")
-        if s != 64:
+        if s != REF:
             import skimage.transform
             crop = skimage.transform.resize(crop, (s, s), order=1, preserve_range=True)
         return np.clip(np.round(crop), 0, 255).astype(np.uint8)
@@ -205,14 +207,15 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str]], str]:
 # ------------------------------------------------------------------------------------------------ sampling
 def _place(rng: np.random.Generator, n: int, size: int, tries: int = 200):
     """n non-overlapping (cx, cy, half), or None."""
-    k = size / SIZE
+    k = size / REF
     for _ in range(tries):
         out = []
         for _i in range(n):
             h = float(rng.uniform(MIN_HALF, MAX_HALF)) * k
             lo, hi = h + GAP * k, size - h - GAP * k
             cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
-            if any((cx - x) ** 2 + (cy - y) ** 2 < (REACH * (h + hh) + GAP * k) ** 2 for x, y, hh in out):
+            if any((cx - x) ** 2 + (cy - y) ** 2 < (REACH * (h + hh) + GAP * k) ** 2 or abs(cx - x) < MIN_DX * k
+                   for x, y, hh in out):
                 break
             out.append((cx, cy, h))
         else:
@@ -231,8 +234,8 @@ def layout(rng: np.random.Generator, pairs, background_word: str, split: str = "
     spots.sort(key=lambda s: s[0])
     objs = tuple(Obj(shape, colour, cx, cy, h) for (colour, shape), (cx, cy, h) in zip(pairs, spots, strict=True))
     if background_word in TEXTURES:
-        x0, x1 = (0, TRAIN_MAX_X) if split == "train" else (TEST_MIN_X, TEXTURE_SIDE - 64)
-        bx, by = int(rng.integers(x0, x1 + 1)), int(rng.integers(0, TEXTURE_SIDE - 64 + 1))
+        x0, x1 = (0, TRAIN_MAX_X) if split == "train" else (TEST_MIN_X, TEXTURE_SIDE - REF)
+        bx, by = int(rng.integers(x0, x1 + 1)), int(rng.integers(0, TEXTURE_SIDE - REF + 1))
     else:
         bx, by = int(rng.integers(0, 2**20)), int(rng.integers(0, 2**20))
         bx += 0 if split == "train" else 2**20  # test noise seeds never equal training ones

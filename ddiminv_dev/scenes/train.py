@@ -76,7 +76,7 @@ def training_captions(seed: int = CAPTIONS_SEED, n2: int = N2, n3: int = N3) -> 
 
 
 def render_pool(captions, layouts=LAYOUTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 64, 64, 3], caption index [N]): ``layouts[k-1]`` random training layouts per caption."""
+    """(images uint8 [N, SIZE, SIZE, 3], caption index [N]): ``layouts[k-1]`` random training layouts per caption."""
     rng = np.random.default_rng(int(seed))
     ims, idx = [], []
     for i, (pairs, b) in enumerate(captions):
@@ -162,7 +162,7 @@ def train_vae(out_dir, iterations: int, seed: int = VAE_SEED, batch: int = 16, s
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (it - start + 1) / 50)
         i = torch.randint(0, len(xs), (batch,), generator=g)
-        oy, ox = torch.randint(0, 64 - size + 1, (2,), generator=g).tolist()
+        oy, ox = torch.randint(0, xs.shape[-1] - size + 1, (2,), generator=g).tolist()
         x = xs[i][:, :, oy:oy + size, ox:ox + size]
         y = m.taesd_decoder(m.taesd_encoder(x))
         loss = F.l1_loss(y, x) + F.mse_loss(y, x)
@@ -207,7 +207,7 @@ def _pool_key(vae_path: Path, captions) -> str:
 
 @torch.no_grad()
 def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(model-space latents [N, 4, 8, 8], caption index [N]) of the rendered pool; cached per VAE and captions."""
+    """(model-space latents [N, 4, SIZE/8, SIZE/8], caption index [N]) of the rendered pool; cached per VAE and captions."""
     path = cache_dir() / f"pool-{_pool_key(vae_path, captions)}.pt"
     if path.exists():
         d = torch.load(path, map_location="cpu", weights_only=True)
@@ -225,7 +225,7 @@ def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tenso
 
 def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch: int = 32, lr: float = 5e-4,
                rank: int = RANK, drop: float = 0.1, ema: float = 0.999, captions=None, save_minutes: float = 4.0,
-               log=None) -> Path:
+               log=None, device: str = "cpu") -> Path:
     """Train the low-rank UNet up to ``iterations`` in all; writes ``out_dir/unet_lowrank.safetensors`` (fp16
     EMA factors) and ``out_dir/unet_state.pt`` (full state, git-ignored by its suffix... keep it out of git)."""
     from ddiminv_dev.learned import lowrank
@@ -238,10 +238,10 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
     texts = [R.caption_of([tuple(p) for p in ps], b) for ps, b in captions] + [""]
     t0 = time.perf_counter()
     ms = LT.sd15_model_sampling()
-    contexts = encode_texts(texts, log=log)
+    contexts = encode_texts(texts, log=log).to(device)
     pool, index = latent_pool(vae_path, captions, log=log)
     empty = len(texts) - 1
-    unet = lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed)
+    unet = lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed).to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(int(seed))
@@ -249,7 +249,7 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(st["model"])
-        avg = st["ema"]
+        avg = {k: v.to(device) for k, v in st["ema"].items()}
         opt.load_state_dict(st["opt"])
         g.set_state(st["rng"])
         start = int(st["iterations"])
@@ -270,7 +270,7 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
     last_save = time.perf_counter()
 
     def save(it):
-        LT.save({k: v.to(torch.float16).contiguous() for k, v in avg.items()}, out,
+        LT.save({k: v.to(torch.float16).cpu().contiguous() for k, v in avg.items()}, out,
                 {"iterations": it, "seed": seed, "rank": rank, "captions": len(texts) - 1,
                  "init": "learned model factors", "loss": f"{run:.4f}"})
         tmp = state_path.with_suffix(".tmp")
@@ -285,10 +285,10 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
         x0, cls = pool[idx], index[idx].clone()
         cls[torch.rand(batch, generator=g) < drop] = empty
         sigma = sigmas[torch.randint(0, len(sigmas), (batch,), generator=g)]
-        eps = torch.randn(x0.shape, generator=g)
+        eps = torch.randn(x0.shape, generator=g)  # drawn on the CPU: the same run on any device
         xc = ms.calculate_input(sigma, x0 + eps * sigma.view(-1, 1, 1, 1))
-        pred = unet(xc, ms.timestep(sigma).float(), context=contexts[cls].float())
-        loss = F.mse_loss(pred, eps)
+        pred = unet(xc.to(device), ms.timestep(sigma).float().to(device), context=contexts[cls.to(device)].float())
+        loss = F.mse_loss(pred, eps.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -27,8 +27,8 @@ def test_deterministic_per_seed():
 def test_render_layout():
     for sc in _scenes():
         r = R.render(sc)
-        assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
-        assert r.masks.shape == (len(sc.objects), 64, 64)
+        assert r.image.shape == (R.SIZE, R.SIZE, 3) and r.image.dtype == np.uint8
+        assert r.masks.shape == (len(sc.objects), R.SIZE, R.SIZE)
         assert (r.masks.sum(0) <= 1).all(), "objects overlap"
         assert all(m.sum() >= 110 for m in r.masks), "an object is smaller than ~2 latent cells across"
         cx = [o.cx for o in sc.objects]
@@ -111,7 +111,7 @@ def test_textures_of_test_scenes_are_unseen_columns():
     for s in range(40):
         tr, te = R.sample_scene(s, "train"), R.sample_scene(s, "test")
         if tr.background in R.TEXTURES:
-            assert tr.bg_x + 64 <= R.TEST_MIN_X
+            assert tr.bg_x + R.REF <= R.TEST_MIN_X
         if te.background in R.TEXTURES:
             assert te.bg_x >= R.TEST_MIN_X
 
