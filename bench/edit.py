@@ -17,6 +17,11 @@ pack's nodes and core ComfyUI nodes; the result is scored against the source and
 * ``gt_psnr``: the whole result against the ground-truth edit, next to ``gt_ceiling``: decode(encode(ground truth))
   against the ground truth, the best a latent model can score.
 
+Means count every item: a perfect result (infinite PSNR) counts as :data:`PSNR_CAP` dB (more than any imperfect
+uint8 picture scores). ``seconds`` charges a row for everything it uses, the inversion and encoding it shares with
+other rows included (each computed once, then charged to every row that uses it); ``shared_seconds`` is that part.
+Every row samples with the one scheduler :data:`SCHED`, SDEdit included.
+
 A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR/edit.json``,
 ``DIR/edit_grid.png`` (a row per item; columns: source, ground truth, then one per method) and
 ``DIR/edit_plot.png`` (accuracy against background PSNR).
@@ -42,6 +47,8 @@ from ddiminv_dev.scenes import measure as M  # noqa: E402
 from ddiminv_dev.scenes import render as R  # noqa: E402
 
 SCHED = "ddim_uniform"
+PSNR_CAP = 100.0  # dB a perfect item counts as in the means (one uint8 level off at one pixel of 128x128 is 95 dB)
+_clock = time.perf_counter
 NULLTEXT = dict(iterations=10, learning_rate=0.01, early_stop=1e-5)
 
 
@@ -53,6 +60,45 @@ class Batch:
     src: list = field(default_factory=list)  # Rendered
     gt: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)  # key -> seconds of building it, without what it used from the cache
+    deps: dict = field(default_factory=dict)  # key -> the cache keys its building used
+    used: set = field(default_factory=set)  # cache keys used by the method now running
+    building: list = field(default_factory=list)  # seconds spent in nested builds, per open build
+
+
+def cached(b: Batch, key: str, build):
+    """``b.cache[key]``, built once by ``build()``; the cost is recorded so that every row using it is charged."""
+    if key not in b.cache:
+        outer, b.used = b.used, set()
+        b.building.append(0.0)
+        t = _clock()
+        try:
+            b.cache[key] = build()
+        finally:
+            total, inner = _clock() - t, b.building.pop()
+            b.cost[key], b.deps[key], b.used = total - inner, b.used, outer
+            if b.building:
+                b.building[-1] += total
+    b.used.add(key)
+    return b.cache[key]
+
+
+def timed(b: Batch, fn) -> tuple:
+    """(fn(), seconds charged, shared seconds): the call's own time plus the full cost of every cached value it used
+    (and what those used), whether built during this call or before."""
+    b.used = set()
+    b.building.append(0.0)
+    t = _clock()
+    value = fn()
+    elapsed, built = _clock() - t, b.building.pop()
+    todo, seen = list(b.used), set()
+    while todo:
+        k = todo.pop()
+        if k not in seen:
+            seen.add(k)
+            todo += b.deps.get(k, ())
+    shared = sum(b.cost[k] for k in seen)
+    return value, elapsed - built + shared, shared
 
 
 class Setup:
@@ -103,18 +149,15 @@ def _neg(S, b):
 
 
 def _latent(S, b):
-    if "latent" not in b.cache:
-        b.cache["latent"] = S.encode([r.image for r in b.src])
-    return b.cache["latent"]
+    return cached(b, "latent", lambda: S.encode([r.image for r in b.src]))
 
 
 def _invert(S, b, method="ddim"):
-    key = "traj-" + method
-    if key not in b.cache:
+    def build():
         out = B.pack("nodes.invert").DDIMInvert.execute(S.model, _src(S, b), _neg(S, b), _latent(S, b), S.steps,
                                                         1.0, SCHED, method)
-        b.cache[key] = B.first(out, 2)
-    return b.cache[key]
+        return B.first(out, 2)
+    return cached(b, "traj-" + method, build)
 
 
 def _sample(S, b, traj, **kw):
@@ -124,7 +167,7 @@ def _sample(S, b, traj, **kw):
 
 def sdedit(denoise: float):
     def run(S, b):
-        out = B.call("KSampler", S.model, S.seed, S.steps, S.cfg, "euler", "normal", _tgt(S, b), _neg(S, b),
+        out = B.call("KSampler", S.model, S.seed, S.steps, S.cfg, "euler", SCHED, _tgt(S, b), _neg(S, b),
                      _latent(S, b), denoise)
         return B.first(out)["samples"]
     return run
@@ -202,7 +245,10 @@ def score(edit: E.Edit, src: R.Rendered, gt: R.Rendered, result: np.ndarray) -> 
 
 
 def mean(v):
-    v = [x for x in v if x is not None and math.isfinite(x)]
+    """Mean over the items that have the measure (None: not measurable); +inf (a perfect PSNR) counts as PSNR_CAP."""
+    v = [PSNR_CAP if x == math.inf else x for x in v if x is not None]
+    if any(not math.isfinite(x) for x in v):
+        raise ValueError(f"mean: a non-finite measure {v}; a measure is a number, +inf (perfect PSNR) or None")
     return float(np.mean(v)) if v else None
 
 
@@ -212,13 +258,12 @@ def run(S, batches, methods, log=print) -> tuple[list, dict]:
         gt_dec = S.decode(B.first(B.call("VAEEncode", S.vae, S.pixels([r.image for r in b.gt])))["samples"])
         ceiling = [M.psnr(d, r.image) for d, r in zip(gt_dec, b.gt, strict=True)]
         for name in methods:
-            t = time.perf_counter()
-            result = S.decode(METHODS[name](S, b))
-            seconds = time.perf_counter() - t
+            latent, seconds, shared = timed(b, lambda: METHODS[name](S, b))  # noqa: B023 (called at once)
+            result = S.decode(latent)
             per = [score(e, s, g, r) for e, s, g, r in zip(b.edits, b.src, b.gt, result, strict=True)]
             row = {"method": name, "edit": b.kind, "n": len(per),
                    **{k: mean([p[k] for p in per]) for k in ("accuracy", "iou", "bg_psnr", "bg_ssim", "gt_psnr")},
-                   "gt_ceiling": mean(ceiling), "seconds": seconds, "per_item": per}
+                   "gt_ceiling": mean(ceiling), "seconds": seconds, "shared_seconds": shared, "per_item": per}
             rows.append(row)
             pictures[(b.kind, name)] = result
             log(f"{b.kind:10s} {name:32s} acc {row['accuracy']:.2f} iou {row['iou']:.2f} "
@@ -227,10 +272,10 @@ def run(S, batches, methods, log=print) -> tuple[list, dict]:
     return rows, pictures
 
 
-def grid(batches, pictures, methods, path: Path, scale: int = 2) -> None:
+def grid(batches, pictures, methods, path: Path, scale: int = 1) -> None:
     """A row per item (its edit and target caption on the left); columns: source, ground truth, each method."""
     from PIL import Image, ImageDraw
-    label_w, side, head = 230, 64 * scale, 28
+    label_w, side, head = 230, batches[0].src[0].image.shape[0] * scale, 28
     cols = ["source", "ground truth", *methods]
     n_rows = sum(len(b.edits) for b in batches)
     img = Image.new("RGB", (label_w + side * len(cols), head + side * n_rows), "white")
@@ -325,7 +370,7 @@ def main(argv=None) -> int:
     rows, pictures = run(S, batches, methods)
     a.out.mkdir(parents=True, exist_ok=True)
     data = {"model": a.model, "checkpoint": S.checkpoint, "weights": S.weights, "seed": a.seed,
-            "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg,
+            "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg, "scheduler": SCHED, "psnr_cap_db": PSNR_CAP,
             "command": " ".join(["bench/edit.py", *(sys.argv[1:] if argv is None else argv)]),
             "items": {b.kind: [{"source": e.source_caption, "target": e.target_caption, "held_out_target": held_out(e)}
                                for e in b.edits] for b in batches},

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save-minutes", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", default=None, help="also append the progress lines to this file")
-    ap.add_argument("--device", default="cpu", help="torch device of the UNet training (e.g. cuda); the VAE trains on the CPU")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the UNet training (e.g. cuda); the VAE trains on the CPU")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)

@@ -63,10 +63,13 @@ def background_swap(scene: R.Scene, background: str, bg_x: int | None = None, bg
     return Edit("background", scene, replace(scene, background=background, bg_x=int(bx), bg_y=int(by)), None)
 
 
-def random_edit(rng: np.random.Generator, scene: R.Scene, kind: str) -> Edit:
-    """A random edit of ``kind`` (any target, held-out pairs included: the benchmark measures them)."""
+def random_edit(rng: np.random.Generator, scene: R.Scene, kind: str, split: str = "test") -> Edit:
+    """A random edit of ``kind`` (any target, held-out pairs included: the benchmark measures them). A background
+    edit's target texture crop (or noise seed) is drawn from ``split``'s range, so a test item never shows a
+    training background."""
     if kind == "background":
-        return background_swap(scene, str(rng.choice([b for b in R.BACKGROUNDS if b != scene.background])))
+        target = str(rng.choice([b for b in R.BACKGROUNDS if b != scene.background]))
+        return background_swap(scene, target, *R.background_offsets(rng, target, split))
     i = int(rng.integers(0, len(scene.objects)))
     o = scene.objects[i]
     if kind == "colour":

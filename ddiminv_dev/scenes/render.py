@@ -233,13 +233,19 @@ def layout(rng: np.random.Generator, pairs, background_word: str, split: str = "
             break
     spots.sort(key=lambda s: s[0])
     objs = tuple(Obj(shape, colour, cx, cy, h) for (colour, shape), (cx, cy, h) in zip(pairs, spots, strict=True))
+    return Scene(objs, background_word, *background_offsets(rng, background_word, split), size)
+
+
+def background_offsets(rng: np.random.Generator, background_word: str, split: str = "train") -> tuple[int, int]:
+    """(bg_x, bg_y) of a random ``background_word`` of ``split``: a texture crop from the split's columns, or a
+    procedural noise seed from the split's range (test seeds are >= 2**20, training ones below)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if background_word in TEXTURES:
         x0, x1 = (0, TRAIN_MAX_X) if split == "train" else (TEST_MIN_X, TEXTURE_SIDE - REF)
-        bx, by = int(rng.integers(x0, x1 + 1)), int(rng.integers(0, TEXTURE_SIDE - REF + 1))
-    else:
-        bx, by = int(rng.integers(0, 2**20)), int(rng.integers(0, 2**20))
-        bx += 0 if split == "train" else 2**20  # test noise seeds never equal training ones
-    return Scene(objs, background_word, bx, by, size)
+        return int(rng.integers(x0, x1 + 1)), int(rng.integers(0, TEXTURE_SIDE - REF + 1))
+    bx, by = int(rng.integers(0, 2**20)), int(rng.integers(0, 2**20))
+    return bx + (0 if split == "train" else 2**20), by  # test noise seeds never equal training ones
 
 
 def allowed_pairs(split: str = "train") -> list[tuple[str, str]]:

@@ -207,7 +207,8 @@ def _pool_key(vae_path: Path, captions) -> str:
 
 @torch.no_grad()
 def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(model-space latents [N, 4, SIZE/8, SIZE/8], caption index [N]) of the rendered pool; cached per VAE and captions."""
+    """(model-space latents [N, 4, SIZE/8, SIZE/8], caption index [N]) of the rendered pool; cached per VAE and
+    captions."""
     path = cache_dir() / f"pool-{_pool_key(vae_path, captions)}.pt"
     if path.exists():
         d = torch.load(path, map_location="cpu", weights_only=True)
