@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save-minutes", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", default=None, help="also append the progress lines to this file")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop the UNet after this many minutes of training (saved; the next run resumes)")
     ap.add_argument("--device", default="cpu",
                     help="torch device of the UNet training (e.g. cuda); the VAE trains on the CPU")
     args = ap.parse_args(argv)
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     if args.unet_iters > 0:
         caps = train.training_captions(n2=args.n2, n3=args.n3)
         unet = train.train_unet(args.out, vae, iterations=args.unet_iters, batch=args.batch, captions=caps,
-                                save_minutes=args.save_minutes, log=args.log, device=args.device)
+                                save_minutes=args.save_minutes, log=args.log, device=args.device,
+                                minutes=args.minutes)
         print(f"UNet: {args.unet_iters} iterations -> {unet}")
     print(f"total {time.perf_counter() - t0:.0f}s")
     return 0

@@ -226,8 +226,9 @@ def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tenso
 
 def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch: int = 32, lr: float = 5e-4,
                rank: int = RANK, drop: float = 0.1, ema: float = 0.999, captions=None, save_minutes: float = 4.0,
-               log=None, device: str = "cpu") -> Path:
-    """Train the low-rank UNet up to ``iterations`` in all; writes ``out_dir/unet_lowrank.safetensors`` (fp16
+               log=None, device: str = "cpu", minutes: float | None = None) -> Path:
+    """Train the low-rank UNet up to ``iterations`` in all (or until ``minutes`` of training have passed, then save
+    and stop: a run that resumes continues exactly); writes ``out_dir/unet_lowrank.safetensors`` (fp16
     EMA factors) and ``out_dir/unet_state.pt`` (full state, git-ignored by its suffix... keep it out of git)."""
     from ddiminv_dev.learned import lowrank
     from ddiminv_dev.learned.build import UNET_FILE as LU, WEIGHTS
@@ -279,6 +280,7 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
                     "iterations": it}, tmp)
         tmp.replace(state_path)
 
+    t_train = time.perf_counter()
     for it in range(start, iterations):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (it + 1) / 100)
@@ -301,10 +303,12 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
                     avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
         lv = float(loss.detach())
         run = lv if run is None else 0.99 * run + 0.01 * lv
-        done = it + 1 == iterations
+        done = it + 1 == iterations or (minutes is not None and time.perf_counter() - t_train > minutes * 60)
         if (it + 1) % 25 == 0 or done:
             _log(log, f"unet it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
         if done or time.perf_counter() - last_save > save_minutes * 60:
             save(it + 1)
             last_save = time.perf_counter()
+        if done:
+            break
     return out

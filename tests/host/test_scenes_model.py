@@ -79,3 +79,15 @@ def test_assembled_checkpoint_loads_as_sd15_and_is_the_trained_model(booted, tra
         z_ref = m.encode(px * 2 - 1)
         z = vae.encode(px.movedim(1, -1))
         assert (z.float() - z_ref).abs().max() <= 2e-2 * z_ref.abs().max()
+
+
+def test_a_time_budget_stops_after_saving(trained, tmp_path):
+    """``minutes`` ends the run early (here after its first iteration) with the weights saved, so the next run
+    resumes from there instead of losing the work."""
+    import shutil
+    for f in (train.VAE_FILE, train.UNET_FILE, "unet_state.pt"):
+        shutil.copy(trained / f, tmp_path / f)
+    start = int(_meta(tmp_path / train.UNET_FILE)["iterations"])
+    train.train_unet(tmp_path, tmp_path / train.VAE_FILE, iterations=start + 50, batch=2, captions=CAPTIONS, minutes=0)
+    assert _meta(tmp_path / train.UNET_FILE)["iterations"] == str(start + 1)
+    assert torch.load(tmp_path / "unet_state.pt", weights_only=False)["iterations"] == start + 1
