@@ -4,6 +4,7 @@ them inside OUT, results.json/results.csv, the error texts of ComfyUI's answers,
 import contextlib
 import copy
 import csv
+import hashlib
 import io
 import json
 import os
@@ -125,6 +126,15 @@ def find_image_node(prompt: dict, spec=None) -> str:
     return ids[0]
 
 
+def settings_key(prompt: dict, image_node: str) -> str:
+    """A hash of everything an item's result depends on but its image: the workflow after --set and manifest
+    values, and the node that gets the image (whose placeholder image name is left out)."""
+    prompt = copy.deepcopy(prompt)
+    prompt[image_node]["inputs"].pop("image", None)
+    text = json.dumps({"prompt": prompt, "image_node": image_node}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
 def list_images(folder) -> list:
     if not Path(folder).is_dir():
         raise RunnerError(f"--images {folder}: not a folder")
@@ -240,8 +250,24 @@ class Results:
             r.images = {k: v for k, v in imgs.items() if isinstance(v, dict)} if isinstance(imgs, dict) else {}
         return r
 
-    def done(self, name: str) -> bool:
-        return self.images.get(name, {}).get("status") == "ok"
+    def done(self, name: str, key=None) -> bool:
+        """Ok, and (given the item's settings_key) made with these settings."""
+        rec = self.images.get(name, {})
+        return rec.get("status") == "ok" and (key is None or rec.get("settings") == key)
+
+    def todo(self, keys: dict, progress, noun: str = "item") -> list:
+        """The names of ``keys`` (name -> settings_key) not yet done with their settings, in order; says on
+        ``progress`` how many are resumed and which are redone because their settings changed."""
+        todo = [n for n in keys if not self.done(n, keys[n])]
+        if changed := [n for n in todo if self.done(n)]:
+            progress.line(f"{len(changed)} {noun}(s) done with other settings are redone: "
+                          + ", ".join(changed[:20]) + (", ..." if len(changed) > 20 else ""))
+        if len(todo) < len(keys):
+            progress.line(f"resuming: {len(keys) - len(todo)} {noun}(s) already ok in {self.json_path}, "
+                          f"{len(todo)} to do")
+        if not todo:
+            progress.line("nothing to do")
+        return todo
 
     def record(self, name: str, rec: dict) -> None:
         self.images[name] = {"image": name, **rec}

@@ -12,8 +12,9 @@ own one ComfyUI server (started by the actor, on the GPU Ray gives it, or an exi
 
 The actor calls tools/runner.py's one-server ``Client``; the driver (this process) reads the images, writes the
 outputs to OUT/<item>/ and results.json/results.csv after every item, so a rerun with the same --out skips the
-items already ok. Ray places the actors (CPUs/GPUs), restarts a crashed actor and retries its call; an item whose
-server stops answering goes to another actor (at most --moves times) and that actor is retired.
+items already ok with the same settings and redoes those done with other settings (a hash in each record). Ray
+places the actors (CPUs/GPUs), restarts a crashed actor and retries its call; an item whose server stops answering
+goes to another actor (at most --moves times) and that actor is retired.
 Exit status: 0 all ok, 1 some item failed, 2 usage error, Ray missing or no actor ready.
 """
 import argparse
@@ -30,7 +31,7 @@ if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
     IMAGE_EXTS, Progress, Results, RunnerError, apply_overrides, find_image_node, list_images, load_workflow,
-    output_stems, parse_override, resolve_nodes, run_cli, store)
+    output_stems, parse_override, run_cli, settings_key, store)
 
 CLUSTER_EXCLUDES = [".git", ".venv", ".comfyui", ".cache", "out", "bench/out", "node_modules", "*.safetensors"]
 
@@ -239,18 +240,14 @@ def run(args) -> int:
     if not items:
         raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})" if args.images else
                           f"--manifest {args.manifest}: no items")
-    for _, sets in items.values():  # a manifest column that names no node: before anything runs
-        for target, _, _ in sets:
-            resolve_nodes(template, target)
+    # every item's prompt, before anything runs (a manifest column that names no node is an error here)
+    prompts = {ident: apply_overrides(template, sets) for ident, (_, sets) in items.items()}
+    keys = {ident: settings_key(p, image_node) for ident, p in prompts.items()}
     out = Path(args.out)
     results = Results.load(out, {"workflow": str(args.workflow), "images_dir": str(args.images or ""),
                                  "manifest": str(args.manifest or ""), "overrides": args.set})
-    dirs, todo = output_stems(items), [n for n in items if not results.done(n)]
-    if len(todo) < len(items):
-        progress.line(f"resuming: {len(items) - len(todo)} item(s) already ok in {results.json_path}, "
-                      f"{len(todo)} to do")
-    if not todo:
-        progress.line("nothing to do")
+    dirs = output_stems(items)
+    if not (todo := results.todo(keys, progress)):
         return 0
     ray = import_ray()
     own = not ray.is_initialized()
@@ -266,19 +263,19 @@ def run(args) -> int:
         progress.start(len(todo))
 
         def submit(actor, name):
-            path, sets = items[name]
+            path = items[name][0]
             try:
                 data = path.read_bytes()
             except OSError as e:
                 finish(name, None, f"cannot read {path}: {e.strerror or e}")
                 return None
-            return actor.run.remote(path.name, data, apply_overrides(template, sets), image_node)
+            return actor.run.remote(path.name, data, prompts[name], image_node)
 
         def finish(name, result, error):
             if result is None:
                 rec = {"server": None, "status": "error", "error": error, "outputs": []}
             else:
-                rec = store(*result, out / dirs[name], out)
+                rec = store({**result[0], "settings": keys[name]}, result[1], out / dirs[name], out)
             results.record(name, rec)
             progress.done(name, rec)
 
@@ -292,7 +289,7 @@ def run(args) -> int:
             ray.kill(actor, no_restart=True)
         if own:
             ray.shutdown()
-    ok = sum(map(results.done, items))
+    ok = sum(results.done(n, keys[n]) for n in items)
     progress.line(f"done: {ok}/{len(items)} ok, {len(items) - ok} failed; results in {results.json_path}")
     return 0 if ok == len(items) else 1
 

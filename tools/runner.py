@@ -5,8 +5,10 @@
         --out results/ --server http://127.0.0.1:8188 --set "DDIMInvert.steps=20"
 
 Outputs go to OUT/<image stem>/; OUT/results.json and results.csv are rewritten after every image, and a rerun
-with the same --out skips the images already ok. Exit status: 0 all ok, 1 some image failed, 2 usage error or
-the server unreachable. Several servers, GPUs or machines: tools/ray_batch.py runs ``Client`` in Ray actors.
+with the same --out skips the images already ok with the same settings (the workflow after --set: its hash is
+in each record) and redoes, naming them, those done with other settings. Exit status: 0 all ok, 1 some image
+failed, 2 usage error or the server unreachable. Several servers, GPUs or machines: tools/ray_batch.py runs
+``Client`` in Ray actors.
 """
 import argparse
 import asyncio
@@ -27,7 +29,7 @@ if _TOOLS not in sys.path:
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
     IMAGE_EXTS, Progress, Refused, Results, RunnerError, ServerGone, apply_overrides, extract_ui, figure_from,
     find_image_node, format_exec_error, format_prompt_error, history_error, list_images, load_workflow,
-    normalize_server, output_name, output_stems, run_cli, store, unreachable_message, ws_url)
+    normalize_server, output_name, output_stems, run_cli, settings_key, store, unreachable_message, ws_url)
 
 HISTORY_POLL_S = 5.0
 MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold
@@ -162,12 +164,9 @@ async def run_async(args) -> int:
         raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})")
     out = Path(args.out)
     results = Results.load(out, {"workflow": str(args.workflow), "images_dir": str(args.images), "overrides": args.set})
-    dirs, todo = output_stems(images), [n for n in images if not results.done(n)]
-    if len(todo) < len(images):
-        progress.line(f"resuming: {len(images) - len(todo)} image(s) already ok in {results.json_path}, "
-                      f"{len(todo)} to do")
-    if not todo:
-        progress.line("nothing to do")
+    key = settings_key(template, image_node)
+    dirs, keys = output_stems(images), dict.fromkeys(images, key)
+    if not (todo := results.todo(keys, progress, "image")):
         return 0
     progress.start(len(todo))
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=max(60.0, args.timeout))
@@ -183,7 +182,7 @@ async def run_async(args) -> int:
                     try:
                         rec, files = await client.run(name, images[name].read_bytes(), template, image_node,
                                                       lambda data, n=name: progress.step(n, data))
-                        rec = store(rec, files, out / dirs[name], out)
+                        rec = store({**rec, "settings": key}, files, out / dirs[name], out)
                     except ServerGone as e:
                         gone = str(e)
                         progress.line(f"error: {gone}; the images left are not run")
@@ -195,7 +194,7 @@ async def run_async(args) -> int:
                 progress.done(name, rec)
         finally:
             await client.close()
-    ok = sum(map(results.done, images))
+    ok = sum(results.done(n, key) for n in images)
     progress.line(f"done: {ok}/{len(images)} ok, {len(images) - ok} failed; results in {results.json_path}")
     return 0 if ok == len(images) else 1
 

@@ -84,3 +84,25 @@ def test_usage_errors_before_anything_runs(tmp_path, capsys, monkeypatch):
     assert "none.csv: no items" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ray_batch.main(base + ["--images", str(tmp_path), "--actors", "-1"])
+
+
+def test_a_rerun_with_other_manifest_values_redoes_only_the_changed_items(tmp_path, capsys, monkeypatch):
+    wf = tmp_path / "w.json"
+    wf.write_text(json.dumps({"1": {"class_type": "LoadImage", "inputs": {"image": "x"}},
+                              "2": {"class_type": "DDIMInvert", "inputs": {"steps": 50}}}))
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("image,DDIMInvert.steps,id\na.png,10,one\na.png,10,two\n")
+    argv = ["--workflow", str(wf), "--out", str(tmp_path / "o"), "--server", "http://127.0.0.1:9",
+            "--manifest", str(tmp_path / "m.csv")]
+    results = lib.Results(tmp_path / "o")
+    for ident in ("one", "two"):  # both done with steps=10, as a run would have recorded them
+        prompt = lib.apply_overrides(lib.load_workflow(wf), [("DDIMInvert", "steps", 10)])
+        results.record(ident, {"status": "ok", "outputs": [], "settings": lib.settings_key(prompt, "1")})
+    monkeypatch.setattr(ray_batch, "import_ray", lambda: (_ for _ in ()).throw(lib.RunnerError("Ray started")))
+    assert ray_batch.main(argv) == 0 and "nothing to do" in capsys.readouterr().err
+    (tmp_path / "m.csv").write_text("image,DDIMInvert.steps,id\na.png,10,one\na.png,50,two\n")
+    assert ray_batch.main(argv) == 2  # it goes on to start Ray for the changed item
+    err = capsys.readouterr().err
+    assert "1 item(s) done with other settings are redone: two" in err and "error: Ray started" in err
+    assert ray_batch.main(argv + ["--set", "DDIMInvert.steps=50"]) == 2  # --set comes under the manifest's values
+    assert "1 item(s) done with other settings are redone: two" in capsys.readouterr().err

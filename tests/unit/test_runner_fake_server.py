@@ -310,3 +310,26 @@ def test_a_large_output_is_downloaded_whole(setup, monkeypatch):
     assert _main(_args(wf, imgs, out, a)) == 0
     files = sorted(out.rglob("rec_*.png"))
     assert len(files) == 5 and all(f.read_bytes() == big for f in files), [f.stat().st_size for f in files]
+
+
+def test_a_rerun_with_other_settings_redoes_its_images_and_says_which(setup, capsys, tmp_path):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[2:]:
+        p.unlink()
+    a = make()
+    assert _main(_args(wf, imgs, out, a)) == 0 and len(a.prompts) == 2
+    capsys.readouterr()
+    # other --set values: both images are redone with them, and the progress says which and why
+    assert _main(_args(wf, imgs, out, a, extra=("--set", "DDIM Invert.steps=5"))) == 0
+    assert [b["prompt"]["2"]["inputs"]["steps"] for b in a.prompts] == [3, 3, 5, 5]
+    err = capsys.readouterr().err
+    assert "2 image(s) done with other settings are redone: im0.png, im1.png" in err
+    keys = {n: r["settings"] for n, r in _results(out).items()}
+    assert _main(_args(wf, imgs, out, a, extra=("--set", "DDIM Invert.steps=5"))) == 0  # the same: nothing to do
+    assert len(a.prompts) == 4 and "nothing to do" in capsys.readouterr().err
+    # another workflow file with other contents: redone; each record keeps the settings it was made with
+    wf2 = tmp_path / "b.api.json"
+    wf2.write_text(json.dumps({**WF, "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "b"}}}))
+    assert _main(_args(wf2, imgs, out, a, extra=("--set", "DDIM Invert.steps=5"))) == 0
+    assert len(a.prompts) == 6 and [b["prompt"]["3"]["inputs"]["filename_prefix"] for b in a.prompts[4:]] == ["b"] * 2
+    assert all(r["settings"] != keys[n] for n, r in _results(out).items())
