@@ -77,8 +77,12 @@ class FakeComfy:
         f = post["image"]
         if post["type"] != "input" or post["overwrite"] != "true":
             raise web.HTTPBadRequest(text="upload fields")
-        self.uploads[f.filename], self.upload_types[f.filename] = f.file.read(), f.content_type
-        return web.json_response({"name": f.filename, "subfolder": "", "type": "input"})
+        sub = post.get("subfolder", "")
+        if sub.startswith("/") or ".." in sub.split("/"):
+            raise web.HTTPForbidden()
+        key = "/".join(filter(None, (sub, f.filename)))  # the image input that names it, as ComfyUI's
+        self.uploads[key], self.upload_types[key] = f.file.read(), f.content_type  # overwrite=true replaces
+        return web.json_response({"name": f.filename, "subfolder": sub, "type": "input"})
 
     async def interrupt(self, request):
         self.interrupted += 1

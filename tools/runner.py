@@ -32,6 +32,7 @@ from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a 
     normalize_server, output_name, output_stems, run_cli, settings_key, store, unreachable_message, ws_url)
 
 HISTORY_POLL_S = 5.0
+UPLOAD_DIR = "ddiminv-batch"  # the uploads' folder in the server's input/
 MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold
 
 
@@ -114,7 +115,10 @@ class Client:
                "error": None}
         try:
             await self.connect()
-            form = aiohttp.FormData({"type": "input", "overwrite": "true"}, quote_fields=False)  # the name as it is
+            # a folder of its own per item: two jobs (or two folders of one manifest) sharing the server's input/
+            # cannot replace each other's a.png between its upload and its run
+            form = aiohttp.FormData({"type": "input", "subfolder": f"{UPLOAD_DIR}/{uuid.uuid4().hex}",
+                                     "overwrite": "true"}, quote_fields=False)  # the name as it is
             form.add_field("image", image, filename=name,
                            content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
             status, up = await self.call("POST", "/upload/image", data=form)
