@@ -33,7 +33,8 @@ class FakeComfy:
     refuses; with ``die_on=N`` only the N-th /prompt dies, the ones before run) | silent (no websocket messages;
     history only) | dropws (closes the websocket once a prompt starts) | hang (never finishes) | hang_first (the
     first prompt never finishes) | kill_client (the ``die_on``-th /prompt SIGKILLs the local process that sent
-    it, e.g. a Ray actor, and is not run)."""
+    it, e.g. a Ray actor, and is not run) | kill_client_after (the same, but the prompt is accepted and runs).
+    ``executions`` counts the prompts that ran to their end; /interrupt and /queue delete stop theirs."""
 
     def __init__(self, mode="ok", delay=0.05, files=None, die_after=0.0, die_on=None):
         self.mode, self.delay, self.files, self.die_after, self.die_on = mode, delay, files, die_after, die_on
@@ -41,7 +42,8 @@ class FakeComfy:
         self.killed_clients: list = []  # pids killed in mode kill_client
         self.uploads, self.upload_types, self.prompts, self.history, self.views = {}, {}, [], {}, []
         self.sockets: dict = {}
-        self.interrupted, self.deleted = 0, []
+        self.interrupted, self.deleted, self.interrupted_ids = 0, [], []
+        self.executions, self.running, self.pending = 0, {}, []  # running: prompt id -> its task
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -56,6 +58,7 @@ class FakeComfy:
         app.router.add_get("/history/{pid}", self.get_history)
         app.router.add_get("/view", self.view)
         app.router.add_post("/queue", self.queue)
+        app.router.add_get("/queue", self.get_queue)
         app.router.add_post("/interrupt", self.interrupt)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
@@ -69,8 +72,14 @@ class FakeComfy:
         self.thread.join(5)
 
     async def queue(self, request):
-        self.deleted += (await request.json()).get("delete", [])
+        ids = (await request.json()).get("delete", [])
+        self.deleted += ids
+        self.pending = [p for p in self.pending if p not in ids]
         return web.json_response({})
+
+    async def get_queue(self, request):  # ComfyUI's entries are [number, prompt id, prompt, extra, outputs]
+        return web.json_response({"queue_running": [[0, p, {}, {}, []] for p in self.running],
+                                  "queue_pending": [[0, p, {}, {}, []] for p in self.pending]})
 
     async def upload(self, request):
         post = await request.post()
@@ -86,6 +95,11 @@ class FakeComfy:
 
     async def interrupt(self, request):
         self.interrupted += 1
+        with contextlib.suppress(ValueError):
+            if (pid := (await request.json()).get("prompt_id")) is not None:
+                self.interrupted_ids.append(pid)
+                if (task := self.running.pop(pid, None)) is not None:
+                    task.cancel()
         return web.json_response({})
 
     async def ws(self, request):
@@ -101,8 +115,9 @@ class FakeComfy:
     async def send(self, sid, typ, data):
         ws = self.sockets.get(sid)
         if ws is not None and not ws.closed and self.mode != "silent":
-            await ws.send_json({"type": typ, "data": data})
-            await ws.send_bytes(b"\x00\x00\x00\x01preview")  # binary frames are ignored
+            with contextlib.suppress(ConnectionError, RuntimeError):  # a client that died mid-prompt
+                await ws.send_json({"type": typ, "data": data})
+                await ws.send_bytes(b"\x00\x00\x00\x01preview")  # binary frames are ignored
 
     async def prompt(self, request):
         body = await request.json()
@@ -123,7 +138,9 @@ class FakeComfy:
             raise ConnectionResetError
         pid = body.get("prompt_id") or str(uuid.uuid4())
         self.prompts.append(body)
-        asyncio.get_running_loop().create_task(self.execute(pid, body))
+        self.running[pid] = asyncio.get_running_loop().create_task(self.execute(pid, body))
+        if self.mode == "kill_client_after" and self.die_on == self.posts:  # accepted, running; its sender dies
+            self.killed_clients.append(_kill_peer(request))
         return web.json_response({"prompt_id": pid, "number": len(self.prompts), "node_errors": {}})
 
     async def execute(self, pid, body):
@@ -161,6 +178,8 @@ class FakeComfy:
             self.history[pid] = {"outputs": outputs, "status": {"status_str": "success", "completed": True,
                                                                 "messages": []}}
             await self.send(sid, "execution_success", {"prompt_id": pid})
+            self.executions += 1
+        self.running.pop(pid, None)
         await self.send(sid, "executing", {"node": None, "prompt_id": pid})
 
     async def get_history(self, request):

@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yarl
@@ -299,6 +300,33 @@ def normalize_server(url: str) -> str:
 
 def ws_url(server: str, client_id: str) -> str:
     return f"ws{server[4:]}/ws?clientId={client_id}"  # server is http(s)://... (normalize_server)
+
+
+def cancel_prompt(url: str, pid: str, timeout: float = 3.0):
+    """Best effort, for a prompt whose sender is gone (before its item is sent elsewhere): delete ``pid`` from
+    ``url``'s queue when pending, interrupt it (by its id) when running. What was done, or None (not there, or
+    the server does not answer: then nothing of it runs). Only a prompt the queue lists is interrupted, so an
+    older server that ignores the id cannot lose someone else's run."""
+    def call(method, path, body=None):
+        req = urllib.request.Request(normalize_server(url) + path, method=method,  # noqa: S310  (http(s) only)
+                                     data=None if body is None else json.dumps(body).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310  (normalize_server: http(s))
+            return json.loads(r.read(1 << 24) or b"null")
+
+    try:
+        q = call("GET", "/queue")
+        ids = {k: [e[1] for e in q.get(k) or [] if isinstance(e, list) and len(e) > 1]
+               for k in ("queue_pending", "queue_running")} if isinstance(q, dict) else {}
+        if pid in ids.get("queue_pending", []):
+            call("POST", "/queue", {"delete": [pid]})
+            return "deleted from the queue"
+        if pid in ids.get("queue_running", []):
+            call("POST", "/interrupt", {"prompt_id": pid})
+            return "interrupted"
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def unreachable_message(url: str, err) -> str:

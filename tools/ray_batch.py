@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 _TOOLS = str(Path(__file__).resolve().parent)
@@ -30,8 +31,8 @@ ROOT = str(Path(_TOOLS).parent)
 if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
-    IMAGE_EXTS, Progress, Results, RunnerError, apply_overrides, find_image_node, list_images, load_workflow,
-    output_stems, parse_override, run_cli, settings_key, store)
+    IMAGE_EXTS, Progress, Results, RunnerError, apply_overrides, cancel_prompt, find_image_node, list_images,
+    load_workflow, output_stems, parse_override, run_cli, settings_key, store)
 
 CLUSTER_EXCLUDES = [".git", ".venv", ".comfyui", ".cache", "out", "bench/out", "node_modules", "*.safetensors"]
 
@@ -120,10 +121,11 @@ class ComfyActor:
             return {"url": self.url, "error": str(e)}
         return {"url": self.url, "pid": self.handle.proc.pid if self.handle else None, "error": None}
 
-    async def run(self, name: str, image: bytes, prompt: dict, image_node: str) -> tuple:
-        """(record, [(output name, bytes)]); a server that stopped answering: ({"gone": why}, [])."""
+    async def run(self, name: str, image: bytes, prompt: dict, image_node: str, prompt_id=None) -> tuple:
+        """(record, [(output name, bytes)]); a server that stopped answering: ({"gone": why}, []). Ray's retry
+        after a restart repeats ``prompt_id``: a prompt the server already has is followed, not run twice."""
         try:
-            return await (await self._client()).run(name, image, prompt, image_node)
+            return await (await self._client()).run(name, image, prompt, image_node, prompt_id=prompt_id)
         except self.runner.ServerGone as e:
             return {"gone": str(e)}, []
 
@@ -189,10 +191,11 @@ def start_actors(ray, args, progress) -> list:
     return alive
 
 
-def dispatch(ray, actors, todo, submit, finish, moves: int, progress) -> None:
+def dispatch(ray, actors, todo, submit, finish, moves: int, progress, on_gone=None) -> None:
     """Run every item of ``todo`` on the actors, one call in flight per actor: ``submit(actor, item)`` -> ref,
     ``finish(item, result or None, error)``. An actor whose server stops answering (or that Ray could not
-    restart) is retired and its item goes to another actor, at most ``moves`` times."""
+    restart) is retired, ``on_gone(item, its url)`` is told (its prompt may still run there), and the item goes
+    to another actor, at most ``moves`` times. Any other failure of a call is that item's error alone."""
     queue, idle, inflight, moved = collections.deque(todo), [a for a, _ in actors], {}, collections.Counter()
     url = dict(actors)
     while queue or inflight:
@@ -211,12 +214,19 @@ def dispatch(ray, actors, todo, submit, finish, moves: int, progress) -> None:
             gone = rec.get("gone")
         except ray.exceptions.RayActorError as e:
             gone = f"the actor of {url[actor]} died ({e.__class__.__name__})"
+        except Exception as e:  # the call failed, the actor lives: the item's error, the others go on
+            idle.append(actor)
+            finish(item, None, f"the actor of {url[actor]} failed: "
+                               f"{(str(e).strip().splitlines() or [e.__class__.__name__])[-1][:500]}")
+            continue
         if gone is None:
             idle.append(actor)
             finish(item, (rec, files), None)
             continue
         ray.kill(actor, no_restart=True)
         who = url.pop(actor)
+        if on_gone is not None:
+            on_gone(item, who)
         live = list(url)
         moved[item] += 1
         again = moved[item] <= moves and bool(live)
@@ -269,7 +279,12 @@ def run(args) -> int:
             except OSError as e:
                 finish(name, None, f"cannot read {path}: {e.strerror or e}")
                 return None
-            return actor.run.remote(path.name, data, prompts[name], image_node)
+            attempts[name] = pid = str(uuid.uuid4())  # Ray's retry of this call repeats it: see ComfyActor.run
+            return actor.run.remote(path.name, data, prompts[name], image_node, prompt_id=pid)
+
+        def on_gone(name, url):  # an external server may still run the prompt: not twice
+            if done := cancel_prompt(url, attempts[name]):
+                progress.line(f"{name}: its prompt {attempts[name]} on {url} was {done}")
 
         def finish(name, result, error):
             if result is None:
@@ -279,7 +294,8 @@ def run(args) -> int:
             results.record(name, rec)
             progress.done(name, rec)
 
-        dispatch(ray, actors, todo, submit, finish, args.moves, progress)
+        attempts = {}
+        dispatch(ray, actors, todo, submit, finish, args.moves, progress, on_gone)
     finally:
         for actor, _ in actors:
             try:

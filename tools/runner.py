@@ -108,29 +108,48 @@ class Client:
             raise RuntimeError(f"download of {name} failed: HTTP {status}")
         return name, data
 
-    async def run(self, name: str, image: bytes, prompt: dict, image_node: str, on_progress=lambda d: None) -> tuple:
-        """One image -> (record with status ok or error, [(output name, bytes)]); ServerGone propagates."""
+    async def known(self, pid: str) -> bool:
+        """Whether the server has prompt ``pid``: queued, running (/queue) or ended (/history), asked in that
+        order, so a prompt that ends between the two questions is still found."""
+        status, q = await self.call("GET", "/queue")
+        if status == 200 and isinstance(q, dict) and any(
+                isinstance(e, list) and len(e) > 1 and e[1] == pid
+                for e in (q.get("queue_running") or []) + (q.get("queue_pending") or [])):
+            return True
+        status, h = await self.call("GET", f"/history/{pid}")
+        return status == 200 and isinstance(h, dict) and isinstance(h.get(pid), dict)
+
+    async def submit(self, name: str, image: bytes, prompt: dict, image_node: str, pid: str) -> None:
+        """Upload the image and queue the prompt as ``pid``; RuntimeError when the server refuses either."""
+        # a folder of its own per item: two jobs (or two folders of one manifest) sharing the server's input/
+        # cannot replace each other's a.png between its upload and its run
+        form = aiohttp.FormData({"type": "input", "subfolder": f"{UPLOAD_DIR}/{uuid.uuid4().hex}",
+                                 "overwrite": "true"}, quote_fields=False)  # the name as it is
+        form.add_field("image", image, filename=name,
+                       content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        status, up = await self.call("POST", "/upload/image", data=form)
+        if status != 200 or not isinstance(up, dict) or "name" not in up:
+            raise RuntimeError(f"upload of {name} failed: HTTP {status}: {str(up)[:300]}")
+        prompt = copy.deepcopy(prompt)
+        prompt[image_node]["inputs"]["image"] = "/".join(filter(None, (up.get("subfolder"), up["name"])))
+        status, body = await self.call("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id,
+                                                                "prompt_id": pid})
+        if status != 200:
+            raise RuntimeError(format_prompt_error(status, body))
+
+    async def run(self, name: str, image: bytes, prompt: dict, image_node: str, on_progress=lambda d: None,
+                  prompt_id=None) -> tuple:
+        """One image -> (record with status ok or error, [(output name, bytes)]); ServerGone propagates.
+        ``prompt_id``: the caller's id for the prompt; when the server already has it (a call retried after the
+        process that sent it died), it is followed, not sent again."""
         t0, files = time.monotonic(), []
         rec = {"server": self.server, "prompt_id": None, "outputs": [], "texts": {}, "ui": {}, "figure": None,
                "error": None}
         try:
             await self.connect()
-            # a folder of its own per item: two jobs (or two folders of one manifest) sharing the server's input/
-            # cannot replace each other's a.png between its upload and its run
-            form = aiohttp.FormData({"type": "input", "subfolder": f"{UPLOAD_DIR}/{uuid.uuid4().hex}",
-                                     "overwrite": "true"}, quote_fields=False)  # the name as it is
-            form.add_field("image", image, filename=name,
-                           content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
-            status, up = await self.call("POST", "/upload/image", data=form)
-            if status != 200 or not isinstance(up, dict) or "name" not in up:
-                raise RuntimeError(f"upload of {name} failed: HTTP {status}: {str(up)[:300]}")
-            prompt = copy.deepcopy(prompt)
-            prompt[image_node]["inputs"]["image"] = "/".join(filter(None, (up.get("subfolder"), up["name"])))
-            rec["prompt_id"] = pid = str(uuid.uuid4())
-            status, body = await self.call("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id,
-                                                                    "prompt_id": pid})
-            if status != 200:
-                raise RuntimeError(format_prompt_error(status, body))
+            rec["prompt_id"] = pid = prompt_id or str(uuid.uuid4())
+            if not (prompt_id and await self.known(pid)):
+                await self.submit(name, image, prompt, image_node, pid)
             try:
                 left = t0 + self.timeout - time.monotonic()
                 h, err = await asyncio.wait_for(self.follow(pid, on_progress), max(0.0, left))

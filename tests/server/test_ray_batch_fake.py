@@ -143,3 +143,15 @@ def test_manifest_overrides_reach_each_prompt_and_a_missing_image_fails_alone(se
              for b in a.prompts}
     assert texts == {recs["im0.png"]["prompt_id"]: ("a cat", 3), recs["dog"]["prompt_id"]: ("a dog", 3)}
     assert (out / "dog" / "rec_im0.png").is_file() and (out / "im0" / "rec_im0.png").is_file()
+
+
+def test_an_actor_killed_after_its_server_accepted_the_prompt_runs_nothing_twice(setup, capsys):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[3:]:
+        p.unlink()
+    server = make("kill_client_after", die_on=2, delay=0.5)  # accepts its second prompt, then kills the sender
+    assert _run(wf, imgs, out, server) == 0
+    recs = _results(out)
+    assert len(server.killed_clients) == 1 and all(r["status"] == "ok" for r in recs.values())
+    assert server.posts == 3 and server.executions == 3  # Ray's retry follows the accepted prompt, not a copy
+    assert sorted(r["prompt_id"] for r in recs.values()) == sorted(b["prompt_id"] for b in server.prompts)

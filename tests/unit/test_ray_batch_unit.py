@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -106,3 +107,70 @@ def test_a_rerun_with_other_manifest_values_redoes_only_the_changed_items(tmp_pa
     assert "1 item(s) done with other settings are redone: two" in err and "error: Ray started" in err
     assert ray_batch.main(argv + ["--set", "DDIMInvert.steps=50"]) == 2  # --set comes under the manifest's values
     assert "1 item(s) done with other settings are redone: two" in capsys.readouterr().err
+
+
+class _FakeRay:
+    """What dispatch and start_actors ask of Ray, without Ray: a call's outcome is ``outcome(actor, item, n)``
+    (n: how many calls that item had before), a value or an exception to raise."""
+
+    class exceptions:  # noqa: N801  (as ray.exceptions)
+        RayActorError = type("RayActorError", (Exception,), {})
+
+    def __init__(self, outcome=None):
+        self.outcome, self.killed, self.calls, self.options = outcome, [], [], []
+
+    def wait(self, refs, num_returns=1):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        result = self.outcome(*ref)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def kill(self, actor, no_restart=True):
+        self.killed.append(actor)
+
+
+def _dispatch(outcome, items=("x", "y", "z"), moves=1):
+    fake, finished, gone = _FakeRay(outcome), {}, []
+
+    def submit(actor, item):
+        fake.calls.append((actor, item))
+        return actor, item, sum(i == item for _, i in fake.calls) - 1
+
+    ray_batch.dispatch(fake, [("A", "http://a"), ("B", "http://b")], list(items), submit,
+                       lambda item, result, error: finished.setdefault(item, (result, error)), moves,
+                       lib.Progress(0, stream=io.StringIO()), lambda item, url: gone.append((item, url)))
+    return fake, finished, gone
+
+
+def test_an_actor_that_died_has_its_prompt_cancelled_before_the_item_moves():
+    ok = ({"status": "ok"}, [])
+    fake, finished, gone = _dispatch(lambda a, i, n: _FakeRay.exceptions.RayActorError() if (a, i) == ("A", "x")
+                                     else ok)
+    assert gone == [("x", "http://a")] and fake.killed == ["A"]  # told before x goes to B
+    assert fake.calls.index(("B", "x")) > fake.calls.index(("A", "x"))
+    assert finished == {"x": (ok, None), "y": (ok, None), "z": (ok, None)}
+
+
+def test_any_other_failure_of_a_call_is_its_items_error_and_the_rest_finish():
+    ok = ({"status": "ok"}, [])
+    fake, finished, gone = _dispatch(lambda a, i, n: ValueError("boom\nin the actor") if i == "x" else ok)
+    assert finished["x"] == (None, "the actor of http://a failed: in the actor")
+    assert finished["y"] == finished["z"] == (ok, None) and not gone and not fake.killed
+    assert [a for a, _ in fake.calls].count("A") == 2  # the actor goes on with the next item
+
+
+def test_cancel_prompt_deletes_a_queued_prompt_and_interrupts_a_running_one(tmp_path):
+    from ddiminv_dev.fake_comfy import FakeComfy
+    server = FakeComfy("hang")
+    try:
+        server.pending = ["queued"]
+        server.running["running"] = None
+        assert lib.cancel_prompt(server.url, "queued") == "deleted from the queue" and server.deleted == ["queued"]
+        assert lib.cancel_prompt(server.url, "elsewhere") is None and server.interrupted == 0  # not ours: untouched
+        assert lib.cancel_prompt(server.url, "running") == "interrupted" and server.interrupted_ids == ["running"]
+    finally:
+        server.stop()
+    assert lib.cancel_prompt(server.url, "running", timeout=1) is None  # a server that is gone: nothing to do
