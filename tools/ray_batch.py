@@ -78,6 +78,9 @@ def load_items(args) -> list:
     for ident, image, sets in rows:
         image_path = path.parent / image
         ident = str(ident) if ident not in (None, "") else image_path.name
+        if not ident.strip(".") or any(c in ident for c in "/\\\0"):  # "." would write into OUT itself
+            raise RunnerError(f"--manifest {path}: item id {ident!r} cannot be a folder name under --out; give "
+                              "the row an 'id' with a letter or digit and no '/', '\\' or NUL")
         if ident in seen:
             raise RunnerError(f"--manifest {path}: item {ident!r} appears twice; give each row its own 'id'")
         seen.add(ident)
@@ -158,15 +161,17 @@ def init_local(ray, num_cpus=None) -> None:
 
 def start_actors(ray, args, progress) -> list:
     """[(actor, url)] of the actors whose server answers; the others are reported and killed."""
-    opts = dict(num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor, max_restarts=1, max_task_retries=1)
+    opts = dict(num_cpus=args.cpus_per_actor, max_restarts=1, max_task_retries=1)
     if ComfyActor.__module__ != "__main__":  # imported (tests, bench): ship the class itself, as for a script,
         ray.cloudpickle.register_pickle_by_value(sys.modules[ComfyActor.__module__])  # not an import path
     Actor = ray.remote(ComfyActor)
     start = {"args": args.comfy_arg, "cpu": args.gpus_per_actor == 0, "comfyui": args.comfyui,
              "timeout": args.start_timeout}
     tools = None if args.address else _TOOLS
-    actors = [Actor.options(**opts).remote(tools, s, start, args.timeout) for s in args.server] + \
-        [Actor.options(**opts).remote(tools, None, start, args.timeout) for _ in range(args.actors)]
+    # an actor given a running server only talks to it: no GPU for it; one starting its own server gets one
+    actors = [Actor.options(**opts, num_gpus=0).remote(tools, s, start, args.timeout) for s in args.server] + \
+        [Actor.options(**opts, num_gpus=args.gpus_per_actor).remote(tools, None, start, args.timeout)
+         for _ in range(args.actors)]
     refs = {a.ready.remote(): a for a in actors}
     done, late = ray.wait(list(refs), num_returns=len(refs), timeout=args.start_timeout + 30)
     alive = []
@@ -331,7 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--comfy-arg", action="append", default=[], metavar="ARG",
                    help="argument for the actors' main.py, e.g. --comfy-arg=--extra-model-paths-config=m.yaml")
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
-                   help="GPUs per actor (0: its server runs with --cpu; 1: one GPU each)")
+                   help="GPUs per actor that starts its own server (0: it runs with --cpu; 1: one GPU each); "
+                        "an actor of a --server reserves none")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (1)")
     p.add_argument("--address", help="a running Ray cluster (HEAD:6379, or 'auto'); default: a Ray on this machine")
     p.add_argument("--num-cpus", type=int, help="CPUs the Ray on this machine may use (default: all)")
@@ -341,8 +347,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.actors is None:
         args.actors = 0 if args.server else 1
-    if args.timeout <= 0 or args.actors < 0 or args.moves < 0 or not (args.actors or args.server):
-        p.error("--timeout must be > 0, --actors and --moves >= 0, and there must be an actor")
+    for bad, message in ((args.timeout <= 0, "--timeout must be > 0"), (args.actors < 0, "--actors must be >= 0"),
+                         (args.moves < 0, "--moves must be >= 0"),
+                         (not (args.actors or args.server), "no actor: give --actors N (N >= 1) or --server URL")):
+        if bad:
+            p.error(message)
     return run_cli(lambda: run(args))
 
 

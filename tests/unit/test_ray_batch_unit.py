@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import types
 import sys
 from pathlib import Path
 
@@ -174,3 +175,45 @@ def test_cancel_prompt_deletes_a_queued_prompt_and_interrupts_a_running_one(tmp_
     finally:
         server.stop()
     assert lib.cancel_prompt(server.url, "running", timeout=1) is None  # a server that is gone: nothing to do
+
+
+@pytest.mark.parametrize("ident", [".", "..", "...", "a/b", "..\\x", "a\x00b"])
+def test_a_manifest_id_that_names_no_folder_of_its_own_is_refused(tmp_path, ident):
+    with pytest.raises(lib.RunnerError, match="cannot be a folder name under --out"):
+        _items(tmp_path, "m.json", json.dumps([{"image": "a.png", "id": ident}]))
+    assert _items(tmp_path, "m.json", json.dumps([{"image": "a.png", "id": ".a"}]))[0][0] == ".a"  # a name: fine
+
+
+def test_server_actors_reserve_no_gpu(monkeypatch):
+    class Handle:
+        def __init__(self, opts):
+            self.opts = opts
+
+        def remote(self, tools, server, start, timeout):
+            ref = server or f"own{len(fake.options)}"
+            return types.SimpleNamespace(ready=types.SimpleNamespace(remote=lambda: ref))
+
+    fake = _FakeRay()
+    fake.remote = lambda cls: types.SimpleNamespace(options=lambda **o: fake.options.append(o) or Handle(o))
+    fake.cloudpickle = types.SimpleNamespace(register_pickle_by_value=lambda m: None)
+    fake.wait = lambda refs, num_returns, timeout: (refs, [])
+    fake.get = lambda ref: {"url": ref, "error": None}
+    args = argparse.Namespace(server=["http://s1"], actors=2, gpus_per_actor=1.0, cpus_per_actor=1.0, comfy_arg=[],
+                              comfyui=None, start_timeout=1.0, address=None, timeout=5.0)
+    alive = ray_batch.start_actors(fake, args, lib.Progress(0, stream=io.StringIO()))
+    assert [u for _, u in alive] == ["http://s1", "own2", "own3"]
+    assert [o["num_gpus"] for o in fake.options] == [0, 1.0, 1.0]  # a running server's actor only talks to it
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--actors", "-1"], "--actors must be >= 0"),
+    (["--moves", "-1"], "--moves must be >= 0"),
+    (["--actors", "0"], "no actor: give --actors N (N >= 1) or --server URL"),
+])
+def test_each_usage_error_says_which(tmp_path, capsys, extra, message):
+    base = ["--workflow", "w.json", "--out", str(tmp_path / "o"), "--images", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        ray_batch.main(base + extra)
+    err = capsys.readouterr().err
+    assert message in err and err.count("must") <= 1
