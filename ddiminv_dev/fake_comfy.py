@@ -36,7 +36,7 @@ class FakeComfy:
     it, e.g. a Ray actor, and is not run) | kill_client_after (the same, but the prompt is accepted and runs).
     ``executions`` counts the prompts that ran to their end; /interrupt and /queue delete stop theirs."""
 
-    def __init__(self, mode="ok", delay=0.05, files=None, die_after=0.0, die_on=None):
+    def __init__(self, mode="ok", delay=0.05, files=None, die_after=0.0, die_on=None, port=0):
         self.mode, self.delay, self.files, self.die_after, self.die_on = mode, delay, files, die_after, die_on
         self.posts = 0  # every POST /prompt, the one it died on included
         self.killed_clients: list = []  # pids killed in mode kill_client
@@ -47,22 +47,23 @@ class FakeComfy:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self.loop).result(10)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    async def _start(self):
+    async def _start(self, port):
         app = web.Application()
         app.router.add_post("/upload/image", self.upload)
         app.router.add_post("/prompt", self.prompt)
         app.router.add_get("/ws", self.ws)
         app.router.add_get("/history/{pid}", self.get_history)
         app.router.add_get("/view", self.view)
+        app.router.add_get("/object_info", self.object_info)
         app.router.add_post("/queue", self.queue)
         app.router.add_get("/queue", self.get_queue)
         app.router.add_post("/interrupt", self.interrupt)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.site = web.TCPSite(self.runner, "127.0.0.1", port)
         await self.site.start()
         return self.site._server.sockets[0].getsockname()[1]
 
@@ -182,6 +183,9 @@ class FakeComfy:
         self.running.pop(pid, None)
         await self.send(sid, "executing", {"node": None, "prompt_id": pid})
 
+    async def object_info(self, request):  # what start_server waits for
+        return web.json_response({"LoadImage": {}})
+
     async def get_history(self, request):
         pid = request.match_info["pid"]
         return web.json_response({pid: self.history[pid]} if pid in self.history else {})
@@ -216,3 +220,25 @@ def fake_batch(tmp: Path, workflow: dict, n_images: int):
     finally:
         for s in servers:
             s.stop()
+
+
+MAIN_PY = """# a fake ComfyUI main.py (ddiminv_dev.fake_comfy): serves FakeComfy on --port, notes its folders
+import sys, time
+sys.path.insert(0, {root!r})
+from ddiminv_dev.fake_comfy import FakeComfy
+arg = sys.argv.__getitem__
+with open({record!r}, "a") as f:
+    f.write(arg(sys.argv.index("--output-directory") + 1) + "\\n")
+FakeComfy({mode!r}, port=int(arg(sys.argv.index("--port") + 1)), **{kw!r})
+while True:
+    time.sleep(1)
+"""
+
+
+def fake_comfyui(folder: Path, record: Path, mode: str = "ok", **kw) -> Path:
+    """A ComfyUI folder whose main.py starts a FakeComfy (for code that starts its own server, e.g. a Ray
+    actor): each start appends its --output-directory to ``record``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parents[1])
+    (folder / "main.py").write_text(MAIN_PY.format(root=root, record=str(record), mode=mode, kw=kw))
+    return folder

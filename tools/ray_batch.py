@@ -22,7 +22,9 @@ import collections
 import csv
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -102,8 +104,13 @@ class ComfyActor:
         self.runner, self.handle, self.timeout = runner, None, timeout
         if server is None:  # this actor's own server, on the GPU Ray gave it (CUDA_VISIBLE_DEVICES is inherited)
             from ddiminv_dev.server import start_server
+            # its folder (inputs, a copy of every output, the log) goes when it stops; under the job's folder,
+            # which the driver deletes at the end, so a killed actor's folder goes too (on the driver's machine)
+            os.makedirs(start["tmp_root"], exist_ok=True)
+            workdir = tempfile.mkdtemp(prefix="ddiminv-server-", dir=start["tmp_root"])
             self.handle = start_server(extra_args=start["args"], models=False, cpu=start["cpu"],
-                                       comfy=start["comfyui"], timeout=start["timeout"], die_with_parent=True)
+                                       comfy=start["comfyui"], timeout=start["timeout"], die_with_parent=True,
+                                       workdir=workdir, remove_workdir=True)
             server = self.handle.url
         self.url, self.session, self.client = runner.normalize_server(server), None, None
 
@@ -159,14 +166,15 @@ def init_local(ray, num_cpus=None) -> None:
              configure_logging=False)
 
 
-def start_actors(ray, args, progress) -> list:
-    """[(actor, url)] of the actors whose server answers; the others are reported and killed."""
+def start_actors(ray, args, progress, tmp_root=None) -> list:
+    """[(actor, url)] of the actors whose server answers; the others are reported and killed. The servers the
+    actors start keep their folders under ``tmp_root`` (default: the system's temporary folder)."""
     opts = dict(num_cpus=args.cpus_per_actor, max_restarts=1, max_task_retries=1)
     if ComfyActor.__module__ != "__main__":  # imported (tests, bench): ship the class itself, as for a script,
         ray.cloudpickle.register_pickle_by_value(sys.modules[ComfyActor.__module__])  # not an import path
     Actor = ray.remote(ComfyActor)
     start = {"args": args.comfy_arg, "cpu": args.gpus_per_actor == 0, "comfyui": args.comfyui,
-             "timeout": args.start_timeout}
+             "timeout": args.start_timeout, "tmp_root": tmp_root or tempfile.gettempdir()}
     tools = None if args.address else _TOOLS
     # an actor given a running server only talks to it: no GPU for it; one starting its own server gets one
     actors = [Actor.options(**opts, num_gpus=0).remote(tools, s, start, args.timeout) for s in args.server] + \
@@ -272,9 +280,9 @@ def run(args) -> int:
                  log_to_driver=False)
     elif own:
         init_local(ray, args.num_cpus)
-    actors = []
+    actors, tmp_root = [], tempfile.mkdtemp(prefix="ddiminv-batch-")  # the actors' servers' folders
     try:
-        actors = start_actors(ray, args, progress)
+        actors = start_actors(ray, args, progress, tmp_root)
         progress.start(len(todo))
 
         def submit(actor, name):
@@ -310,6 +318,7 @@ def run(args) -> int:
             ray.kill(actor, no_restart=True)
         if own:
             ray.shutdown()
+        shutil.rmtree(tmp_root, ignore_errors=True)  # what a killed actor's server left (its server died with it)
     ok = sum(results.done(n, keys[n]) for n in items)
     progress.line(f"done: {ok}/{len(items)} ok, {len(items) - ok} failed; results in {results.json_path}")
     return 0 if ok == len(items) else 1

@@ -17,7 +17,7 @@ if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
 import ray_batch  # noqa: E402
-from ddiminv_dev.fake_comfy import PNG, fake_batch  # noqa: E402
+from ddiminv_dev.fake_comfy import PNG, fake_batch, fake_comfyui  # noqa: E402
 
 WF = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}},
@@ -155,3 +155,16 @@ def test_an_actor_killed_after_its_server_accepted_the_prompt_runs_nothing_twice
     assert len(server.killed_clients) == 1 and all(r["status"] == "ok" for r in recs.values())
     assert server.posts == 3 and server.executions == 3  # Ray's retry follows the accepted prompt, not a copy
     assert sorted(r["prompt_id"] for r in recs.values()) == sorted(b["prompt_id"] for b in server.prompts)
+
+
+def test_the_servers_the_actors_start_leave_no_folder_behind(setup, tmp_path):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[3:]:
+        p.unlink()
+    started = tmp_path / "started.txt"  # a line per server start: its --output-directory
+    comfy = fake_comfyui(tmp_path / "comfy", started, "kill_client", die_on=3)  # the 3rd prompt kills the actor
+    assert _run(wf, imgs, out, extra=("--actors", "1", "--comfyui", str(comfy), "--start-timeout", "60")) == 0
+    assert all(r["status"] == "ok" for r in _results(out).values()) and len(_results(out)) == 3
+    workdirs = [Path(line).parent for line in started.read_text().split()]
+    assert len(workdirs) == 2  # the killed actor's server, and the one its restart started
+    assert [d for d in workdirs if d.exists()] == []  # inputs, outputs, logs: all gone
