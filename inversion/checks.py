@@ -27,7 +27,7 @@ from .errors import InversionInputError
 from .methods import METHODS
 from .nulltext import MODES as NEGATIVE_MODES
 
-_FAMILIES = ("vp", "flow", "other")
+_FAMILIES = ("vp", "flow")  # what inversion.families.sampling_family accepts; anything else is refused
 _MAX_WALK = 64          # conditioning extras: how many nested values are inspected at most
 
 

@@ -270,6 +270,13 @@ class Results:
             progress.line("nothing to do")
         return todo
 
+    def finish(self, keys: dict, progress) -> int:
+        """The job's last line (items ok with their settings of ``keys``, failed, where the results are) and its
+        exit status: 0 all ok, else 1."""
+        ok = sum(self.done(n, keys[n]) for n in keys)
+        progress.line(f"done: {ok}/{len(keys)} ok, {len(keys) - ok} failed; results in {self.json_path}")
+        return 0 if ok == len(keys) else 1
+
     def record(self, name: str, rec: dict) -> None:
         self.images[name] = {"image": name, **rec}
         self.out.mkdir(parents=True, exist_ok=True)

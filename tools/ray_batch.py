@@ -319,9 +319,7 @@ def run(args) -> int:
         if own:
             ray.shutdown()
         shutil.rmtree(tmp_root, ignore_errors=True)  # what a killed actor's server left (its server died with it)
-    ok = sum(results.done(n, keys[n]) for n in items)
-    progress.line(f"done: {ok}/{len(items)} ok, {len(items) - ok} failed; results in {results.json_path}")
-    return 0 if ok == len(items) else 1
+    return results.finish(keys, progress)
 
 
 def main(argv=None) -> int:

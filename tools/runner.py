@@ -217,9 +217,7 @@ async def run_async(args) -> int:
                 progress.done(name, rec)
         finally:
             await client.close()
-    ok = sum(results.done(n, key) for n in images)
-    progress.line(f"done: {ok}/{len(images)} ok, {len(images) - ok} failed; results in {results.json_path}")
-    return 0 if ok == len(images) else 1
+    return results.finish(keys, progress)
 
 
 def main(argv=None) -> int:

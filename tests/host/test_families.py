@@ -41,10 +41,6 @@ def fam():
     return host.pack_submodule("inversion.families")
 
 
-def _scheduler(name: str) -> str:
-    return "simple"
-
-
 def _prompt(name: str, cfg: float = 1.0, variant: str = "as_is", methods=("exact", "ddim")) -> dict:
     p = {
         "m": {"class_type": "TestFamilyModel", "inputs": {"name": name, "seed": 0, "variant": variant}},
@@ -55,7 +51,7 @@ def _prompt(name: str, cfg: float = 1.0, variant: str = "as_is", methods=("exact
     for meth in methods:
         p[f"inv_{meth}"] = {"class_type": "DDIMInvert", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["l", 0], "steps": STEPS,
-            "cfg": cfg, "scheduler": _scheduler(name), "method": meth}}
+            "cfg": cfg, "scheduler": "simple", "method": meth}}
         p[f"rec_{meth}"] = {"class_type": "DDIMInvSampler", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": [f"inv_{meth}", 2],
             "cfg": cfg}}
@@ -221,7 +217,7 @@ def _core_nodes(name: str, steps: int = STEPS) -> dict:
     """Core SamplerCustomAdvanced (euler, the same sigmas, cfg 2) driven by DDIM Invert's NOISE (node inv_ddim):
     core's own noise_scaling must rebuild our inverted state, so its euler run equals our ddim replay."""
     return {
-        "sch": {"class_type": "BasicScheduler", "inputs": {"model": ["m", 0], "scheduler": _scheduler(name),
+        "sch": {"class_type": "BasicScheduler", "inputs": {"model": ["m", 0], "scheduler": "simple",
                                                           "steps": steps, "denoise": 1.0}},
         "eul": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "g": {"class_type": "CFGGuider", "inputs": {"model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0],

@@ -194,6 +194,7 @@ def test_a_good_trajectory_passes():
     (dict(denoised=torch.zeros(3, 1, 4, 8, 8)), "malformed"),
     (dict(family="flow"), "reaches sigma 14.6 > 1"),
     (dict(family="martian"), "family 'martian'"),
+    (dict(family="other"), "family 'other'"),  # the pack inverts vp and flow only: nothing makes "other"
     (dict(extra=[1, 2]), "extra must be a dict"),
     (dict(extra={"guidance_fingerprint": 7}), "guidance_fingerprint"),
     (dict(method="exact", options={"gamma": 0.0}), "gamma"),
