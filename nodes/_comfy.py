@@ -38,7 +38,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..inversion import families
+from ..inversion import checks, families
 from ..inversion.errors import InversionInputError
 
 log = logging.getLogger("ddim_inversion")
@@ -144,6 +144,11 @@ def sampling_facts(model) -> dict:
         facts["table"] = hashlib.blake2b(t.numpy().tobytes(), digest_size=8).hexdigest()
         facts["table_size"] = int(t.numel())
     return facts
+
+
+def compatibility_warnings(model, traj) -> list:
+    """inversion.checks.compatibility_warnings with this model's facts (latent format, sampling, family)."""
+    return checks.compatibility_warnings(traj, latent_facts(model)["format"], sampling_facts(model), family_of(model))
 
 
 def sampling_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
