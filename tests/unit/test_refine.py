@@ -246,3 +246,15 @@ def test_unknown_loss_is_an_error():
     z0, target, dec = _case()
     with pytest.raises(R.RefineError, match="unknown refine loss 'l1'; use one of clamped, unclamped, straight"):
         R.refine_latent(z0, target, dec, steps=2, loss="l1")
+
+
+def test_the_node_policy_windows_large_or_tiled_latents_and_keeps_only_a_gain():
+    """refine.plan_windows: a latent up to WHOLE_MAX latent pixels is decoded whole unless tiled; a larger one, or
+    a tiled one, in windows_for(CORE, MARGIN). refine.keep_refined: only a strictly better ceiling replaces the
+    mean (a tie, a loss or NaN keeps it)."""
+    assert R.plan_windows(64, 64, tiled=False) is None and 64 * 64 <= R.WHOLE_MAX < 64 * 65
+    assert R.plan_windows(64, 65, tiled=False) == R.windows_for(64, 65, R.CORE, R.MARGIN)
+    assert R.plan_windows(8, 8, tiled=True) == R.windows_for(8, 8, R.CORE, R.MARGIN)
+    assert (R.CORE, R.MARGIN) == (32, 8)
+    assert R.keep_refined(20.0, 20.5) and not R.keep_refined(20.0, 20.0) and not R.keep_refined(20.0, 19.0)
+    assert not R.keep_refined(20.0, float("nan"))
