@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -148,6 +149,25 @@ class ComfyActor:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def job_folder() -> Path:
+    """A new temporary folder for this job's actors' servers, owned by this driver (its file ``driver``: host and
+    pid). The folder of an earlier driver on this host that is gone (killed with SIGKILL: nothing ran its
+    cleanup) is deleted first; a live driver's, another host's or one without an owner is left alone."""
+    host = socket.gethostname()
+    for old in Path(tempfile.gettempdir()).glob("ddiminv-batch-*"):
+        try:
+            owner_host, pid = (old / "driver").read_text().split()
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if owner_host == host:
+                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, ValueError):  # no owner file, not ours to judge (or the pid is someone else's: alive)
+            continue
+    new = Path(tempfile.mkdtemp(prefix="ddiminv-batch-"))
+    (new / "driver").write_text(f"{host} {os.getpid()}")
+    return new
+
+
 def import_ray():
     try:
         import ray
@@ -280,7 +300,7 @@ def run(args) -> int:
                  log_to_driver=False)
     elif own:
         init_local(ray, args.num_cpus)
-    actors, tmp_root = [], tempfile.mkdtemp(prefix="ddiminv-batch-")  # the actors' servers' folders
+    actors, tmp_root = [], str(job_folder())  # the actors' servers' folders
     try:
         actors = start_actors(ray, args, progress, tmp_root)
         progress.start(len(todo))

@@ -217,3 +217,24 @@ def test_each_usage_error_says_which(tmp_path, capsys, extra, message):
         ray_batch.main(base + extra)
     err = capsys.readouterr().err
     assert message in err and err.count("must") <= 1
+
+
+def test_a_job_folder_left_by_a_killed_driver_goes_at_the_next_start(tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys as _sys
+    monkeypatch.setattr(ray_batch.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    for name, owner in (("ddiminv-batch-dead", f"{host} {int(dead.stdout)}"), ("ddiminv-batch-live", f"{host} "
+                        f"{os.getpid()}"), ("ddiminv-batch-other", f"elsewhere {int(dead.stdout)}"),
+                        ("ddiminv-batch-noowner", None)):
+        (tmp_path / name / "ddiminv-server-x").mkdir(parents=True)
+        if owner:
+            (tmp_path / name / "driver").write_text(owner)
+    new = ray_batch.job_folder()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "ddiminv-batch-dead" not in left and {"ddiminv-batch-live", "ddiminv-batch-other",
+                                                  "ddiminv-batch-noowner", new.name} <= set(left)
+    assert (new / "driver").read_text() == f"{host} {os.getpid()}"
