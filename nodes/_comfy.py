@@ -55,10 +55,12 @@ def latent_format(model):
     return model.get_model_object("latent_format")
 
 
-def latent_facts(model) -> dict:
+def latent_facts(model, family_checked: bool = False) -> dict:
     """What a latent for this model must look like: channels, spatial rank (1 audio, 2 image, 3 video), format
-    name. A refused family (``inversion.families``) is refused here already, before its latent is checked."""
-    family_of(model)
+    name. A refused family (``inversion.families``) is refused here already, before its latent is checked (unless
+    ``family_checked``: the caller ran :func:`family_of` on this model already)."""
+    if not family_checked:
+        family_of(model)
     fmt = latent_format(model)
     return {"channels": getattr(fmt, "latent_channels", None),
             "spatial_dims": int(getattr(fmt, "latent_dimensions", 2)), "format": type(fmt).__name__}
@@ -86,9 +88,11 @@ def noise_probe(model) -> list:
 _WARNED: set = set()
 
 
-def family_notes(model) -> list:
-    """Warnings for the node's text output (a family outside the tested matrix); raises for a refused one."""
-    family_of(model)
+def family_notes(model, family_checked: bool = False) -> list:
+    """Warnings for the node's text output (a family outside the tested matrix); raises for a refused one (unless
+    ``family_checked``: the caller ran :func:`family_of` on this model already)."""
+    if not family_checked:
+        family_of(model)
     note = families.check_family(family_name(model))
     return [note] if note else []
 
