@@ -33,33 +33,37 @@ class FakeComfy:
     refuses; with ``die_on=N`` only the N-th /prompt dies, the ones before run) | silent (no websocket messages;
     history only) | dropws (closes the websocket once a prompt starts) | hang (never finishes) | hang_first (the
     first prompt never finishes) | kill_client (the ``die_on``-th /prompt SIGKILLs the local process that sent
-    it, e.g. a Ray actor, and is not run)."""
+    it, e.g. a Ray actor, and is not run) | kill_client_after (the same, but the prompt is accepted and runs).
+    ``executions`` counts the prompts that ran to their end; /interrupt and /queue delete stop theirs."""
 
-    def __init__(self, mode="ok", delay=0.05, files=None, die_after=0.0, die_on=None):
+    def __init__(self, mode="ok", delay=0.05, files=None, die_after=0.0, die_on=None, port=0):
         self.mode, self.delay, self.files, self.die_after, self.die_on = mode, delay, files, die_after, die_on
         self.posts = 0  # every POST /prompt, the one it died on included
         self.killed_clients: list = []  # pids killed in mode kill_client
         self.uploads, self.upload_types, self.prompts, self.history, self.views = {}, {}, [], {}, []
         self.sockets: dict = {}
-        self.interrupted, self.deleted = 0, []
+        self.interrupted, self.deleted, self.interrupted_ids = 0, [], []
+        self.executions, self.running, self.pending = 0, {}, []  # running: prompt id -> its task
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self.loop).result(10)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    async def _start(self):
+    async def _start(self, port):
         app = web.Application()
         app.router.add_post("/upload/image", self.upload)
         app.router.add_post("/prompt", self.prompt)
         app.router.add_get("/ws", self.ws)
         app.router.add_get("/history/{pid}", self.get_history)
         app.router.add_get("/view", self.view)
+        app.router.add_get("/object_info", self.object_info)
         app.router.add_post("/queue", self.queue)
+        app.router.add_get("/queue", self.get_queue)
         app.router.add_post("/interrupt", self.interrupt)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.site = web.TCPSite(self.runner, "127.0.0.1", port)
         await self.site.start()
         return self.site._server.sockets[0].getsockname()[1]
 
@@ -69,19 +73,34 @@ class FakeComfy:
         self.thread.join(5)
 
     async def queue(self, request):
-        self.deleted += (await request.json()).get("delete", [])
+        ids = (await request.json()).get("delete", [])
+        self.deleted += ids
+        self.pending = [p for p in self.pending if p not in ids]
         return web.json_response({})
+
+    async def get_queue(self, request):  # ComfyUI's entries are [number, prompt id, prompt, extra, outputs]
+        return web.json_response({"queue_running": [[0, p, {}, {}, []] for p in self.running],
+                                  "queue_pending": [[0, p, {}, {}, []] for p in self.pending]})
 
     async def upload(self, request):
         post = await request.post()
         f = post["image"]
         if post["type"] != "input" or post["overwrite"] != "true":
             raise web.HTTPBadRequest(text="upload fields")
-        self.uploads[f.filename], self.upload_types[f.filename] = f.file.read(), f.content_type
-        return web.json_response({"name": f.filename, "subfolder": "", "type": "input"})
+        sub = post.get("subfolder", "")
+        if sub.startswith("/") or ".." in sub.split("/"):
+            raise web.HTTPForbidden()
+        key = "/".join(filter(None, (sub, f.filename)))  # the image input that names it, as ComfyUI's
+        self.uploads[key], self.upload_types[key] = f.file.read(), f.content_type  # overwrite=true replaces
+        return web.json_response({"name": f.filename, "subfolder": sub, "type": "input"})
 
     async def interrupt(self, request):
         self.interrupted += 1
+        with contextlib.suppress(ValueError):
+            if (pid := (await request.json()).get("prompt_id")) is not None:
+                self.interrupted_ids.append(pid)
+                if (task := self.running.pop(pid, None)) is not None:
+                    task.cancel()
         return web.json_response({})
 
     async def ws(self, request):
@@ -97,8 +116,9 @@ class FakeComfy:
     async def send(self, sid, typ, data):
         ws = self.sockets.get(sid)
         if ws is not None and not ws.closed and self.mode != "silent":
-            await ws.send_json({"type": typ, "data": data})
-            await ws.send_bytes(b"\x00\x00\x00\x01preview")  # binary frames are ignored
+            with contextlib.suppress(ConnectionError, RuntimeError):  # a client that died mid-prompt
+                await ws.send_json({"type": typ, "data": data})
+                await ws.send_bytes(b"\x00\x00\x00\x01preview")  # binary frames are ignored
 
     async def prompt(self, request):
         body = await request.json()
@@ -119,7 +139,9 @@ class FakeComfy:
             raise ConnectionResetError
         pid = body.get("prompt_id") or str(uuid.uuid4())
         self.prompts.append(body)
-        asyncio.get_running_loop().create_task(self.execute(pid, body))
+        self.running[pid] = asyncio.get_running_loop().create_task(self.execute(pid, body))
+        if self.mode == "kill_client_after" and self.die_on == self.posts:  # accepted, running; its sender dies
+            self.killed_clients.append(_kill_peer(request))
         return web.json_response({"prompt_id": pid, "number": len(self.prompts), "node_errors": {}})
 
     async def execute(self, pid, body):
@@ -157,7 +179,12 @@ class FakeComfy:
             self.history[pid] = {"outputs": outputs, "status": {"status_str": "success", "completed": True,
                                                                 "messages": []}}
             await self.send(sid, "execution_success", {"prompt_id": pid})
+            self.executions += 1
+        self.running.pop(pid, None)
         await self.send(sid, "executing", {"node": None, "prompt_id": pid})
+
+    async def object_info(self, request):  # what start_server waits for
+        return web.json_response({"LoadImage": {}})
 
     async def get_history(self, request):
         pid = request.match_info["pid"]
@@ -193,3 +220,25 @@ def fake_batch(tmp: Path, workflow: dict, n_images: int):
     finally:
         for s in servers:
             s.stop()
+
+
+MAIN_PY = """# a fake ComfyUI main.py (ddiminv_dev.fake_comfy): serves FakeComfy on --port, notes its folders
+import sys, time
+sys.path.insert(0, {root!r})
+from ddiminv_dev.fake_comfy import FakeComfy
+arg = sys.argv.__getitem__
+with open({record!r}, "a") as f:
+    f.write(arg(sys.argv.index("--output-directory") + 1) + "\\n")
+FakeComfy({mode!r}, port=int(arg(sys.argv.index("--port") + 1)), **{kw!r})
+while True:
+    time.sleep(1)
+"""
+
+
+def fake_comfyui(folder: Path, record: Path, mode: str = "ok", **kw) -> Path:
+    """A ComfyUI folder whose main.py starts a FakeComfy (for code that starts its own server, e.g. a Ray
+    actor): each start appends its --output-directory to ``record``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parents[1])
+    (folder / "main.py").write_text(MAIN_PY.format(root=root, record=str(record), mode=mode, kw=kw))
+    return folder

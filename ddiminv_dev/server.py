@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,6 +165,8 @@ class ServerHandle:
         log = getattr(self, "_log_file", None)
         if log is not None and not log.closed:
             log.close()
+        if getattr(self, "remove_workdir", False):  # its inputs, a copy of every output, its log
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -193,10 +196,11 @@ def _die_with_parent() -> None:
 
 def start_server(extra_args=(), port: int | None = None, timeout: float = START_TIMEOUT,
                  workdir: Path | None = None, models: bool = True, cpu: bool = True, comfy=None,
-                 die_with_parent: bool = False) -> ServerHandle:
+                 die_with_parent: bool = False, remove_workdir: bool = False) -> ServerHandle:
     """Start ComfyUI in its own process group on 127.0.0.1 and wait for /object_info; see module doc.
     ``models``: the tiny test models' folders (generated when missing); ``cpu``: ``--cpu``; ``comfy``: the
-    ComfyUI folder (default: the host of ``make setup``); ``die_with_parent``: killed with its starter (Linux)."""
+    ComfyUI folder (default: the host of ``make setup``); ``die_with_parent``: killed with its starter (Linux);
+    ``remove_workdir``: ``stop()`` (also after a failed start) deletes the server's folder."""
     if models:
         ensure_checkpoint()
     cp = Path(comfy) if comfy else comfy_path()
@@ -220,7 +224,7 @@ def start_server(extra_args=(), port: int | None = None, timeout: float = START_
                             start_new_session=True, env=env,
                             preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None)
     handle = ServerHandle(proc, port, workdir, log_path)
-    handle._log_file = log
+    handle._log_file, handle.remove_workdir = log, remove_workdir
     t0 = time.monotonic()
     deadline = t0 + timeout
     try:

@@ -27,7 +27,7 @@ from .errors import InversionInputError
 from .methods import METHODS
 from .nulltext import MODES as NEGATIVE_MODES
 
-_FAMILIES = ("vp", "flow", "other")
+_FAMILIES = ("vp", "flow")  # what inversion.families.sampling_family accepts; anything else is refused
 _MAX_WALK = 64          # conditioning extras: how many nested values are inspected at most
 
 
@@ -221,3 +221,27 @@ def check_finite_result(x: torch.Tensor, what: str, fix: str) -> None:
     bad = _count_bad(x)
     if bad:
         raise InversionInputError(f"{what} contains NaN or Inf ({bad} of {x.numel()} values); {fix}")
+
+
+# ---------------------------------------------------------------------------------------------- model vs trajectory
+def compatibility_warnings(traj, latent_format: str, sampling: dict, family: str) -> list:
+    """Differences between a model (its latent format name, ``sampling`` facts {prediction, table, sigma_min,
+    sigma_max}, family) and the one that made ``traj``: warnings, not errors. Model sampling is compared by what
+    decides the noise schedule -- the prediction type and the sigma table -- not by class name (core
+    ModelSamplingDiscrete wraps the same EPS sampling in a new class). A fact the trajectory lacks is not compared."""
+    warns = []
+    if traj.latent_format and latent_format != traj.latent_format:
+        warns.append(f"latent format differs: trajectory {traj.latent_format}, model {latent_format}")
+    rec = getattr(traj, "sampling", None) or {}
+    if rec:
+        if rec.get("prediction") != sampling.get("prediction"):
+            warns.append(f"model sampling differs: trajectory {rec.get('prediction')} prediction, model "
+                         f"{sampling.get('prediction')}")
+        elif rec.get("table") != sampling.get("table"):
+            warns.append(f"model sampling differs: another sigma table (trajectory sigma {rec.get('sigma_min', 0):.4g}"
+                         f"..{rec.get('sigma_max', 0):.4g}, model {sampling['sigma_min']:.4g}.."
+                         f"{sampling['sigma_max']:.4g}; e.g. another shift)")
+    if traj.family and family != traj.family:
+        warns.append(f"model family differs: trajectory {traj.family}, model {family} (the states will not match "
+                     "this model)")
+    return warns

@@ -75,6 +75,23 @@ def windows_for(h: int, w: int, core: int, margin: int) -> list:
     return out
 
 
+# windows for VAE Encode (Inversion)'s refine: latents up to WHOLE_MAX latent pixels (512x512 images at factor
+# 8) are decoded whole; larger ones (or tiled=True) in windows of a CORE x CORE core and MARGIN pixels of context
+WHOLE_MAX = 64 * 64
+CORE, MARGIN = 32, 8
+
+
+def plan_windows(h: int, w: int, tiled: bool) -> Optional[list]:
+    """The windows to refine an ``h`` x ``w`` latent in (:func:`windows_for`), or None to decode it whole."""
+    return windows_for(h, w, CORE, MARGIN) if tiled or h * w > WHOLE_MAX else None
+
+
+def keep_refined(db_mean: float, db_refined: float) -> bool:
+    """Whether the refined latent replaces the posterior mean: only when its measured ceiling is strictly better
+    (a tie, a loss or a NaN keeps the mean)."""
+    return bool(db_refined > db_mean)
+
+
 def _finite(v: torch.Tensor) -> bool:
     return bool(torch.isfinite(v).all())
 

@@ -1,7 +1,9 @@
 """The pack's boundary to ComfyUI internals (models and sampling). The adapters -- this module,
-``nodes/_comfy_image.py`` (VAEs, latent formats) and ``nodes/_comfy_grad.py`` (null-text's autograd branches) --
-are the only code that imports ComfyUI modules or reads ComfyUI objects' internals. :func:`drive` is the one
-place a ``CFGGuider`` is set up and run (for our loop sampler here and the null-text branch sampler).
+``nodes/_comfy_image.py`` (VAEs, latent formats), ``nodes/_comfy_grad.py`` (null-text's autograd branches) and
+``nodes/_comfy_vae_grad.py`` (the VAE decoder's autograd view for refine) -- are the only code that imports
+ComfyUI modules or reads ComfyUI objects' internals (tests/unit/test_package.py checks the imports).
+:func:`drive` is the one place a ``CFGGuider`` is set up and run (for our loop sampler here and the null-text
+branch sampler).
 
 ComfyUI modules used here:
 
@@ -38,7 +40,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..inversion import families
+from ..inversion import checks, families
 from ..inversion.errors import InversionInputError
 
 log = logging.getLogger("ddim_inversion")
@@ -53,10 +55,12 @@ def latent_format(model):
     return model.get_model_object("latent_format")
 
 
-def latent_facts(model) -> dict:
+def latent_facts(model, family_checked: bool = False) -> dict:
     """What a latent for this model must look like: channels, spatial rank (1 audio, 2 image, 3 video), format
-    name. A refused family (``inversion.families``) is refused here already, before its latent is checked."""
-    family_of(model)
+    name. A refused family (``inversion.families``) is refused here already, before its latent is checked (unless
+    ``family_checked``: the caller ran :func:`family_of` on this model already)."""
+    if not family_checked:
+        family_of(model)
     fmt = latent_format(model)
     return {"channels": getattr(fmt, "latent_channels", None),
             "spatial_dims": int(getattr(fmt, "latent_dimensions", 2)), "format": type(fmt).__name__}
@@ -84,9 +88,11 @@ def noise_probe(model) -> list:
 _WARNED: set = set()
 
 
-def family_notes(model) -> list:
-    """Warnings for the node's text output (a family outside the tested matrix); raises for a refused one."""
-    family_of(model)
+def family_notes(model, family_checked: bool = False) -> list:
+    """Warnings for the node's text output (a family outside the tested matrix); raises for a refused one (unless
+    ``family_checked``: the caller ran :func:`family_of` on this model already)."""
+    if not family_checked:
+        family_of(model)
     note = families.check_family(family_name(model))
     return [note] if note else []
 
@@ -144,6 +150,11 @@ def sampling_facts(model) -> dict:
         facts["table"] = hashlib.blake2b(t.numpy().tobytes(), digest_size=8).hexdigest()
         facts["table_size"] = int(t.numel())
     return facts
+
+
+def compatibility_warnings(model, traj) -> list:
+    """inversion.checks.compatibility_warnings with this model's facts (latent format, sampling, family)."""
+    return checks.compatibility_warnings(traj, latent_facts(model)["format"], sampling_facts(model), family_of(model))
 
 
 def sampling_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:

@@ -30,8 +30,6 @@ from .types import CATEGORY
 DISPLAY = "VAE Encode (Inversion)"
 CEILING_MODES = ("sampled", "full")
 REFINE_MAX = 5000
-REFINE_WHOLE_MAX = 64 * 64     # latents larger than this (512x512 images at factor 8) are refined in windows
-REFINE_CORE, REFINE_MARGIN = 32, 8   # window core and context margin, latent pixels
 
 
 def measure_ceiling(vae, latent, fitted, valid_hw, factor: int, mode: str, tiled: bool):
@@ -170,7 +168,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
             return mean, db0, (f"\nrefine skipped: the VAE's latent is {mean.ndim - 2}-D, decoder inversion handles "
                                "image VAEs only; returned the posterior mean (set refine to 0)")
         h, w = int(mean.shape[-2]), int(mean.shape[-1])
-        windows = (R.windows_for(h, w, REFINE_CORE, REFINE_MARGIN) if tiled or h * w > REFINE_WHOLE_MAX else None)
+        windows = R.plan_windows(h, w, tiled)
         t0 = time.perf_counter()
         try:
             res = VG.refine(vae, mean, fitted, steps=steps, lr=lr, anchor=anchor, valid_hw=valid, windows=windows)
@@ -185,7 +183,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
         how = {"done": "", "early": ", stopped early: no further gain",
                "non-finite": "; the loss became NaN/Inf, kept the best finite iterate (lower refine_lr)"}[res.stopped]
         win = f", in {len(windows)} windows" if windows else ""
-        if not db1 > db0:
+        if not R.keep_refined(db0, db1):
             return mean, db0, (f"\nrefine: no gain ({db1:.2f} dB after {res.iterations} iterations{how}{win}); "
                                f"returned the posterior mean ({secs:.1f} s)")
         return latent, db1, (f"\nrefine: {db0:.2f} dB -> {db1:.2f} dB ({db1 - db0:+.2f} dB), {res.iterations} of "

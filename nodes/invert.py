@@ -133,15 +133,15 @@ class DDIMInvert(io.ComfyNode):
             opts = methods.Options(method=method, eval_sigma=eval_sigma, tolerance=float(tolerance),
                                    max_iters=int(max_iters), damping=float(damping), gamma=float(gamma),
                                    restarts=int(restarts)).check()
-            seg = cls._schedule(model, steps, scheduler, sigmas, int(start_step), int(end_step))
-            return cls._run(model, positive, negative, latent, cfg, seg, opts)
+            family = C.family_of(model)  # probed once per call: refuses a refused family or sampling first
+            seg = cls._schedule(model, family, steps, scheduler, sigmas, int(start_step), int(end_step))
+            return cls._run(model, family, positive, negative, latent, cfg, seg, opts)
 
     @classmethod
-    def _schedule(cls, model, steps, scheduler, sigmas, start_step: int, end_step: int):
+    def _schedule(cls, model, family: str, steps, scheduler, sigmas, start_step: int, end_step: int):
         """The checked sampling segment to invert: the connected sigmas, else (scheduler, steps)."""
         if int(steps) < 1:
             raise InversionInputError(f"steps must be >= 1 (got {steps}); set steps to 1 or more")
-        family = C.family_of(model)
         if sigmas is not None:
             full = schedule.check_sampling_sigmas(sigmas, family=family)
         else:
@@ -151,9 +151,9 @@ class DDIMInvert(io.ComfyNode):
         return schedule.segment(full, start_step, end_step)
 
     @classmethod
-    def _run(cls, model, positive, negative, latent, cfg, seg, opts: methods.Options) -> io.NodeOutput:
+    def _run(cls, model, family: str, positive, negative, latent, cfg, seg, opts: methods.Options) -> io.NodeOutput:
         method = opts.method
-        facts = C.latent_facts(model)
+        facts = C.latent_facts(model, family_checked=True)
         samples = checks.check_latent(latent, channels=facts["channels"], spatial_dims=facts["spatial_dims"],
                                       format_name=facts["format"])
         mask, mask_note = checks.check_mask(latent.get("noise_mask"), samples.shape)
@@ -161,7 +161,6 @@ class DDIMInvert(io.ComfyNode):
         checks.check_conditioning(positive, B, "positive")
         checks.check_conditioning(negative, B, "negative")
         cfg = checks.check_cfg(cfg)
-        family = C.family_of(model)
         asc = schedule.inversion_order(seg)
         cin = C.input_scale(model)
         x0 = C.to_model_space(model, samples)
@@ -193,7 +192,7 @@ class DDIMInvert(io.ComfyNode):
             lines.append(_implicit_text(traj))
         if mask_note:
             lines.append("WARNING: " + mask_note)
-        lines += ["WARNING: " + n for n in C.family_notes(model)]   # a family outside the tested matrix
+        lines += ["WARNING: " + n for n in C.family_notes(model, family_checked=True)]  # outside the tested matrix
         return io.NodeOutput(out, noise, traj, ui=ui.PreviewText("\n".join(lines)))
 
 

@@ -8,7 +8,6 @@ from ..inversion import nulltext as NT
 from ..inversion.errors import InversionInputError, node_boundary
 from . import _comfy as C
 from . import _comfy_grad as G
-from .sampler import compatibility_warnings
 from .types import CATEGORY, TRAJECTORY
 
 DISPLAY = "Null-Text Inversion"
@@ -20,7 +19,7 @@ def check_inputs(model, positive, negative, traj, cfg: float, mode: str) -> floa
 
     A model that differs from the trajectory's in what the states mean but not in their shape (latent format,
     model sampling, family) is the Inverted-Latent Sampler's policy: a warning in the text output
-    (:func:`nodes.sampler.compatibility_warnings`), not an error. A latent of another channel count cannot
+    (:func:`inversion.checks.compatibility_warnings`), not an error. A latent of another channel count cannot
     run at all and is refused."""
     checks.check_trajectory(traj)
     if traj.method == "exact":
@@ -111,7 +110,7 @@ class DDIMInvNullText(io.ComfyNode):
                 learning_rate=1e-2, early_stop=1e-5) -> io.NodeOutput:
         with node_boundary(DISPLAY):
             cfg = check_inputs(model, positive, negative, trajectory, cfg, mode)
-            notes = [f"WARNING: {w}" for w in compatibility_warnings(model, trajectory)]
+            notes = [f"WARNING: {w}" for w in C.compatibility_warnings(model, trajectory)]
             if abs(float(trajectory.cfg) - 1.0) > 1e-6:
                 notes.append(
                     f"note: the pivot was inverted at cfg {float(trajectory.cfg):g}, not 1: null-text retraces it, "

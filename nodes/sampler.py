@@ -16,32 +16,6 @@ DISPLAY = "Inverted-Latent Sampler"
 log = logging.getLogger("ddim_inversion")
 
 
-def compatibility_warnings(model, traj) -> list:
-    """Differences between the model and the one that made the trajectory (warn, do not fail).
-
-    Model sampling is compared by what decides the noise schedule -- the prediction type and the sigma table
-    -- not by class name (core ModelSamplingDiscrete wraps the same EPS sampling in a new class)."""
-    warns = []
-    fmt = C.latent_facts(model)["format"]
-    if traj.latent_format and fmt != traj.latent_format:
-        warns.append(f"latent format differs: trajectory {traj.latent_format}, model {fmt}")
-    rec = getattr(traj, "sampling", None) or {}
-    if rec:
-        now = C.sampling_facts(model)
-        if rec.get("prediction") != now.get("prediction"):
-            warns.append(f"model sampling differs: trajectory {rec.get('prediction')} prediction, model "
-                         f"{now.get('prediction')}")
-        elif rec.get("table") != now.get("table"):
-            warns.append(f"model sampling differs: another sigma table (trajectory sigma {rec.get('sigma_min', 0):.4g}"
-                         f"..{rec.get('sigma_max', 0):.4g}, model {now['sigma_min']:.4g}..{now['sigma_max']:.4g}; "
-                         "e.g. another shift)")
-    fam = C.family_of(model)
-    if traj.family and fam != traj.family:
-        warns.append(f"model family differs: trajectory {traj.family}, model {fam} (the states will not match this "
-                     "model)")
-    return warns
-
-
 class DDIMInvSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -131,7 +105,7 @@ class DDIMInvSampler(io.ComfyNode):
             return C.same_guidance(recorded, C.guidance_fingerprint(model, prompts.positive, negative, choices.cfg))
 
         plan = R.plan(traj, choices, prompts, same_guidance)
-        warns = list(plan.warnings) + compatibility_warnings(model, traj)
+        warns = list(plan.warnings) + C.compatibility_warnings(model, traj)
         for w in warns:
             log.warning("%s: %s", DISPLAY, w)
         mask, mask_note = checks.check_mask(traj.noise_mask, traj.states.shape[1:], "the trajectory's noise_mask")

@@ -4,6 +4,7 @@ them inside OUT, results.json/results.csv, the error texts of ComfyUI's answers,
 import contextlib
 import copy
 import csv
+import hashlib
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yarl
@@ -123,6 +125,15 @@ def find_image_node(prompt: dict, spec=None) -> str:
                           "the workflow has no LoadImage node; add one or name the node that takes the image "
                           "with --image-node TITLE_OR_ID")
     return ids[0]
+
+
+def settings_key(prompt: dict, image_node: str) -> str:
+    """A hash of everything an item's result depends on but its image: the workflow after --set and manifest
+    values, and the node that gets the image (whose placeholder image name is left out)."""
+    prompt = copy.deepcopy(prompt)
+    prompt[image_node]["inputs"].pop("image", None)
+    text = json.dumps({"prompt": prompt, "image_node": image_node}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def list_images(folder) -> list:
@@ -240,8 +251,31 @@ class Results:
             r.images = {k: v for k, v in imgs.items() if isinstance(v, dict)} if isinstance(imgs, dict) else {}
         return r
 
-    def done(self, name: str) -> bool:
-        return self.images.get(name, {}).get("status") == "ok"
+    def done(self, name: str, key=None) -> bool:
+        """Ok, and (given the item's settings_key) made with these settings."""
+        rec = self.images.get(name, {})
+        return rec.get("status") == "ok" and (key is None or rec.get("settings") == key)
+
+    def todo(self, keys: dict, progress, noun: str = "item") -> list:
+        """The names of ``keys`` (name -> settings_key) not yet done with their settings, in order; says on
+        ``progress`` how many are resumed and which are redone because their settings changed."""
+        todo = [n for n in keys if not self.done(n, keys[n])]
+        if changed := [n for n in todo if self.done(n)]:
+            progress.line(f"{len(changed)} {noun}(s) done with other settings are redone: "
+                          + ", ".join(changed[:20]) + (", ..." if len(changed) > 20 else ""))
+        if len(todo) < len(keys):
+            progress.line(f"resuming: {len(keys) - len(todo)} {noun}(s) already ok in {self.json_path}, "
+                          f"{len(todo)} to do")
+        if not todo:
+            progress.line("nothing to do")
+        return todo
+
+    def finish(self, keys: dict, progress) -> int:
+        """The job's last line (items ok with their settings of ``keys``, failed, where the results are) and its
+        exit status: 0 all ok, else 1."""
+        ok = sum(self.done(n, keys[n]) for n in keys)
+        progress.line(f"done: {ok}/{len(keys)} ok, {len(keys) - ok} failed; results in {self.json_path}")
+        return 0 if ok == len(keys) else 1
 
     def record(self, name: str, rec: dict) -> None:
         self.images[name] = {"image": name, **rec}
@@ -273,6 +307,33 @@ def normalize_server(url: str) -> str:
 
 def ws_url(server: str, client_id: str) -> str:
     return f"ws{server[4:]}/ws?clientId={client_id}"  # server is http(s)://... (normalize_server)
+
+
+def cancel_prompt(url: str, pid: str, timeout: float = 3.0):
+    """Best effort, for a prompt whose sender is gone (before its item is sent elsewhere): delete ``pid`` from
+    ``url``'s queue when pending, interrupt it (by its id) when running. What was done, or None (not there, or
+    the server does not answer: then nothing of it runs). Only a prompt the queue lists is interrupted, so an
+    older server that ignores the id cannot lose someone else's run."""
+    def call(method, path, body=None):
+        req = urllib.request.Request(normalize_server(url) + path, method=method,  # noqa: S310  (http(s) only)
+                                     data=None if body is None else json.dumps(body).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310  (normalize_server: http(s))
+            return json.loads(r.read(1 << 24) or b"null")
+
+    try:
+        q = call("GET", "/queue")
+        ids = {k: [e[1] for e in q.get(k) or [] if isinstance(e, list) and len(e) > 1]
+               for k in ("queue_pending", "queue_running")} if isinstance(q, dict) else {}
+        if pid in ids.get("queue_pending", []):
+            call("POST", "/queue", {"delete": [pid]})
+            return "deleted from the queue"
+        if pid in ids.get("queue_running", []):
+            call("POST", "/interrupt", {"prompt_id": pid})
+            return "interrupted"
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def unreachable_message(url: str, err) -> str:

@@ -12,8 +12,9 @@ own one ComfyUI server (started by the actor, on the GPU Ray gives it, or an exi
 
 The actor calls tools/runner.py's one-server ``Client``; the driver (this process) reads the images, writes the
 outputs to OUT/<item>/ and results.json/results.csv after every item, so a rerun with the same --out skips the
-items already ok. Ray places the actors (CPUs/GPUs), restarts a crashed actor and retries its call; an item whose
-server stops answering goes to another actor (at most --moves times) and that actor is retired.
+items already ok with the same settings and redoes those done with other settings (a hash in each record). Ray
+places the actors (CPUs/GPUs), restarts a crashed actor and retries its call; an item whose server stops answering
+goes to another actor (at most --moves times) and that actor is retired.
 Exit status: 0 all ok, 1 some item failed, 2 usage error, Ray missing or no actor ready.
 """
 import argparse
@@ -21,7 +22,11 @@ import collections
 import csv
 import json
 import os
+import shutil
+import socket
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 _TOOLS = str(Path(__file__).resolve().parent)
@@ -29,8 +34,8 @@ ROOT = str(Path(_TOOLS).parent)
 if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
-    IMAGE_EXTS, Progress, Results, RunnerError, apply_overrides, find_image_node, list_images, load_workflow,
-    output_stems, parse_override, resolve_nodes, run_cli, store)
+    IMAGE_EXTS, Progress, Results, RunnerError, apply_overrides, cancel_prompt, find_image_node, list_images,
+    load_workflow, output_stems, parse_override, run_cli, settings_key, store)
 
 CLUSTER_EXCLUDES = [".git", ".venv", ".comfyui", ".cache", "out", "bench/out", "node_modules", "*.safetensors"]
 
@@ -76,6 +81,9 @@ def load_items(args) -> list:
     for ident, image, sets in rows:
         image_path = path.parent / image
         ident = str(ident) if ident not in (None, "") else image_path.name
+        if not ident.strip(".") or any(c in ident for c in "/\\\0"):  # "." would write into OUT itself
+            raise RunnerError(f"--manifest {path}: item id {ident!r} cannot be a folder name under --out; give "
+                              "the row an 'id' with a letter or digit and no '/', '\\' or NUL")
         if ident in seen:
             raise RunnerError(f"--manifest {path}: item {ident!r} appears twice; give each row its own 'id'")
         seen.add(ident)
@@ -97,8 +105,13 @@ class ComfyActor:
         self.runner, self.handle, self.timeout = runner, None, timeout
         if server is None:  # this actor's own server, on the GPU Ray gave it (CUDA_VISIBLE_DEVICES is inherited)
             from ddiminv_dev.server import start_server
+            # its folder (inputs, a copy of every output, the log) goes when it stops; under the job's folder,
+            # which the driver deletes at the end, so a killed actor's folder goes too (on the driver's machine)
+            os.makedirs(start["tmp_root"], exist_ok=True)
+            workdir = tempfile.mkdtemp(prefix="ddiminv-server-", dir=start["tmp_root"])
             self.handle = start_server(extra_args=start["args"], models=False, cpu=start["cpu"],
-                                       comfy=start["comfyui"], timeout=start["timeout"], die_with_parent=True)
+                                       comfy=start["comfyui"], timeout=start["timeout"], die_with_parent=True,
+                                       workdir=workdir, remove_workdir=True)
             server = self.handle.url
         self.url, self.session, self.client = runner.normalize_server(server), None, None
 
@@ -119,10 +132,11 @@ class ComfyActor:
             return {"url": self.url, "error": str(e)}
         return {"url": self.url, "pid": self.handle.proc.pid if self.handle else None, "error": None}
 
-    async def run(self, name: str, image: bytes, prompt: dict, image_node: str) -> tuple:
-        """(record, [(output name, bytes)]); a server that stopped answering: ({"gone": why}, [])."""
+    async def run(self, name: str, image: bytes, prompt: dict, image_node: str, prompt_id=None) -> tuple:
+        """(record, [(output name, bytes)]); a server that stopped answering: ({"gone": why}, []). Ray's retry
+        after a restart repeats ``prompt_id``: a prompt the server already has is followed, not run twice."""
         try:
-            return await (await self._client()).run(name, image, prompt, image_node)
+            return await (await self._client()).run(name, image, prompt, image_node, prompt_id=prompt_id)
         except self.runner.ServerGone as e:
             return {"gone": str(e)}, []
 
@@ -135,6 +149,25 @@ class ComfyActor:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def job_folder() -> Path:
+    """A new temporary folder for this job's actors' servers, owned by this driver (its file ``driver``: host and
+    pid). The folder of an earlier driver on this host that is gone (killed with SIGKILL: nothing ran its
+    cleanup) is deleted first; a live driver's, another host's or one without an owner is left alone."""
+    host = socket.gethostname()
+    for old in Path(tempfile.gettempdir()).glob("ddiminv-batch-*"):
+        try:
+            owner_host, pid = (old / "driver").read_text().split()
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if owner_host == host:
+                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, ValueError):  # no owner file, not ours to judge (or the pid is someone else's: alive)
+            continue
+    new = Path(tempfile.mkdtemp(prefix="ddiminv-batch-"))
+    (new / "driver").write_text(f"{host} {os.getpid()}")
+    return new
+
+
 def import_ray():
     try:
         import ray
@@ -153,17 +186,20 @@ def init_local(ray, num_cpus=None) -> None:
              configure_logging=False)
 
 
-def start_actors(ray, args, progress) -> list:
-    """[(actor, url)] of the actors whose server answers; the others are reported and killed."""
-    opts = dict(num_cpus=args.cpus_per_actor, num_gpus=args.gpus_per_actor, max_restarts=1, max_task_retries=1)
+def start_actors(ray, args, progress, tmp_root=None) -> list:
+    """[(actor, url)] of the actors whose server answers; the others are reported and killed. The servers the
+    actors start keep their folders under ``tmp_root`` (default: the system's temporary folder)."""
+    opts = dict(num_cpus=args.cpus_per_actor, max_restarts=1, max_task_retries=1)
     if ComfyActor.__module__ != "__main__":  # imported (tests, bench): ship the class itself, as for a script,
         ray.cloudpickle.register_pickle_by_value(sys.modules[ComfyActor.__module__])  # not an import path
     Actor = ray.remote(ComfyActor)
     start = {"args": args.comfy_arg, "cpu": args.gpus_per_actor == 0, "comfyui": args.comfyui,
-             "timeout": args.start_timeout}
+             "timeout": args.start_timeout, "tmp_root": tmp_root or tempfile.gettempdir()}
     tools = None if args.address else _TOOLS
-    actors = [Actor.options(**opts).remote(tools, s, start, args.timeout) for s in args.server] + \
-        [Actor.options(**opts).remote(tools, None, start, args.timeout) for _ in range(args.actors)]
+    # an actor given a running server only talks to it: no GPU for it; one starting its own server gets one
+    actors = [Actor.options(**opts, num_gpus=0).remote(tools, s, start, args.timeout) for s in args.server] + \
+        [Actor.options(**opts, num_gpus=args.gpus_per_actor).remote(tools, None, start, args.timeout)
+         for _ in range(args.actors)]
     refs = {a.ready.remote(): a for a in actors}
     done, late = ray.wait(list(refs), num_returns=len(refs), timeout=args.start_timeout + 30)
     alive = []
@@ -188,10 +224,11 @@ def start_actors(ray, args, progress) -> list:
     return alive
 
 
-def dispatch(ray, actors, todo, submit, finish, moves: int, progress) -> None:
+def dispatch(ray, actors, todo, submit, finish, moves: int, progress, on_gone=None) -> None:
     """Run every item of ``todo`` on the actors, one call in flight per actor: ``submit(actor, item)`` -> ref,
     ``finish(item, result or None, error)``. An actor whose server stops answering (or that Ray could not
-    restart) is retired and its item goes to another actor, at most ``moves`` times."""
+    restart) is retired, ``on_gone(item, its url)`` is told (its prompt may still run there), and the item goes
+    to another actor, at most ``moves`` times. Any other failure of a call is that item's error alone."""
     queue, idle, inflight, moved = collections.deque(todo), [a for a, _ in actors], {}, collections.Counter()
     url = dict(actors)
     while queue or inflight:
@@ -210,12 +247,19 @@ def dispatch(ray, actors, todo, submit, finish, moves: int, progress) -> None:
             gone = rec.get("gone")
         except ray.exceptions.RayActorError as e:
             gone = f"the actor of {url[actor]} died ({e.__class__.__name__})"
+        except Exception as e:  # the call failed, the actor lives: the item's error, the others go on
+            idle.append(actor)
+            finish(item, None, f"the actor of {url[actor]} failed: "
+                               f"{(str(e).strip().splitlines() or [e.__class__.__name__])[-1][:500]}")
+            continue
         if gone is None:
             idle.append(actor)
             finish(item, (rec, files), None)
             continue
         ray.kill(actor, no_restart=True)
         who = url.pop(actor)
+        if on_gone is not None:
+            on_gone(item, who)
         live = list(url)
         moved[item] += 1
         again = moved[item] <= moves and bool(live)
@@ -239,18 +283,14 @@ def run(args) -> int:
     if not items:
         raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})" if args.images else
                           f"--manifest {args.manifest}: no items")
-    for _, sets in items.values():  # a manifest column that names no node: before anything runs
-        for target, _, _ in sets:
-            resolve_nodes(template, target)
+    # every item's prompt, before anything runs (a manifest column that names no node is an error here)
+    prompts = {ident: apply_overrides(template, sets) for ident, (_, sets) in items.items()}
+    keys = {ident: settings_key(p, image_node) for ident, p in prompts.items()}
     out = Path(args.out)
     results = Results.load(out, {"workflow": str(args.workflow), "images_dir": str(args.images or ""),
                                  "manifest": str(args.manifest or ""), "overrides": args.set})
-    dirs, todo = output_stems(items), [n for n in items if not results.done(n)]
-    if len(todo) < len(items):
-        progress.line(f"resuming: {len(items) - len(todo)} item(s) already ok in {results.json_path}, "
-                      f"{len(todo)} to do")
-    if not todo:
-        progress.line("nothing to do")
+    dirs = output_stems(items)
+    if not (todo := results.todo(keys, progress)):
         return 0
     ray = import_ray()
     own = not ray.is_initialized()
@@ -260,29 +300,35 @@ def run(args) -> int:
                  log_to_driver=False)
     elif own:
         init_local(ray, args.num_cpus)
-    actors = []
+    actors, tmp_root = [], str(job_folder())  # the actors' servers' folders
     try:
-        actors = start_actors(ray, args, progress)
+        actors = start_actors(ray, args, progress, tmp_root)
         progress.start(len(todo))
 
         def submit(actor, name):
-            path, sets = items[name]
+            path = items[name][0]
             try:
                 data = path.read_bytes()
             except OSError as e:
                 finish(name, None, f"cannot read {path}: {e.strerror or e}")
                 return None
-            return actor.run.remote(path.name, data, apply_overrides(template, sets), image_node)
+            attempts[name] = pid = str(uuid.uuid4())  # Ray's retry of this call repeats it: see ComfyActor.run
+            return actor.run.remote(path.name, data, prompts[name], image_node, prompt_id=pid)
+
+        def on_gone(name, url):  # an external server may still run the prompt: not twice
+            if done := cancel_prompt(url, attempts[name]):
+                progress.line(f"{name}: its prompt {attempts[name]} on {url} was {done}")
 
         def finish(name, result, error):
             if result is None:
                 rec = {"server": None, "status": "error", "error": error, "outputs": []}
             else:
-                rec = store(*result, out / dirs[name], out)
+                rec = store({**result[0], "settings": keys[name]}, result[1], out / dirs[name], out)
             results.record(name, rec)
             progress.done(name, rec)
 
-        dispatch(ray, actors, todo, submit, finish, args.moves, progress)
+        attempts = {}
+        dispatch(ray, actors, todo, submit, finish, args.moves, progress, on_gone)
     finally:
         for actor, _ in actors:
             try:
@@ -292,9 +338,8 @@ def run(args) -> int:
             ray.kill(actor, no_restart=True)
         if own:
             ray.shutdown()
-    ok = sum(map(results.done, items))
-    progress.line(f"done: {ok}/{len(items)} ok, {len(items) - ok} failed; results in {results.json_path}")
-    return 0 if ok == len(items) else 1
+        shutil.rmtree(tmp_root, ignore_errors=True)  # what a killed actor's server left (its server died with it)
+    return results.finish(keys, progress)
 
 
 def main(argv=None) -> int:
@@ -318,7 +363,8 @@ def main(argv=None) -> int:
     p.add_argument("--comfy-arg", action="append", default=[], metavar="ARG",
                    help="argument for the actors' main.py, e.g. --comfy-arg=--extra-model-paths-config=m.yaml")
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
-                   help="GPUs per actor (0: its server runs with --cpu; 1: one GPU each)")
+                   help="GPUs per actor that starts its own server (0: it runs with --cpu; 1: one GPU each); "
+                        "an actor of a --server reserves none")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (1)")
     p.add_argument("--address", help="a running Ray cluster (HEAD:6379, or 'auto'); default: a Ray on this machine")
     p.add_argument("--num-cpus", type=int, help="CPUs the Ray on this machine may use (default: all)")
@@ -328,8 +374,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.actors is None:
         args.actors = 0 if args.server else 1
-    if args.timeout <= 0 or args.actors < 0 or args.moves < 0 or not (args.actors or args.server):
-        p.error("--timeout must be > 0, --actors and --moves >= 0, and there must be an actor")
+    for bad, message in ((args.timeout <= 0, "--timeout must be > 0"), (args.actors < 0, "--actors must be >= 0"),
+                         (args.moves < 0, "--moves must be >= 0"),
+                         (not (args.actors or args.server), "no actor: give --actors N (N >= 1) or --server URL")):
+        if bad:
+            p.error(message)
     return run_cli(lambda: run(args))
 
 

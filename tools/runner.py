@@ -5,8 +5,10 @@
         --out results/ --server http://127.0.0.1:8188 --set "DDIMInvert.steps=20"
 
 Outputs go to OUT/<image stem>/; OUT/results.json and results.csv are rewritten after every image, and a rerun
-with the same --out skips the images already ok. Exit status: 0 all ok, 1 some image failed, 2 usage error or
-the server unreachable. Several servers, GPUs or machines: tools/ray_batch.py runs ``Client`` in Ray actors.
+with the same --out skips the images already ok with the same settings (the workflow after --set: its hash is
+in each record) and redoes, naming them, those done with other settings. Exit status: 0 all ok, 1 some image
+failed, 2 usage error or the server unreachable. Several servers, GPUs or machines: tools/ray_batch.py runs
+``Client`` in Ray actors.
 """
 import argparse
 import asyncio
@@ -27,9 +29,10 @@ if _TOOLS not in sys.path:
 from batchlib import (  # noqa: E402  (tools/ is not a package on the path of a script)
     IMAGE_EXTS, Progress, Refused, Results, RunnerError, ServerGone, apply_overrides, extract_ui, figure_from,
     find_image_node, format_exec_error, format_prompt_error, history_error, list_images, load_workflow,
-    normalize_server, output_name, output_stems, run_cli, store, unreachable_message, ws_url)
+    normalize_server, output_name, output_stems, run_cli, settings_key, store, unreachable_message, ws_url)
 
 HISTORY_POLL_S = 5.0
+UPLOAD_DIR = "ddiminv-batch"  # the uploads' folder in the server's input/
 MAX_BODY = 256 << 20  # bytes: the most any one server answer may hold
 
 
@@ -105,26 +108,48 @@ class Client:
             raise RuntimeError(f"download of {name} failed: HTTP {status}")
         return name, data
 
-    async def run(self, name: str, image: bytes, prompt: dict, image_node: str, on_progress=lambda d: None) -> tuple:
-        """One image -> (record with status ok or error, [(output name, bytes)]); ServerGone propagates."""
+    async def known(self, pid: str) -> bool:
+        """Whether the server has prompt ``pid``: queued, running (/queue) or ended (/history), asked in that
+        order, so a prompt that ends between the two questions is still found."""
+        status, q = await self.call("GET", "/queue")
+        if status == 200 and isinstance(q, dict) and any(
+                isinstance(e, list) and len(e) > 1 and e[1] == pid
+                for e in (q.get("queue_running") or []) + (q.get("queue_pending") or [])):
+            return True
+        status, h = await self.call("GET", f"/history/{pid}")
+        return status == 200 and isinstance(h, dict) and isinstance(h.get(pid), dict)
+
+    async def submit(self, name: str, image: bytes, prompt: dict, image_node: str, pid: str) -> None:
+        """Upload the image and queue the prompt as ``pid``; RuntimeError when the server refuses either."""
+        # a folder of its own per item: two jobs (or two folders of one manifest) sharing the server's input/
+        # cannot replace each other's a.png between its upload and its run
+        form = aiohttp.FormData({"type": "input", "subfolder": f"{UPLOAD_DIR}/{uuid.uuid4().hex}",
+                                 "overwrite": "true"}, quote_fields=False)  # the name as it is
+        form.add_field("image", image, filename=name,
+                       content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        status, up = await self.call("POST", "/upload/image", data=form)
+        if status != 200 or not isinstance(up, dict) or "name" not in up:
+            raise RuntimeError(f"upload of {name} failed: HTTP {status}: {str(up)[:300]}")
+        prompt = copy.deepcopy(prompt)
+        prompt[image_node]["inputs"]["image"] = "/".join(filter(None, (up.get("subfolder"), up["name"])))
+        status, body = await self.call("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id,
+                                                                "prompt_id": pid})
+        if status != 200:
+            raise RuntimeError(format_prompt_error(status, body))
+
+    async def run(self, name: str, image: bytes, prompt: dict, image_node: str, on_progress=lambda d: None,
+                  prompt_id=None) -> tuple:
+        """One image -> (record with status ok or error, [(output name, bytes)]); ServerGone propagates.
+        ``prompt_id``: the caller's id for the prompt; when the server already has it (a call retried after the
+        process that sent it died), it is followed, not sent again."""
         t0, files = time.monotonic(), []
         rec = {"server": self.server, "prompt_id": None, "outputs": [], "texts": {}, "ui": {}, "figure": None,
                "error": None}
         try:
             await self.connect()
-            form = aiohttp.FormData({"type": "input", "overwrite": "true"}, quote_fields=False)  # the name as it is
-            form.add_field("image", image, filename=name,
-                           content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
-            status, up = await self.call("POST", "/upload/image", data=form)
-            if status != 200 or not isinstance(up, dict) or "name" not in up:
-                raise RuntimeError(f"upload of {name} failed: HTTP {status}: {str(up)[:300]}")
-            prompt = copy.deepcopy(prompt)
-            prompt[image_node]["inputs"]["image"] = "/".join(filter(None, (up.get("subfolder"), up["name"])))
-            rec["prompt_id"] = pid = str(uuid.uuid4())
-            status, body = await self.call("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id,
-                                                                    "prompt_id": pid})
-            if status != 200:
-                raise RuntimeError(format_prompt_error(status, body))
+            rec["prompt_id"] = pid = prompt_id or str(uuid.uuid4())
+            if not (prompt_id and await self.known(pid)):
+                await self.submit(name, image, prompt, image_node, pid)
             try:
                 left = t0 + self.timeout - time.monotonic()
                 h, err = await asyncio.wait_for(self.follow(pid, on_progress), max(0.0, left))
@@ -162,12 +187,9 @@ async def run_async(args) -> int:
         raise RunnerError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)})")
     out = Path(args.out)
     results = Results.load(out, {"workflow": str(args.workflow), "images_dir": str(args.images), "overrides": args.set})
-    dirs, todo = output_stems(images), [n for n in images if not results.done(n)]
-    if len(todo) < len(images):
-        progress.line(f"resuming: {len(images) - len(todo)} image(s) already ok in {results.json_path}, "
-                      f"{len(todo)} to do")
-    if not todo:
-        progress.line("nothing to do")
+    key = settings_key(template, image_node)
+    dirs, keys = output_stems(images), dict.fromkeys(images, key)
+    if not (todo := results.todo(keys, progress, "image")):
         return 0
     progress.start(len(todo))
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=max(60.0, args.timeout))
@@ -183,7 +205,7 @@ async def run_async(args) -> int:
                     try:
                         rec, files = await client.run(name, images[name].read_bytes(), template, image_node,
                                                       lambda data, n=name: progress.step(n, data))
-                        rec = store(rec, files, out / dirs[name], out)
+                        rec = store({**rec, "settings": key}, files, out / dirs[name], out)
                     except ServerGone as e:
                         gone = str(e)
                         progress.line(f"error: {gone}; the images left are not run")
@@ -195,9 +217,7 @@ async def run_async(args) -> int:
                 progress.done(name, rec)
         finally:
             await client.close()
-    ok = sum(map(results.done, images))
-    progress.line(f"done: {ok}/{len(images)} ok, {len(images) - ok} failed; results in {results.json_path}")
-    return 0 if ok == len(images) else 1
+    return results.finish(keys, progress)
 
 
 def main(argv=None) -> int:

@@ -227,9 +227,12 @@ def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tenso
 def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch: int = 32, lr: float = 5e-4,
                rank: int = RANK, drop: float = 0.1, ema: float = 0.999, captions=None, save_minutes: float = 4.0,
                log=None, device: str = "cpu", minutes: float | None = None) -> Path:
-    """Train the low-rank UNet up to ``iterations`` in all (or until ``minutes`` of training have passed, then save
-    and stop: a run that resumes continues exactly); writes ``out_dir/unet_lowrank.safetensors`` (fp16
-    EMA factors) and ``out_dir/unet_state.pt`` (full state, git-ignored by its suffix... keep it out of git)."""
+    """Train the scenes' low-rank UNet up to ``iterations`` in all (eps loss, caption dropout ``drop``, EMA
+    ``ema``), on ``device``, or until ``minutes`` of training have passed; saving every ``save_minutes`` and at the
+    end: ``out_dir/unet_lowrank.safetensors`` (the fp16 EMA factors, what ships) and ``out_dir/unet_state.pt``
+    (model, EMA, optimiser and RNG, to resume exactly; the .gitignore keeps ``ddiminv_dev/scenes/weights/*.pt`` out
+    of git). It resumes from the full state when there is one, else from the fp16 weights, else starts from the
+    learned model's factors widened to ``rank``."""
     from ddiminv_dev.learned import lowrank
     from ddiminv_dev.learned.build import UNET_FILE as LU, WEIGHTS
     from ddiminv_dev.tiny_checkpoint import UNET_CONFIG

@@ -1,7 +1,8 @@
 """The family matrix: every generative family of the host's ``comfy.supported_models`` that the pack claims
 (``inversion.families.TESTED``) goes through VAE-less DDIM Invert -> Inverted-Latent Sampler as a tiny instance
 of its real class (real model_base wrapper, latent format, model sampling, its own conditioning kind), for
-``exact`` (round trip <= 1e-5) and ``ddim`` (finite, bounded); the families that cannot be inverted are refused by
+``exact`` (round trip <= 1e-5) and ``ddim`` (its replay equals core euler from its NOISE, its error within 1.5x
+the family's measured one); the families that cannot be inverted are refused by
 name, an image-to-image sampling and an unknown noise scaling are refused, and a family outside the matrix is
 inverted with a warning, never silently.
 
@@ -11,23 +12,33 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddiminv_dev import host, tiny_families as tf
+from ddiminv_dev import ci, host, tiny_families as tf
 
 STEPS = 4
 EXACT_BAR = 1e-5
-# ddim at 4 steps, cfg 2, on a random network: finite and bounded, not accurate. Its error relative to the source
-# (model space) grows with the top noise level (the inverted state is ~sigma_max x the latent), so the bar is on
-# error / max(1, sigma_max): measured 0.006 (Stable Audio, sigma_max 500) to 1.4 (SkyReels I2V, flow) on 0.3.75
-DDIM_BAR = 2.1
+# ddim at 4 steps, cfg 2, on a random network is not accurate (its error grows with the top noise level); two
+# checks that a broken replay fails (one returning zeros has error 1.0 and a core gap of 1.0):
+# * ddim's replay equals core euler from DDIM Invert's NOISE: ||core - ours|| / ||ours|| measured <= 2.3e-6
+#   (HunyuanDiT1, SVD) on 0.3.75, the same under MKL_ENABLE_INSTRUCTIONS=SSE4_2: float32 chains; bar ~9x that;
+# * each family's round-trip error: 1.5x the value measured on 0.3.75 (default and SSE4_2 MKL paths agree to
+#   4 digits; python -m pytest -s -k round_trip prints them). CogVideoX_T2V (ComfyUI 0.33 only): 1.5x the
+#   0.532 measured on 0.33.0 (README's family table), not re-measured here.
+CORE_GAP_BAR = 2e-5
+DDIM_BAR = {
+    "AuraFlow": 0.22, "Chroma": 0.91, "CosmosI2V": 1.2, "CosmosI2VPredict2": 0.38, "CosmosT2IPredict2": 1.1,
+    "CosmosT2V": 1.3, "Flux": 0.9, "Flux2": 0.67, "FluxInpaint": 0.33, "FluxSchnell": 0.32, "GenmoMochi": 0.94,
+    "HiDream": 0.52, "HunyuanDiT": 1.3, "HunyuanDiT1": 1.7, "HunyuanImage21": 0.52, "HunyuanVideo": 1.1,
+    "HunyuanVideoI2V": 1.6, "HunyuanVideoSkyreelsI2V": 0.83, "KOALA_1B": 14, "KOALA_700M": 15, "LTXV": 0.99,
+    "Lumina2": 0.57, "Omnigen2": 0.46, "PixArtAlpha": 160, "PixArtSigma": 400, "QwenImage": 0.36, "SD15": 18,
+    "SD20": 17, "SD21UnclipL": 20, "SD3": 0.63, "SDXL": 16, "SDXLRefiner": 15, "SSD1B": 15, "SVD_img2vid": 1.5,
+    "Segmind_Vega": 14, "StableAudio": 5.8, "Stable_Cascade_C": 110, "WAN21_I2V": 0.94, "WAN21_T2V": 0.72,
+    "WAN22_T2V": 0.69, "ZImage": 0.51, "CogVideoX_T2V": 0.8,
+}
 
 
 @pytest.fixture(scope="module")
 def fam():
     return host.pack_submodule("inversion.families")
-
-
-def _scheduler(name: str) -> str:
-    return "simple"
 
 
 def _prompt(name: str, cfg: float = 1.0, variant: str = "as_is", methods=("exact", "ddim")) -> dict:
@@ -40,7 +51,7 @@ def _prompt(name: str, cfg: float = 1.0, variant: str = "as_is", methods=("exact
     for meth in methods:
         p[f"inv_{meth}"] = {"class_type": "DDIMInvert", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["l", 0], "steps": STEPS,
-            "cfg": cfg, "scheduler": _scheduler(name), "method": meth}}
+            "cfg": cfg, "scheduler": "simple", "method": meth}}
         p[f"rec_{meth}"] = {"class_type": "DDIMInvSampler", "inputs": {
             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": [f"inv_{meth}", 2],
             "cfg": cfg}}
@@ -60,22 +71,28 @@ def _rel(res, name: str, node: str) -> float:
 
 REFUSED_BUILT = ("LotusD", "WAN21_FlowRVS")   # built only to check their refusal
 MATRIX = sorted(n for n in tf.SPECS if n not in REFUSED_BUILT)
+# in the matrix (run where the host has the class), not claimed: the pinned host (0.3.75) cannot run them, so
+# inversion.families.TESTED leaves them out and the pack inverts them with its warning (tested by hand on 0.33.0)
+UNCLAIMED = {"CogVideoX_T2V"}
 
 
 def _need(name: str) -> None:
-    """Skip (with the reason) an entry whose class this host's ComfyUI does not have (0.33-only samplings)."""
+    """Skip (with the reason) an entry whose class this host's ComfyUI does not have (0.33-only samplings); under
+    CI=true fail instead when the pack claims the family as tested (ddiminv_dev.ci.skip_family)."""
     import comfy.supported_models as sm
     if not hasattr(sm, tf.SPECS[name].config):
-        pytest.skip(f"{tf.SPECS[name].config} is not in this host's comfy.supported_models (ComfyUI 0.33 adds it)")
+        ci.skip_family(name, f"{tf.SPECS[name].config} is not in this host's comfy.supported_models (ComfyUI 0.33 "
+                             "adds it)", host.pack_submodule("inversion.families").TESTED)
 
 
 def test_matrix_is_the_claimed_families(fam):
-    """What the pack says it tested is what this file runs (and every one is a class of this host)."""
+    """What the pack says it tested is what this file runs, and every one is a class of this host: the pack claims
+    nothing the pinned host cannot run (a family only a newer ComfyUI has is in the matrix, unclaimed)."""
     import comfy.supported_models as sm
     host_names = {c.__name__ for c in sm.models}
-    assert set(MATRIX) == set(fam.TESTED), "inversion.families.TESTED and the matrix disagree"
+    assert set(fam.TESTED) == set(MATRIX) - UNCLAIMED, "inversion.families.TESTED and the matrix disagree"
     assert set(tf.names()) == set(MATRIX + list(REFUSED_BUILT)) & host_names
-    assert set(fam.TESTED) - {"CogVideoX_T2V"} <= host_names   # only 0.33's classes may be absent
+    assert set(fam.TESTED) <= host_names, sorted(set(fam.TESTED) - host_names)
     assert set(REFUSED_BUILT) <= set(fam.REFUSED)
     assert not set(fam.TESTED) & set(fam.REFUSED)
 
@@ -104,10 +121,14 @@ def test_family_model_is_real_and_conditioned(name):
 @pytest.mark.parametrize("name", MATRIX)
 def test_family_round_trip(name, fam):
     """VAE-less DDIM Invert -> Inverted-Latent Sampler on the family's real class: exact to 1e-5 (cfg 2, two
-    evaluations per step with the negative), ddim finite and bounded; latent rank and channels are the family's."""
+    evaluations per step with the negative); ddim's replay equals core euler (SamplerCustomAdvanced, the same
+    sigmas and cfg) from DDIM Invert's NOISE, so the replay and the NOISE are checked against ComfyUI's own
+    sampler for every family (video 5-D, audio 3-D, EDM, CogVideoX's zero terminal SNR at sigma_max ~4.5e3),
+    and its round-trip error stays within 1.5x what was measured for the family; latent rank and channels are
+    the family's."""
     import comfy.supported_models as sm
     _need(name)
-    res = host.run(_prompt(name, cfg=2.0))
+    res = host.run({**_prompt(name, cfg=2.0), **_core_nodes(name)})
     src = res.outputs("l")[0]["samples"]
     fmt = getattr(sm, name).latent_format
     assert src.ndim == 2 + int(getattr(fmt, "latent_dimensions", 2)) and src.shape[1] == fmt.latent_channels
@@ -118,13 +139,14 @@ def test_family_round_trip(name, fam):
     import comfy.model_sampling as cms   # the family the class hierarchy says (the pack probes noise_scaling instead)
     want = "flow" if isinstance(tf.tiny_model(name).get_model_object("model_sampling"), cms.CONST) else "vp"
     assert traj.family == want, (name, traj.family, want)
-    top = float(traj.sigmas.max())
-    print(f"\nFAMILY {name}: {traj.family} exact {e_exact:.2e} ddim {e_ddim:.3g} "
-          f"(/sigma_max {e_ddim / max(1, top):.3g}, sigma_max {top:.4g}) latent {tuple(src.shape)}")
+    gap = _core_gap(res)
+    print(f"\nFAMILY {name}: {traj.family} exact {e_exact:.2e} ddim {e_ddim:.4g} core-gap {gap:.3g} "
+          f"(sigma_max {float(traj.sigmas.max()):.4g}) latent {tuple(src.shape)}")
     assert e_exact <= EXACT_BAR, (name, e_exact)
-    assert e_ddim / max(1.0, top) < DDIM_BAR, (name, e_ddim, top)
+    assert gap <= CORE_GAP_BAR, (name, gap)
+    assert e_ddim <= DDIM_BAR[name], (name, e_ddim, DDIM_BAR[name])
     text = str(res.ui("inv_exact"))
-    assert "not in the tested family matrix" not in text
+    assert ("not in the tested family matrix" in text) == (name in UNCLAIMED), text
 
 
 def test_refused_by_name(run_error):
@@ -191,12 +213,11 @@ def test_sampling_rule_refuses(fam, pack_error, pred, probe, words):
 
 
 # ---------------------------------------------------------------------------------------------- newer samplings
-def _core_from_noise(name: str, variant: str = "as_is", steps: int = STEPS) -> dict:
-    """DDIM Invert's NOISE drives core SamplerCustomAdvanced (euler, the same sigmas): core's own noise_scaling
-    must rebuild exactly our inverted state, so its euler run equals our ddim replay."""
-    p = _prompt(name, variant=variant, methods=("ddim",))
-    p.update({
-        "sch": {"class_type": "BasicScheduler", "inputs": {"model": ["m", 0], "scheduler": _scheduler(name),
+def _core_nodes(name: str, steps: int = STEPS) -> dict:
+    """Core SamplerCustomAdvanced (euler, the same sigmas, cfg 2) driven by DDIM Invert's NOISE (node inv_ddim):
+    core's own noise_scaling must rebuild our inverted state, so its euler run equals our ddim replay."""
+    return {
+        "sch": {"class_type": "BasicScheduler", "inputs": {"model": ["m", 0], "scheduler": "simple",
                                                           "steps": steps, "denoise": 1.0}},
         "eul": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "g": {"class_type": "CFGGuider", "inputs": {"model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0],
@@ -205,10 +226,19 @@ def _core_from_noise(name: str, variant: str = "as_is", steps: int = STEPS) -> d
                                                                   "sampler": ["eul", 0], "sigmas": ["sch", 0],
                                                                   "latent_image": ["l", 0]}},
         "out_sca": {"class_type": "TestLatentSink", "inputs": {"samples": ["sca", 0]}},
-    })
-    for k in ("inv_ddim", "rec_ddim"):
-        p[k]["inputs"]["cfg"] = 2.0
-    return p
+    }
+
+
+def _core_from_noise(name: str, variant: str = "as_is", steps: int = STEPS) -> dict:
+    """Our ddim inversion and replay at cfg 2, and core euler from its NOISE (_core_nodes)."""
+    return {**_prompt(name, cfg=2.0, variant=variant, methods=("ddim",)), **_core_nodes(name, steps)}
+
+
+def _core_gap(res) -> float:
+    """||core euler - our ddim replay|| / ||our ddim replay||."""
+    a, b = res.outputs("sca")[0]["samples"].double(), res.outputs("rec_ddim")[0]["samples"].double()
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    return float((a - b).norm() / b.norm())
 
 
 def test_flow_noise_scale():
@@ -227,22 +257,6 @@ def test_flow_noise_scale():
     core = host.run(_core_from_noise("SD3", variant="noise_scale"))
     a, b = core.outputs("sca")[0]["samples"], core.outputs("rec_ddim")[0]["samples"]
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), float((a - b).abs().max())
-
-
-@pytest.mark.parametrize("name", ["CogVideoX_T2V", "StableAudio", "WAN21_T2V", "QwenImage", "CosmosT2V", "SD15"])
-def test_noise_drives_core_sampler(name):
-    """Video (5-D), audio (3-D), EDM video and 0.33's V_PREDICTION_DDPM (CogVideoX, zero terminal SNR: sigma_max
-    ~4.5e3): core euler from DDIM Invert's NOISE equals our ddim replay. At sigma_max core's max_denoise scales
-    the noise by sqrt(1 + sigma^2) instead of sigma, which only a small sigma_max (SD15: 14.6) makes visible."""
-    _need(name)
-    res = host.run(_core_from_noise(name))
-    a, b = res.outputs("sca")[0]["samples"], res.outputs("rec_ddim")[0]["samples"]
-    assert a.shape == b.shape and torch.isfinite(a).all()
-    # the first state is ~sigma_max x the latent: float32 keeps it to ~6e-8 * sigma_max (CogVideoX: 4.1e-4 measured
-    # at sigma_max 4519; the others <= 1e-5)
-    top = float(res.outputs("inv_ddim")[2].sigmas.max())
-    tol = 1e-4 + 1.2e-7 * top
-    assert torch.allclose(a, b, rtol=1e-4, atol=tol), (float((a - b).abs().max()), tol)
 
 
 def test_img_to_img_flow_refused(run_error):

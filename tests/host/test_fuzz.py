@@ -6,7 +6,9 @@
      mutated, and a round trip (same prompt and cfg) within a per-method bound;
    * the same inputs with exactly one field made invalid: the prompt must fail in the node that reads that
      field, with the pack's error, "<Node>: ..." naming that field.
-   Each test counts what it drew and asserts that every method and every mutated field occurred.
+   Each valid-input test (one route and correction) counts what it drew and asserts that every example ran to
+   its end and that every family (eps, v, flow) occurred; each invalid-field test (one field) runs two draws of
+   every method and asserts that each reached the failure branch's checks.
 2. Every schedule ComfyUI's schedulers make (schedulers x step counts 1-5, 50, 1000 x model samplings EPS, V,
    SD3-style flow and Flux at two shifts) either fails the pack's schedule check with a message naming the fix
    or is an invertible schedule; a few of them run through the real node and give finite latents.
@@ -29,11 +31,18 @@ ERR = "InversionInputError"
 STEP_COUNTS = [1, 2, 3, 4, 5, 50, 1000]
 SAMPLINGS = ["eps", "v", "flow", "flux-1.15", "flux-3.0"]
 DISPLAY = {"inv": "DDIM Invert", "s": "Inverted-Latent Sampler"}
-# round-trip bound (relative latent error, same prompt and cfg as the inversion) per route: 1.5x the largest error
-# measured over the valid strategy's draws. source_drift pins every stored state (any method: measured 8.6e-7),
-# the BDIA replay and the implicit inverse are exact to float rounding (6.2e-7, 7.6e-7); plain ddim at 2-6 steps
-# on this prior, and the ddim replay of an exact trajectory, are far from the source (1.6, 2.3): bounded, not small.
-ROUND_TRIP = {"source_drift": 1.3e-6, "exact/bdia": 9.3e-7, "implicit": 1.2e-6, "ddim": 2.4, "exact/ddim": 3.4}
+# round-trip bound (relative latent error, same prompt and cfg as the inversion) per route, from the largest error
+# measured over the valid strategy's draws, which change with this file's source (derandomize hashes it): 1.5x
+# over 8 draws did not hold. source_drift pins every stored state (any method: measured 1.29e-6) and the BDIA
+# replay is exact (7.99e-7), both to float32 rounding: 5e-6 leaves ~4x. The implicit inverse stops at its
+# tolerance (1e-6 here), which a large step amplifies: 1.47e-6 over the draws, 2.08e-5 in a case hypothesis
+# found (2 steps, normal scheduler, a 2x2 latent) when the old 1.2e-6 bar failed; 1e-4 leaves 5x.
+ROUND_TRIP = {"source_drift": 5e-6, "exact/bdia": 5e-6, "implicit": 1e-4}
+# plain ddim at 2-6 steps on this prior, and the ddim replay of an exact trajectory, are far from the source
+# (errors up to 4.3 measured, and a replay returning zeros has error 1.0): no bound on the error can tell a broken
+# replay, so those routes are held to a DDIM replay written in the test (ddim_reference_gap): measured <= 4.7e-8
+# over 40 draws, the same with MKL_ENABLE_INSTRUCTIONS=SSE4_2 (float32 chains); the bar leaves 20x
+REPLAY_GAP_BAR = 1e-6
 
 
 ROUTES = ("ddim", "implicit", "exact/bdia", "exact/ddim")      # method / replay the sampler runs
@@ -131,6 +140,33 @@ def round_trip_error(r) -> float:
     return float((rec - src).norm() / src.norm())
 
 
+def ddim_reference_gap(r, case) -> float:
+    """||sampler output - a DDIM replay written here|| / ||replay||, both in model space: from the trajectory's
+    stored state at start_step, x <- (t/s) x + (1 - t/s) D(x, s) down the trajectory's sigmas, D the guided model
+    of the same (model, positive, negative, cfg) through the pack's CFGGuider plumbing (nodes._comfy.run_guided),
+    so only the replay's own loop is independent: a replay returning zeros (or skipping a step) has gap ~1."""
+    C, checks = host.pack_submodule("nodes._comfy"), host.pack_submodule("inversion.checks")
+    model, traj = r.outputs("m")[0], r.outputs("inv")[2]
+    j0, shape = traj.steps - case["sampler"]["start_step"], tuple(traj.states.shape[1:])
+    sig = [float(v) for v in traj.sigmas.tolist()]
+    mask = checks.check_mask(traj.noise_mask, shape, "mask")[0]
+    m = None if mask is None else C.prepare_mask(mask, shape, model).float()
+
+    def loop(model_fn, device, progress):
+        x = traj.states[j0].to(device, torch.float32)
+        for i in range(j0, 0, -1):
+            d, ratio = model_fn(x, sig[i]).to(torch.float32), sig[i - 1] / sig[i]
+            x = d if sig[i - 1] == 0 else x * ratio + d * (1.0 - ratio)
+            if m is not None:  # outside the mask, pinned to the stored state
+                x = x * m.to(device) + traj.states[i - 1].to(device, torch.float32) * (1 - m.to(device))
+        return x
+
+    ref = C.run_guided(model, r.outputs("c")[0], r.outputs("n")[0], case["sampler"]["cfg"], shape,
+                       traj.sampling_sigmas(), loop, steps=j0, label="reference").double()
+    out = C.to_model_space(model, r.outputs("s")[0]["samples"]).double()
+    return float((out - ref).norm() / ref.norm())
+
+
 @pytest.mark.parametrize("correction", CORRECTIONS)
 @pytest.mark.parametrize("route", ROUTES)
 def test_fuzz_valid_inputs_run_and_round_trip(assert_unchanged, route, correction):
@@ -157,7 +193,10 @@ def test_fuzz_valid_inputs_run_and_round_trip(assert_unchanged, route, correctio
         assert f"replay {'bdia' if route == 'exact/bdia' else 'ddim'}" in text, text
         e = round_trip_error(r)
         worst[0] = max(worst[0], e)
-        assert e <= ROUND_TRIP[kind], (kind, e, case)
+        if kind in ROUND_TRIP:
+            assert e <= ROUND_TRIP[kind], (kind, e, case)
+        else:
+            assert math.isfinite(e) and (gap := ddim_reference_gap(r, case)) <= REPLAY_GAP_BAR, (kind, gap, case)
         assert_unchanged(r, p)
         for label in (f"family={case['model']['family']}", f"mask={case['lat']['mask'] != 'none'}",
                       f"dtype={case['lat']['dtype']}", f"start_step={case['sampler']['start_step'] > 0}"):
@@ -165,7 +204,9 @@ def test_fuzz_valid_inputs_run_and_round_trip(assert_unchanged, route, correctio
             event(label)
 
     check()
+    print(f"FUZZ {route} {correction}: worst round trip {worst[0]:.3g}; drew {dict(seen)}")
     assert sum(seen.values()) == 4 * 8, seen          # every example ran to the end (none was filtered out)
+    assert {k for k in seen if k.startswith("family=")} == {"family=eps", "family=v", "family=flow"}, seen
 
 
 @pytest.mark.parametrize("field", sorted(MUTATIONS))
@@ -173,8 +214,6 @@ def test_fuzz_one_invalid_field_is_named(assert_unchanged, field):
     seen = Counter()
     node, words, _ = MUTATIONS[field]
 
-    @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(case=valid_cases())
     def check(case):
         p = build(mutate(case, field))
         ok = host.validate(p)
@@ -193,8 +232,11 @@ def test_fuzz_one_invalid_field_is_named(assert_unchanged, field):
             seen[label] += 1
             event(label)
 
-    check()
-    assert sum(seen.values()) == 2 * 4, seen          # every example reached the failure branch's checks
+    for route in ("ddim", "implicit", "exact/bdia"):  # every method meets every invalid field: 2 draws each
+        settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))(
+            given(case=valid_cases(route=route))(check))()
+    assert {k for k in seen if k.startswith("method=")} == {"method=ddim", "method=implicit", "method=exact"}, seen
+    assert sum(seen.values()) == 2 * 3 * 2, seen      # every example reached the failure branch's checks
 
 
 @pytest.mark.parametrize("field", sorted(MUTATIONS))

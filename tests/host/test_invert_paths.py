@@ -66,3 +66,14 @@ def test_the_noise_output_given_a_latent_of_another_size_is_the_packs_error(run_
     msg, _ = run_error(p, "s", "DDIM Invert (noise)", "the latent given to the sampler has shape (1, 4, 8, 8)",
                        "connect DDIM Invert's noise_latent")
     assert "; connect" in msg
+
+
+def test_one_ddim_invert_probes_the_model_family_once(monkeypatch):
+    """The family (its noise_scaling probe, the refusal and the untested-family check) is decided once per DDIM
+    Invert call, not again for the schedule, the latent, the loop and the text (it was four times)."""
+    C = host.pack_submodule("nodes._comfy")
+    calls = []
+    probe = C.noise_probe
+    monkeypatch.setattr(C, "noise_probe", lambda model: calls.append(1) or probe(model))
+    res = host.run(_implicit(method="ddim"))
+    assert res.outputs("inv")[2].family == "vp" and len(calls) == 1, len(calls)

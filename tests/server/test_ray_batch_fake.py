@@ -17,7 +17,7 @@ if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
 import ray_batch  # noqa: E402
-from ddiminv_dev.fake_comfy import PNG, fake_batch  # noqa: E402
+from ddiminv_dev.fake_comfy import PNG, fake_batch, fake_comfyui  # noqa: E402
 
 WF = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}},
@@ -53,7 +53,7 @@ def _results(out):
 
 def _images(server):
     """The images of the prompts a server accepted, in order."""
-    return [b["prompt"]["1"]["inputs"]["image"] for b in server.prompts]
+    return [Path(b["prompt"]["1"]["inputs"]["image"]).name for b in server.prompts]  # uploaded in folders of their own
 
 
 def test_two_actors_share_the_work_and_a_rerun_does_nothing(setup, capsys):
@@ -109,7 +109,7 @@ def test_with_no_moves_left_the_item_fails_alone_and_a_rerun_redoes_only_it(setu
     recs = _results(out)
     failed = [n for n, r in recs.items() if r["status"] != "ok"]
     assert len(failed) == 1 and "stopped answering" in recs[failed[0]]["error"] and bad.url in recs[failed[0]]["error"]
-    assert len(good.prompts) == 1 and good.prompts[0]["prompt"]["1"]["inputs"]["image"] != failed[0]
+    assert len(good.prompts) == 1 and _images(good) != failed
     assert _run(wf, imgs, out, good) == 0
     assert _images(good)[1:] == failed  # the rerun ran only the failed image
 
@@ -143,3 +143,28 @@ def test_manifest_overrides_reach_each_prompt_and_a_missing_image_fails_alone(se
              for b in a.prompts}
     assert texts == {recs["im0.png"]["prompt_id"]: ("a cat", 3), recs["dog"]["prompt_id"]: ("a dog", 3)}
     assert (out / "dog" / "rec_im0.png").is_file() and (out / "im0" / "rec_im0.png").is_file()
+
+
+def test_an_actor_killed_after_its_server_accepted_the_prompt_runs_nothing_twice(setup, capsys):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[3:]:
+        p.unlink()
+    server = make("kill_client_after", die_on=2, delay=0.5)  # accepts its second prompt, then kills the sender
+    assert _run(wf, imgs, out, server) == 0
+    recs = _results(out)
+    assert len(server.killed_clients) == 1 and all(r["status"] == "ok" for r in recs.values())
+    assert server.posts == 3 and server.executions == 3  # Ray's retry follows the accepted prompt, not a copy
+    assert sorted(r["prompt_id"] for r in recs.values()) == sorted(b["prompt_id"] for b in server.prompts)
+
+
+def test_the_servers_the_actors_start_leave_no_folder_behind(setup, tmp_path):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[3:]:
+        p.unlink()
+    started = tmp_path / "started.txt"  # a line per server start: its --output-directory
+    comfy = fake_comfyui(tmp_path / "comfy", started, "kill_client", die_on=3)  # the 3rd prompt kills the actor
+    assert _run(wf, imgs, out, extra=("--actors", "1", "--comfyui", str(comfy), "--start-timeout", "60")) == 0
+    assert all(r["status"] == "ok" for r in _results(out).values()) and len(_results(out)) == 3
+    workdirs = [Path(line).parent for line in started.read_text().split()]
+    assert len(workdirs) == 2  # the killed actor's server, and the one its restart started
+    assert [d for d in workdirs if d.exists()] == []  # inputs, outputs, logs: all gone

@@ -194,6 +194,7 @@ def test_a_good_trajectory_passes():
     (dict(denoised=torch.zeros(3, 1, 4, 8, 8)), "malformed"),
     (dict(family="flow"), "reaches sigma 14.6 > 1"),
     (dict(family="martian"), "family 'martian'"),
+    (dict(family="other"), "family 'other'"),  # the pack inverts vp and flow only: nothing makes "other"
     (dict(extra=[1, 2]), "extra must be a dict"),
     (dict(extra={"guidance_fingerprint": 7}), "guidance_fingerprint"),
     (dict(method="exact", options={"gamma": 0.0}), "gamma"),
@@ -216,3 +217,20 @@ def test_results_must_be_finite():
     checks.check_finite_result(torch.zeros(3), "x", "fix")
     with pytest.raises(E, match=r"^the inversion \(m\) contains NaN or Inf \(1 of 3 values\); use gamma 1.0$"):
         checks.check_finite_result(torch.tensor([0.0, math.inf, 1.0]), "the inversion (m)", "use gamma 1.0")
+
+
+def test_compatibility_warnings_compare_what_decides_the_states():
+    t = traj(latent_format="SD15", family="vp",
+             sampling={"prediction": "eps", "table": "abc", "sigma_min": 0.03, "sigma_max": 14.6})
+    same = {"prediction": "eps", "table": "abc", "sigma_min": 0.03, "sigma_max": 14.6}
+    assert checks.compatibility_warnings(t, "SD15", same, "vp") == []
+    assert checks.compatibility_warnings(t, "SD3", same, "vp") == ["latent format differs: trajectory SD15, model SD3"]
+    assert checks.compatibility_warnings(t, "SD15", {**same, "prediction": "v"}, "vp") == [
+        "model sampling differs: trajectory eps prediction, model v"]
+    assert checks.compatibility_warnings(t, "SD15", {**same, "table": "def", "sigma_max": 20.0}, "vp") == [
+        "model sampling differs: another sigma table (trajectory sigma 0.03..14.6, model 0.03..20; e.g. another "
+        "shift)"]
+    assert checks.compatibility_warnings(t, "SD15", same, "flow") == [
+        "model family differs: trajectory vp, model flow (the states will not match this model)"]
+    t = traj(latent_format="", family="", sampling={})  # an old trajectory without the facts: nothing to compare
+    assert checks.compatibility_warnings(t, "SD3", {**same, "prediction": "v"}, "flow") == []

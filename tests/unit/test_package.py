@@ -44,3 +44,20 @@ def test_registry_metadata():
 def test_requirements_list_no_packages():
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert [line for line in lines if line and not line.startswith("#")] == []
+
+
+def test_only_the_named_adapters_import_comfyui():
+    """nodes/_comfy.py's docstring names the adapters that may import ComfyUI: every module that does is named
+    there, and every module named there exists (the list was stale: _comfy_vae_grad.py was missing)."""
+    import ast
+    doc = ast.get_docstring(ast.parse((ROOT / "nodes" / "_comfy.py").read_text()))
+    named = {p for p in (ROOT / "nodes").glob("_comfy*.py") if f"nodes/{p.name}" in doc or p.name == "_comfy.py"}
+    importing = set()
+    for p in (ROOT / "nodes").glob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(m == "comfy" or m.startswith(("comfy.", "latent_preview")) for m in mods):
+                importing.add(p)
+    assert importing <= named, sorted(p.name for p in importing - named)
+    assert named == set((ROOT / "nodes").glob("_comfy*.py")), sorted(p.name for p in named)

@@ -109,6 +109,40 @@ def test_windowed_equals_whole_for_a_local_decoder():
     assert part.mse_after == pytest.approx(whole.mse_after, rel=1e-4)
 
 
+def _conv_decoder(seed=0, c=4, f=2, k=5):
+    """A decoder that mixes neighbouring latents: a k x k conv (zero padding, reach (k-1)/2 latent pixels), a
+    tanh, a 1x1 conv to 3*f*f channels, pixel shuffle (x f), sigmoid. Images NHWC."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(8, c, k, k, generator=g) * (0.8 / k)
+    w2 = torch.randn(3 * f * f, 8, 1, 1, generator=g) * 0.6
+
+    def decode(z):
+        y = torch.nn.functional.conv2d(torch.tanh(torch.nn.functional.conv2d(z, w1, padding=k // 2)), w2)
+        return torch.sigmoid(torch.nn.functional.pixel_shuffle(y, f)).movedim(1, -1)
+    return decode
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_windows_need_a_margin_of_the_decoders_reach(k):
+    """A window decoded with a margin of the decoder's reach ((k-1)/2 latent pixels) measures its core exactly as
+    the whole decode does, at the mean and along the optimisation; one latent pixel less of margin does not."""
+    reach = (k - 1) // 2
+    g = torch.Generator().manual_seed(3)
+    dec = _conv_decoder(seed=k, k=k)
+    z_true = torch.randn(2, 4, 10, 10, generator=g)
+    target = dec(z_true)
+    z0 = z_true + 0.5 * torch.randn(2, 4, 10, 10, generator=g)
+    whole = R.refine_latent(z0, target, dec, steps=6, lr=0.1)
+    enough = R.refine_latent(z0, target, dec, steps=6, lr=0.1, windows=R.windows_for(10, 10, 4, reach))
+    short = R.refine_latent(z0, target, dec, steps=6, lr=0.1, windows=R.windows_for(10, 10, 4, reach - 1))
+    assert enough.mse_before == pytest.approx(whole.mse_before, rel=1e-6)
+    assert torch.allclose(enough.latent, whole.latent, atol=1e-5)
+    gap_before = max(abs(a / b - 1) for a, b in zip(short.mse_before, whole.mse_before, strict=True))
+    gap_latent = float((short.latent - whole.latent).abs().max())
+    print(f"margin {reach - 1} for reach {reach}: mse_before off by {gap_before:.3g}, latent by {gap_latent:.3g}")
+    assert gap_before > 1e-3 and gap_latent > 1e-3
+
+
 def test_non_finite_at_the_mean_is_an_error():
     z0, target, dec = _case()
     with pytest.raises(R.RefineError, match="NaN/Inf.*; run the VAE in float32"):
@@ -212,3 +246,15 @@ def test_unknown_loss_is_an_error():
     z0, target, dec = _case()
     with pytest.raises(R.RefineError, match="unknown refine loss 'l1'; use one of clamped, unclamped, straight"):
         R.refine_latent(z0, target, dec, steps=2, loss="l1")
+
+
+def test_the_node_policy_windows_large_or_tiled_latents_and_keeps_only_a_gain():
+    """refine.plan_windows: a latent up to WHOLE_MAX latent pixels is decoded whole unless tiled; a larger one, or
+    a tiled one, in windows_for(CORE, MARGIN). refine.keep_refined: only a strictly better ceiling replaces the
+    mean (a tie, a loss or NaN keeps it)."""
+    assert R.plan_windows(64, 64, tiled=False) is None and 64 * 64 <= R.WHOLE_MAX < 64 * 65
+    assert R.plan_windows(64, 65, tiled=False) == R.windows_for(64, 65, R.CORE, R.MARGIN)
+    assert R.plan_windows(8, 8, tiled=True) == R.windows_for(8, 8, R.CORE, R.MARGIN)
+    assert (R.CORE, R.MARGIN) == (32, 8)
+    assert R.keep_refined(20.0, 20.5) and not R.keep_refined(20.0, 20.0) and not R.keep_refined(20.0, 19.0)
+    assert not R.keep_refined(20.0, float("nan"))

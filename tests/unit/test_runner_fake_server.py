@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import threading
 from pathlib import Path
@@ -51,6 +52,13 @@ def _main(argv, limit=60.0):
     return rc[0]
 
 
+def _uploads(server):
+    """The server's uploads by their own names, each in a folder of its own (runner.UPLOAD_DIR/<hex>/name)."""
+    folders = [k.rsplit("/", 1)[0] for k in server.uploads]
+    assert len(set(folders)) == len(folders) and all(re.fullmatch(r"ddiminv-batch/[0-9a-f]{32}", f) for f in folders)
+    return {k.rsplit("/", 1)[1]: v for k, v in server.uploads.items()}
+
+
 def _results(out):
     return json.loads((out / "results.json").read_text())["images"]
 
@@ -62,7 +70,7 @@ def test_runs_every_image_and_records_everything(setup, capsys):
     recs = _results(out)
     assert sorted(recs) == [f"im{i}.png" for i in range(5)]
     assert {r["server"] for r in recs.values()} == {a.url} and len(a.prompts) == 5
-    assert a.uploads == {p.name: p.read_bytes() for p in imgs.iterdir()}  # the files as they are
+    assert _uploads(a) == {p.name: p.read_bytes() for p in imgs.iterdir()}  # the files as they are
     assert set(a.upload_types.values()) == {"image/png"}
     for body in a.prompts:
         p = body["prompt"]
@@ -136,8 +144,8 @@ def test_upload_names_and_types(setup):
     (imgs / 'фото "1".JPG').write_bytes(b"\xff\xd8jpeg")
     server = make()
     assert _main(_args(wf, imgs, out, server)) == 0
-    assert server.uploads == {'фото "1".JPG': b"\xff\xd8jpeg"}  # the local name and bytes, as they are
-    assert server.upload_types == {'фото "1".JPG': "image/jpeg"}
+    assert _uploads(server) == {'фото "1".JPG': b"\xff\xd8jpeg"}  # the local name and bytes, as they are
+    assert list(server.upload_types.values()) == ["image/jpeg"]
     assert (out / 'фото "1"').is_dir()  # the local name keeps its folder name
     assert _results(out)['фото "1".JPG']["outputs"] == ["rec__1_.png"]  # the server's 'rec_фото "1".png', reduced
 
@@ -170,7 +178,8 @@ def test_the_server_dying_records_a_clear_error_and_resume_redoes_the_rest(setup
     assert "the images left are not run" in err and "done: 2/5 ok, 3 failed" in err
     good = make()
     assert _main(_args(wf, imgs, out, good)) == 0
-    assert sorted(b["prompt"]["1"]["inputs"]["image"] for b in good.prompts) == ["im2.png", "im3.png", "im4.png"]
+    assert sorted(Path(b["prompt"]["1"]["inputs"]["image"]).name for b in good.prompts) == ["im2.png", "im3.png",
+                                                                                           "im4.png"]
 
 
 def test_progress_lines_and_tty_steps():
@@ -310,3 +319,41 @@ def test_a_large_output_is_downloaded_whole(setup, monkeypatch):
     assert _main(_args(wf, imgs, out, a)) == 0
     files = sorted(out.rglob("rec_*.png"))
     assert len(files) == 5 and all(f.read_bytes() == big for f in files), [f.stat().st_size for f in files]
+
+
+def test_a_rerun_with_other_settings_redoes_its_images_and_says_which(setup, capsys, tmp_path):
+    wf, imgs, out, make = setup
+    for p in sorted(imgs.iterdir())[2:]:
+        p.unlink()
+    a = make()
+    assert _main(_args(wf, imgs, out, a)) == 0 and len(a.prompts) == 2
+    capsys.readouterr()
+    # other --set values: both images are redone with them, and the progress says which and why
+    assert _main(_args(wf, imgs, out, a, extra=("--set", "DDIM Invert.steps=5"))) == 0
+    assert [b["prompt"]["2"]["inputs"]["steps"] for b in a.prompts] == [3, 3, 5, 5]
+    err = capsys.readouterr().err
+    assert "2 image(s) done with other settings are redone: im0.png, im1.png" in err
+    keys = {n: r["settings"] for n, r in _results(out).items()}
+    assert _main(_args(wf, imgs, out, a, extra=("--set", "DDIM Invert.steps=5"))) == 0  # the same: nothing to do
+    assert len(a.prompts) == 4 and "nothing to do" in capsys.readouterr().err
+    # another workflow file with other contents: redone; each record keeps the settings it was made with
+    wf2 = tmp_path / "b.api.json"
+    wf2.write_text(json.dumps({**WF, "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "b"}}}))
+    assert _main(_args(wf2, imgs, out, a, extra=("--set", "DDIM Invert.steps=5"))) == 0
+    assert len(a.prompts) == 6 and [b["prompt"]["3"]["inputs"]["filename_prefix"] for b in a.prompts[4:]] == ["b"] * 2
+    assert all(r["settings"] != keys[n] for n, r in _results(out).items())
+
+
+def test_two_jobs_sharing_a_server_never_swap_same_named_images(setup, tmp_path):
+    wf, imgs, out, make = setup
+    server = make()
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in imgs.iterdir():
+        (other / p.name).write_bytes(b"other " + p.read_bytes())  # the same names, other pictures
+    assert _main(_args(wf, imgs, out, server)) == 0
+    assert _main(_args(wf, other, tmp_path / "out2", server)) == 0
+    sent = [imgs / n for n in sorted(p.name for p in imgs.iterdir())] + \
+        [other / n for n in sorted(p.name for p in other.iterdir())]
+    for body, path in zip(server.prompts, sent, strict=True):  # each prompt names its own upload, still there
+        assert server.uploads[body["prompt"]["1"]["inputs"]["image"]] == path.read_bytes(), path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -148,6 +149,17 @@ def test_results_roundtrip_and_done(tmp_path):
     r2.record("b.png", {"status": "ok", "server": "http://s1", "seconds": 0.1, "outputs": []})
     r3 = lib.Results.load(tmp_path)
     assert r3.done("a.png") and r3.done("b.png")
+
+
+def test_results_finish_counts_only_what_is_done_with_its_settings(tmp_path):
+    r = lib.Results(tmp_path)
+    r.record("a", {"status": "ok", "outputs": [], "settings": "k1"})
+    r.record("b", {"status": "ok", "outputs": [], "settings": "k0"})  # done with other settings
+    r.record("c", {"status": "error", "outputs": [], "settings": "k1", "error": "boom"})
+    out = io.StringIO()
+    assert r.finish({"a": "k1", "b": "k1", "c": "k1"}, lib.Progress(0, stream=out)) == 1
+    assert out.getvalue() == f"done: 1/3 ok, 2 failed; results in {tmp_path / 'results.json'}\n"
+    assert r.finish({"a": "k1"}, lib.Progress(0, stream=io.StringIO())) == 0
 
 
 def test_results_missing_and_corrupt(tmp_path):
