@@ -203,8 +203,8 @@ def test_word_map_sums_the_words_tokens_and_averages_heads():
 
 # ---------------------------------------------------------------------------------------------- the loop's hook
 class _Spy:
-    def __init__(self, traj):
-        self.traj, self.seen, self.after_steps = traj, [], []
+    def __init__(self, traj, pin):
+        self.traj, self.pin, self.seen, self.after_steps = traj, pin, [], []
 
     def source(self, x, sigma, step):
         i = self.traj.steps - step
@@ -213,7 +213,7 @@ class _Spy:
     def after(self, step, x_new, x_source):
         self.after_steps.append(step)
         assert torch.equal(x_source.float(), self.traj.states[self.traj.steps - step - 1])
-        return x_source                               # a full "blend" back to the stored state
+        return x_source if self.pin else x_new        # pin: a full "blend" back to the stored state
 
 
 @pytest.mark.parametrize("method,replay", [("ddim", "ddim"), ("exact", "bdia")])
@@ -221,10 +221,11 @@ def test_sample_evaluates_the_source_on_the_stored_states_every_step(method, rep
     from inversion import methods as M
     sig = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0])
     traj = M.invert(torch.ones(1, 2, 2, 2), sig, lambda x, s: 0.5 * x, M.Options(method))
-    spy = _Spy(traj)
-    out = M.sample(traj, lambda x, s: 0.3 * x, replay=replay, start_step=1, control=spy)
+    spy = _Spy(traj, pin=False)
+    M.sample(traj, lambda x, s: 0.3 * x, replay=replay, start_step=1, control=spy)
     first = 1 if replay == "ddim" else 2                  # a BDIA replay starts one level lower
     assert [s for s, _, _ in spy.seen] == list(range(first, 4)) == spy.after_steps
     assert all(same for _, _, same in spy.seen)
     assert [sg for _, sg, _ in spy.seen] == [float(sig[4 - s]) for s in range(first, 4)]
-    assert torch.equal(out, traj.states[0])               # after() returned the stored state: the source
+    pinned = M.sample(traj, lambda x, s: 0.3 * x, replay=replay, start_step=1, control=_Spy(traj, pin=True))
+    assert torch.equal(pinned, traj.states[0])            # after() returned the stored state: the source
