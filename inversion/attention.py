@@ -105,6 +105,24 @@ def defaults(method: str) -> Control:
     raise InversionInputError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
 
 
+def parse_blocks(text: str, default: tuple) -> tuple:
+    """'' -> ``default``; 'all' -> every block; 'output 6-11' / 'input 4' -> (name, first, last)."""
+    t = str(text or "").strip().lower()
+    if not t:
+        return default
+    if t == "all":
+        return ()
+    parts = t.replace("-", " ").split()
+    try:
+        if parts[0] not in ("input", "middle", "output") or len(parts) not in (2, 3):
+            raise ValueError
+        ids = [int(x) for x in parts[1:]]
+    except (ValueError, IndexError):
+        raise InversionInputError(f"blocks {text!r} is not understood; write e.g. 'output 6-11', 'input 4-8', "
+                                  "'middle 0' or 'all'") from None
+    return (parts[0], ids[0], ids[-1])
+
+
 def check(c: Control) -> Control:
     if c.method not in METHODS:
         raise InversionInputError(f"method {c.method!r} is unknown; use one of {', '.join(METHODS)}")

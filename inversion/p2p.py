@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from .errors import InversionInputError
 
+PROMPT_KEY = "ddiminv_prompt"     # the CONDITIONING option the Attention Prompts node writes (a Prompt as a dict)
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -202,3 +204,38 @@ def blend_mask(src_map: torch.Tensor, edit_map: torch.Tensor, size: tuple, thres
 
 def local_blend(x_src: torch.Tensor, x_edit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x_src + mask.to(x_edit) * (x_edit - x_src)
+
+
+# ---------------------------------------------------------------------------------------------- on a CONDITIONING
+def prompt_info(p: Prompt) -> dict:
+    """A Prompt as the plain dict stored in a CONDITIONING entry's options (hashable by the fingerprint)."""
+    return {"words": list(p.words), "spans": [list(s) for s in p.spans], "length": int(p.length)}
+
+
+def prompt_of(cond, what: str) -> Prompt:
+    """The Prompt the Attention Prompts node attached to ``cond`` (every entry carries the same one)."""
+    info = None
+    if isinstance(cond, list) and cond and isinstance(cond[0], (list, tuple)) and len(cond[0]) > 1:
+        info = cond[0][1].get(PROMPT_KEY) if isinstance(cond[0][1], dict) else None
+    if info is None:
+        raise InversionInputError(f"{what} carries no word alignment (p2p needs to know which tokens are which "
+                                  "words); connect the Attention Prompts node's conditionings to positive and "
+                                  "source_positive")
+    return Prompt(tuple(info["words"]), tuple(tuple(s) for s in info["spans"]), int(info["length"]))
+
+
+def word_spans(tokens: list, word_tokens: list, what: str) -> tuple:
+    """Each word's token slots in ``tokens`` (one encoder window), given each word's own tokens: the tokenizer
+    splits words independently, so the words' tokens appear in order."""
+    spans, pos = [], 0
+    for w, toks in word_tokens:
+        n = len(toks)
+        while pos + n <= len(tokens) and list(tokens[pos:pos + n]) != list(toks):
+            pos += 1
+        if n == 0 or pos + n > len(tokens):
+            raise InversionInputError(f"{what}: the word {w!r} is not found in the prompt's tokens (weights like "
+                                      "(word:1.2), embeddings or a prompt longer than one 77-token window); write "
+                                      "the prompt as plain words")
+        spans.append((pos, pos + n))
+        pos += n
+    return tuple(spans)
