@@ -288,3 +288,37 @@ def test_each_injection_is_its_methods_formula_in_the_right_chunk(K, act):
     else:
         assert float((out[:2] - want[:2]).abs().max()) <= 1e-5
     assert float((want[ch] - own[ch]).abs().max()) > 1e-2       # the injection changes something
+
+
+class TokenizerClip:
+    """A CLIP whose tokenizer is ComfyUI's own (SD1 or SDXL: the real vocabulary and weight parsing) and whose
+    encoder returns zeros (the encoder is not what the Attention Prompts node adds)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text, return_word_ids=False, **kw):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kw)
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_attention_prompts_read_each_words_tokens_from_comfyuis_tokenizer(K, family):
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    tok = comfy.sd1_clip.SD1Tokenizer() if family == "sd1" else comfy.sdxl_clip.SDXLTokenizer()
+    node = mod("nodes.attention").DDIMInvAttentionPrompts
+    # ComfyUI's word ids number weighted segments, not words ("a photo of a cat" is all word 1): the node
+    # finds each word's own tokens instead; 'hippopotamus' is 3 CLIP tokens, '(red:1.2)' the one of 'red'
+    src, edit = node.execute(TokenizerClip(tok), "a photo of a cat", "a (red:1.2) photo of a hippopotamus").result
+    s, e = K.P.prompt_of(src, "source"), K.P.prompt_of(edit, "edit")
+    assert s == K.P.Prompt(("a", "photo", "of", "a", "cat"), ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6)), 77)
+    assert e.spans == ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 9)) and e.words[1] == "(red:1.2)"
+    assert "pooled_output" in src[0][1]                      # the encoder's own options are kept
+    index, alpha = K.P.refine_mapper(s, e)
+    assert alpha[:10].tolist() == [1, 1, 0, 1, 1, 1, 0, 0, 0, 1]    # '(red:1.2)' and 'hippopotamus' are new
+    assert [int(index[t]) for t in (1, 3, 4, 5, 9, 76)] == [1, 2, 3, 4, 6, 73]   # words and the shifted tail
+    with pytest.raises(K.E, match="spans 2 token windows.*shorten"):
+        node.execute(TokenizerClip(tok), "a cat " * 60, "a dog")

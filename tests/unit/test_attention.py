@@ -229,3 +229,11 @@ def test_sample_evaluates_the_source_on_the_stored_states_every_step(method, rep
     assert [sg for _, sg, _ in spy.seen] == [float(sig[4 - s]) for s in range(first, 4)]
     pinned = M.sample(traj, lambda x, s: 0.3 * x, replay=replay, start_step=1, control=_Spy(traj, pin=True))
     assert torch.equal(pinned, traj.states[0])            # after() returned the stored state: the source
+
+
+def test_word_spans_walk_the_tokens_in_order_and_refuse_a_word_not_found():
+    toks = [900, 1, 1, 7, 8, 2, 901, 901]
+    assert P.word_spans(toks, [("x", [1]), ("x", [1]), ("long", [7, 8]), ("y", [2])], "t") == \
+        ((1, 2), (2, 3), (3, 5), (5, 6))
+    with pytest.raises(InversionInputError, match="'z' is not found.*plain words"):
+        P.word_spans(toks, [("x", [1]), ("z", [5])], "t")
