@@ -41,12 +41,12 @@ def with_words(K, cond, words=("a", "b", "c")):
 
 
 class Setup:
-    def __init__(self, K, px=32, batch=1, method="exact", cfg=CFG, seed=0):
-        self.m = tm.tiny_model("eps")
-        self.src = with_words(K, tm.tiny_conditioning("eps", 1))
-        self.edit = with_words(K, tm.tiny_conditioning("eps", 2))
-        self.neg = tm.tiny_conditioning("eps", 9)
-        self.lat = tm.random_latent("eps", batch, px, px, seed=seed)
+    def __init__(self, K, px=32, batch=1, method="exact", cfg=CFG, seed=0, family="eps"):
+        self.m = tm.tiny_model(family)
+        self.src = with_words(K, tm.tiny_conditioning(family, 1))
+        self.edit = with_words(K, tm.tiny_conditioning(family, 2))
+        self.neg = tm.tiny_conditioning(family, 9)
+        self.lat = tm.random_latent(family, batch, px, px, seed=seed)
         self.traj = K.inv.execute(self.m, self.src, self.neg, self.lat, N, cfg, "normal", method).result[2]
         self.K = K
 
@@ -89,6 +89,20 @@ def test_records_and_injections_equal_topology_times_steps_times_chunks(K, S, na
     _, text = S.run(controls(K)[name], cfg=cfg, exact_replay="ddim")
     assert f"done: {want} records, {want} injections" in text, text
     assert "2 evaluations per step (source + edit)" in text
+
+
+@pytest.mark.parametrize("family,layers", [("sdxl", 2), ("v", 4)])
+def test_sdxl_and_v_prediction_unets_count_and_return_the_source_too(K, family, layers):
+    # the tiny SDXL UNet has transformers only at half resolution: input 3, middle, output 0-1 (SD2-v: as SD1.5's)
+    s = Setup(K, family=family)
+    if family == "sdxl":
+        want = [K.A.Layer(kind, b, 0, 2) for b in (("input", 3), ("middle", 0), ("output", 0), ("output", 1))
+                for kind in (K.A.SELF, K.A.CROSS)]
+        assert K.CA.unet_layers(s.m) == want
+    _, text = s.run(controls(K)["masactrl"], exact_replay="ddim")
+    assert f"done: {layers * 6 * 2} records, {layers * 6 * 2} injections" in text, text
+    x, text = s.run(controls(K)["masactrl"], positive=s.src)
+    assert "replay bdia" in text and s.err(x) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["p2p", "p2p_refine", "p2p_blend", "pnp", "masactrl"])
