@@ -208,7 +208,7 @@ class Controller:
             if self.keep_maps:
                 self.recorded_maps.append(("edit", self.step, layer, ch, use))
             # as a difference to what ran: 0 bit for bit where the maps agree, and another pack's patch is kept
-            out[sl] = out[sl] + (A.apply_probs(use, v[sl]) - A.apply_probs(own, v[sl])).to(out.dtype)
+            out[sl] = out[sl] + A.apply_probs(use - own, v[sl]).to(out.dtype)
         return out
 
     def _blend_add(self, branch: str, p, eo: dict) -> None:

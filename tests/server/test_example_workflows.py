@@ -9,8 +9,8 @@ Every ``example_workflows/api/<name>.api.json`` is queued over HTTP unmodified e
 * the input image -> a generated 64x64 picture uploaded with POST /upload/image, as the UI does.
 
 Steps are the shipped ones (20) except for the null-text workflows (4 steps x 2 iterations instead of the
-paper's 50 x 10) and attention_edit (6 instead of 50): see STEP_OVERRIDES. core_interop's ``implicit`` solve does not converge on random weights
-and spends its per-run budget.
+paper's 50 x 10) and attention_edit (6 instead of 50): see STEP_OVERRIDES. core_interop's ``implicit`` solve
+does not converge on random weights and spends its per-run budget.
 
 Outputs (saved images, the preview frames) must exist. The exact round trip is checked in process
 (``host.run``, the same executor): invert_and_reconstruct and flow_model (method exact) give back DDIM
