@@ -234,9 +234,13 @@ def plan(traj: Trajectory, choices: Choices, prompts: Prompts,
     attn = None
     if attention is not None:
         attn = _attention_plan(traj, attention, prompts, _source_pair(prompts, negative, negative_from, B), replay, k)
-    return Plan(replay=replay, start_step=k, cfg=choices.cfg, guidance=Pair(prompts.positive, negative),
-                negative_from=negative_from, drift=drift, steps=steps, drift_steps=steps if drift else 0,
-                masked=traj.noise_mask is not None, notes=tuple(notes), warnings=tuple(warnings), attention=attn)
+    p = Plan(replay=replay, start_step=k, cfg=choices.cfg, guidance=Pair(prompts.positive, negative),
+             negative_from=negative_from, drift=drift, steps=steps, drift_steps=steps if drift else 0,
+             masked=traj.noise_mask is not None, notes=tuple(notes), warnings=tuple(warnings), attention=attn)
+    if _inline_drift(p):
+        p = replace(p, drift_steps=0, notes=p.notes + ("source_drift from the source branch's evaluations (no "
+                                                       "extra pass)",))
+    return p
 
 
 def _source_pair(prompts: Prompts, negative, negative_from: str, batch: int) -> Pair:
@@ -267,8 +271,9 @@ def run(p: Plan, traj: Trajectory, guided: Guided, mask: Optional[torch.Tensor] 
     if p.masked and mask is None:
         raise InversionInputError("the plan pins a masked region but no mask was given; pass the prepared "
                                   "noise_mask")
+    inline = _inline_drift(p)
     drift = None
-    if p.drift is not None:
+    if p.drift is not None and not inline:
         def drift_loop(model_fn, device, progress):
             return methods.source_drift(traj, model_fn, replay=p.replay, start_step=p.start_step,
                                         progress=progress, device=device)
@@ -276,12 +281,21 @@ def run(p: Plan, traj: Trajectory, guided: Guided, mask: Optional[torch.Tensor] 
 
     def loop(model_fn, device, progress, control=None):
         return methods.sample(traj, model_fn, replay=p.replay, start_step=p.start_step, drift=drift,
-                              mask=mask if p.masked else None, progress=progress, device=device, control=control)
+                              mask=mask if p.masked else None, progress=progress, device=device, control=control,
+                              inline_drift=inline)
     if p.attention is not None:
         if controlled is None:
             raise InversionInputError("the plan controls attention but no controlled runner was given; pass one")
         return controlled(p.guidance, p.attention.source, loop, p.steps, "attention control")
     return guided(p.guidance.positive, p.guidance.negative, loop, p.steps, "")
+
+
+def _inline_drift(p: Plan) -> bool:
+    """source_drift with attention control whose source branch uses the drift's own guidance: the gap comes
+    from the source branch's evaluations (no drift pass)."""
+    a = p.attention
+    return (a is not None and p.drift is not None and p.drift.positive is a.source.positive
+            and p.drift.negative is a.source.negative)
 
 
 def describe(p: Plan, traj: Trajectory) -> str:

@@ -115,7 +115,7 @@ class Controller:
         self.store.clear()
         self.seen.clear(), self.records.clear(), self.injections.clear(), self.blend_calls.clear()
         try:
-            self.model_fn(x, sigma)
+            return self.model_fn(x, sigma)
         finally:
             self.branch = "edit"
 

@@ -336,3 +336,16 @@ def test_attention_prompts_read_each_words_tokens_from_comfyuis_tokenizer(K, fam
     assert [int(index[t]) for t in (1, 3, 4, 5, 9, 76)] == [1, 2, 3, 4, 6, 73]   # words and the shifted tail
     with pytest.raises(K.E, match="spans 2 token windows.*shorten"):
         node.execute(TokenizerClip(tok), "a cat " * 60, "a dog")
+
+
+def test_source_drift_comes_from_the_source_branch_at_no_extra_pass(K):
+    """(That the inline gap equals the separate drift pass is tests/unit/test_attention.py's.)"""
+    s = Setup(K, method="ddim", cfg=1.0)
+    c = controls(K)["masactrl"]
+    x, text = s.run(c, positive=s.src, cfg=1.5, correction="source_drift", source_negative=s.neg)
+    assert "source_drift from the source branch's evaluations (no extra pass)" in text
+    # the source prompt at another cfg is pinned: measured 4.7e-5 (float32 rounding the random tiny UNet
+    # amplifies; the drift without attention control: 1.4e-4), without the drift 6.5
+    assert s.err(x) <= 1e-3
+    plain, _ = s.run(c, positive=s.src, cfg=1.5)
+    assert s.err(plain) > 1.0

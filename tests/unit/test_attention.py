@@ -237,3 +237,29 @@ def test_word_spans_walk_the_tokens_in_order_and_refuse_a_word_not_found():
         ((1, 2), (2, 3), (3, 5), (5, 6))
     with pytest.raises(InversionInputError, match="'z' is not found.*plain words"):
         P.word_spans(toks, [("x", [1]), ("z", [5])], "t")
+
+
+class _Source:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def source(self, x, sigma, step):
+        return self.fn(x, sigma)
+
+    def after(self, step, x_new, x_source):
+        return x_new
+
+
+@pytest.mark.parametrize("method,replay", [("ddim", "ddim"), ("exact", "bdia"), ("exact", "ddim")])
+def test_inline_drift_from_the_source_branch_equals_the_separate_drift_pass(method, replay):
+    from inversion import methods as M
+    sig = torch.tensor([0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])   # long enough for BDIA's x_hi to leave the stored
+    traj = M.invert(torch.ones(1, 2, 2, 2), sig, lambda x, s: 0.5 * x, M.Options(method))
+    src = lambda x, s: 0.4 * x + 0.1 * s          # noqa: E731 -- the source prompt's model
+    edit = lambda x, s: 0.2 * x                   # noqa: E731
+    gaps = M.source_drift(traj, src, replay=replay, start_step=1)
+    want = M.sample(traj, edit, replay=replay, start_step=1, drift=gaps)
+    got = M.sample(traj, edit, replay=replay, start_step=1, control=_Source(src), inline_drift=True)
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    plain = M.sample(traj, edit, replay=replay, start_step=1)
+    assert float((plain - want).abs().max()) > 1e-2                 # the drift does something here
