@@ -27,6 +27,7 @@ resolution) and ``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Callable, Optional
 
@@ -81,7 +82,6 @@ def _block_layers(block: tuple, module, factor: int) -> list:
 
 def chunks_that_run(model, cfg: float) -> tuple:
     """The chunk kinds every evaluation runs: the uncond is skipped at cfg 1 unless the model disables that."""
-    import math
     if math.isclose(float(cfg), 1.0) and not model.model_options.get("disable_cfg1_optimization", False):
         return (A.COND,)
     return (A.UNCOND, A.COND)
