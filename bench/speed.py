@@ -9,7 +9,8 @@ Variants (same model, steps, scheduler ``ddim_uniform`` and CFG; every loop unde
 * ``raw``         the diffusion model's forwards alone: ``model.model.apply_model`` ``steps`` times (cond and
                   uncond batched into one forward when CFG > 1, as ComfyUI does) -- the floor for a loop.
 
-Also the trajectory-capture overhead (the core has no switch to turn recording off, so: the math core's
+Also the cost of an attention-controlled edit (p2p, masactrl) over a plain edit, the trajectory-capture overhead
+(the core has no switch to turn recording off, so: the math core's
 ``invert`` vs a bare DDIM loop calling the same ``model_fn``, and the node vs that bare loop) and batch 1 vs
 batch 8 for ours and KSampler. Medians of ``--repeats`` interleaved rounds. Timings only, no assertions.
 
@@ -171,6 +172,34 @@ def capture_overhead(model, positive, latent, steps: int, repeats: int, device) 
     }
 
 
+def attention_cost(model, positive, negative, latent, steps: int, cfg: float, repeats: int, device) -> dict:
+    """An attention-controlled edit against a plain edit on the same trajectory (the Inverted-Latent Sampler,
+    in-process): p2p (replace, every layer) and masactrl (decoder blocks), timed interleaved. The issue's goal is
+    <= 2.1x at the same steps (two evaluations per step plus the maps)."""
+    import torch
+
+    A, P = B.pack("inversion.attention"), B.pack("inversion.p2p")
+    inv, smp = B.pack("nodes.invert").DDIMInvert, B.pack("nodes.sampler").DDIMInvSampler
+    words = P.prompt_info(P.Prompt(("a", "b", "c"), ((1, 2), (2, 3), (3, 4)), int(positive[0][0].shape[1])))
+    src = [[t, {**o, P.PROMPT_KEY: words}] for t, o in positive]
+    edit = [[t * 1.1, {**o, P.PROMPT_KEY: words}] for t, o in positive]
+    with torch.no_grad():
+        traj = inv.execute(model, src, negative, latent, steps, cfg, SCHED, "ddim").result[2]
+    ctl = {"p2p": A.Control("p2p"), "masactrl": A.Control("masactrl", self_window=A.Window(0.08, 1.0),
+                                                          blocks=("output", 0, 11))}
+
+    def run(control):
+        def go():
+            with torch.no_grad():
+                return smp.execute(model, edit, negative, traj, cfg, source_positive=src, attention_control=control)
+        return go
+    v = {"plain": run(None), **{k: run(c) for k, c in ctl.items()}}
+    t = B.interleaved(v, repeats, device=device)
+    med = {k: t[k]["median_s"] for k in t}
+    return {"cfg": cfg, "times": t, "p2p/plain": med["p2p"] / med["plain"],
+            "masactrl/plain": med["masactrl"] / med["plain"]}
+
+
 def compare(
     model,
     positive,
@@ -301,6 +330,10 @@ def main(argv=None):
         f"node / bare loop {cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})"
     )
     res["capture"] = cap
+    att = attention_cost(model, pos, neg, make_latent(1), a.steps, cfgs[-1], a.repeats, dev)
+    print(f"attention control (cfg {att['cfg']:g}): p2p edit / plain edit {att['p2p/plain']:.2f}, "
+          f"masactrl edit / plain edit {att['masactrl/plain']:.2f} (goal <= 2.1)")
+    res["attention"] = att
     data = {
         "bench": "speed",
         "machine": B.machine(),

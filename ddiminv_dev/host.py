@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .paths import PACK_LINK_NAME, ROOT, HostError, comfy_path, put_comfy_on_path
 
-PACK_NODES = ("DDIMInvVAEEncode", "DDIMInvert", "DDIMInvNullText", "DDIMInvSampler", "DDIMInvTrajectoryPreview")
+PACK_NODES = ("DDIMInvVAEEncode", "DDIMInvert", "DDIMInvNullText", "DDIMInvSampler", "DDIMInvTrajectoryPreview",
+              "DDIMInvAttentionControl", "DDIMInvAttentionPrompts")
 FIXTURE_MODULES = ("gmm_nodes", "hardening_nodes", "preview_nodes", "tiny_nodes")
 CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
 _STATE: dict = {}

@@ -20,7 +20,21 @@ NULLTEXT_EDIT_NOTE = (
     "auto). What the edit prompt does not change stays close to the photo; cfg should be the one the negative "
     "was optimised for.")
 
+ATTENTION_EDIT_NOTE = (
+    "Prompt-to-Prompt on a real image (Hertz et al. 2022), through ComfyUI's patch API.\n\n"
+    "Attention Prompts encodes the source and the edit prompt and records which tokens are which words. DDIM "
+    "Invert (cfg 1, 50 steps) inverts the photo with the source prompt. The Inverted-Latent Sampler then, at "
+    "every step, evaluates the stored inversion state with the source prompt (recording its attention) and the "
+    "edit with the edit prompt (injecting it): cross-attention maps of the source mapped onto the edit's words "
+    "for the first 40% of the steps, self-attention maps for the first 60%, and a local blend that keeps the "
+    "source wherever 'cat' and 'dog' are not attended. Its text output says what was injected.")
+
 LAYOUTS = {
+    "attention_edit": (
+        {"1": (20, 80, 320, 380), "2": (20, 500, 320, 100), "3": (380, 80, 400, 260), "4": (380, 380, 400, 120),
+         "5": (820, 500, 320, 110), "6": (820, 80, 320, 380), "12": (1180, 420, 320, 330),
+         "7": (1180, 80, 320, 300), "8": (1540, 80, 220, 60), "9": (1540, 180, 400, 420)},
+        [(ATTENTION_EDIT_NOTE, (20, 660, 420, 300))]),
     "nulltext_reconstruct": (
         {**_COMMON, "8": (1540, 80, 320, 330), "9": (1900, 80, 220, 60), "10": (1900, 180, 400, 420)},
         [(NULLTEXT_RECONSTRUCT_NOTE, (20, 660, 420, 300))]),

@@ -341,7 +341,7 @@ def source_drift(traj: Trajectory, source_fn: ModelFn, *, replay: Optional[str] 
 
 def sample(traj: Trajectory, model_fn: ModelFn, *, replay: Optional[str] = None, start_step: int = 0,
            drift: Optional[dict] = None, mask: Optional[torch.Tensor] = None, progress: Optional[Progress] = None,
-           device: Optional[torch.device] = None) -> torch.Tensor:
+           device: Optional[torch.device] = None, control=None, inline_drift: bool = False) -> torch.Tensor:
     """Regenerate from a trajectory; returns the state at ``traj.sigmas[0]``. The trajectory is only read.
 
     * ``replay="ddim"`` (default for ddim/implicit trajectories): the deterministic DDIM sampler (ComfyUI's
@@ -353,6 +353,14 @@ def sample(traj: Trajectory, model_fn: ModelFn, *, replay: Optional[str] = None,
     * ``drift``: gaps from :func:`source_drift` (made with the same replay), added after each step.
     * ``mask`` (broadcastable to a state, 1 = regenerate): outside it the state is pinned to the stored
       inversion state at every level, so the unmasked region ends exactly at the source.
+    * ``control`` (attention control, ``inversion/attention.py``): an object with ``source(x, sigma, step)`` and
+      ``after(step, x_new, x_source)``. Before every evaluation of ``model_fn`` (the edit branch, which injects)
+      ``control.source`` evaluates the source branch on the *stored* state of that level (it records); after
+      the step ``control.after`` returns the state to go on with (a local blend against the stored state of the
+      next level) and checks what happened. ``step`` is the sampling step of the full schedule (N - level).
+    * ``inline_drift`` (with ``control``): the source_drift gap of each step from the source branch's own
+      evaluation (``control.source`` returns it): the correction at no extra evaluation, equal to
+      :func:`source_drift` made with the source branch's guidance.
     """
     j0, replay = check_replay(traj, replay, start_step)
     bdia = replay == "bdia"
@@ -384,8 +392,16 @@ def sample(traj: Trajectory, model_fn: ModelFn, *, replay: Optional[str] = None,
             levels = range(j0, 0, -1)
         total = len(levels)
         for n, i in enumerate(levels):
+            if control is not None:
+                D_src = control.source(stored(i).to(torch.float32), sig[i], traj.steps - i)
             D = _eval(model_fn, x_cur, sig[i])
-            x_new = finish(_sampler_step(replay, gamma, x_hi, x_cur, D, sig, i), i - 1)
+            x_new = _sampler_step(replay, gamma, x_hi, x_cur, D, sig, i)
+            if inline_drift:
+                x_new = x_new + stored(i - 1) - _sampler_step(replay, gamma, stored(i + 1) if bdia else None,
+                                                              stored(i), D_src.to(dtype), sig, i)
+            x_new = finish(x_new, i - 1)
+            if control is not None:
+                x_new = control.after(traj.steps - i, x_new, stored(i - 1))
             x_hi, x_cur = x_cur, x_new
             if progress:
                 progress(n, total, x_cur, D)

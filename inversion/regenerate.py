@@ -28,7 +28,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import attention as A
 from . import checks, methods
+from . import p2p as P2P
 from .errors import InversionInputError
 from .trajectory import Trajectory
 
@@ -85,6 +87,7 @@ class Plan:
     masked: bool                  # the trajectory's noise_mask pins the unmasked region
     notes: tuple = ()
     warnings: tuple = ()
+    attention: Optional["AttentionPlan"] = None   # attention control (None: a plain regeneration)
 
     @property
     def negative(self):
@@ -93,6 +96,66 @@ class Plan:
     def with_drift_negative(self, negative) -> "Plan":
         """The same plan with the drift computed with another negative (only to measure what that costs)."""
         return replace(self, drift=Pair(self.drift.positive, negative))
+
+
+@dataclass(frozen=True)
+class Attention:
+    """What attention control needs from the model (read by the adapter): its layers and the chunk kinds every
+    evaluation runs (COND, plus UNCOND unless cfg 1 skips it)."""
+    control: A.Control
+    layers: tuple
+    chunks: tuple
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    control: A.Control
+    source: Pair                  # the source branch's guidance (stored states, source prompt)
+    schedule: A.Schedule
+    alignment: Optional[P2P.Alignment]
+    blend_cols: tuple             # (source columns, edit columns) of the blend words
+
+    def describe(self) -> str:
+        c = self.control
+        how = f"{c.method}" + (f" {c.mode}" if c.method == "p2p" else "")
+        return f"attention control {how}: {self.schedule.report()}; 2 evaluations per step (source + edit)"
+
+
+def run_steps(traj: Trajectory, replay: str, k: int) -> range:
+    """The sampling steps (of the full schedule) a replay from start_step ``k`` evaluates."""
+    return range(k + 1 if replay == "bdia" else k, traj.steps)
+
+
+def _p2p_alignment(c: A.Control, prompts: Prompts):
+    if c.method != "p2p":
+        return None, ((), ())
+    src = P2P.prompt_of(prompts.source_positive, "source_positive")
+    edit = P2P.prompt_of(prompts.positive, "positive")
+    al = P2P.align(src, edit, c.mode, c.reweight_words, c.reweight)
+    cols = ((), ())
+    if c.blend_words and c.mask is None:
+        cols = (tuple(P2P.word_columns(src, c.blend_words, "blend_words", required=False)),
+                tuple(P2P.word_columns(edit, c.blend_words, "blend_words", required=False)))
+        if not cols[0] and not cols[1]:
+            raise InversionInputError(f"blend_words {', '.join(c.blend_words)!r} are in neither prompt; name "
+                                      "words of the source or the edit prompt")
+    return al, cols
+
+
+def _attention_plan(traj: Trajectory, attn: Attention, prompts: Prompts, source: Pair, replay: str,
+                    k: int) -> AttentionPlan:
+    c = A.check(attn.control)
+    if prompts.source_positive is None:
+        raise InversionInputError("attention control needs source_positive (the prompt the source was inverted "
+                                  "with: the source branch records its attention); connect it")
+    al, cols = _p2p_alignment(c, prompts)
+    sched = A.schedule(c, attn.layers, traj.steps, run_steps(traj, replay, k), attn.chunks)
+    if sched.injections == 0:
+        raise InversionInputError(
+            f"attention control {c.method} would inject nothing: its windows and blocks cover no layer of this "
+            f"model at the steps that run (start_step {k} of {traj.steps}, {len(attn.layers)} attention layers); "
+            "widen the windows, lower start_step, or disconnect attention_control")
+    return AttentionPlan(c, source, sched, al, cols)
 
 
 def _loop_negative(traj: Trajectory, choices: Choices, prompts: Prompts):
@@ -130,7 +193,7 @@ def _replay(traj: Trajectory, choices: Choices, same_guidance: Optional[Callable
 
 
 def plan(traj: Trajectory, choices: Choices, prompts: Prompts,
-         same_guidance: Optional[Callable[[Any], bool]] = None) -> Plan:
+         same_guidance: Optional[Callable[[Any], bool]] = None, attention: Optional[Attention] = None) -> Plan:
     """The regeneration plan (see the module docstring). Raises :class:`InversionInputError` for anything that
     cannot run, before any model evaluation. ``traj`` must have passed ``checks.check_trajectory``.
 
@@ -156,8 +219,9 @@ def plan(traj: Trajectory, choices: Choices, prompts: Prompts,
         checks.check_conditioning(sp, B, "source_positive")
         checks.check_conditioning(sn, B, "source_negative")
         drift = Pair(sp, sn)
-    elif prompts.source_positive is not None or prompts.source_negative is not None:
-        notes.append("source_positive/source_negative are used only by correction source_drift; ignored")
+    elif attention is None and (prompts.source_positive is not None or prompts.source_negative is not None):
+        notes.append("source_positive/source_negative are used only by correction source_drift and attention "
+                     "control; ignored")
     opt = traj.optimized_negative
     if negative_from == "null_text" and opt.get("cfg") is not None and abs(float(opt["cfg"]) - choices.cfg) > 1e-6:
         if drift is None:
@@ -167,35 +231,71 @@ def plan(traj: Trajectory, choices: Choices, prompts: Prompts,
             notes.append(f"the negative was optimised for cfg {float(opt['cfg']):g}; at cfg {choices.cfg:g} "
                          "source_drift still pins the source")
     steps = methods.bdia_steps(traj, k) if replay == "bdia" else traj.steps - k
-    return Plan(replay=replay, start_step=k, cfg=choices.cfg, guidance=Pair(prompts.positive, negative),
-                negative_from=negative_from, drift=drift, steps=steps, drift_steps=steps if drift else 0,
-                masked=traj.noise_mask is not None, notes=tuple(notes), warnings=tuple(warnings))
+    attn = None
+    if attention is not None:
+        attn = _attention_plan(traj, attention, prompts, _source_pair(prompts, negative, negative_from, B), replay, k)
+    p = Plan(replay=replay, start_step=k, cfg=choices.cfg, guidance=Pair(prompts.positive, negative),
+             negative_from=negative_from, drift=drift, steps=steps, drift_steps=steps if drift else 0,
+             masked=traj.noise_mask is not None, notes=tuple(notes), warnings=tuple(warnings), attention=attn)
+    if _inline_drift(p):
+        p = replace(p, drift_steps=0, notes=p.notes + ("source_drift from the source branch's evaluations (no "
+                                                       "extra pass)",))
+    return p
+
+
+def _source_pair(prompts: Prompts, negative, negative_from: str, batch: int) -> Pair:
+    """The source branch's guidance: source_positive with the negative the loop samples with, unless
+    source_negative names another (an optimised negative is always used as is, as for the drift)."""
+    sn = prompts.source_negative if (prompts.source_negative is not None and negative_from == "negative") \
+        else negative
+    if prompts.source_positive is not None:
+        checks.check_conditioning(prompts.source_positive, batch, "source_positive")
+    checks.check_conditioning(sn, batch, "source_negative")
+    return Pair(prompts.source_positive, sn)
 
 
 # ---------------------------------------------------------------------------------------------- running a plan
 Guided = Callable[[Any, Any, Callable, int, str], Any]
 
 
-def run(p: Plan, traj: Trajectory, guided: Guided, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run(p: Plan, traj: Trajectory, guided: Guided, mask: Optional[torch.Tensor] = None,
+        controlled: Optional[Callable] = None) -> torch.Tensor:
     """Run a plan: the source drift (if any) with ``p.drift``, then the loop with ``p.guidance``.
 
     ``guided(positive, negative, loop, steps, label)`` runs ``loop(model_fn, device, progress)`` with the guided
-    model of that pair at ``p.cfg`` and returns its result. ``mask``: the trajectory's noise mask, prepared for
-    the latent (required when ``p.masked``). Returns the regenerated state (model space)."""
+    model of that pair at ``p.cfg`` and returns its result. With attention control ``controlled(edit, source,
+    loop, steps, label)`` (both :class:`Pair`) runs ``loop(model_fn, device, progress, control=...)`` instead:
+    the control evaluates the source branch before every edit evaluation (``methods.sample``).
+    ``mask``: the trajectory's noise mask, prepared for the latent (required when ``p.masked``). Returns the
+    regenerated state (model space)."""
     if p.masked and mask is None:
         raise InversionInputError("the plan pins a masked region but no mask was given; pass the prepared "
                                   "noise_mask")
+    inline = _inline_drift(p)
     drift = None
-    if p.drift is not None:
+    if p.drift is not None and not inline:
         def drift_loop(model_fn, device, progress):
             return methods.source_drift(traj, model_fn, replay=p.replay, start_step=p.start_step,
                                         progress=progress, device=device)
         drift = guided(p.drift.positive, p.drift.negative, drift_loop, p.drift_steps, "source_drift")
 
-    def loop(model_fn, device, progress):
+    def loop(model_fn, device, progress, control=None):
         return methods.sample(traj, model_fn, replay=p.replay, start_step=p.start_step, drift=drift,
-                              mask=mask if p.masked else None, progress=progress, device=device)
+                              mask=mask if p.masked else None, progress=progress, device=device, control=control,
+                              inline_drift=inline)
+    if p.attention is not None:
+        if controlled is None:
+            raise InversionInputError("the plan controls attention but no controlled runner was given; pass one")
+        return controlled(p.guidance, p.attention.source, loop, p.steps, "attention control")
     return guided(p.guidance.positive, p.guidance.negative, loop, p.steps, "")
+
+
+def _inline_drift(p: Plan) -> bool:
+    """source_drift with attention control whose source branch uses the drift's own guidance: the gap comes
+    from the source branch's evaluations (no drift pass)."""
+    a = p.attention
+    return (a is not None and p.drift is not None and p.drift.positive is a.source.positive
+            and p.drift.negative is a.source.negative)
 
 
 def describe(p: Plan, traj: Trajectory) -> str:

@@ -1,9 +1,10 @@
 """The pack's V3 nodes and the ComfyUI extension entry point."""
 from comfy_api.latest import ComfyExtension, io
 
-from . import encode, invert, nulltext, preview, sampler
+from . import attention, encode, invert, nulltext, preview, sampler
 
-NODES: list = [*encode.NODES, *invert.NODES, *nulltext.NODES, *sampler.NODES, *preview.NODES]
+NODES: list = [*encode.NODES, *invert.NODES, *nulltext.NODES, *sampler.NODES, *attention.NODES,
+               *preview.NODES]
 
 
 class DDIMInversionExtension(ComfyExtension):

@@ -375,6 +375,11 @@ def drive(model, positive, negative, cfg: float, shape, sigmas: torch.Tensor, sa
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(float(cfg))
+    return drive_guider(guider, model, shape, sigmas, sampler, total)
+
+
+def drive_guider(guider, model, shape, sigmas: torch.Tensor, sampler, total: int):
+    """:func:`drive` with a guider already set up (conds, cfg): attention control's two-branch guider."""
     zeros = torch.zeros(shape, dtype=torch.float32)
     callback = latent_preview.prepare_callback(model, int(total))
     with torch.no_grad():   # seed: nothing here draws noise; CFGGuider passes it on to model_options users

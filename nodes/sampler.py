@@ -10,7 +10,8 @@ from ..inversion import regenerate as R
 from ..inversion.errors import InversionInputError, node_boundary
 from ..inversion.trajectory import Trajectory
 from . import _comfy as C
-from .types import CATEGORY, TRAJECTORY
+from . import _comfy_attention as CA
+from .types import ATTENTION_CONTROL, CATEGORY, TRAJECTORY
 
 DISPLAY = "Inverted-Latent Sampler"
 log = logging.getLogger("ddim_inversion")
@@ -66,12 +67,18 @@ class DDIMInvSampler(io.ComfyNode):
                                        "off: always use 'negative'. With source_drift the source stays pinned at "
                                        "any cfg."),
                 io.Conditioning.Input("source_positive", optional=True,
-                                      tooltip="source_drift only: the prompt the source was inverted with (default: "
-                                              "positive)."),
+                                      tooltip="source_drift and attention_control: the prompt the source was "
+                                              "inverted with (source_drift's default: positive; attention control "
+                                              "needs it)."),
                 io.Conditioning.Input("source_negative", optional=True,
-                                      tooltip="source_drift only: the source negative prompt (default: negative). "
-                                              "Ignored while the trajectory's optimised negative is used: the drift "
-                                              "then uses that one."),
+                                      tooltip="source_drift and attention_control: the source negative prompt "
+                                              "(default: negative). Ignored while the trajectory's optimised negative "
+                                              "is used: the source branch then uses that one."),
+                ATTENTION_CONTROL.Input("attention_control", optional=True,
+                                        tooltip="From Attention Control: every step also evaluates the source "
+                                                "branch (the stored state, source_positive) and injects its "
+                                                "attention into the edit (p2p, pnp, masactrl; SD1.x/SD2/SDXL). "
+                                                "Two evaluations per step."),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), "
                                                                                "ready for VAE Decode.")],
@@ -80,14 +87,15 @@ class DDIMInvSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, trajectory, cfg, start_step=0, correction="none",
                 exact_replay="auto", null_text="auto", source_positive=None,
-                source_negative=None) -> io.NodeOutput:
+                source_negative=None, attention_control=None) -> io.NodeOutput:
         with node_boundary(DISPLAY):
             return cls._run(model, trajectory, R.Prompts(positive, negative, source_positive, source_negative),
                             R.Choices(cfg=cfg, start_step=int(start_step), correction=correction,
-                                      exact_replay=exact_replay, null_text=null_text))
+                                      exact_replay=exact_replay, null_text=null_text), attention_control)
 
     @classmethod
-    def _run(cls, model, traj: Trajectory, prompts: R.Prompts, choices: R.Choices) -> io.NodeOutput:
+    def _run(cls, model, traj: Trajectory, prompts: R.Prompts, choices: R.Choices,
+             control=None) -> io.NodeOutput:
         """Validate what depends on the model, ask the plan, run it, report."""
         checks.check_trajectory(traj)
         facts = C.latent_facts(model)
@@ -104,7 +112,10 @@ class DDIMInvSampler(io.ComfyNode):
         def same_guidance(negative) -> bool:
             return C.same_guidance(recorded, C.guidance_fingerprint(model, prompts.positive, negative, choices.cfg))
 
-        plan = R.plan(traj, choices, prompts, same_guidance)
+        attention = None
+        if control is not None:
+            attention = R.Attention(control, tuple(CA.unet_layers(model)), CA.chunks_that_run(model, choices.cfg))
+        plan = R.plan(traj, choices, prompts, same_guidance, attention)
         warns = list(plan.warnings) + C.compatibility_warnings(model, traj)
         for w in warns:
             log.warning("%s: %s", DISPLAY, w)
@@ -118,7 +129,14 @@ class DDIMInvSampler(io.ComfyNode):
             return C.run_guided(model, positive, negative, plan.cfg, shape, sched, loop, steps=steps,
                                 label=DISPLAY + (f" ({label})" if label else ""))
 
-        x = R.run(plan, traj, guided, None if mask is None else C.prepare_mask(mask, shape, model))
+        ctl = _controller(plan, model, shape)
+
+        def controlled(edit, source, loop, steps, label):
+            return CA.run_controlled(model, (edit.positive, edit.negative), (source.positive, source.negative),
+                                     plan.cfg, shape, sched, loop, steps, f"{DISPLAY} ({label})", ctl,
+                                     attention.layers)
+
+        x = R.run(plan, traj, guided, None if mask is None else C.prepare_mask(mask, shape, model), controlled)
         where = R.describe(plan, traj)
         fix = ("the BDIA recurrence amplifies a gamma < 1 or another guidance: use exact_replay=ddim, or invert with "
                "gamma 1.0" if plan.replay == "bdia" else "lower cfg, or check the model and the trajectory")
@@ -130,8 +148,24 @@ class DDIMInvSampler(io.ComfyNode):
             out["batch_index"] = list(traj.batch_index)
         lines = [f"{DISPLAY}: {where}, from start_step {plan.start_step} of {traj.steps}"
                  + (", source_drift" if plan.drift is not None else "")]
+        if ctl is not None:
+            lines.append(plan.attention.describe() + f"; done: {ctl.totals['records']} records, "
+                         f"{ctl.totals['injections']} injections")
         lines += list(plan.notes) + ["WARNING: " + w for w in warns]
         return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
+
+
+def _controller(plan: R.Plan, model, shape):
+    """The adapter's controller of an attention plan (None without one): the alignment, the blend words'
+    columns and a blend MASK resized to the latent."""
+    ap = plan.attention
+    if ap is None:
+        return None
+    mask = None
+    if ap.control.mask is not None:
+        m = ap.control.mask
+        mask = C.prepare_mask(m.reshape((-1,) + tuple(m.shape[-2:])), shape, model)
+    return CA.Controller(ap.control, ap.schedule, ap.alignment, ap.blend_cols, mask)
 
 
 NODES = [DDIMInvSampler]

@@ -21,10 +21,11 @@ W, H = 512, 288
 LINK_COLORS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 80), "VAE": (255, 110, 110),
                "CONDITIONING": (255, 170, 60), "LATENT": (255, 150, 220), "IMAGE": (100, 200, 255),
                "NOISE": (190, 190, 190), "DDIM_TRAJECTORY": (120, 230, 160), "SIGMAS": (200, 255, 200),
-               "GUIDER": (100, 220, 220), "SAMPLER": (230, 230, 140)}
+               "GUIDER": (100, 220, 220), "SAMPLER": (230, 230, 140), "DDIM_ATTENTION_CONTROL": (150, 230, 255)}
 OURS = {"DDIMInvert": "DDIM Invert", "DDIMInvSampler": "Inverted-Latent Sampler",
         "DDIMInvVAEEncode": "VAE Encode (Inversion)", "DDIMInvTrajectoryPreview": "Trajectory Preview",
-        "DDIMInvNullText": "Null-Text Inversion"}
+        "DDIMInvNullText": "Null-Text Inversion", "DDIMInvAttentionControl": "Attention Control",
+        "DDIMInvAttentionPrompts": "Attention Prompts"}
 
 
 def render(name: str) -> Path:

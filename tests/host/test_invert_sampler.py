@@ -228,7 +228,8 @@ def test_every_family_on_tiny_real_architectures(fam):
 def test_sockets_have_their_issue_names_in_object_info(booted):
     want = {"DDIMInvert": ["noise_latent", "noise", "trajectory"], "DDIMInvSampler": ["latent"],
             "DDIMInvVAEEncode": ["latent", "vae_ceiling"], "DDIMInvTrajectoryPreview": ["images"],
-            "DDIMInvNullText": ["negative", "trajectory"]}
+            "DDIMInvNullText": ["negative", "trajectory"], "DDIMInvAttentionControl": ["attention_control"],
+            "DDIMInvAttentionPrompts": ["source", "edit"]}
     assert sorted(want) == sorted(host.PACK_NODES)
     in_category = [k for k, v in booted.NODE_CLASS_MAPPINGS.items() if getattr(v, "GET_NODE_INFO_V1", None)
                    and v.GET_NODE_INFO_V1()["category"] == "sampling/ddim_inversion"]

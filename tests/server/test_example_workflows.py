@@ -9,8 +9,8 @@ Every ``example_workflows/api/<name>.api.json`` is queued over HTTP unmodified e
 * the input image -> a generated 64x64 picture uploaded with POST /upload/image, as the UI does.
 
 Steps are the shipped ones (20) except for the null-text workflows (4 steps x 2 iterations instead of the
-paper's 50 x 10): see STEP_OVERRIDES. core_interop's ``implicit`` solve does not converge on random weights
-and spends its per-run budget.
+paper's 50 x 10) and attention_edit (6 instead of 50): see STEP_OVERRIDES. core_interop's ``implicit`` solve
+does not converge on random weights and spends its per-run budget.
 
 Outputs (saved images, the preview frames) must exist. The exact round trip is checked in process
 (``host.run``, the same executor): invert_and_reconstruct and flow_model (method exact) give back DDIM
@@ -35,11 +35,12 @@ from ddiminv_dev import tiny_flow_files
 ROOT = Path(__file__).resolve().parents[2]
 API_DIR = ROOT / "example_workflows" / "api"
 RUNNABLE = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model", "nulltext_reconstruct",
-            "nulltext_edit")
+            "nulltext_edit", "attention_edit")
 # workflow -> class_type -> inputs to override (say why): the null-text workflows ship the paper's 50 steps x 10
 # iterations, which on the random tiny checkpoint's 320-channel UNet would take minutes for nothing to see
 _SHORT_NULLTEXT = {"DDIMInvert": {"steps": 4}, "KSamplerAdvanced": {"steps": 4}, "DDIMInvNullText": {"iterations": 2}}
-STEP_OVERRIDES: dict = {"nulltext_reconstruct": _SHORT_NULLTEXT, "nulltext_edit": _SHORT_NULLTEXT}
+STEP_OVERRIDES: dict = {"nulltext_reconstruct": _SHORT_NULLTEXT, "nulltext_edit": _SHORT_NULLTEXT,
+                        "attention_edit": {"DDIMInvert": {"steps": 6}}}   # 50 steps x 3 evaluations: minutes
 IMAGE_SIZE = 64
 
 

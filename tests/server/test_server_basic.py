@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddiminv_dev import tiny_checkpoint as checkpoint
-from ddiminv_dev.host import PACK_NODES       # the five nodes (one list for the host and the server tiers)
+from ddiminv_dev.host import PACK_NODES       # the pack's nodes (one list for the host and the server tiers)
 
 CATEGORY = "sampling/ddim_inversion"
 

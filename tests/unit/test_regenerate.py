@@ -283,7 +283,8 @@ def test_the_texts_of_the_replay_choice_and_of_the_drift_pair_word_for_word(oc):
     assert nt.notes[-1] == ("source_negative ignored: the drift uses the trajectory's optimised negative, the one "
                             "the loop samples with (another negative would correct the guidance twice)")
     unused = R.plan(oc.traj("ddim"), R.Choices(cfg=CFG), R.Prompts(oc.P, oc.NEG, source_negative=other))
-    assert unused.notes == ("source_positive/source_negative are used only by correction source_drift; ignored",)
+    assert unused.notes == ("source_positive/source_negative are used only by correction source_drift and "
+                            "attention control; ignored",)
     near = R.plan(oc.traj("ddim", "null_text"), R.Choices(cfg=7.0), R.Prompts(oc.P, oc.NEG))
     assert len(near.warnings) == 1                                   # 0.5 away from the optimised cfg still warns
     pinned = R.plan(oc.traj("ddim", "null_text"), R.Choices(cfg=7.0, correction="source_drift"),

@@ -1,0 +1,262 @@
+"""Attention control for inversion-based editing: the policy and the maps (pure torch; no ComfyUI import).
+
+The source branch (the stored inversion state, the source prompt) *records* what a method needs from a layer's
+attention; the edit branch (the edit's state, the edit prompt) *injects* it, step by step, layer by layer. This
+module decides what is recorded and injected where and computes what is injected; it never learns what a UNet is:
+a layer is a :class:`Layer` (self/cross, a block name and id, an index inside the block and the layer's
+downsampling factor), q/k/v arrive already projected in ComfyUI's layout [B, N, heads*dim_head].
+
+Methods (windows are fractions of the sampling schedule's steps, as the papers' code: step n is active when
+``int(start*N) <= n < int(end*N)``):
+
+* ``p2p`` (Prompt-to-Prompt, Hertz et al.): in the cond chunk only, cross-attention maps of the source are
+  mapped to the edit prompt's tokens (``replace``: an alignment matrix, same number of words; ``refine``: a global
+  word alignment, new words keep the edit's own maps; ``reweight``: ``replace`` with the reweighted words' columns
+  scaled) during ``cross_window``; self-attention maps of the source replace the edit's during ``self_window`` in
+  layers whose queries are at most ``self_max_fraction`` of the latent's tokens (P2P: <= 32^2 at 64^2). A local
+  blend keeps the edit only where the blend words' accumulated cross-attention (source words in the source, edit
+  words in the edit, P2P's ``mask[:1] + mask``) exceeds ``blend_threshold`` after max-normalisation, or inside a
+  given mask.
+* ``pnp`` (Plug-and-Play, Tumanyan et al.): decoder self-attention layers (output blocks 4-11) of both chunks
+  attend with the source's queries and keys: out = softmax(q_src k_src^T) v_edit.
+* ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11) from step 4 of 50, both chunks:
+  out = softmax(q_edit k_src^T) v_src.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .errors import InversionInputError
+
+METHODS = ("p2p", "pnp", "masactrl")
+P2P_MODES = ("replace", "refine", "reweight")
+SELF, CROSS = "self", "cross"
+COND, UNCOND = 0, 1                      # ComfyUI's cond_or_uncond values
+# what the source records for each action (the edit branch injects the action itself)
+RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A span of sampling steps as fractions of the schedule (step n active when int(start*N) <= n < int(end*N))."""
+    start: float = 0.0
+    end: float = 0.0
+
+    def active(self, step: int, steps: int) -> bool:
+        return int(self.start * steps) <= step < int(self.end * steps)
+
+    def check(self, what: str) -> "Window":
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0) or self.end < self.start:
+            raise InversionInputError(f"{what} must satisfy 0 <= start <= end <= 1 (got {self.start:g}..{self.end:g})"
+                                      "; use fractions of the steps, e.g. 0..0.4")
+        return self
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One attention layer of the model: ``kind`` self|cross, ``block`` (name, id) as ComfyUI's replace keys, the
+    index inside the block, and ``factor``: the latent's side over the layer's side (1, 2, 4, ...)."""
+    kind: str
+    block: tuple
+    index: int
+    factor: int = 1
+
+    @property
+    def key(self) -> tuple:
+        return (self.block[0], self.block[1], self.index)
+
+    def name(self) -> str:
+        return f"{self.kind} {self.block[0]}{self.block[1]}.{self.index}"
+
+
+@dataclass(frozen=True)
+class Control:
+    """What the Attention Control node emits (ATTENTION_CONTROL)."""
+    method: str = "p2p"
+    mode: str = "replace"                       # p2p
+    self_window: Window = Window(0.0, 0.6)
+    cross_window: Window = Window(0.0, 0.4)     # p2p
+    blocks: tuple = ()                          # (name, first id, last id) the method acts in; () = every block
+    self_max_fraction: float = 0.25             # p2p: self maps only where queries <= this share of the latent
+    reweight: float = 2.0                       # p2p: the reweight words' cross-attention scale
+    reweight_words: tuple = ()
+    blend_words: tuple = ()                     # p2p local blend by words (empty: no word blend)
+    blend_threshold: float = 0.3
+    blend_window: Window = Window(0.2, 1.0)     # P2P's start_blend 0.2
+    mask: Optional[torch.Tensor] = field(default=None, compare=False)   # a given blend mask (1 = edit)
+
+    @property
+    def blends(self) -> bool:
+        return self.method == "p2p" and (bool(self.blend_words) or self.mask is not None)
+
+
+def defaults(method: str) -> Control:
+    """The papers' settings (editing.md: PnPInversion's run_editing_p2p, PnP's and MasaCtrl's code)."""
+    if method == "p2p":
+        return Control("p2p")
+    if method == "pnp":
+        return Control("pnp", self_window=Window(0.0, 0.5), cross_window=Window(), blocks=("output", 4, 11))
+    if method == "masactrl":
+        return Control("masactrl", self_window=Window(4 / 50, 1.0), cross_window=Window(), blocks=("output", 6, 11))
+    raise InversionInputError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
+
+
+def parse_blocks(text: str, default: tuple) -> tuple:
+    """'' -> ``default``; 'all' -> every block; 'output 6-11' / 'input 4' -> (name, first, last)."""
+    t = str(text or "").strip().lower()
+    if not t:
+        return default
+    if t == "all":
+        return ()
+    parts = t.replace("-", " ").split()
+    try:
+        if parts[0] not in ("input", "middle", "output") or len(parts) not in (2, 3):
+            raise ValueError
+        ids = [int(x) for x in parts[1:]]
+    except (ValueError, IndexError):
+        raise InversionInputError(f"blocks {text!r} is not understood; write e.g. 'output 6-11', 'input 4-8', "
+                                  "'middle 0' or 'all'") from None
+    return (parts[0], ids[0], ids[-1])
+
+
+def check(c: Control) -> Control:
+    if c.method not in METHODS:
+        raise InversionInputError(f"method {c.method!r} is unknown; use one of {', '.join(METHODS)}")
+    if c.mode not in P2P_MODES:
+        raise InversionInputError(f"p2p_mode {c.mode!r} is unknown; use one of {', '.join(P2P_MODES)}")
+    c.self_window.check("the self-attention window")
+    c.cross_window.check("the cross-attention window")
+    c.blend_window.check("the blend window")
+    if not 0.0 < c.blend_threshold < 1.0:
+        raise InversionInputError(f"blend_threshold must be in (0, 1) (got {c.blend_threshold:g}); use e.g. 0.3")
+    if not (math.isfinite(c.reweight) and c.reweight >= 0):
+        raise InversionInputError(f"reweight must be a finite number >= 0 (got {c.reweight}); use e.g. 2.0")
+    if c.mode == "reweight" and not c.reweight_words:
+        raise InversionInputError("p2p_mode reweight needs reweight_words; name the words to strengthen")
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+def in_blocks(c: Control, layer: Layer) -> bool:
+    if not c.blocks:
+        return True
+    name, lo, hi = c.blocks
+    return layer.block[0] == name and lo <= int(layer.block[1]) <= hi
+
+
+def action(c: Control, layer: Layer, step: int, steps: int, chunk: int) -> Optional[str]:
+    """What the edit branch injects into ``layer`` at sampling step ``step`` of ``steps`` in a chunk of kind
+    ``chunk`` (COND/UNCOND), or None."""
+    if not in_blocks(c, layer):
+        return None
+    if c.method == "p2p":
+        if chunk != COND:
+            return None
+        if layer.kind == CROSS:
+            return "p2p_cross" if c.cross_window.active(step, steps) else None
+        small = 1.0 / (layer.factor * layer.factor) <= c.self_max_fraction
+        return "p2p_self" if small and c.self_window.active(step, steps) else None
+    if layer.kind != SELF or not c.self_window.active(step, steps):
+        return None
+    return "pnp_qk" if c.method == "pnp" else "masactrl_kv"
+
+
+def blend_layers(layers) -> list:
+    """The cross layers the local blend reads: P2P's 16^2 maps at a 64^2 latent (factor 4), else the coarsest."""
+    cross = [la for la in layers if la.kind == CROSS]
+    if not cross:
+        return []
+    want = 4 if any(la.factor == 4 for la in cross) else max(la.factor for la in cross)
+    return [la for la in cross if la.factor == want]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per sampling step: {(layer, chunk): action} the edit injects (the source records the same keys)."""
+    steps: int
+    actions: dict                      # step -> {(Layer, chunk): action}
+    blend: tuple = ()                  # the layers whose cond cross maps both branches record for the blend
+    blend_steps: tuple = ()
+
+    @property
+    def injections(self) -> int:
+        return sum(len(v) for v in self.actions.values())
+
+    def report(self) -> str:
+        """What is injected, layers x steps per action."""
+        parts = []
+        for act in sorted({a for v in self.actions.values() for a in v.values()}):
+            keys = {(k, s) for s, v in self.actions.items() for k, a in v.items() if a == act}
+            layers = {k[0] for k, _ in keys}
+            steps = {s for _, s in keys}
+            chunks = {k[1] for k, _ in keys}
+            parts.append(f"{act}: {len(layers)} layers x {len(steps)} steps x {len(chunks)} chunk"
+                         f"{'s' if len(chunks) > 1 else ''} = {len(keys)}")
+        if self.blend_steps:
+            parts.append(f"local blend: {len(self.blend)} layers, {len(self.blend_steps)} steps")
+        return "; ".join(parts) if parts else "nothing injected"
+
+
+def schedule(c: Control, layers, steps: int, run_steps, chunks) -> Schedule:
+    """The injection schedule over the steps that run (``run_steps``: sampling step indices of the full
+    ``steps``-step schedule) for the chunk kinds that run (``chunks``: COND, plus UNCOND when cfg != 1)."""
+    acts = {}
+    for s in run_steps:
+        row = {}
+        for la in layers:
+            for ch in chunks:
+                a = action(c, la, s, steps, ch)
+                if a is not None:
+                    row[(la, ch)] = a
+        acts[s] = row
+    blend, bsteps = (), ()
+    if c.blends and c.mask is None:
+        blend = tuple(blend_layers(layers))
+        bsteps = tuple(s for s in run_steps if c.blend_window.active(s, steps))
+    elif c.blends:
+        bsteps = tuple(s for s in run_steps if c.blend_window.active(s, steps))
+    return Schedule(steps, acts, blend, bsteps)
+
+
+# ---------------------------------------------------------------------------------------------- the maps
+def heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, H*D] -> [B, H, N, D]."""
+    b, n, hd = t.shape
+    return t.reshape(b, n, heads, hd // heads).transpose(1, 2)
+
+
+def heads_last(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [B, N, H*D]."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head: [B, H, Nq, Nk], computed in float32."""
+    qh, kh = heads_first(q.float(), heads), heads_first(k.float(), heads)
+    scale = qh.shape[-1] ** -0.5
+    return torch.softmax(torch.einsum("bhnd,bhmd->bhnm", qh, kh) * scale, dim=-1)
+
+
+def apply_probs(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p [B, H, Nq, Nk] applied to v [B, Nk, H*D] -> [B, Nq, H*D] in v's dtype."""
+    vh = heads_first(v.float(), p.shape[1])
+    return heads_last(torch.einsum("bhnm,bhmd->bhnd", p, vh)).to(v.dtype)
+
+
+def attend(q, k, v, heads: int) -> torch.Tensor:
+    return apply_probs(probs(q, k, heads), v)
+
+
+def pnp(q_src, k_src, v_edit, heads: int) -> torch.Tensor:
+    """Plug-and-Play: the source's queries and keys, the edit's values."""
+    return attend(q_src, k_src, v_edit, heads)
+
+
+def masactrl(q_edit, k_src, v_src, heads: int) -> torch.Tensor:
+    """MasaCtrl's mutual self-attention: the edit's queries attend to the source's keys and values."""
+    return attend(q_edit, k_src, v_src, heads)

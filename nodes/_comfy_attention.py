@@ -1,0 +1,281 @@
+"""The adapter of attention control: how the policy of ``inversion/attention.py`` reaches a ComfyUI model.
+
+Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is never patched):
+
+* ``ModelPatcher.set_model_attn1_replace`` / ``set_model_attn2_replace`` on every attention layer of an SD1.x /
+  SD2 / SDXL UNet (``comfy.ldm.modules.attention.BasicTransformerBlock`` calls ``fn(q, k, v, extra_options)`` with
+  q/k/v projected, [B, N, heads*dim_head]). A replace patch another pack already set on a key (the 3-tuple, or
+  the 2-tuple ComfyUI falls back to) is kept: it computes every output we do not inject, and an injection is
+  made through it (PnP/MasaCtrl pass it the substituted q/k/v; P2P adds its map's difference to its output,
+  which is also exactly 0 where the maps agree);
+* ``extra_options["cond_or_uncond"]`` tells which chunk of the batch is cond (0) or uncond (1): chunks run
+  together ([uncond, cond]), alone when memory is short, and the uncond is skipped at cfg 1 -- every case is a
+  list of chunks here; ``block``, ``block_index``, ``n_heads``, ``attn_precision``, ``activations_shape``;
+* a ``comfy.samplers.CFGGuider`` subclass holding both prompt pairs, whose ``predict_noise`` picks the source or
+  the edit pair by the branch the :class:`Controller` is evaluating (state in the controller, reached by closures:
+  ``ModelPatcher.clone`` deep-copies ``model_options``, and a closure survives a deep copy as itself).
+
+The :class:`Controller` is the ``control`` object of ``inversion.methods.sample``: ``source(x, sigma, step)``
+evaluates the source branch (recording), the loop then evaluates the edit branch (injecting), and
+``after(step, x_new, x_source)`` checks that every planned record and injection happened, clears the step's records
+(memory does not grow with steps) and applies P2P's local blend.
+
+ComfyUI modules used here: ``comfy.ldm.modules.attention`` (``SpatialTransformer``, ``SpatialVideoTransformer``
+to find the layers; ``optimized_attention``, the function the model itself calls, for every output not
+injected), ``comfy.ldm.modules.diffusionmodules.openaimodel`` (``Downsample``/``Upsample``: each layer's
+resolution) and ``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Callable, Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.samplers
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+from ..inversion import attention as A
+from ..inversion import p2p as P
+from ..inversion.errors import InversionInputError
+from . import _comfy as C
+
+SLOTS = {A.SELF: "attn1", A.CROSS: "attn2"}
+
+
+# ---------------------------------------------------------------------------------------------- topology
+def unet_layers(model) -> list:
+    """Every attention layer of the model's UNet as :class:`inversion.attention.Layer` (with its downsampling
+    factor); refuses models it cannot reach (DiTs, video UNets) by name."""
+    net = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise InversionInputError(
+            f"attention control reaches SD1.x/SD2/SDXL UNets; this model ({C.family_name(model)}, "
+            f"{type(net).__name__}) is not one; disconnect attention_control or use a UNet checkpoint")
+    layers, factor = [], 1
+    for i, blk in enumerate(net.input_blocks):
+        layers += _block_layers(("input", i), blk, factor)
+        factor *= 2 if any(isinstance(m, Downsample) for m in blk.modules()) else 1
+    if net.middle_block is not None:
+        layers += _block_layers(("middle", 0), net.middle_block, factor)
+    for i, blk in enumerate(net.output_blocks):
+        layers += _block_layers(("output", i), blk, factor)
+        factor //= 2 if any(isinstance(m, Upsample) for m in blk.modules()) else 1
+    return layers
+
+
+def _block_layers(block: tuple, module, factor: int) -> list:
+    out = []
+    for m in module.modules():
+        if isinstance(m, comfy_attention.SpatialVideoTransformer):
+            raise InversionInputError("attention control does not reach video UNets (SVD) yet; disconnect "
+                                      "attention_control")
+        if isinstance(m, comfy_attention.SpatialTransformer):
+            for j, tb in enumerate(m.transformer_blocks):
+                out.append(A.Layer(A.SELF, block, j, factor))
+                if getattr(tb, "attn2", None) is not None:
+                    out.append(A.Layer(A.CROSS, block, j, factor))
+    return out
+
+
+def chunks_that_run(model, cfg: float) -> tuple:
+    """The chunk kinds every evaluation runs: the uncond is skipped at cfg 1 unless the model disables that."""
+    if math.isclose(float(cfg), 1.0) and not model.model_options.get("disable_cfg1_optimization", False):
+        return (A.COND,)
+    return (A.UNCOND, A.COND)
+
+
+# ---------------------------------------------------------------------------------------------- the controller
+class Controller:
+    """The per-run state: which branch and step is being evaluated, the step's records, the counts, the blend."""
+
+    def __init__(self, control: A.Control, sched: A.Schedule, alignment: Optional[P.Alignment] = None,
+                 blend_cols: tuple = ((), ()), blend_mask: Optional[torch.Tensor] = None):
+        self.control, self.sched, self.alignment = control, sched, alignment
+        self.blend_cols, self.given_mask = blend_cols, blend_mask
+        self.branch: Optional[str] = None
+        self.step = -1
+        self.model_fn: Optional[Callable] = None
+        self.store: dict = {}
+        self.seen: Counter = Counter()         # (branch, layer, chunk) -> calls this step (occurrences)
+        self.records: Counter = Counter()      # (layer, chunk) -> records this step
+        self.injections: Counter = Counter()   # (layer, chunk) -> injections this step
+        self.blend_calls: Counter = Counter()  # branch -> blend maps added this step
+        self.blend_sum = {"source": None, "edit": None}
+        self.totals = Counter()                # "records" / "injections" over the run (the node reports them)
+        self.recorded_maps: list = []          # test hook: (branch, step, layer, chunk, probs) when keep_maps
+        self.keep_maps = False
+        self.last_mask: Optional[torch.Tensor] = None   # the blend mask of the last blended step
+
+    # --- the loop's side (inversion.methods.sample's control protocol)
+    def source(self, x, sigma, step):
+        self.step, self.branch = step, "source"
+        self.store.clear()
+        self.seen.clear(), self.records.clear(), self.injections.clear(), self.blend_calls.clear()
+        try:
+            return self.model_fn(x, sigma)
+        finally:
+            self.branch = "edit"
+
+    def after(self, step, x_new, x_source):
+        self.check_step(step)
+        self.store.clear()
+        if step not in self.sched.blend_steps:
+            return x_new
+        mask = self.given_mask
+        if mask is None:
+            mask = P.blend_mask(self.blend_sum["source"], self.blend_sum["edit"], tuple(x_new.shape[-2:]),
+                                self.control.blend_threshold)
+        self.last_mask = mask
+        return P.local_blend(x_source, x_new, mask.to(x_new.device, x_new.dtype))
+
+    def check_step(self, step) -> None:
+        """Every planned record and injection of ``step`` happened, once per chunk that ran (no silent no-op)."""
+        planned = self.sched.actions.get(step, {})
+        missing = [f"{la.name()} {'cond' if ch == A.COND else 'uncond'}" for (la, ch) in planned
+                   if self.records[(la, ch)] < 1 or self.injections[(la, ch)] != self.records[(la, ch)]]
+        extra = [k for k in self.injections if k not in planned]
+        blend_ok = not self.sched.blend or (self.blend_calls["source"] >= len(self.sched.blend)
+                                            and self.blend_calls["edit"] >= len(self.sched.blend))
+        if missing or extra or not blend_ok:
+            what = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise InversionInputError(
+                f"attention control at step {step}: planned records/injections did not happen ({what or 'blend'}"
+                f"{'; unplanned: ' + str(len(extra)) if extra else ''}); another node replaces this model's "
+                "attention in a way the patches cannot reach: remove it, or disconnect attention_control")
+        self.totals["records"] += sum(self.records.values())
+        self.totals["injections"] += sum(self.injections.values())
+
+    # --- the patches' side
+    def attend(self, layer: A.Layer, q, k, v, eo: dict, base: Callable):
+        """One attention call of ``layer`` (q/k/v projected, every chunk of the batch): record or inject."""
+        chunks = list(eo.get("cond_or_uncond", [A.COND]))
+        b = q.shape[0] // len(chunks)
+        plan = self.sched.actions.get(self.step, {})
+        blend = layer in self.sched.blend
+        todo = []
+        for c, ch in enumerate(chunks):
+            occ = self.seen[(self.branch, layer, ch)]
+            self.seen[(self.branch, layer, ch)] += 1
+            todo.append((c, ch, occ, plan.get((layer, ch))))
+        if not blend and not any(a for *_, a in todo):
+            return base(q, k, v, eo)
+        if self.branch == "source":
+            return self._record_all(layer, q, k, v, eo, base, todo, b, blend)
+        return self._inject_all(layer, q, k, v, eo, base, todo, b, blend)
+
+    def _record_all(self, layer, q, k, v, eo, base, todo, b, blend):
+        heads = int(eo["n_heads"])
+        for c, ch, occ, a in todo:
+            sl = slice(c * b, (c + 1) * b)
+            if a is not None:
+                if A.RECORDS[a] == "probs":
+                    rec = {"probs": A.probs(q[sl], k[sl], heads)}
+                else:
+                    rec = {"q": q[sl], "k": k[sl], "v": v[sl]}
+                self.store[(layer, ch, occ)] = rec
+                self.records[(layer, ch)] += 1
+                if self.keep_maps and "probs" in rec:
+                    self.recorded_maps.append(("source", self.step, layer, ch, rec["probs"]))
+            if blend and ch == A.COND:
+                self._blend_add("source", A.probs(q[sl], k[sl], heads), eo)
+        return base(q, k, v, eo)
+
+    def _inject_all(self, layer, q, k, v, eo, base, todo, b, blend):
+        heads = int(eo["n_heads"])
+        qs, ks, vs = list(q.split(b)), list(k.split(b)), list(v.split(b))
+        maps = []
+        for c, ch, occ, a in todo:
+            if blend and ch == A.COND:
+                self._blend_add("edit", A.probs(qs[c], ks[c], heads), eo)
+            rec = self.store.get((layer, ch, occ)) if a is not None else None
+            if rec is None:
+                continue
+            self.injections[(layer, ch)] += 1
+            if a == "pnp_qk":
+                qs[c], ks[c] = rec["q"], rec["k"]
+            elif a == "masactrl_kv":
+                ks[c], vs[c] = rec["k"], rec["v"]
+            else:
+                maps.append((c, ch, a, rec["probs"]))
+        out = base(torch.cat(qs), torch.cat(ks), torch.cat(vs), eo)
+        for c, ch, a, src in maps:
+            sl = slice(c * b, (c + 1) * b)
+            own = A.probs(q[sl], k[sl], heads)
+            use = src if a == "p2p_self" else P.cross_map(src, own, self.alignment)
+            if self.keep_maps:
+                self.recorded_maps.append(("edit", self.step, layer, ch, use))
+            # as a difference to what ran: 0 bit for bit where the maps agree, and another pack's patch is kept
+            out[sl] = out[sl] + A.apply_probs(use - own, v[sl]).to(out.dtype)
+        return out
+
+    def _blend_add(self, branch: str, p, eo: dict) -> None:
+        hw = tuple(eo["activations_shape"][-2:])
+        m = P.word_map(p, list(self.blend_cols[0 if branch == "source" else 1]), hw)
+        prev = self.blend_sum[branch]
+        self.blend_sum[branch] = m if prev is None else prev + m
+        self.blend_calls[branch] += 1
+
+
+# ---------------------------------------------------------------------------------------------- patching a clone
+def _patch(ctl: Controller, layer: A.Layer, prev: Optional[Callable]) -> Callable:
+    def base(q, k, v, eo):
+        if prev is not None:
+            return prev(q, k, v, eo)
+        return comfy_attention.optimized_attention(q, k, v, eo["n_heads"], attn_precision=eo.get("attn_precision"),
+                                                   transformer_options=eo)
+
+    def replace(q, k, v, extra_options):
+        if ctl.branch is None:
+            return base(q, k, v, extra_options)
+        return ctl.attend(layer, q, k, v, extra_options, base)
+    return replace
+
+
+def install(clone, ctl: Controller, layers) -> int:
+    """Replace-patch every layer of ``clone`` (chaining to a replace patch already there); returns how many of
+    the patches chain to another one."""
+    existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
+    chained = 0
+    for la in layers:
+        slot = SLOTS[la.kind]
+        prev = existing.get(slot, {}).get(la.key) or existing.get(slot, {}).get(tuple(la.block))
+        chained += prev is not None
+        clone.set_model_patch_replace(_patch(ctl, la, prev), slot, la.block[0], la.block[1], la.index)
+    return chained
+
+
+class _BranchGuider(comfy.samplers.CFGGuider):
+    """A CFGGuider with both prompt pairs: the source pair while the controller evaluates the source branch."""
+
+    def __init__(self, model_patcher, ctl: Controller):
+        super().__init__(model_patcher)
+        self.ctl = ctl
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 -- core's signature
+        pre = "source_" if self.ctl.branch == "source" else ""
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get(pre + "negative"),
+                                                self.conds.get(pre + "positive"), self.cfg,
+                                                model_options=model_options, seed=seed)
+
+
+def run_controlled(model, edit: tuple, source: tuple, cfg: float, shape, sigmas, loop: Callable, steps: int,
+                   label: str, ctl: Controller, layers) -> object:
+    """Run ``loop(model_fn, device, progress, control=ctl)`` on a patched clone of ``model`` whose guider
+    evaluates ``source`` = (positive, negative) while ``ctl`` runs the source branch and ``edit`` otherwise."""
+    clone = model.clone()
+    install(clone, ctl, layers)
+    guider = _BranchGuider(clone, ctl)
+    guider.inner_set_conds({"positive": edit[0], "negative": edit[1],
+                            "source_positive": source[0], "source_negative": source[1]})
+    guider.set_cfg(float(cfg))
+
+    def controlled(model_fn, device, progress):
+        ctl.model_fn, ctl.branch = model_fn, "edit"
+        try:
+            return loop(model_fn, device, progress, control=ctl)
+        finally:
+            ctl.branch, ctl.model_fn = None, None
+    return C.drive_guider(guider, model, shape, sigmas, C._LoopSampler(controlled, label), steps)

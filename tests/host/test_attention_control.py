@@ -1,0 +1,351 @@
+"""Attention control on the tiny real SD1.5-format UNet (issue 27): the Inverted-Latent Sampler's
+attention_control input, the adapter's patches on a clone (nodes/_comfy_attention.py) and the node's checks.
+
+The tiny UNet's attention layers, written out: input 1 and output 2-3 at the latent's resolution, input 3, the
+middle block and output 0-1 at half of it; each one self- and one cross-attention layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddiminv_dev import host
+from ddiminv_dev import tiny_models as tm
+
+N, CFG = 8, 3.0
+TOPOLOGY = [(("input", 1), 1), (("input", 3), 2), (("middle", 0), 2), (("output", 0), 2), (("output", 1), 2),
+            (("output", 2), 1), (("output", 3), 1)]
+
+
+def rel_max(a, b) -> float:
+    """The largest difference relative to the largest value (the tiny random UNet's latents reach ~200)."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def mod(name):
+    return host.pack_submodule(name)
+
+
+@pytest.fixture(scope="module")
+def K():
+    class K:
+        A, P, M = mod("inversion.attention"), mod("inversion.p2p"), mod("inversion.methods")
+        CA, C = mod("nodes._comfy_attention"), mod("nodes._comfy")
+        inv, smp = mod("nodes.invert").DDIMInvert, mod("nodes.sampler").DDIMInvSampler
+        E = mod("inversion.errors").InversionInputError
+    return K
+
+
+def with_words(K, cond, words=("a", "b", "c")):
+    p = K.P.prompt_info(K.P.Prompt(tuple(words), tuple((i + 1, i + 2) for i in range(len(words))), tm.TOKENS))
+    return [[t, {**o, K.P.PROMPT_KEY: p}] for t, o in cond]
+
+
+class Setup:
+    def __init__(self, K, px=32, batch=1, method="exact", cfg=CFG, seed=0, family="eps"):
+        self.m = tm.tiny_model(family)
+        self.src = with_words(K, tm.tiny_conditioning(family, 1))
+        self.edit = with_words(K, tm.tiny_conditioning(family, 2))
+        self.neg = tm.tiny_conditioning(family, 9)
+        self.lat = tm.random_latent(family, batch, px, px, seed=seed)
+        self.traj = K.inv.execute(self.m, self.src, self.neg, self.lat, N, cfg, "normal", method).result[2]
+        self.K = K
+
+    def run(self, control, positive=None, model=None, cfg=CFG, **kw):
+        r = self.K.smp.execute(model or self.m, positive or self.edit, self.neg, self.traj, cfg,
+                               source_positive=self.src, attention_control=control, **kw)
+        return r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"])
+
+    def err(self, x):
+        return float((x - self.lat["samples"]).norm() / self.lat["samples"].norm())
+
+
+@pytest.fixture(scope="module")
+def S(K):
+    return Setup(K)
+
+
+def controls(K):
+    A, W = K.A, K.A.Window
+    return {"p2p": A.Control("p2p"), "p2p_refine": A.Control("p2p", mode="refine"),
+            "p2p_blend": A.Control("p2p", blend_words=("b",)),
+            "pnp": A.Control("pnp", self_window=W(0, 0.5), blocks=("output", 0, 3)),
+            "masactrl": A.Control("masactrl", self_window=W(0.25, 1), blocks=("output", 0, 3))}
+
+
+def test_the_adapter_reads_the_tiny_unets_topology(K, S):
+    want = [K.A.Layer(kind, b, 0, f) for b, f in TOPOLOGY for kind in (K.A.SELF, K.A.CROSS)]
+    assert K.CA.unet_layers(S.m) == want
+
+
+# counts written out from TOPOLOGY: masactrl/pnp act in the 4 self layers of output 0-3; p2p's self maps in the
+# 4 half-resolution self layers, its cross maps in all 7 cross layers, cond chunk only. ddim replay: steps 0..7
+@pytest.mark.parametrize("name,cfg,want", [
+    ("masactrl", CFG, 4 * 6 * 2),      # window 0.25..1 of 8 = steps 2..7, both chunks
+    ("masactrl", 1.0, 4 * 6 * 1),      # cfg 1: the uncond chunk is skipped
+    ("pnp", CFG, 4 * 4 * 2),           # 0..0.5 = steps 0..3
+    ("p2p", CFG, 7 * 3 + 4 * 4),       # cross 0..0.4 = steps 0..2; self 0..0.6 = steps 0..3
+])
+def test_records_and_injections_equal_topology_times_steps_times_chunks(K, S, name, cfg, want):
+    _, text = S.run(controls(K)[name], cfg=cfg, exact_replay="ddim")
+    assert f"done: {want} records, {want} injections" in text, text
+    assert "2 evaluations per step (source + edit)" in text
+
+
+@pytest.mark.parametrize("family,layers", [("sdxl", 2), ("v", 4)])
+def test_sdxl_and_v_prediction_unets_count_and_return_the_source_too(K, family, layers):
+    # the tiny SDXL UNet has transformers only at half resolution: input 3, middle, output 0-1 (SD2-v: as SD1.5's)
+    s = Setup(K, family=family)
+    if family == "sdxl":
+        want = [K.A.Layer(kind, b, 0, 2) for b in (("input", 3), ("middle", 0), ("output", 0), ("output", 1))
+                for kind in (K.A.SELF, K.A.CROSS)]
+        assert K.CA.unet_layers(s.m) == want
+    _, text = s.run(controls(K)["masactrl"], exact_replay="ddim")
+    assert f"done: {layers * 6 * 2} records, {layers * 6 * 2} injections" in text, text
+    x, text = s.run(controls(K)["masactrl"], positive=s.src)
+    assert "replay bdia" in text and s.err(x) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["p2p", "p2p_refine", "p2p_blend", "pnp", "masactrl"])
+def test_the_source_prompt_on_an_exact_trajectory_returns_the_source(K, S, name):
+    x, text = S.run(controls(K)[name], positive=S.src)
+    assert "replay bdia" in text
+    assert S.err(x) <= 1e-5, (name, S.err(x))
+
+
+def capture(K, monkeypatch) -> list:
+    """The Controllers the sampler makes from now on (keeping their maps), in order."""
+    made = []
+    init = K.CA.Controller.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        self.keep_maps = True
+        made.append(self)
+    monkeypatch.setattr(K.CA.Controller, "__init__", spy)
+    return made
+
+
+def test_cross_attention_replaced_at_every_step_gives_the_edit_the_sources_maps(K, S, monkeypatch):
+    made = capture(K, monkeypatch)
+    c = K.A.Control("p2p", self_window=K.A.Window(0, 0), cross_window=K.A.Window(0, 1))
+    S.run(c, exact_replay="ddim")
+    maps = made[0].recorded_maps
+    src = {(s, la, ch): p for b, s, la, ch, p in maps if b == "source"}
+    edit = {(s, la, ch): p for b, s, la, ch, p in maps if b == "edit"}
+    assert set(src) == set(edit) and len(edit) == 7 * N
+    assert max(float((edit[k] - src[k]).abs().max()) for k in edit) <= 1e-6
+
+
+def test_the_source_branch_records_the_source_prompts_maps_on_the_stored_states(K, S, monkeypatch):
+    made, seen = capture(K, monkeypatch), []
+    S.run(K.A.Control("p2p", self_window=K.A.Window(0, 0), cross_window=K.A.Window(0, 1)), exact_replay="ddim")
+    layer = K.A.Layer(K.A.CROSS, ("output", 0), 0, 2)
+    got = [p for b, _, la, ch, p in made[0].recorded_maps if b == "source" and la == layer and ch == 0]
+
+    def reference(q, k, v, eo):             # an independent plain run: the source prompt on the stored states
+        b = q.shape[0] // len(eo["cond_or_uncond"])
+        c = eo["cond_or_uncond"].index(0)
+        seen.append(K.A.probs(q[c * b:(c + 1) * b], k[c * b:(c + 1) * b], eo["n_heads"]))
+        from comfy.ldm.modules.attention import optimized_attention
+        return optimized_attention(q, k, v, eo["n_heads"])
+    m = S.m.clone()
+    m.set_model_attn2_replace(reference, "output", 0, 0)
+    sig = [float(v) for v in S.traj.sigmas]
+    K.C.run_guided(m, S.src, S.neg, CFG, tuple(S.traj.states.shape[1:]), S.traj.sampling_sigmas(),
+                   lambda f, d, p: [f(S.traj.states[N - n].to(d), sig[N - n]) for n in range(N)], N, "ref")
+    assert len(got) == len(seen) == N
+    assert max(float((a - b).abs().max()) for a, b in zip(got, seen, strict=True)) <= 1e-6
+
+
+def test_a_zero_window_runs_todays_sampler_bit_for_bit(K, S):
+    zero = K.A.Control("p2p", self_window=K.A.Window(0, 0), cross_window=K.A.Window(0, 0))
+    layers = K.CA.unet_layers(S.m)
+    ctl = K.CA.Controller(zero, K.A.schedule(zero, layers, N, range(N), (0, 1)))
+    sources = []
+    orig = ctl.source
+    ctl.source = lambda x, s, step: (sources.append(step), orig(x, s, step))
+    shape, sig = tuple(S.traj.states.shape[1:]), S.traj.sampling_sigmas()
+
+    def loop(model_fn, device, progress, control=None):
+        return K.M.sample(S.traj, model_fn, replay="ddim", device=device, control=control)
+    x = K.CA.run_controlled(S.m, (S.edit, S.neg), (S.src, S.neg), CFG, shape, sig, loop, N, "t", ctl, layers)
+    y = K.C.run_guided(S.m, S.edit, S.neg, CFG, shape, sig, lambda f, d, p: loop(f, d, p), N, "t")
+    assert sources == list(range(N))            # the source branch ran at every step
+    assert torch.equal(x, y)
+
+
+def _split_batches(model):
+    """A clone whose cond and uncond always run as separate calls (what ComfyUI does when memory is short)."""
+    import comfy.samplers
+    m = model.clone()
+
+    def split(args):
+        cond, uncond = args["conds"]
+        x, s, mo, net = args["input"], args["sigma"], args["model_options"], args["model"]
+        out = [comfy.samplers.calc_cond_batch(net, [cond, None], x, s, mo)[0]]
+        return out + [comfy.samplers.calc_cond_batch(net, [None, uncond], x, s, mo)[1] if uncond else None]
+    m.model_options["sampler_calc_cond_batch_function"] = split
+    return m
+
+
+@pytest.mark.parametrize("name", ["masactrl", "p2p"])
+def test_cond_and_uncond_split_into_calls_equal_them_together(K, S, name):
+    together, _ = S.run(controls(K)[name], exact_replay="ddim")
+    apart, text = S.run(controls(K)[name], model=_split_batches(S.m), exact_replay="ddim")
+    assert "injections" in text
+    # measured 1.1e-6 (masactrl) and 2.6e-6 (p2p) of the largest value (float32 rounding of batch 1 against
+    # batch 2 in the UNet); a chunk
+    # taken for the other (the edit's cond attending to the source's uncond) moves it by > 1e-2
+    assert rel_max(apart, together) <= 2e-5
+
+
+def test_batch_2_equals_each_sample_alone(K):
+    two = Setup(K, batch=2, method="ddim", seed=3)
+    x2, _ = two.run(controls(K)["masactrl"])
+    for i in range(2):
+        one = Setup(K, batch=1, method="ddim", seed=3)          # the same trajectory, sample i alone
+        one.traj = two.traj.with_(states=two.traj.states[:, i:i + 1], denoised=two.traj.denoised[:, i:i + 1])
+        x1, _ = one.run(controls(K)["masactrl"])
+        assert rel_max(x2[i:i + 1], x1) <= 2e-5               # measured 1.8e-6 and 0.9e-6
+
+
+def _patch_state(model):
+    to = model.model_options.get("transformer_options", {})
+    return {k: dict(v) for k, v in to.get("patches_replace", {}).items()}, sorted(model.model_options)
+
+
+def test_the_input_models_patches_are_unchanged_and_another_packs_attn2_patch_still_runs(K, S):
+    from comfy.ldm.modules.attention import optimized_attention
+    calls = []
+
+    def other_pack(q, k, v, eo):
+        calls.append(eo["block"])
+        return optimized_attention(q, k, v, eo["n_heads"])
+    m = S.m.clone()
+    m.set_model_attn2_replace(other_pack, "output", 0)          # a 2-tuple key, as some packs set it
+    before = _patch_state(m)
+    x, text = S.run(controls(K)["p2p"], model=m, exact_replay="ddim")
+    assert _patch_state(m) == before
+    assert len(calls) == 2 * N                                 # source and edit, every step, one batched call
+    assert "done: 37 records, 37 injections" in text           # its layer still injected, through the patch
+    plain, _ = S.run(controls(K)["p2p"], exact_replay="ddim")
+    assert torch.equal(x, plain)                               # a pass-through patch changes nothing
+
+
+def test_the_local_blend_keeps_the_source_outside_its_mask(K, monkeypatch):
+    big = Setup(K, px=128, method="ddim")
+    made = capture(K, monkeypatch)
+    # the random tiny UNet attends almost evenly: at P2P's 0.3 every pixel passes, so a higher threshold
+    x, text = big.run(K.A.Control("p2p", blend_words=("b",), blend_threshold=0.9))
+    mask = made[0].last_mask
+    assert "local blend: 4 layers, 7 steps" in text            # the 4 coarsest (half-resolution) cross layers
+    assert 0.02 < float(mask.mean()) < 0.98                   # neither everything nor nothing (measured 0.094)
+    keep = (mask == 0).expand_as(x)
+    assert torch.equal(x[keep], big.lat["samples"][keep])      # the source, exactly, where the mask is 0
+    given = torch.zeros(1, 128, 128)
+    given[:, :, :64] = 1.0
+    c = K.A.Control("p2p", mask=given)
+    y, _ = big.run(c)
+    assert torch.equal(y[..., 8:], big.lat["samples"][..., 8:])
+    assert float((y[..., :8] - big.lat["samples"][..., :8]).abs().max()) > 1e-2
+
+
+def test_configurations_that_cannot_work_are_refused_naming_the_fix(K, S):
+    zero = K.A.defaults("masactrl")                       # SD1.x's output 6-11: no such block in this UNet
+    with pytest.raises(K.E, match="would inject nothing.*widen the windows"):
+        S.run(zero)
+    with pytest.raises(K.E, match="needs source_positive"):
+        K.smp.execute(S.m, S.edit, S.neg, S.traj, CFG, attention_control=controls(K)["pnp"])
+    with pytest.raises(K.E, match="Attention Prompts node"):
+        K.smp.execute(S.m, tm.tiny_conditioning("eps", 2), S.neg, S.traj, CFG, source_positive=S.src,
+                      attention_control=controls(K)["p2p"])
+    with pytest.raises(K.E, match="same number of words.*refine"):
+        S.run(K.A.Control("p2p"), positive=with_words(K, S.edit, ("a", "b", "c", "d")))
+    flow = tm.tiny_model("flow")
+    with pytest.raises(K.E, match="reaches SD1.x/SD2/SDXL UNets.*SD3"):
+        K.CA.unet_layers(flow)
+
+
+@pytest.mark.parametrize("act", ["pnp_qk", "masactrl_kv", "p2p_cross", "p2p_self"])
+def test_each_injection_is_its_methods_formula_in_the_right_chunk(K, act):
+    """The patch itself, on synthetic q/k/v ([uncond, cond] chunks of batch 2): the source call records, the
+    edit call's output is the method's formula (references: inversion.attention / p2p, unit-tested)."""
+    A, P = K.A, K.P
+    kind = A.CROSS if act == "p2p_cross" else A.SELF
+    layer = A.Layer(kind, ("output", 6), 0, 2)
+    c = {"pnp_qk": A.Control("pnp", self_window=A.Window(0, 1)),
+         "masactrl_kv": A.Control("masactrl", self_window=A.Window(0, 1)),
+         "p2p_cross": A.Control("p2p"), "p2p_self": A.Control("p2p")}[act]
+    sched = A.schedule(c, [layer], 10, range(10), (A.UNCOND, A.COND))
+    al = P.align(P.Prompt(("a", "cat"), ((1, 2), (2, 3)), 6), P.Prompt(("a", "hippo"), ((1, 2), (2, 4)), 6),
+                 "replace")
+    ctl = K.CA.Controller(c, sched, al)
+    patch = K.CA._patch(ctl, layer, None)
+    g = torch.Generator().manual_seed(0)
+    nk = 6 if kind == A.CROSS else 16
+    src, edit = ([torch.randn(4, n, 8, generator=g) for n in (16, nk, nk)] for _ in range(2))
+    eo = {"cond_or_uncond": [A.UNCOND, A.COND], "n_heads": 2, "attn_precision": None,
+          "activations_shape": [4, 8, 4, 4]}
+    ctl.model_fn = lambda x, s: patch(*src, eo)
+    ctl.source(None, 1.0, 3)
+    out = patch(*edit, eo)
+    ctl.check_step(3)
+    (qs, ks, vs), (qe, ke, ve) = src, edit
+    ch = slice(2, 4)                                   # the cond chunk
+    want = {"pnp_qk": lambda: A.pnp(qs, ks, ve, 2), "masactrl_kv": lambda: A.masactrl(qe, ks, vs, 2),
+            "p2p_cross": lambda: A.apply_probs(P.cross_map(A.probs(qs, ks, 2), A.probs(qe, ke, 2), al), ve),
+            "p2p_self": lambda: A.apply_probs(A.probs(qs, ks, 2), ve)}[act]()
+    assert float((out[ch] - want[ch]).abs().max()) <= 1e-5
+    own = A.attend(qe, ke, ve, 2)
+    if act.startswith("p2p"):                          # P2P leaves the uncond chunk alone
+        assert float((out[:2] - own[:2]).abs().max()) <= 1e-5
+    else:
+        assert float((out[:2] - want[:2]).abs().max()) <= 1e-5
+    assert float((want[ch] - own[ch]).abs().max()) > 1e-2       # the injection changes something
+
+
+class TokenizerClip:
+    """A CLIP whose tokenizer is ComfyUI's own (SD1 or SDXL: the real vocabulary and weight parsing) and whose
+    encoder returns zeros (the encoder is not what the Attention Prompts node adds)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text, return_word_ids=False, **kw):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kw)
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_attention_prompts_read_each_words_tokens_from_comfyuis_tokenizer(K, family):
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    tok = comfy.sd1_clip.SD1Tokenizer() if family == "sd1" else comfy.sdxl_clip.SDXLTokenizer()
+    node = mod("nodes.attention").DDIMInvAttentionPrompts
+    # ComfyUI's word ids number weighted segments, not words ("a photo of a cat" is all word 1): the node
+    # finds each word's own tokens instead; 'hippopotamus' is 3 CLIP tokens, '(red:1.2)' the one of 'red'
+    src, edit = node.execute(TokenizerClip(tok), "a photo of a cat", "a (red:1.2) photo of a hippopotamus").result
+    s, e = K.P.prompt_of(src, "source"), K.P.prompt_of(edit, "edit")
+    assert s == K.P.Prompt(("a", "photo", "of", "a", "cat"), ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6)), 77)
+    assert e.spans == ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 9)) and e.words[1] == "(red:1.2)"
+    assert "pooled_output" in src[0][1]                      # the encoder's own options are kept
+    index, alpha = K.P.refine_mapper(s, e)
+    assert alpha[:10].tolist() == [1, 1, 0, 1, 1, 1, 0, 0, 0, 1]    # '(red:1.2)' and 'hippopotamus' are new
+    assert [int(index[t]) for t in (1, 3, 4, 5, 9, 76)] == [1, 2, 3, 4, 6, 73]   # words and the shifted tail
+    with pytest.raises(K.E, match="spans 2 token windows.*shorten"):
+        node.execute(TokenizerClip(tok), "a cat " * 60, "a dog")
+
+
+def test_source_drift_comes_from_the_source_branch_at_no_extra_pass(K):
+    """(That the inline gap equals the separate drift pass is tests/unit/test_attention.py's.)"""
+    s = Setup(K, method="ddim", cfg=1.0)
+    c = controls(K)["masactrl"]
+    x, text = s.run(c, positive=s.src, cfg=1.5, correction="source_drift", source_negative=s.neg)
+    assert "source_drift from the source branch's evaluations (no extra pass)" in text
+    # the source prompt at another cfg is pinned: measured 4.7e-5 (float32 rounding the random tiny UNet
+    # amplifies; the drift without attention control: 1.4e-4), without the drift 6.5
+    assert s.err(x) <= 1e-3
+    plain, _ = s.run(c, positive=s.src, cfg=1.5)
+    assert s.err(plain) > 1.0

@@ -1,0 +1,265 @@
+"""Attention control's pure half (inversion/attention.py, inversion/p2p.py): the policy as matrices written out
+by hand, the maps against einsum/loop references written independently, P2P's alignments on worked examples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inversion import attention as A
+from inversion import p2p as P
+from inversion.errors import InversionInputError
+
+C, U = A.COND, A.UNCOND
+# a small UNet-like topology: (kind, block, index, factor)
+LAYERS = [A.Layer(k, b, 0, f) for b, f in ((("input", 1), 1), (("middle", 0), 2), (("output", 4), 2),
+                                            (("output", 6), 1), (("output", 11), 1)) for k in (A.SELF, A.CROSS)]
+
+
+def _table(c, steps, layers=LAYERS):
+    return {(la.name(), s, ch): A.action(c, la, s, steps, ch) for la in layers for s in range(steps) for ch in (C, U)}
+
+
+def test_p2p_policy_matrix():
+    got = _table(A.defaults("p2p"), 10)
+    for (name, s, ch), a in got.items():
+        kind, block = name.split(" ")
+        if ch == U:
+            want = None                                   # P2P edits only the cond half
+        elif kind == "cross":
+            want = "p2p_cross" if s < 4 else None         # cross_replace_steps 0.4 of 10
+        else:                                             # self maps only where queries <= 1/4 of the latent
+            want = "p2p_self" if s < 6 and block in ("middle0.0", "output4.0") else None
+        assert a == want, (name, s, ch, a)
+
+
+def test_pnp_and_masactrl_policy_matrices():
+    pnp = _table(A.defaults("pnp"), 10)
+    for (name, s, _ch), a in pnp.items():
+        kind, block = name.split(" ")
+        want = "pnp_qk" if kind == "self" and block.startswith("output") and s < 5 else None
+        assert a == want, (name, s, a)
+    masa = _table(A.defaults("masactrl"), 50)
+    for (name, s, _ch), a in masa.items():
+        kind, block = name.split(" ")
+        want = "masactrl_kv" if kind == "self" and block in ("output6.0", "output11.0") and s >= 4 else None
+        assert a == want, (name, s, a)
+
+
+def test_window_boundaries_follow_the_papers_int_rounding():
+    w = A.Window(0.0, 0.4)
+    assert [s for s in range(50) if w.active(s, 50)] == list(range(20))
+    assert [s for s in range(7) if w.active(s, 7)] == [0, 1]      # int(0.4 * 7) = 2
+    assert not any(A.Window(0.3, 0.3).active(s, 10) for s in range(10))
+
+
+def test_schedule_counts_are_layers_times_steps_times_chunks():
+    c = A.defaults("masactrl")
+    sch = A.schedule(c, LAYERS, 50, range(10, 50), (U, C))
+    assert sch.injections == 2 * 40 * 2                 # 2 decoder self layers in 6..11, steps 10..49, 2 chunks
+    assert "masactrl_kv: 2 layers x 40 steps x 2 chunks = 160" in sch.report()
+    p2p = A.schedule(A.defaults("p2p"), LAYERS, 10, range(10), (U, C))
+    assert p2p.injections == 5 * 4 + 2 * 6              # 5 cross layers x 4 steps + 2 small self layers x 6
+    zero = A.Control("p2p", self_window=A.Window(0, 0), cross_window=A.Window(0, 0))
+    assert A.schedule(zero, LAYERS, 10, range(10), (U, C)).injections == 0
+
+
+def test_blend_layers_are_the_factor_4_cross_layers_else_the_coarsest():
+    assert A.blend_layers(LAYERS) == [la for la in LAYERS if la.kind == A.CROSS and la.factor == 2]
+    four = LAYERS + [A.Layer(A.CROSS, ("input", 7), 0, 4)]
+    assert A.blend_layers(four) == [four[-1]]
+
+
+def test_bad_controls_are_refused_naming_the_fix():
+    with pytest.raises(InversionInputError, match="use fractions"):
+        A.check(A.Control(self_window=A.Window(0.5, 0.2)))
+    with pytest.raises(InversionInputError, match="reweight_words"):
+        A.check(A.Control(mode="reweight"))
+    with pytest.raises(InversionInputError, match="one of p2p, pnp, masactrl"):
+        A.defaults("sdedit")
+
+
+# ---------------------------------------------------------------------------------------------- the maps
+def _qkv(b=2, nq=6, nk=5, heads=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, heads * d, generator=g, dtype=torch.float64) for n in (nq, nk, nk)]
+
+
+def _ref_probs(q, k, heads):
+    """A per-head loop reference (float64)."""
+    b, nq, hd = q.shape
+    d = hd // heads
+    out = torch.zeros(b, heads, nq, k.shape[1], dtype=torch.float64)
+    for h in range(heads):
+        qh, kh = q[..., h * d:(h + 1) * d], k[..., h * d:(h + 1) * d]
+        out[:, h] = torch.softmax(qh @ kh.transpose(1, 2) / d ** 0.5, dim=-1)
+    return out
+
+
+def test_probs_and_attend_equal_a_loop_reference_and_torch_sdpa():
+    q, k, v = _qkv()
+    assert torch.allclose(A.probs(q, k, 2).double(), _ref_probs(q, k, 2), atol=1e-6)
+    qh, kh, vh = (A.heads_first(t.float(), 2) for t in (q, k, v))
+    sdpa = A.heads_last(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh))
+    assert torch.allclose(A.attend(q.float(), k.float(), v.float(), 2), sdpa, atol=1e-6)
+
+
+def test_pnp_uses_source_q_k_and_masactrl_source_k_v():
+    qs, ks, vs = _qkv(seed=1)
+    qe, ke, ve = _qkv(seed=2)
+    ref_pnp = torch.einsum("bhnm,bhmd->bhnd", _ref_probs(qs, ks, 2), A.heads_first(ve, 2))
+    assert torch.allclose(A.pnp(qs, ks, ve, 2), A.heads_last(ref_pnp).to(ve.dtype), atol=1e-6)
+    ref_masa = torch.einsum("bhnm,bhmd->bhnd", _ref_probs(qe, ks, 2), A.heads_first(vs, 2))
+    assert torch.allclose(A.masactrl(qe, ks, vs, 2), A.heads_last(ref_masa).to(vs.dtype), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- P2P alignment
+# "<s> a cat sits <e> <pad>..." with 8 slots; "cat" is one token, "hippo" two
+SRC = P.Prompt(("a", "cat", "sits"), ((1, 2), (2, 3), (3, 4)), 8)
+DOG = P.Prompt(("a", "dog", "sits"), ((1, 2), (2, 3), (3, 4)), 8)
+HIPPO = P.Prompt(("a", "hippo", "sits"), ((1, 2), (2, 4), (4, 5)), 8)
+BLACK = P.Prompt(("a", "black", "cat", "sits"), ((1, 2), (2, 3), (3, 4), (4, 5)), 8)
+
+
+def test_replace_mapper_word_swap_is_the_identity():
+    assert torch.equal(P.replace_mapper(SRC, DOG), torch.eye(8))
+
+
+def test_replace_mapper_spreads_a_swapped_word_over_its_new_tokens_and_shifts_the_tail():
+    m = P.replace_mapper(SRC, HIPPO)
+    want = torch.zeros(8, 8)
+    want[0, 0] = want[1, 1] = 1          # <s>, a
+    want[2, 2] = want[2, 3] = 0.5        # cat -> hip po
+    want[3, 4] = 1                       # sits
+    for i, j in zip(range(4, 8), range(5, 8), strict=False):
+        want[i, j] = 1                   # <e> and padding shifted by one
+    assert torch.equal(m, want)
+
+
+def test_refine_aligns_equal_words_and_leaves_new_words_to_the_edit():
+    index, alpha = P.refine_mapper(SRC, BLACK)
+    assert index.tolist() == [0, 1, 0, 2, 3, 4, 5, 6]
+    assert alpha.tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
+
+
+def test_unalignable_prompts_are_refused_naming_refine():
+    with pytest.raises(InversionInputError, match="same number of words.*use p2p_mode refine"):
+        P.align(SRC, BLACK, "replace")
+    with pytest.raises(InversionInputError, match="'horse' is not in the prompt"):
+        P.align(SRC, DOG, "replace", reweight_words=("horse",), reweight=2.0)
+
+
+def test_cross_map_replace_refine_reweight_equal_loop_references():
+    g = torch.Generator().manual_seed(3)
+    src = torch.softmax(torch.randn(2, 3, 4, 8, generator=g), -1)
+    edit = torch.softmax(torch.randn(2, 3, 4, 8, generator=g), -1)
+    al = P.align(SRC, HIPPO, "replace", reweight_words=("hippo",), reweight=2.0)
+    m = P.replace_mapper(SRC, HIPPO)
+    ref = torch.zeros_like(src)
+    for n in range(8):
+        for w in range(8):
+            ref[..., n] += src[..., w] * m[w, n]
+    ref[..., 2:4] *= 2.0
+    assert torch.allclose(P.cross_map(src, edit, al), ref, atol=1e-7)
+    index, alpha = P.refine_mapper(SRC, BLACK)
+    ref = torch.stack([src[..., int(index[n])] if alpha[n] else edit[..., n] for n in range(8)], -1)
+    assert torch.allclose(P.cross_map(src, edit, P.align(SRC, BLACK, "refine")), ref, atol=1e-7)
+
+
+def test_cross_map_tiles_the_alignment_when_comfyui_repeats_the_context():
+    g = torch.Generator().manual_seed(4)
+    src = torch.softmax(torch.randn(1, 2, 3, 16, generator=g), -1)
+    al = P.align(SRC, HIPPO, "replace")
+    out = P.cross_map(src, src, al)
+    assert torch.allclose(out[..., :8], torch.einsum("bhpw,wn->bhpn", src[..., :8], al.mapper), atol=1e-7)
+    assert torch.allclose(out[..., 8:], torch.einsum("bhpw,wn->bhpn", src[..., 8:], al.mapper), atol=1e-7)
+    edit = torch.softmax(torch.randn(1, 2, 3, 16, generator=g), -1)
+    ref = P.align(SRC, BLACK, "refine")
+    out = P.cross_map(src, edit, ref)
+    assert torch.allclose(out[..., 8:], P.cross_map(src[..., 8:], edit[..., 8:], ref), atol=1e-7)
+    with pytest.raises(InversionInputError, match="Attention Prompts"):
+        P.cross_map(src[..., :12], src[..., :12], al)
+
+
+def test_blend_mask_thresholds_the_pooled_normalised_maps_and_unites_both():
+    s = torch.zeros(1, 1, 4, 4)
+    e = torch.zeros(1, 1, 4, 4)
+    s[0, 0, 0, 0] = 2.0
+    e[0, 0, 3, 3] = 1.0
+    e[0, 0, 0, 3] = 0.2                               # below 0.3 of the edit's peak: not in the mask
+    m = P.blend_mask(s, e, (8, 8), 0.3)
+    want = torch.zeros(1, 1, 8, 8)
+    want[..., :4, :4] = 1                             # 3x3 pool of (0, 0) covers cells 0..1 -> pixels 0..3
+    want[..., 4:, 4:] = 1
+    assert torch.equal(m, want)
+    x_src, x_edit = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
+    assert torch.equal(P.local_blend(x_src, x_edit, m), want.expand(1, 4, 8, 8))
+
+
+def test_word_map_sums_the_words_tokens_and_averages_heads():
+    p = torch.arange(2 * 2 * 4 * 8, dtype=torch.float32).reshape(2, 2, 4, 8)
+    ref = (p[..., 2] + p[..., 3]).mean(1).reshape(2, 1, 2, 2)
+    assert torch.equal(P.word_map(p, HIPPO.positions("hippo"), (2, 2)), ref)
+
+
+# ---------------------------------------------------------------------------------------------- the loop's hook
+class _Spy:
+    def __init__(self, traj, pin):
+        self.traj, self.pin, self.seen, self.after_steps = traj, pin, [], []
+
+    def source(self, x, sigma, step):
+        i = self.traj.steps - step
+        self.seen.append((step, float(sigma), bool(torch.equal(x, self.traj.states[i]))))
+
+    def after(self, step, x_new, x_source):
+        self.after_steps.append(step)
+        assert torch.equal(x_source.float(), self.traj.states[self.traj.steps - step - 1])
+        return x_source if self.pin else x_new        # pin: a full "blend" back to the stored state
+
+
+@pytest.mark.parametrize("method,replay", [("ddim", "ddim"), ("exact", "bdia")])
+def test_sample_evaluates_the_source_on_the_stored_states_every_step(method, replay):
+    from inversion import methods as M
+    sig = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0])
+    traj = M.invert(torch.ones(1, 2, 2, 2), sig, lambda x, s: 0.5 * x, M.Options(method))
+    spy = _Spy(traj, pin=False)
+    M.sample(traj, lambda x, s: 0.3 * x, replay=replay, start_step=1, control=spy)
+    first = 1 if replay == "ddim" else 2                  # a BDIA replay starts one level lower
+    assert [s for s, _, _ in spy.seen] == list(range(first, 4)) == spy.after_steps
+    assert all(same for _, _, same in spy.seen)
+    assert [sg for _, sg, _ in spy.seen] == [float(sig[4 - s]) for s in range(first, 4)]
+    pinned = M.sample(traj, lambda x, s: 0.3 * x, replay=replay, start_step=1, control=_Spy(traj, pin=True))
+    assert torch.equal(pinned, traj.states[0])            # after() returned the stored state: the source
+
+
+def test_word_spans_walk_the_tokens_in_order_and_refuse_a_word_not_found():
+    toks = [900, 1, 1, 7, 8, 2, 901, 901]
+    assert P.word_spans(toks, [("x", [1]), ("x", [1]), ("long", [7, 8]), ("y", [2])], "t") == \
+        ((1, 2), (2, 3), (3, 5), (5, 6))
+    with pytest.raises(InversionInputError, match="'z' is not found.*plain words"):
+        P.word_spans(toks, [("x", [1]), ("z", [5])], "t")
+
+
+class _Source:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def source(self, x, sigma, step):
+        return self.fn(x, sigma)
+
+    def after(self, step, x_new, x_source):
+        return x_new
+
+
+@pytest.mark.parametrize("method,replay", [("ddim", "ddim"), ("exact", "bdia"), ("exact", "ddim")])
+def test_inline_drift_from_the_source_branch_equals_the_separate_drift_pass(method, replay):
+    from inversion import methods as M
+    sig = torch.tensor([0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])   # long enough for BDIA's x_hi to leave the stored
+    traj = M.invert(torch.ones(1, 2, 2, 2), sig, lambda x, s: 0.5 * x, M.Options(method))
+    src = lambda x, s: 0.4 * x + 0.1 * s          # noqa: E731 -- the source prompt's model
+    edit = lambda x, s: 0.2 * x                   # noqa: E731
+    gaps = M.source_drift(traj, src, replay=replay, start_step=1)
+    want = M.sample(traj, edit, replay=replay, start_step=1, drift=gaps)
+    got = M.sample(traj, edit, replay=replay, start_step=1, control=_Source(src), inline_drift=True)
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    plain = M.sample(traj, edit, replay=replay, start_step=1)
+    assert float((plain - want).abs().max()) > 1e-2                 # the drift does something here
