@@ -1,6 +1,7 @@
 """Pure image/latent arithmetic used by VAE Encode (Inversion) and Trajectory Preview (torch only, no ComfyUI).
 
 * :func:`to_rgb`, :func:`fit_pixels`: the image an encoder may take (channels, a multiple of the VAE factor);
+* :func:`frame_counts`, :func:`fit_frames`: a video VAE's time axis (frame counts it encodes without dropping any);
 * :func:`psnr` and :func:`ceiling_windows`: the VAE ceiling, measured on a few latent windows of a large image;
 * :func:`select_frames`, :func:`fast_rgb`, :func:`rms`: the preview's frame choice and Latent2RGB arithmetic.
 
@@ -80,6 +81,39 @@ def fit_pixels(pixels: torch.Tensor, factor: int, fit: str):
     nw = max(factor, int(round(w / factor)) * factor)
     x = torch.nn.functional.interpolate(pixels.movedim(-1, 1), size=(nh, nw), mode="bilinear")
     return x.movedim(1, -1).clamp(0.0, 1.0), (nh, nw)
+
+
+def frame_counts(frames: int, to_latent, to_frames) -> tuple:
+    """(fewer, more): the largest frame count <= ``frames`` and the smallest >= ``frames`` that a video VAE encodes
+    without dropping a frame. ``to_latent(T)`` is its latent frame count for T frames and ``to_frames(t)`` the
+    frames t latent frames decode to (core's ``downscale_ratio[0]``/``upscale_ratio[0]``, e.g. Wan: 1 + 4k)."""
+    t = int(to_latent(frames))
+    fewer = int(to_frames(t)) if t >= 1 else 0
+    if fewer == frames:
+        return frames, frames
+    more = int(to_frames(t + 1))
+    return fewer, more
+
+
+def fit_frames(pixels: torch.Tensor, fewer: int, more: int, fit: str):
+    """[T,H,W,3] frames -> (frames a video VAE encodes whole, number of source frames kept). Frames are never
+    resampled in time: ``pad`` and ``resize`` repeat the last frame up to ``more``, ``crop`` keeps the first
+    ``fewer``, ``error`` refuses a count the VAE cannot take."""
+    if fit not in FIT_MODES:
+        raise InversionInputError(f"unknown fit {fit!r}; use one of {', '.join(FIT_MODES)}")
+    t = int(pixels.shape[0])
+    if fewer == t:
+        return pixels, t
+    if fit == "error":
+        raise InversionInputError(
+            f"the clip has {t} frames but this video VAE encodes {fewer} or {more} frames without dropping any; "
+            "set 'fit' to pad (repeat the last frame) or crop (drop the extra frames), or trim the clip")
+    if fit == "crop":
+        if fewer < 1:
+            raise InversionInputError(f"the clip has {t} frames, fewer than this video VAE's smallest clip "
+                                      f"({more}); use fit=pad or a longer clip")
+        return pixels[:fewer], fewer
+    return torch.cat([pixels, pixels[-1:].expand(more - t, *pixels.shape[1:])], dim=0), t
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -94,3 +94,29 @@ def test_fast_rgb_is_the_latent2rgb_formula():
 
 def test_rms():
     assert I.rms(torch.zeros(4), torch.full((4,), 2.0)) == pytest.approx(2.0)
+
+
+# ---- a video VAE's time axis (frame_counts, fit_frames)
+WAN_T = (lambda a: max(0, (a + 3) // 4), lambda a: max(0, a * 4 - 3))     # core's Wan 2.1 formulas
+LTXV_T = (lambda a: max(0, (a + 7) // 8), lambda a: max(0, a * 8 - 7))
+
+
+@pytest.mark.parametrize("formulas,frames,expected", [
+    (WAN_T, 1, (1, 1)), (WAN_T, 4, (1, 5)), (WAN_T, 5, (5, 5)), (WAN_T, 7, (5, 9)), (WAN_T, 9, (9, 9)),
+    (WAN_T, 121, (121, 121)), (WAN_T, 120, (117, 121)), (LTXV_T, 9, (9, 9)), (LTXV_T, 10, (9, 17)),
+])
+def test_frame_counts_are_the_counts_the_vae_encodes_whole(formulas, frames, expected):
+    assert I.frame_counts(frames, *formulas) == expected
+
+
+def test_fit_frames_pads_crops_or_refuses():
+    clip = torch.arange(7, dtype=torch.float32).view(7, 1, 1, 1).expand(7, 2, 2, 3)
+    padded, kept = I.fit_frames(clip, 5, 9, "pad")
+    assert kept == 7 and padded.shape[0] == 9
+    assert torch.equal(padded[:7], clip) and torch.equal(padded[7:], clip[6:7].expand(2, 2, 2, 3))
+    cropped, kept = I.fit_frames(clip, 5, 9, "crop")
+    assert kept == 5 and torch.equal(cropped, clip[:5])
+    same, kept = I.fit_frames(clip[:5], 5, 5, "error")
+    assert kept == 5 and torch.equal(same, clip[:5])
+    with pytest.raises(E, match="7 frames but this video VAE encodes 5 or 9"):
+        I.fit_frames(clip, 5, 9, "error")
