@@ -3,7 +3,8 @@
 * :func:`to_rgb`, :func:`fit_pixels`: the image an encoder may take (channels, a multiple of the VAE factor);
 * :func:`frame_counts`, :func:`fit_frames`: a video VAE's time axis (frame counts it encodes without dropping any);
 * :func:`psnr` and :func:`ceiling_windows`: the VAE ceiling, measured on a few latent windows of a large image;
-* :func:`select_frames`, :func:`fast_rgb`, :func:`rms`: the preview's frame choice and Latent2RGB arithmetic.
+* :func:`select_frames`, :func:`fast_rgb`, :func:`rms`: the preview's frame choice and Latent2RGB arithmetic;
+  :func:`strip`, :func:`rms_per_frame`, :func:`trajectory_bytes`: its time axis (video latents).
 
 Errors are :class:`~inversion.errors.InversionInputError` ("what is wrong; the fix"); the node adds its name.
 """
@@ -196,6 +197,27 @@ def fast_rgb(latents: torch.Tensor, factors: Sequence, bias: Optional[Sequence] 
                                   f"factors expect {f.shape[1]}; set decode=vae and connect the model's VAE")
     rgb = torch.nn.functional.linear(x.movedim(1, -1), f, bias=b)
     return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def strip(frames: torch.Tensor) -> torch.Tensor:
+    """[K,F,H,W,3] -> [K,H,F*W,3]: each item's frames side by side, left to right in time."""
+    k, f, h, w, c = frames.shape
+    return frames.permute(0, 2, 1, 3, 4).reshape(k, h, f * w, c)
+
+
+def rms_per_frame(a: torch.Tensor, b: torch.Tensor) -> list:
+    """RMS of a - b for [C,T,H,W] latents, one value per frame t (over C, H, W)."""
+    d = (a.float() - b.float()) ** 2
+    return [float(v) for v in torch.sqrt(d.mean(dim=(0, 2, 3)))]
+
+
+def trajectory_bytes(states_shape, steps: int, bytes_per_value: int = 4) -> int:
+    """Bytes a trajectory holds in states [N+1, ...] and x0 estimates [N, ...] (float32 by default) for latents of
+    ``states_shape`` = [B, C, ...] over ``steps`` steps."""
+    n = 1
+    for d in states_shape:
+        n *= int(d)
+    return (2 * int(steps) + 1) * n * int(bytes_per_value)
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:

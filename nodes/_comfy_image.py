@@ -73,3 +73,11 @@ def vae_decode_model_space(vae, fmt, latents: torch.Tensor) -> torch.Tensor:
     if out.ndim == 5:
         out = out[:, 0]
     return out.float().clamp(0.0, 1.0)
+
+
+def vae_decode_clip(vae, fmt, latents: torch.Tensor) -> torch.Tensor:
+    """Model-space video latents [K,C,T,H,W] -> every decoded frame [K,F,H,W,3] in [0,1]."""
+    out = vae.decode(fmt.process_out(latents.float()))
+    if out.ndim == 4:          # a VAE that decodes per image: one frame per latent frame is not promised
+        out = out.unsqueeze(1)
+    return out.float().clamp(0.0, 1.0)

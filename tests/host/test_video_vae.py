@@ -90,3 +90,53 @@ def test_refine_on_a_causal_video_vae_says_why():
     res = host.run(_prompt("wan21", refine=3, regenerate=False))
     text = res.ui("enc")["text"][0]
     assert "refine skipped: WanVAE is a causal video VAE" in text, text
+
+
+def _preview_prompt(decode: str, keep: int, show: str = "states") -> dict:
+    p = _prompt("wan21")
+    p["prev"] = {"class_type": "DDIMInvTrajectoryPreview", "inputs": {
+        "trajectory": ["inv", 2], "vae": ["vae", 0], "show": show, "frames": 3, "decode": decode, "keep": keep}}
+    return p
+
+
+def test_preview_shows_each_kept_state_as_a_strip_over_the_clip():
+    """decode=vae with keep >= the clip: each kept state is a strip of all 9 decoded frames (the clip's count);
+    decode=fast with keep=2: latent frames 0 and 2, each the Latent2RGB of that frame; per-frame drift whose
+    mean square is the state's overall drift."""
+    import comfy.latent_formats
+    from ddiminv_dev import host as h
+    imaging = h.pack_submodule("inversion.imaging")
+    res = host.run(_preview_prompt("vae", 16))
+    imgs, data = res.outputs("prev")[0], res.ui("prev")["ddim_trajectory"][0]
+    assert data["clip"] == {"unit": "frame", "count": 9, "frames": list(range(9))}, data["clip"]
+    assert imgs.shape == (3, 64, 9 * 64, 3), imgs.shape          # 3 kept states x 9 frames of 64x64
+    # the source state's strip is core VAE Decode of the encoded clip, frame by frame
+    src_frames = _frames(res, "dec_src")
+    assert float((imgs[0].reshape(64, 9, 64, 3).permute(1, 0, 2, 3) - src_frames).abs().max()) <= 1e-5
+    for f in data["frames"]:
+        ff = torch.tensor(f["figure_frames"])
+        assert ff.shape == (3,)
+        assert abs(float(ff.square().mean().sqrt()) - f["figure"]) <= 1e-5 * max(1.0, f["figure"]), (ff, f)
+
+    res = host.run(_preview_prompt("fast", 2))
+    imgs, data = res.outputs("prev")[0], res.ui("prev")["ddim_trajectory"][0]
+    assert data["clip"] == {"unit": "latent frame", "count": 3, "frames": [0, 2]}, data["clip"]
+    assert imgs.shape == (3, 8, 2 * 8, 3), imgs.shape
+    traj = res.outputs("inv")[2]
+    fmt = comfy.latent_formats.Wan21()
+    last = traj.states[-1, 0]                                     # frames picked 0, steps evenly: the last is N
+    for j, t in enumerate((0, 2)):
+        want = imaging.fast_rgb(last[None, :, t], fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)[0]
+        assert float((imgs[-1, :, j * 8:(j + 1) * 8] - want).abs().max()) <= 1e-6, t
+
+
+def test_preview_refuses_keep_below_two():
+    """keep < 2 is refused: by ComfyUI's validation (the schema's min) and by the node itself when it arrives
+    through a link (which validation does not check)."""
+    p = _preview_prompt("fast", 2)
+    p["prev"]["inputs"]["keep"] = 1
+    assert "prev" in host.validate(p)[3]
+    preview = host.pack_submodule("nodes.preview").DDIMInvTrajectoryPreview
+    from ddiminv_dev.fixtures.preview_nodes import make_trajectory
+    with pytest.raises(Exception, match="keep must be an integer >= 2"):
+        preview.execute(make_trajectory(steps=3), keep=1)

@@ -120,3 +120,25 @@ def test_fit_frames_pads_crops_or_refuses():
     assert kept == 5 and torch.equal(same, clip[:5])
     with pytest.raises(E, match="7 frames but this video VAE encodes 5 or 9"):
         I.fit_frames(clip, 5, 9, "error")
+
+
+def test_strip_puts_frames_side_by_side_in_time_order():
+    frames = torch.rand(2, 3, 4, 5, 3)                   # K=2 items, F=3 frames of 4x5
+    s = I.strip(frames)
+    assert s.shape == (2, 4, 15, 3)
+    for k in range(2):
+        for f in range(3):
+            assert torch.equal(s[k, :, f * 5:(f + 1) * 5], frames[k, f])
+
+
+def test_rms_per_frame_is_per_time_slice():
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.zeros(2, 3, 4, 4)
+    b[:, 1] = 2.0                                        # only frame 1 differs, by 2 everywhere
+    b[0, 2, 0, 0] = 4.0                                  # one value of frame 2: rms = sqrt(16 / 32)
+    assert I.rms_per_frame(a, b) == pytest.approx([0.0, 2.0, math.sqrt(0.5)], rel=1e-6)
+
+
+def test_trajectory_bytes_counts_states_and_estimates():
+    # a 5-second Wan 2.1 clip at 832x480: latent [1,16,21,60,104], 50 steps: 101 float32 tensors of 2,096,640
+    assert I.trajectory_bytes((1, 16, 21, 60, 104), 50) == 101 * 2_096_640 * 4
