@@ -19,13 +19,12 @@ import torch
 
 _CACHE: dict = {}
 
-REFUSED = {
-    "wan22": "core builds the Wan 2.2 VAE with dim=160 whatever the weights say (about 700 MB of float32), so "
-             "no tiny instance goes through comfy.sd.VAE",
-    "hunyuan_video": "core builds the HunyuanVideo VAE with ch=128 and ch_mult [1,2,4,4] fixed (about 1 GB of "
-                     "float32)",
-    "mochi": "core builds the Mochi VAE with its full default widths (comfy.ldm.genmo.vae.model.VideoVAE())",
-    "cosmos": "core builds the Cosmos tokenizer with channels=128 fixed",
+REFUSED = {   # what comfy/sd.py (0.3.75) fixes when it detects each of these from the state dict's keys
+    "wan22": "core builds the Wan 2.2 VAE with dim=160 whatever the weights say (WanVAE of comfy.ldm.wan.vae2_2)",
+    "hunyuan_video": "core builds the HunyuanVideo VAE (a conv3d AutoencoderKL) with ch=128 and ch_mult [1,2,4,4] "
+                     "fixed; only its latent channels come from the weights",
+    "mochi": "core builds the Mochi VAE with comfy.ldm.genmo.vae.model.VideoVAE()'s full default widths",
+    "cosmos": "core builds the Cosmos tokenizer with channels=128 and channels_mult [2,4,4] fixed",
 }
 KINDS = ("wan21", "ltxv")
 
