@@ -90,14 +90,15 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
                 io.Combo.Input("decode", options=DECODE_MODES, default="fast", optional=True,
                                tooltip="fast = ComfyUI's latent-to-RGB approximation (latent resolution, no VAE); "
                                        "vae = decode each frame with the connected VAE (slow, exact)."),
+                io.Int.Input("batch_index", default=0, min=0, max=MAX_BATCH_INDEX, optional=True,
+                             tooltip="Which image of the trajectory's batch to show (0 .. batch size - 1; any value "
+                                     "outside the batch is this node's error, whether typed or connected)."),
+                # last in the list: saved workflows' positional widget values stay aligned
                 io.Int.Input("keep", default=KEEP_DEFAULT, min=2, max=MAX_FRAMES, optional=True,
                              tooltip="Video trajectories only: clip frames per strip, evenly spaced over the clip "
                                      "(first and last always; latent frames with decode=fast, decoded frames with "
                                      "decode=vae). Bounds the preview's size: a 5-second clip at 8 shows 8 of its "
                                      "81 frames per state."),
-                io.Int.Input("batch_index", default=0, min=0, max=MAX_BATCH_INDEX, optional=True,
-                             tooltip="Which image of the trajectory's batch to show (0 .. batch size - 1; any value "
-                                     "outside the batch is this node's error, whether typed or connected)."),
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="One image per chosen frame (both: states "
