@@ -1,8 +1,10 @@
 """Pure image/latent arithmetic used by VAE Encode (Inversion) and Trajectory Preview (torch only, no ComfyUI).
 
 * :func:`to_rgb`, :func:`fit_pixels`: the image an encoder may take (channels, a multiple of the VAE factor);
+* :func:`frame_counts`, :func:`fit_frames`: a video VAE's time axis (frame counts it encodes without dropping any);
 * :func:`psnr` and :func:`ceiling_windows`: the VAE ceiling, measured on a few latent windows of a large image;
-* :func:`select_frames`, :func:`fast_rgb`, :func:`rms`: the preview's frame choice and Latent2RGB arithmetic.
+* :func:`select_frames`, :func:`fast_rgb`, :func:`rms`: the preview's frame choice and Latent2RGB arithmetic;
+  :func:`strip`, :func:`rms_per_frame`, :func:`trajectory_bytes`: its time axis (video latents).
 
 Errors are :class:`~inversion.errors.InversionInputError` ("what is wrong; the fix"); the node adds its name.
 """
@@ -80,6 +82,39 @@ def fit_pixels(pixels: torch.Tensor, factor: int, fit: str):
     nw = max(factor, int(round(w / factor)) * factor)
     x = torch.nn.functional.interpolate(pixels.movedim(-1, 1), size=(nh, nw), mode="bilinear")
     return x.movedim(1, -1).clamp(0.0, 1.0), (nh, nw)
+
+
+def frame_counts(frames: int, to_latent, to_frames) -> tuple:
+    """(fewer, more): the largest frame count <= ``frames`` and the smallest >= ``frames`` that a video VAE encodes
+    without dropping a frame. ``to_latent(T)`` is its latent frame count for T frames and ``to_frames(t)`` the
+    frames t latent frames decode to (core's ``downscale_ratio[0]``/``upscale_ratio[0]``, e.g. Wan: 1 + 4k)."""
+    t = int(to_latent(frames))
+    fewer = int(to_frames(t)) if t >= 1 else 0
+    if fewer == frames:
+        return frames, frames
+    more = int(to_frames(t + 1))
+    return fewer, more
+
+
+def fit_frames(pixels: torch.Tensor, fewer: int, more: int, fit: str):
+    """[T,H,W,3] frames -> (frames a video VAE encodes whole, number of source frames kept). Frames are never
+    resampled in time: ``pad`` and ``resize`` repeat the last frame up to ``more``, ``crop`` keeps the first
+    ``fewer``, ``error`` refuses a count the VAE cannot take."""
+    if fit not in FIT_MODES:
+        raise InversionInputError(f"unknown fit {fit!r}; use one of {', '.join(FIT_MODES)}")
+    t = int(pixels.shape[0])
+    if fewer == t:
+        return pixels, t
+    if fit == "error":
+        raise InversionInputError(
+            f"the clip has {t} frames but this video VAE encodes {fewer} or {more} frames without dropping any; "
+            "set 'fit' to pad (repeat the last frame) or crop (drop the extra frames), or trim the clip")
+    if fit == "crop":
+        if fewer < 1:
+            raise InversionInputError(f"the clip has {t} frames, fewer than this video VAE's smallest clip "
+                                      f"({more}); use fit=pad or a longer clip")
+        return pixels[:fewer], fewer
+    return torch.cat([pixels, pixels[-1:].expand(more - t, *pixels.shape[1:])], dim=0), t
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,6 +197,27 @@ def fast_rgb(latents: torch.Tensor, factors: Sequence, bias: Optional[Sequence] 
                                   f"factors expect {f.shape[1]}; set decode=vae and connect the model's VAE")
     rgb = torch.nn.functional.linear(x.movedim(1, -1), f, bias=b)
     return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def strip(frames: torch.Tensor) -> torch.Tensor:
+    """[K,F,H,W,3] -> [K,H,F*W,3]: each item's frames side by side, left to right in time."""
+    k, f, h, w, c = frames.shape
+    return frames.permute(0, 2, 1, 3, 4).reshape(k, h, f * w, c)
+
+
+def rms_per_frame(a: torch.Tensor, b: torch.Tensor) -> list:
+    """RMS of a - b for [C,T,H,W] latents, one value per frame t (over C, H, W)."""
+    d = (a.float() - b.float()) ** 2
+    return [float(v) for v in torch.sqrt(d.mean(dim=(0, 2, 3)))]
+
+
+def trajectory_bytes(states_shape, steps: int, bytes_per_value: int = 4) -> int:
+    """Bytes a trajectory holds in states [N+1, ...] and x0 estimates [N, ...] (float32 by default) for latents of
+    ``states_shape`` = [B, C, ...] over ``steps`` steps."""
+    n = 1
+    for d in states_shape:
+        n *= int(d)
+    return (2 * int(steps) + 1) * n * int(bytes_per_value)
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:

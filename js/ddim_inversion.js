@@ -6,6 +6,7 @@ import { parseTrajectoryMessage, clampFrame } from "./lib/frames.js";
 import { frameLabel, figureLabel, formatNumber } from "./lib/format.js";
 import { viewURL } from "./lib/url.js";
 import { scalePoints, pathData, markerX } from "./lib/plot.js";
+import { clipPosition, slotRect, clipLabel, worstFrame } from "./lib/clip.js";
 
 const NODE_TYPE = "DDIMInvTrajectoryPreview";
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -35,6 +36,14 @@ function buildViewer() {
   const header = el("div", "flex:none;opacity:.8;", "Run the workflow to see the trajectory.");
   const img = el("img", "flex:1 1 0;min-height:0;width:100%;object-fit:contain;image-rendering:pixelated;background:#111;display:none;");
   img.alt = "trajectory frame";
+  // a video trajectory's image is a strip of clip frames: one of them is drawn onto this canvas
+  const canvas = el("canvas", "flex:1 1 0;min-height:0;width:100%;object-fit:contain;image-rendering:pixelated;background:#111;display:none;");
+  const clipSlider = el("input", "flex:none;width:100%;margin:0;display:none;");
+  clipSlider.type = "range";
+  clipSlider.min = "0";
+  clipSlider.step = "1";
+  const clipText = el("div", "flex:none;opacity:.8;display:none;", "");
+  clipText.className = "ddim-clip-label";
   const slider = el("input", "flex:none;width:100%;margin:0;");
   slider.type = "range";
   slider.min = "0";
@@ -50,9 +59,38 @@ function buildViewer() {
   const line = svgEl("path", { d: "", fill: "none", stroke: "#6cf", "stroke-width": 1.5 });
   const marker = svgEl("line", { x1: 0, x2: 0, y1: 0, y2: PLOT_H, stroke: "#fc6", "stroke-width": 1 });
   svg.append(line, marker);
-  root.append(header, img, slider, label, figure, svg);
+  root.append(header, img, canvas, slider, label, clipSlider, clipText, figure, svg);
 
-  const state = { data: null };
+  const state = { data: null, frame: null };
+
+  function drawClip() {
+    const data = state.data;
+    const clip = data?.clip;
+    const f = state.frame;
+    if (!clip || !f) {
+      canvas.style.display = "none";
+      clipSlider.style.display = clipText.style.display = "none";
+      return;
+    }
+    clipSlider.style.display = clipText.style.display = "";
+    const pos = clipPosition(clipSlider.value, clip);
+    const worst = worstFrame(f.figureFrames);
+    clipText.textContent = clipLabel(pos, clip, f.figureFrames) +
+      (worst && clip.unit === "latent frame" ? ` · most drift: latent frame ${worst.frame + 1}` : "");
+    root.dataset.clip = pos.all ? "all" : String(pos.frame);
+    const ready = img.complete && img.naturalWidth > 0 && img.getAttribute("src");
+    if (pos.all || !ready) {
+      canvas.style.display = "none";
+      if (img.getAttribute("src")) img.style.display = "";
+      return;
+    }
+    const r = slotRect(pos, img.naturalWidth, img.naturalHeight, clip.frames.length);
+    canvas.width = r.sw;
+    canvas.height = r.sh;
+    canvas.getContext("2d").drawImage(img, r.sx, r.sy, r.sw, r.sh, 0, 0, r.sw, r.sh);
+    canvas.style.display = "";
+    img.style.display = "none";
+  }
 
   function show(pos) {
     const data = state.data;
@@ -75,6 +113,8 @@ function buildViewer() {
     marker.setAttribute("x2", String(x));
     root.dataset.frame = String(i);
     root.dataset.step = f.step === null ? "" : String(f.step);
+    state.frame = f;
+    drawClip();
   }
 
   function update(message) {
@@ -89,6 +129,8 @@ function buildViewer() {
       (data.show ? ` · ${data.show}` : "") + (data.reconstruction ? ` · ${data.reconstruction}` : "");
     slider.max = String(data.frames.length - 1);
     slider.disabled = data.frames.length < 2;
+    clipSlider.max = String(data.clip ? data.clip.frames.length : 0);   // the last stop: the whole strip
+    clipSlider.value = clipSlider.max;
     root.dataset.frames = String(data.frames.length);
     const { points } = scalePoints(data.frames.map((f) => f.figure), PLOT_W, PLOT_H);
     line.setAttribute("d", pathData(points));
@@ -96,6 +138,8 @@ function buildViewer() {
   }
 
   slider.addEventListener("input", () => show(slider.value));
+  clipSlider.addEventListener("input", drawClip);
+  img.addEventListener("load", drawClip);
   return { root, update };
 }
 

@@ -24,6 +24,18 @@ def downscale_factor(vae) -> int:
         return 8
 
 
+def time_axis(vae):
+    """(to_latent, to_frames, name) for a video VAE whose IMAGE batch is one clip's frames (core's
+    ``downscale_ratio[0]``/``upscale_ratio[0]``), or None for an image VAE (and for VAEs core treats per image,
+    ``not_video``)."""
+    if getattr(vae, "latent_dim", 2) != 3 or getattr(vae, "not_video", False):
+        return None
+    down, up = getattr(vae, "downscale_ratio", None), getattr(vae, "upscale_ratio", None)
+    if not (isinstance(down, tuple) and isinstance(up, tuple) and callable(down[0]) and callable(up[0])):
+        return None
+    return down[0], up[0], type(getattr(vae, "first_stage_model", None)).__name__
+
+
 def encode(vae, pixels: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     return vae.encode_tiled(pixels) if tiled else vae.encode(pixels)
 
@@ -60,4 +72,12 @@ def vae_decode_model_space(vae, fmt, latents: torch.Tensor) -> torch.Tensor:
     out = vae.decode(fmt.process_out(latents.float()))
     if out.ndim == 5:
         out = out[:, 0]
+    return out.float().clamp(0.0, 1.0)
+
+
+def vae_decode_clip(vae, fmt, latents: torch.Tensor) -> torch.Tensor:
+    """Model-space video latents [K,C,T,H,W] -> every decoded frame [K,F,H,W,3] in [0,1]."""
+    out = vae.decode(fmt.process_out(latents.float()))
+    if out.ndim == 4:          # a VAE that decodes per image: one frame per latent frame is not promised
+        out = out.unsqueeze(1)
     return out.float().clamp(0.0, 1.0)

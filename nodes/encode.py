@@ -32,9 +32,11 @@ CEILING_MODES = ("sampled", "full")
 REFINE_MAX = 5000
 
 
-def measure_ceiling(vae, latent, fitted, valid_hw, factor: int, mode: str, tiled: bool):
-    """(PSNR dB, fraction of the image measured, number of windows or 0 for a full decode)."""
-    n = fitted.shape[0]
+def measure_ceiling(vae, latent, fitted, valid_hw, factor: int, mode: str, tiled: bool, frames=None, per_frame=None):
+    """(PSNR dB, fraction of the image measured, number of windows or 0 for a full decode). A video (``frames``:
+    how many leading frames of ``fitted`` came from the clip) is always decoded whole and measured over those
+    frames; ``per_frame`` (a list) then receives each frame's PSNR."""
+    n = fitted.shape[0] if frames is None else int(frames)
     vh, vw = valid_hw
     windows = None
     if mode == "sampled" and latent.ndim == 4:
@@ -43,9 +45,12 @@ def measure_ceiling(vae, latent, fitted, valid_hw, factor: int, mode: str, tiled
         decoded = CV.decode(vae, latent, tiled)[:n]
         ref = fitted[:, :vh, :vw, :].to(decoded.device)
         rec = decoded[:, :vh, :vw, :]
+        ref = ref[:n]
         if rec.shape != ref.shape:  # VAEs that do not round-trip the size exactly: compare the common region
             hh, ww = min(rec.shape[1], ref.shape[1]), min(rec.shape[2], ref.shape[2])
             rec, ref = rec[:, :hh, :ww], ref[:, :hh, :ww]
+        if per_frame is not None:
+            per_frame.extend(imaging.psnr(rec[i:i + 1], ref[i:i + 1]) for i in range(rec.shape[0]))
         return imaging.psnr(rec, ref), 1.0, 0
     sse, count = 0.0, 0
     for (y0, y1, x0, x1, my0, my1, mx0, mx1) in windows:
@@ -81,14 +86,17 @@ class DDIMInvVAEEncode(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("pixels", tooltip="The image (batch) to encode: grey, RGB or RGBA (alpha dropped); "
-                                                 "other "
-                                                 "channel counts are refused."),
+                                                 "other channel counts are refused. With a video VAE (Wan, "
+                                                 "HunyuanVideo, LTXV, ...) the batch is one clip's frames in order "
+                                                 "and the latent is 5-D [1,C,T,H,W]."),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will invert with."),
                 io.Combo.Input("fit", options=list(imaging.FIT_MODES), default="pad", optional=True,
                                tooltip="When width/height are not multiples of the VAE factor (usually 8): pad = "
                                        "replicate the bottom/right edge (nothing is lost; crop the decoded result "
                                        "back), crop = centre-crop like core VAE Encode, resize = scale to the nearest "
-                                       "multiple, error = refuse."),
+                                       "multiple, error = refuse. A video VAE also needs a frame count it encodes "
+                                       "whole (Wan: 1, 5, 9, ...): pad/resize repeat the last frame, crop drops the "
+                                       "extra frames, error refuses (frames are never resampled)."),
                 io.Boolean.Input("tiled", default=False, optional=True,
                                  tooltip="Encode (and decode, for a full ceiling) in tiles to save memory on large "
                                          "images. Tiling changes the latent slightly at tile seams."),
@@ -143,26 +151,45 @@ class DDIMInvVAEEncode(io.ComfyNode):
         imaging.check_finite_image(rgb)
         factor = CV.downscale_factor(vae)
         fitted, valid = imaging.fit_pixels(rgb, factor, fit)
+        video = CV.time_axis(vae)
+        kept = None
+        if video is not None:       # the IMAGE batch is one clip's frames: a count the VAE encodes whole
+            fewer, more = imaging.frame_counts(int(fitted.shape[0]), video[0], video[1])
+            fitted, kept = imaging.fit_frames(fitted, fewer, more, fit)
         latent = CV.encode(vae, fitted, bool(tiled))
         checks.check_finite_result(latent, "the VAE's latent", "run the VAE in float32 (--fp32-vae) or check the VAE "
                                                             "file")
-        db, frac, nwin = measure_ceiling(vae, latent, fitted, valid, factor, ceiling, bool(tiled))
+        per_frame = [] if video is not None else None
+        db, frac, nwin = measure_ceiling(vae, latent, fitted, valid, factor, ceiling, bool(tiled), kept, per_frame)
         note = ""
         if refine:
             latent, db, note = cls._refine(vae, latent, fitted, valid, factor, ceiling, bool(tiled), db,
-                                           refine, float(refine_lr), float(refine_anchor))
+                                           refine, float(refine_lr), float(refine_anchor), video)
         latent = latent.to(C.output_device())
         h, w = pixels.shape[1], pixels.shape[2]
         how = (f"measured on {nwin} latent windows = {100 * frac:.1f}% of the image (ceiling=full measures all)"
                if nwin else "measured on the whole image")
-        text = (f"VAE ceiling: {db:.2f} dB PSNR (decode(encode(image)) vs image, {how}; {fitted.shape[0]} image(s), "
+        if video is None:
+            what = f"{fitted.shape[0]} image(s)"
+        else:
+            how = f"measured on the whole clip, worst frame {min(per_frame):.2f} dB"
+            t_in = int(pixels.shape[0])
+            what = (f"a {t_in}-frame clip -> {int(latent.shape[2])} latent frames"
+                    + (f" (encoded as {int(fitted.shape[0])} frames, fit={fit})" if int(fitted.shape[0]) != t_in
+                       else ""))
+        text = (f"VAE ceiling: {db:.2f} dB PSNR (decode(encode(image)) vs image, {how}; {what}, "
                 f"{w}x{h} -> {fitted.shape[2]}x{fitted.shape[1]}, fit={fit}{', tiled' if tiled else ''})" + note)
         return io.NodeOutput({"samples": latent}, db, ui=ui.PreviewText(text))
 
     @classmethod
-    def _refine(cls, vae, mean, fitted, valid, factor, ceiling, tiled, db0, steps, lr, anchor):
+    def _refine(cls, vae, mean, fitted, valid, factor, ceiling, tiled, db0, steps, lr, anchor, video=None):
         """(latent, ceiling dB, text) after decoder inversion; the mean (and its ceiling) whenever refining
         does not improve the measured ceiling or the decoder gives no gradient."""
+        if video is not None:
+            why = (f"{video[2]} is a causal video VAE: it decodes a clip latent frame by latent frame through a "
+                   "feature cache, and decoder inversion optimises image latents [B,C,H,W] only")
+            VG.warn(f"refine skipped: {why}")
+            return mean, db0, (f"\nrefine skipped: {why}; returned the posterior mean (set refine to 0)")
         if mean.ndim != 4:
             VG.warn("refine skipped: not an image VAE")
             return mean, db0, (f"\nrefine skipped: the VAE's latent is {mean.ndim - 2}-D, decoder inversion handles "

@@ -15,6 +15,11 @@ guided x0 estimates of the sampler at the cfg it was optimised for (recorded by 
 re-run). Each frame then shows the pivot on top and that reconstruction below it, at the same level, and the
 frame's ``miss`` is the RMS difference between the two states (where the guided sampler leaves the pivot).
 A negative-prompt trajectory records no reconstruction (nothing was evaluated): the pivot alone is shown.
+
+Video trajectories (states [N+1, B, C, T, H, W]) have a time axis: each kept state becomes a strip of ``keep``
+clip frames side by side (evenly spaced, first and last always; latent frames with decode=fast, decoded frames
+with decode=vae), and each frame also carries ``figure_frames``: the x0 drift per latent frame, so the frame of
+the clip where the inversion drifts shows. The viewer steps through the strip's frames.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ DECODE_MODES = ["fast", "vae"]
 FIGURE_NAME = "x0 drift (RMS)"
 MAX_BATCH_INDEX = 2**31 - 1   # no widget cap below it: an out-of-range value reaches the node's own check
 MAX_FRAMES = 2**31 - 1
+KEEP_DEFAULT = 8
 
 
 def _finite(x: float):
@@ -87,6 +93,12 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
                 io.Int.Input("batch_index", default=0, min=0, max=MAX_BATCH_INDEX, optional=True,
                              tooltip="Which image of the trajectory's batch to show (0 .. batch size - 1; any value "
                                      "outside the batch is this node's error, whether typed or connected)."),
+                # last in the list: saved workflows' positional widget values stay aligned
+                io.Int.Input("keep", default=KEEP_DEFAULT, min=2, max=MAX_FRAMES, optional=True,
+                             tooltip="Video trajectories only: clip frames per strip, evenly spaced over the clip "
+                                     "(first and last always; latent frames with decode=fast, decoded frames with "
+                                     "decode=vae). Bounds the preview's size: a 5-second clip at 8 shows 8 of its "
+                                     "81 frames per state."),
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="One image per chosen frame (both: states "
@@ -96,12 +108,13 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, trajectory, vae=None, show="states", frames=8, decode="fast", batch_index=0) -> io.NodeOutput:
+    def execute(cls, trajectory, vae=None, show="states", frames=8, decode="fast", batch_index=0,
+                keep=KEEP_DEFAULT) -> io.NodeOutput:
         with node_boundary(DISPLAY), torch.no_grad():
-            return cls._run(trajectory, vae, show, frames, decode, batch_index)
+            return cls._run(trajectory, vae, show, frames, decode, batch_index, keep)
 
     @classmethod
-    def _run(cls, trajectory, vae, show, frames, decode, batch_index) -> io.NodeOutput:
+    def _run(cls, trajectory, vae, show, frames, decode, batch_index, keep=KEEP_DEFAULT) -> io.NodeOutput:
         checks.check_trajectory(trajectory)
         if show not in SHOW_MODES:
             raise InversionInputError(f"show {show!r} is unknown; use one of {', '.join(SHOW_MODES)}")
@@ -112,6 +125,8 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
                                       "decode=fast")
         if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 2:
             raise InversionInputError(f"frames must be an integer >= 2 (got {frames!r}); use e.g. 8")
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 2:
+            raise InversionInputError(f"keep must be an integer >= 2 (got {keep!r}); use e.g. {KEEP_DEFAULT}")
         states, denoised, sigmas = trajectory.states, trajectory.denoised, trajectory.sigmas
         n_steps = int(sigmas.shape[0]) - 1
         b = int(states.shape[1])
@@ -139,11 +154,30 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
             rst = torch.stack([r_states[i, batch_index] for i, *_ in rows]) if show != "denoised" else None
             rdn = torch.stack([r_denoised[d, batch_index] for *_, d in rows]) if show != "states" else None
 
+        video = states.ndim == 6
+        clip = {}
+
         def render(lat):
+            if video:
+                return render_clip(lat)
             if decode == "vae":
                 return CV.vae_decode_model_space(vae, fmt, lat)
             factors, bias, reshape = CV.rgb_factors(fmt)
             return imaging.fast_rgb(lat, factors, bias, reshape, type(fmt).__name__)
+
+        def render_clip(lat):      # [K,C,T,H,W] -> [K,H,keep*W,3]: the kept clip frames side by side
+            if decode == "vae":
+                decoded = CV.vae_decode_clip(vae, fmt, lat)
+                pick = imaging.select_frames(int(decoded.shape[1]), int(keep))
+                clip.update(unit="frame", count=int(decoded.shape[1]), frames=pick)
+                return imaging.strip(decoded[:, pick])
+            factors, bias, reshape = CV.rgb_factors(fmt)
+            k, c, t = lat.shape[:3]
+            pick = imaging.select_frames(int(t), int(keep))
+            clip.update(unit="latent frame", count=int(t), frames=pick)
+            flat = lat[:, :, pick].movedim(2, 1).reshape(k * len(pick), c, *lat.shape[3:])
+            rgb = imaging.fast_rgb(flat, factors, bias, reshape, type(fmt).__name__)
+            return imaging.strip(rgb.reshape(k, len(pick), *rgb.shape[1:]))
 
         def panel(s_, d_):
             if show == "states":
@@ -163,6 +197,8 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
                     "figure": _finite(imaging.rms(denoised[d, batch_index], source))}
             if rec is not None:   # state frame i: level i; denoised frame i: the level its step lands on
                 info["miss"] = _finite(imaging.rms(r_states[i, batch_index], states[i, batch_index]))
+            if video:             # the x0 drift of each latent frame of the clip
+                info["figure_frames"] = [_finite(v) for v in imaging.rms_per_frame(denoised[d, batch_index], source)]
             frame_info.append(info)
         data = {
             "frames": frame_info,
@@ -173,6 +209,8 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
             "sigma_max": _finite(sigmas[-1]),
             "sigma_min": _finite(sigmas[0]),
         }
+        if video:
+            data["clip"] = clip
         if rec is not None:
             cfg = trajectory.optimized_negative.get("cfg")
             data["reconstruction"] = f"below: null-text reconstruction at cfg {float(cfg):g}"

@@ -8,10 +8,21 @@ function num(x) {
 /**
  * message: the node's UI output ({images: [{filename, subfolder, type}], ddim_trajectory: [{frames, ...}]}).
  * Returns {frames: [{index, step, sigma, figure, miss, image}], figureName, method, steps, sigmaMax, show,
- * reconstruction} or null when the message carries no trajectory data. Frames without a matching image keep
+ * reconstruction, clip} or null when the message carries no trajectory data. Frames without a matching image keep
  * image = null. `reconstruction` (a caption, "" when absent) and each frame's `miss` (null when absent) come
- * with a Null-Text Inversion trajectory, whose reconstruction the node shows below the pivot.
+ * with a Null-Text Inversion trajectory, whose reconstruction the node shows below the pivot. A video
+ * trajectory also has `clip` (see clip.js; null for images) and each frame `figureFrames` (the drift per latent
+ * frame; null when absent).
  */
+/** data.clip -> {unit, count, frames} (frames: ascending non-negative integers) or null for an image trajectory. */
+function parseClip(clip) {
+  if (!clip || typeof clip !== "object" || !Array.isArray(clip.frames)) return null;
+  const frames = clip.frames.filter((f) => Number.isInteger(f) && f >= 0);
+  if (!frames.length) return null;
+  const count = Number.isInteger(clip.count) && clip.count > 0 ? clip.count : frames[frames.length - 1] + 1;
+  return { unit: typeof clip.unit === "string" && clip.unit ? clip.unit : "frame", count, frames };
+}
+
 export function parseTrajectoryMessage(message) {
   if (!message || typeof message !== "object") return null;
   const data = Array.isArray(message.ddim_trajectory) ? message.ddim_trajectory[0] : null;
@@ -25,6 +36,7 @@ export function parseTrajectoryMessage(message) {
       sigma: num(f?.sigma),
       figure: num(f?.figure),
       miss: num(f?.miss),
+      figureFrames: Array.isArray(f?.figure_frames) ? f.figure_frames.map(num) : null,
       image: images[index] && typeof images[index] === "object" ? images[index] : null,
     };
   });
@@ -36,6 +48,7 @@ export function parseTrajectoryMessage(message) {
     steps: Number.isInteger(data.steps) ? data.steps : null,
     sigmaMax: num(data.sigma_max),
     reconstruction: typeof data.reconstruction === "string" ? data.reconstruction : "",
+    clip: parseClip(data.clip),
   };
 }
 

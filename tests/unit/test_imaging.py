@@ -94,3 +94,51 @@ def test_fast_rgb_is_the_latent2rgb_formula():
 
 def test_rms():
     assert I.rms(torch.zeros(4), torch.full((4,), 2.0)) == pytest.approx(2.0)
+
+
+# ---- a video VAE's time axis (frame_counts, fit_frames)
+WAN_T = (lambda a: max(0, (a + 3) // 4), lambda a: max(0, a * 4 - 3))     # core's Wan 2.1 formulas
+LTXV_T = (lambda a: max(0, (a + 7) // 8), lambda a: max(0, a * 8 - 7))
+
+
+@pytest.mark.parametrize("formulas,frames,expected", [
+    (WAN_T, 1, (1, 1)), (WAN_T, 4, (1, 5)), (WAN_T, 5, (5, 5)), (WAN_T, 7, (5, 9)), (WAN_T, 9, (9, 9)),
+    (WAN_T, 121, (121, 121)), (WAN_T, 120, (117, 121)), (LTXV_T, 9, (9, 9)), (LTXV_T, 10, (9, 17)),
+])
+def test_frame_counts_are_the_counts_the_vae_encodes_whole(formulas, frames, expected):
+    assert I.frame_counts(frames, *formulas) == expected
+
+
+def test_fit_frames_pads_crops_or_refuses():
+    clip = torch.arange(7, dtype=torch.float32).view(7, 1, 1, 1).expand(7, 2, 2, 3)
+    padded, kept = I.fit_frames(clip, 5, 9, "pad")
+    assert kept == 7 and padded.shape[0] == 9
+    assert torch.equal(padded[:7], clip) and torch.equal(padded[7:], clip[6:7].expand(2, 2, 2, 3))
+    cropped, kept = I.fit_frames(clip, 5, 9, "crop")
+    assert kept == 5 and torch.equal(cropped, clip[:5])
+    same, kept = I.fit_frames(clip[:5], 5, 5, "error")
+    assert kept == 5 and torch.equal(same, clip[:5])
+    with pytest.raises(E, match="7 frames but this video VAE encodes 5 or 9"):
+        I.fit_frames(clip, 5, 9, "error")
+
+
+def test_strip_puts_frames_side_by_side_in_time_order():
+    frames = torch.rand(2, 3, 4, 5, 3)                   # K=2 items, F=3 frames of 4x5
+    s = I.strip(frames)
+    assert s.shape == (2, 4, 15, 3)
+    for k in range(2):
+        for f in range(3):
+            assert torch.equal(s[k, :, f * 5:(f + 1) * 5], frames[k, f])
+
+
+def test_rms_per_frame_is_per_time_slice():
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.zeros(2, 3, 4, 4)
+    b[:, 1] = 2.0                                        # only frame 1 differs, by 2 everywhere
+    b[0, 2, 0, 0] = 4.0                                  # one value of frame 2: rms = sqrt(16 / 32)
+    assert I.rms_per_frame(a, b) == pytest.approx([0.0, 2.0, math.sqrt(0.5)], rel=1e-6)
+
+
+def test_trajectory_bytes_counts_states_and_estimates():
+    # a 5-second Wan 2.1 clip at 832x480: latent [1,16,21,60,104], 50 steps: 101 float32 tensors of 2,096,640
+    assert I.trajectory_bytes((1, 16, 21, 60, 104), 50) == 101 * 2_096_640 * 4

@@ -1,0 +1,86 @@
+"""Two experts (Wan 2.2 A14B): which model evaluates each step, as pure functions of the schedule.
+
+Wan 2.2's A14B models sample with two networks: a *high-noise* expert for the steps whose noise level is at or
+above a boundary and a *low-noise* expert below it (Wan 2.2's own boundaries: 0.875 for text-to-video, 0.900
+for image-to-video, on the flow sigma = t / 1000). In ComfyUI's standard Wan 2.2 workflow the switch is a *step*:
+two core ``KSamplerAdvanced`` nodes on one schedule, the high-noise one with ``end_at_step = k`` and the
+low-noise one with ``start_at_step = k``.
+
+Everything here speaks of a schedule's sigmas in *sampling* order (descending, ``sigmas[0]`` the noise level,
+``sigmas[-1]`` the clean level) and of sampling step ``j`` going ``sigmas[j] -> sigmas[j+1]``. Inversion runs the
+same steps in reverse: inversion step ``i`` (ascending) is sampling step ``N - 1 - i``, and uses the expert that
+sampling step uses, so the pair is the same model at every step and ``exact`` stays exact across the switch.
+Inverting therefore starts with the low-noise expert and changes to the high-noise one past the boundary;
+sampling starts high and ends low.
+
+Dispatching on the evaluated sigma (:func:`by_sigma`) is the same policy wherever evaluations happen at the
+schedule's own levels (``exact`` and the sampler): a step's expert is the one for its starting level.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from .errors import InversionInputError
+
+HIGH, LOW = "high", "low"
+WAN22_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}   # Wan 2.2 A14B's own switch points (flow sigma)
+DEFAULT_BOUNDARY = WAN22_BOUNDARY["t2v"]
+
+
+def _levels(sigmas: Sequence) -> list:
+    s = [float(x) for x in sigmas]
+    if len(s) < 2:
+        raise InversionInputError("the schedule has no step; use at least 1 step")
+    if any(not math.isfinite(x) for x in s) or any(s[j] <= s[j + 1] for j in range(len(s) - 1)):
+        raise InversionInputError("the schedule's sigmas must be finite and strictly descending (sampling order); "
+                                  "use a standard scheduler")
+    return s
+
+
+def switch_step(sigmas: Sequence, boundary: float) -> int:
+    """The sampling step k at which the low-noise expert takes over: steps j < k start at sigma >= boundary (the
+    high-noise expert's), steps j >= k below it. 0: all low-noise; N: all high-noise. ``KSamplerAdvanced``'s
+    ``end_at_step`` of the high-noise sampler (and ``start_at_step`` of the low-noise one)."""
+    s = _levels(sigmas)
+    b = float(boundary)
+    if not (math.isfinite(b) and b > 0):
+        raise InversionInputError(f"the switch boundary must be a finite sigma > 0 (got {boundary!r}); use Wan "
+                                  f"2.2's {DEFAULT_BOUNDARY} (text-to-video) or {WAN22_BOUNDARY['i2v']} "
+                                  "(image-to-video)")
+    n = len(s) - 1
+    return sum(1 for j in range(n) if s[j] >= b)
+
+
+def boundary_for_step(sigmas: Sequence, k: int) -> float:
+    """A boundary sigma that switches at sampling step ``k`` (0..N): halfway between the levels the two
+    experts start from, so rounding of a stored sigma cannot move the switch; inverse of :func:`switch_step`."""
+    s = _levels(sigmas)
+    n = len(s) - 1
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise InversionInputError(f"switch step {k!r} is outside the schedule's 0..{n} steps; use a step in it "
+                                  "(the high-noise KSamplerAdvanced's end_at_step)")
+    if k == 0:
+        return s[0] * 2.0 + 1.0            # above every level: the low-noise expert everywhere
+    return (s[k - 1] + s[k]) / 2.0         # k = N: between the last step's start and the clean level
+
+
+def sampling_experts(n: int, k: int) -> list:
+    """Expert of each sampling step 0..N-1 (descending sigma): high-noise for j < k."""
+    return [HIGH] * k + [LOW] * (n - k)
+
+
+def inversion_experts(n: int, k: int) -> list:
+    """Expert of each inversion step 0..N-1 (ascending sigma): the expert of the sampling step it reverses."""
+    return list(reversed(sampling_experts(n, k)))
+
+
+def by_sigma(low_fn: Callable, high_fn: Callable, boundary: float) -> Callable:
+    """``model_fn(x, sigma)`` that evaluates the high-noise expert at sigma >= boundary and the low-noise one
+    below (one sigma per call: a batch of latents shares its level)."""
+    b = float(boundary)
+
+    def model_fn(x, sigma, *args, **kwargs):
+        s = float(sigma.flatten()[0]) if hasattr(sigma, "flatten") else float(sigma)
+        return (high_fn if s >= b else low_fn)(x, sigma, *args, **kwargs)
+    return model_fn

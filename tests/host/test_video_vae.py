@@ -1,0 +1,142 @@
+"""A clip through the unchanged workflow: frames -> VAE Encode (Inversion) on a video VAE -> DDIM Invert (exact) ->
+Inverted-Latent Sampler -> core VAE Decode -> frames, on tiny real video VAEs built through ``comfy.sd.VAE``
+(``ddiminv_dev/tiny_video_vaes.py``) and the matching tiny video models (``ddiminv_dev/tiny_families.py``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddiminv_dev import host, tiny_families as tf
+
+STEPS = 6
+# kind of tiny VAE, family of tiny model, clip size (frames, pixels): Wan 2.1 8x/4x, LTXV 32x/8x
+CASES = {"wan21": ("WAN21_T2V", 9, 64), "ltxv": ("LTXV", 9, 64)}
+
+
+def _prompt(kind: str, frames: int | None = None, fit: str = "pad", refine: int = 0, regenerate: bool = True):
+    name, t, size = CASES[kind]
+    p = {
+        "vae": {"class_type": "TestTinyVideoVAE", "inputs": {"kind": kind, "seed": 0}},
+        "img": {"class_type": "TestNoiseImage", "inputs": {"width": size, "height": size, "batch": frames or t,
+                                                          "channels": 3, "seed": 5, "poison": "none"}},
+        "enc": {"class_type": "DDIMInvVAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["vae", 0], "fit": fit,
+                                                             "refine": refine}},
+        "enc_out": {"class_type": "TestLatentSink", "inputs": {"samples": ["enc", 0]}},
+    }
+    if regenerate:
+        p.update({
+            "m": {"class_type": "TestFamilyModel", "inputs": {"name": name, "seed": 0}},
+            "c": {"class_type": "TestFamilyConditioning", "inputs": {"name": name, "seed": 1}},
+            "n": {"class_type": "TestFamilyConditioning", "inputs": {"name": name, "seed": 2}},
+            "inv": {"class_type": "DDIMInvert", "inputs": {
+                "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["enc", 0], "steps": STEPS,
+                "cfg": 1.0, "scheduler": "simple", "method": "exact"}},
+            "rec": {"class_type": "DDIMInvSampler", "inputs": {
+                "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["inv", 2],
+                "cfg": 1.0}},
+            "rec_out": {"class_type": "TestLatentSink", "inputs": {"samples": ["rec", 0]}},
+            "dec_rec": {"class_type": "VAEDecode", "inputs": {"samples": ["rec", 0], "vae": ["vae", 0]}},
+            "dec_src": {"class_type": "VAEDecode", "inputs": {"samples": ["enc", 0], "vae": ["vae", 0]}},
+            "show_rec": {"class_type": "PreviewImage", "inputs": {"images": ["dec_rec", 0]}},
+            "show_src": {"class_type": "PreviewImage", "inputs": {"images": ["dec_src", 0]}},
+        })
+    return p
+
+
+def _frames(res, node: str) -> torch.Tensor:
+    out = res.outputs(node)[0]
+    return out.reshape(-1, *out.shape[-3:])
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_clip_round_trips_through_a_video_vae(kind):
+    """frames -> 5-D latent -> exact inversion -> sampler: the latent comes back at float32 rounding (measured at
+    6 steps, cfg 1: Wan 2.1 3.8e-7, LTXV 1.1e-7) and decodes to the clip's frame count, the frames core VAE Decode
+    makes of the encoded latent (max pixel difference measured 1.5e-5 and 3.3e-6: the pixels sit at the VAE
+    ceiling)."""
+    name, t, size = CASES[kind]
+    res = host.run(_prompt(kind))
+    src, rec = res.outputs("enc")[0]["samples"], res.outputs("rec")[0]["samples"]
+    assert src.ndim == 5 and src.shape == rec.shape, (src.shape, rec.shape)
+    fmt = tf.latent_format(name)
+    a, b = fmt.process_in(rec.float()), fmt.process_in(src.float())
+    err = float((a - b).norm() / b.norm())
+    f_rec, f_src = _frames(res, "dec_rec"), _frames(res, "dec_src")
+    pix = float((f_rec - f_src).abs().max())
+    text = res.ui("enc")["text"][0]
+    print(f"\nVIDEO VAE {kind}: latent {tuple(src.shape)}, round trip {err:.3g}, frames {f_rec.shape[0]}, "
+          f"max pixel diff to decode(encode) {pix:.3g}\n{text}")
+    assert err <= 1e-6, err
+    assert f_rec.shape[0] == t and f_src.shape[0] == t
+    assert pix <= 1e-4, pix
+    assert f"a {t}-frame clip -> {src.shape[2]} latent frames" in text and "worst frame" in text
+
+
+@pytest.mark.parametrize("fit,latent_t,needle", [
+    ("pad", 3, "encoded as 9 frames, fit=pad"), ("crop", 2, "encoded as 5 frames, fit=crop"),
+    ("error", None, "the clip has 7 frames but this video VAE encodes 5 or 9 frames")])
+def test_a_frame_count_the_vae_cannot_take(fit, latent_t, needle):
+    """Wan encodes 1 + 4k frames (core silently drops the rest of a 7-frame clip): pad repeats the last frame,
+    crop drops the extra ones, error refuses with the counts it can take."""
+    res = host.run(_prompt("wan21", frames=7, fit=fit, regenerate=False), expect_success=latent_t is not None)
+    if latent_t is None:
+        assert needle in res.error_text() and "VAE Encode (Inversion)" in res.error_text(), res.error_text()
+        return
+    assert res.outputs("enc")[0]["samples"].shape[2] == latent_t
+    assert needle in res.ui("enc")["text"][0], res.ui("enc")["text"][0]
+
+
+def test_refine_on_a_causal_video_vae_says_why():
+    res = host.run(_prompt("wan21", refine=3, regenerate=False))
+    text = res.ui("enc")["text"][0]
+    assert "refine skipped: WanVAE is a causal video VAE" in text, text
+
+
+def _preview_prompt(decode: str, keep: int, show: str = "states") -> dict:
+    p = _prompt("wan21")
+    p["prev"] = {"class_type": "DDIMInvTrajectoryPreview", "inputs": {
+        "trajectory": ["inv", 2], "vae": ["vae", 0], "show": show, "frames": 3, "decode": decode, "keep": keep}}
+    return p
+
+
+def test_preview_shows_each_kept_state_as_a_strip_over_the_clip():
+    """decode=vae with keep >= the clip: each kept state is a strip of all 9 decoded frames (the clip's count);
+    decode=fast with keep=2: latent frames 0 and 2, each the Latent2RGB of that frame; per-frame drift whose
+    mean square is the state's overall drift."""
+    import comfy.latent_formats
+    from ddiminv_dev import host as h
+    imaging = h.pack_submodule("inversion.imaging")
+    res = host.run(_preview_prompt("vae", 16))
+    imgs, data = res.outputs("prev")[0], res.ui("prev")["ddim_trajectory"][0]
+    assert data["clip"] == {"unit": "frame", "count": 9, "frames": list(range(9))}, data["clip"]
+    assert imgs.shape == (3, 64, 9 * 64, 3), imgs.shape          # 3 kept states x 9 frames of 64x64
+    # the source state's strip is core VAE Decode of the encoded clip, frame by frame
+    src_frames = _frames(res, "dec_src")
+    assert float((imgs[0].reshape(64, 9, 64, 3).permute(1, 0, 2, 3) - src_frames).abs().max()) <= 1e-5
+    for f in data["frames"]:
+        ff = torch.tensor(f["figure_frames"])
+        assert ff.shape == (3,)
+        assert abs(float(ff.square().mean().sqrt()) - f["figure"]) <= 1e-5 * max(1.0, f["figure"]), (ff, f)
+
+    res = host.run(_preview_prompt("fast", 2))
+    imgs, data = res.outputs("prev")[0], res.ui("prev")["ddim_trajectory"][0]
+    assert data["clip"] == {"unit": "latent frame", "count": 3, "frames": [0, 2]}, data["clip"]
+    assert imgs.shape == (3, 8, 2 * 8, 3), imgs.shape
+    traj = res.outputs("inv")[2]
+    fmt = comfy.latent_formats.Wan21()
+    last = traj.states[-1, 0]                                     # frames picked 0, steps evenly: the last is N
+    for j, t in enumerate((0, 2)):
+        want = imaging.fast_rgb(last[None, :, t], fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)[0]
+        assert float((imgs[-1, :, j * 8:(j + 1) * 8] - want).abs().max()) <= 1e-6, t
+
+
+def test_preview_refuses_keep_below_two():
+    """keep < 2 is refused: by ComfyUI's validation (the schema's min) and by the node itself when it arrives
+    through a link (which validation does not check)."""
+    p = _preview_prompt("fast", 2)
+    p["prev"]["inputs"]["keep"] = 1
+    assert "prev" in host.validate(p)[3]
+    preview = host.pack_submodule("nodes.preview").DDIMInvTrajectoryPreview
+    from ddiminv_dev.fixtures.preview_nodes import make_trajectory
+    with pytest.raises(Exception, match="keep must be an integer >= 2"):
+        preview.execute(make_trajectory(steps=3), keep=1)
