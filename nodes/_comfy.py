@@ -1,6 +1,7 @@
 """The pack's boundary to ComfyUI internals (models and sampling). The adapters -- this module,
-``nodes/_comfy_image.py`` (VAEs, latent formats), ``nodes/_comfy_grad.py`` (null-text's autograd branches) and
-``nodes/_comfy_vae_grad.py`` (the VAE decoder's autograd view for refine) -- are the only code that imports
+``nodes/_comfy_image.py`` (VAEs, latent formats), ``nodes/_comfy_grad.py`` (null-text's autograd branches),
+``nodes/_comfy_vae_grad.py`` (the VAE decoder's autograd view for refine) and ``nodes/_comfy_attention.py``
+(attention control's patches on a clone) -- are the only code that imports
 ComfyUI modules or reads ComfyUI objects' internals (tests/unit/test_package.py checks the imports).
 :func:`drive` is the one place a ``CFGGuider`` is set up and run (for our loop sampler here and the null-text
 branch sampler).
