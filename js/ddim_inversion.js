@@ -54,6 +54,7 @@ function buildViewer() {
   const label = el("div", "flex:none;", "");
   label.className = "ddim-frame-label";
   const figure = el("div", "flex:none;opacity:.8;", "");
+  figure.className = "ddim-figure-label";
   const svg = svgEl("svg", { viewBox: `0 0 ${PLOT_W} ${PLOT_H}`, width: "100%", height: PLOT_H, preserveAspectRatio: "none" });
   svg.style.cssText = "flex:none;background:rgba(0,0,0,.25);";
   const line = svgEl("path", { d: "", fill: "none", stroke: "#6cf", "stroke-width": 1.5 });

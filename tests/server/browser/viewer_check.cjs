@@ -229,7 +229,7 @@ async function main() {
       return {
         sliderMin: slider.min, sliderMax: slider.max, sliderValue: slider.value, sliderDisabled: slider.disabled,
         label: label.textContent, header: root.firstChild.textContent,
-        figure: label.nextSibling ? label.nextSibling.textContent : null,
+        figure: root.querySelector(".ddim-figure-label")?.textContent ?? null,  // by class: the clip controls sit between
         imgSrc: img.getAttribute("src"), imgDisplay: img.style.display,
         imgComplete: img.complete, imgNatural: [img.naturalWidth, img.naturalHeight],
         dataFrame: root.dataset.frame, dataStep: root.dataset.step, dataFrames: root.dataset.frames,
