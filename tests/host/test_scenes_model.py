@@ -59,6 +59,7 @@ def _merge64(sd: dict) -> dict:
     return out
 
 
+@pytest.mark.precision
 def test_rank_extension_keeps_the_model():
     """``extend_rank`` pads ``A`` with random rows and ``B`` with zero columns, so every merged weight ``B @ A`` is
     the same sum with exact zeros added. What that guarantees is checked where it holds, not bit for bit in
