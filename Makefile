@@ -3,6 +3,8 @@
 #   make test                  (setup, then) lint (ruff), python tests (pytest), js unit tests (node --test); fails if any fails
 #   make test PYTEST_ARGS="tests/host -k flux"    pass arguments through to pytest (default: tests)
 #   make test-fast             unit tier + js only (no ComfyUI boot, under a minute)
+#   make test-precision        the tests marked `precision` again on another MKL code path (PRECISION_ENV,
+#                              default MKL_CBWR=COMPATIBLE), so a bar tuned to one CPU's kernels fails here too
 #   make lint                  ruff (configured in pyproject.toml)
 #   make demo [CKPT=name]      (setup, then) end-to-end demo (tools/demo.py)
 #   make bench                 fidelity benchmark (bench/fidelity.py)
@@ -11,8 +13,11 @@ NODE ?= node
 PYTEST_ARGS ?= tests
 # optional: file that receives pytest's exit code (used by .ci/run to tell "no tests collected" apart)
 PYTEST_RC_FILE ?=
+# the environment test-precision runs under: MKL's SSE2 branch, which differs from the default kernels of every
+# current x86 CPU, Intel or AMD (MKL_ENABLE_INSTRUCTIONS=SSE4_2 changed nothing on an AMD EPYC: default kernels)
+PRECISION_ENV ?= MKL_CBWR=COMPATIBLE
 
-.PHONY: setup test test-fast test-py test-js lint demo bench
+.PHONY: setup test test-fast test-precision test-py test-js lint demo bench
 
 setup:
 	bash tools/setup.sh
@@ -33,6 +38,12 @@ test: setup
 	  echo "make test: FAILED (ruff exit $$lrc, pytest exit $$rc, node --test exit $$jrc)" >&2; exit 1; \
 	fi; \
 	echo "make test: OK (ruff, pytest and node --test passed)"
+
+test-precision:
+	@rc=0; env $(PRECISION_ENV) $(PY) -m pytest -q -m precision $(PYTEST_ARGS) || rc=$$?; \
+	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
+	if [ $$rc -ne 0 ]; then echo "make test-precision: FAILED (pytest exit $$rc, $(PRECISION_ENV))" >&2; exit 1; fi; \
+	echo "make test-precision: OK ($(PRECISION_ENV))"
 
 test-fast:
 	$(PY) -m pytest -q tests/unit

@@ -16,9 +16,14 @@ STEPS, CFG = 10, 7.5          # the seam case: guided (cond + uncond batched by 
 BARS = {"ddim": {"vp": 0.141, "flow": 0.115}, "implicit": {"vp": 1e-3, "flow": 1e-3},
         "exact": {"vp": 1e-5, "flow": 1e-5}}
 COND = [0, 1, 2]
-# implicit, node vs math core: max over levels of ||states_node - states_core|| / ||states_core||; 1.5x measured
-# (EPS 3.5e-7, V 3.2e-7, flow 2.7e-7: float32 rounding of the batched guidance, far below the 1e-6 tolerance)
-IMPLICIT_STATE_GAP = {"vp": 5.3e-7, "flow": 4.1e-7}
+# implicit, node vs math core: max over levels of ||states_node - states_core|| / ||states_core||. Each step's
+# preimage is defined only to the solver's tolerance (relative residual 1e-6), and the two runs round the
+# guidance differently (CFGGuider batches cond + uncond; ddim and exact, with no solver, differ by 1e-7 .. 1e-6
+# for that alone), so two correct runs may sit a few tolerances apart: the bar is 3 x the tolerance.
+# Measured, EPYC, MKL default = AVX2 = SSE4_2 (and MKL_CBWR=COMPATIBLE): EPS 3.5e-7, V 3.2e-7, flow 2.7e-7; flow
+# 4.5e-7 on an AVX-512 Xeon's AVX2 path, which failed the old 1.5x-measured bar of 4.1e-7. A seam that evaluates
+# the model at sigma x (1 + 1e-5) moves them by 1.3e-5 (EPS) and 7.3e-5 (flow).
+IMPLICIT_STATE_GAP = {"vp": 3e-6, "flow": 3e-6}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,7 @@ def core_errors():
     return {fam: rel_err(host.run(gmm_core_flip(fam, STEPS, CFG))) for fam in FAMILIES}
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("method", ["ddim", "implicit", "exact"])
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_seam_matches_the_core_and_beats_flipsigmas(fam, method, core_errors):

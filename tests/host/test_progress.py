@@ -39,6 +39,9 @@ def hook():
 
 @pytest.mark.parametrize("method", ["ddim", "exact"])
 def test_one_progress_update_with_a_preview_per_step(hook, method):
+    """Every inversion step reports progress with a preview. ComfyUI 0.33 throttles progress updates (less than
+    100 ms apart: dropped unless they carry a preview or are the first or last), so this exact count holds there
+    because each update carries its preview: a step that lost its preview would go missing on 0.33 too."""
     res = host.run(ours("eps", method, 10, 1.0))
     assert res.success
     inv = [c for c in hook if c[3] == "inv"]
@@ -52,9 +55,12 @@ def test_interrupt_stops_at_the_next_evaluation_and_leaves_a_clean_state(hook):
     import comfy.model_management as mm
     import comfy.utils
 
+    stopped_at = []
+
     def interrupting(value, total, preview, node_id=None):
         hook.append((value, total, preview, _node()))
-        if _node() == "inv" and value == 3:
+        if _node() == "inv" and value >= 3 and not stopped_at:   # >= : 0.33 may drop an update without a preview
+            stopped_at.append(value)
             mm.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(interrupting)
@@ -62,7 +68,8 @@ def test_interrupt_stops_at_the_next_evaluation_and_leaves_a_clean_state(hook):
     res = host.run(p, expect_success=False)
     assert not res.success and res.error() is not None
     assert [e for e, _ in res.executor.status_messages if e == "execution_interrupted"]
-    assert max(c[0] for c in hook if c[3] == "inv") == 3       # no step after the interrupt
+    assert stopped_at and stopped_at[0] < 20, stopped_at
+    assert max(c[0] for c in hook if c[3] == "inv") == stopped_at[0]      # no step after the interrupt
     comfy.utils.set_progress_bar_global_hook(None)
     again = host.run(p)                                         # the next prompt runs, same as a fresh one
     fresh = host.run(p)

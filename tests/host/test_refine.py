@@ -213,17 +213,28 @@ def hook():
 
 
 def test_progress_preview_and_interrupt(fx, hook):
+    """Progress of each refine iteration with a first preview, and an interrupt honoured at the next iteration.
+
+    ComfyUI 0.33 (core #11504) throttles ``ProgressBar.update_absolute``: an update less than 100 ms after the
+    last one reaches the hook only when it carries a preview or is the first or the last. Refine previews are
+    themselves throttled (one per ``PREVIEW_EVERY_S``), so on 0.33 the hook sees a subset of the iterations:
+    the test asks for what both versions deliver -- the first and the last iteration, strictly increasing --
+    and interrupts at the first update it sees, which every version delivers."""
     import comfy.model_management as mm
     import comfy.utils
     r, _, _ = _run(seed=9, refine=5, refine_lr=0.01)
     assert r.success
     steps = [c for c in hook if c[1] == 5]
-    assert [c[0] for c in steps] == [1, 2, 3, 4, 5]
+    seen = [c[0] for c in steps]
+    assert seen[0] == 1 and seen[-1] == 5 and all(a < b for a, b in zip(seen, seen[1:], strict=False)), seen
     assert steps[0][2] is not None and steps[0][2][0] == "JPEG" and steps[0][2][1].size == (64, 64)
+
+    stopped_at = []
 
     def interrupting(value, total, preview, node_id=None):
         hook.append((value, total, preview))
-        if total == 20 and value == 3:
+        if total == 20 and not stopped_at:
+            stopped_at.append(value)
             mm.interrupt_current_processing(True)
     hook.clear()
     comfy.utils.set_progress_bar_global_hook(interrupting)
@@ -231,7 +242,8 @@ def test_progress_preview_and_interrupt(fx, hook):
     res = host.run(p, expect_success=False)
     assert not res.success
     assert [e for e, _ in res.executor.status_messages if e == "execution_interrupted"]
-    assert max(c[0] for c in hook if c[1] == 20) == 3
+    # no iteration after the interrupt (an ignored one runs on to 20, whose update every version delivers)
+    assert stopped_at == [1] and max(c[0] for c in hook if c[1] == 20) == 1, (stopped_at, hook)
     comfy.utils.set_progress_bar_global_hook(None)
     again = host.run(p)
     fresh = host.run(p)

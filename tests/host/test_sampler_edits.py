@@ -229,11 +229,16 @@ def _pinned_prompt(case: str, steps: int, k: int) -> dict:
     return p
 
 
-# measured relative errors (10 steps; gmm 20 steps): eps <= 6.4e-7, flow 1.7e-8, gmm 6.1e-10; before issue 19
-# (the drift paired with the plain negative) 0.05-0.39 (tiny) and 2.2e-3 (gmm, start_step 0)
-PINNED = {"eps": 1e-6, "flow": 3e-8, "gmm": 1e-9}
+# What float32 guarantees: the drift pins each step's result to the stored state up to the rounding of the
+# guided prediction, which the drift pass and the sampling pass compute separately (other batches, other BLAS
+# kernels) and which cfg 7.5 multiplies: steps x cfg x 2^-24 relative (10 steps: 4.5e-6, gmm's 20: 8.9e-6).
+# Measured (worst of start_step 0 and k, both modes), EPYC, MKL default = AVX2 = SSE4_2: eps 6.0e-7, flow 8.2e-7,
+# gmm 0 (its oracle computes in float64); MKL_CBWR=COMPATIBLE: eps 5.7e-7, flow 3.7e-9; AVX-512 Xeon: flow 7.4e-7.
+# Before issue 19 (the drift paired with the plain negative): 0.05-0.39 (tiny) and 2.2e-3 (gmm, start_step 0).
+PINNED = {"eps": 5e-6, "flow": 5e-6, "gmm": 1e-5}
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("case", ["eps", "flow", "gmm"])
 def test_an_optimised_negative_with_source_drift_reconstructs_the_source(case):
     """Issue 19: a Null-Text Inversion trajectory (either mode) + correction source_drift + the source prompt
