@@ -349,3 +349,52 @@ def test_source_drift_comes_from_the_source_branch_at_no_extra_pass(K):
     assert s.err(x) <= 1e-3
     plain, _ = s.run(c, positive=s.src, cfg=1.5)
     assert s.err(plain) > 1.0
+
+
+# ---------------------------------------------------------------------------------------------- DiTs: Flux v_inject
+class FluxSetup:
+    """The tiny Flux (ddiminv_dev/tiny_families.py: one double and one single block, patch 2)."""
+
+    def __init__(self, K, cfg=1.0):
+        from ddiminv_dev import tiny_families as tf
+        self.K, self.cfg = K, cfg
+        self.m = tf.tiny_model("Flux")
+        self.src, self.edit = tf.conditioning("Flux", 1), tf.conditioning("Flux", 2)
+        self.neg = tf.conditioning("Flux", 9)
+        self.lat = tf.latent("Flux")
+        self.traj = K.inv.execute(self.m, self.src, self.neg, self.lat, N, cfg, "normal", "exact").result[2]
+
+    def run(self, control, positive=None):
+        r = self.K.smp.execute(self.m, positive or self.edit, self.neg, self.traj, self.cfg,
+                               source_positive=self.src, attention_control=control)
+        return r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"])
+
+
+@pytest.mark.parametrize("cfg,chunks", [(1.0, 1), (3.0, 2)])
+def test_flux_v_inject_counts_and_the_source_prompt_returns_the_source(K, cfg, chunks):
+    f = FluxSetup(K, cfg)
+    c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
+    x, text = f.run(c, positive=f.src)
+    err = float((x - f.lat["samples"]).norm() / f.lat["samples"].norm())
+    assert err <= 1e-5, (cfg, err, text)
+    assert "replay bdia" in text                             # bdia replays steps 1..7: window 0..0.5 -> 1..3
+    want = 1 * 3 * chunks                                    # 1 single block x steps 1..3 x chunks
+    assert f"v_inject: 1 layers x 3 steps x {chunks} chunk" in text, text
+    assert f"{want} records, {want} injections" in text, text
+
+
+def test_flux_v_inject_swaps_exactly_the_image_tokens_of_the_edit_prompt(K, monkeypatch):
+    from ddiminv_dev import tiny_families as tf
+    f = FluxSetup(K, 1.0)
+    seen, inject = [], K.A.inject_values
+
+    def spy(v_edit, v_src, image_tokens, dim=-2):
+        seen.append((v_edit.shape[dim], image_tokens))
+        return inject(v_edit, v_src, image_tokens, dim)
+    monkeypatch.setattr(K.A, "inject_values", spy)
+    c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
+    _, text = f.run(c)
+    h, w = f.lat["samples"].shape[-2:]
+    assert "replay ddim" in text, text                       # another prompt: ddim replays steps 0..7 -> 0..3
+    # the joint sequence is the prompt's tokens then the latent's 2x2 patches: only the patches are swapped
+    assert seen == [(tf.SPECS["Flux"].tokens + (h // 2) * (w // 2), (h // 2) * (w // 2))] * 4, seen

@@ -101,8 +101,8 @@ def test_unet_methods_never_act_in_joint_layers():
         assert all(a is None for a in _table(c, 10, DIT).values()), m
 
 
-@pytest.mark.parametrize("count,want", [(38, (20, 37)), (19, (10, 18)), (57, (30, 56)), (4, (2, 3)), (3, (2, 2)), (2, (1, 1)),
-                                        (1, (0, 0))])
+@pytest.mark.parametrize("count,want", [(38, (20, 37)), (19, (10, 18)), (57, (30, 56)), (4, (2, 3)), (3, (2, 2)),
+                                        (2, (1, 1)), (1, (0, 0))])
 def test_v_inject_blocks_scale_rf_edits_20_to_37_of_38(count, want):
     assert A.defaults("v_inject", single_blocks=count).blocks == ("single_block",) + want
     assert A.defaults("v_inject").blocks == ("single_block", 20, 37)       # Flux's 38 by default
