@@ -398,3 +398,35 @@ def test_flux_v_inject_swaps_exactly_the_image_tokens_of_the_edit_prompt(K, monk
     assert "replay ddim" in text, text                       # another prompt: ddim replays steps 0..7 -> 0..3
     # the joint sequence is the prompt's tokens then the latent's 2x2 patches: only the patches are swapped
     assert seen == [(tf.SPECS["Flux"].tokens + (h // 2) * (w // 2), (h // 2) * (w // 2))] * 4, seen
+
+
+def test_flux_v_inject_chains_an_override_already_there_and_leaves_the_input_model_unpatched(K):
+    """Another pack's attention override on the MODEL stays in the chain: it sees every attention call of both
+    branches, our injections still happen through it, and the input MODEL's options are unchanged."""
+    f = FluxSetup(K, 1.0)
+    calls = []
+
+    def other(func, *args, **kwargs):                       # another pack's override: counts, then attends
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    def quiet(func, *args, **kwargs):                       # the same pass-through, counting nothing
+        return func(*args, **kwargs)
+    out = {}
+    for name, fn in (("other", other), ("quiet", quiet)):
+        m = f.m.clone()
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = fn
+        before = dict(m.model_options["transformer_options"])
+        traj = K.inv.execute(m, f.src, f.neg, f.lat, N, 1.0, "normal", "exact").result[2]
+        calls.clear()
+        c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
+        r = K.smp.execute(m, f.edit, f.neg, traj, 1.0, source_positive=f.src, attention_control=c)
+        out[name] = (r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"]), len(calls))
+        assert m.model_options["transformer_options"] == before and "dit" not in before.get("patches_replace", {})
+    x, text, n = out["other"]
+    # every attention call of both branches went on to it: 2 blocks (1 double, 1 single) x 2 branches x N steps
+    assert n == 2 * 2 * N, (n, text)
+    assert "injections" in text and " 0 injections" not in text, text
+    # the pass-through chain changes no number: the same run through another pass-through override is identical
+    assert torch.equal(x, out["quiet"][0])
+    assert out["quiet"][2] == 0
