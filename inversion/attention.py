@@ -21,6 +21,13 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   attend with the source's queries and keys: out = softmax(q_src k_src^T) v_edit.
 * ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11) from step 4 of 50, both chunks:
   out = softmax(q_edit k_src^T) v_src.
+* ``v_inject`` (RF-Edit / FireFlow value injection, for DiTs such as Flux): in the chosen single blocks (joint
+  attention over text and image tokens) for the first steps, both chunks: the edit's queries and keys attend to
+  values whose image tokens are the source's (its text tokens keep the edit's values, the prompts differ):
+  out = softmax(q_edit k_edit^T) [v_edit_text; v_src_image]. The defaults are Fluxtapoz's single blocks 20-37 of
+  Flux's 38, scaled to the model's count, and the first 10% of the steps (2 of 28; FireFlow's one step is a
+  window of 0..1/N). Its layers are ``JOINT`` layers named as ComfyUI's dit replace keys
+  (("single_block", i), ("double_block", i)); the UNet methods never act in them.
 """
 from __future__ import annotations
 
@@ -32,12 +39,15 @@ import torch
 
 from .errors import InversionInputError
 
-METHODS = ("p2p", "pnp", "masactrl")
+METHODS = ("p2p", "pnp", "masactrl")     # the UNet methods (the Attention Control node's list today)
+DIT_METHODS = ("v_inject",)              # the DiT methods (no node offers them yet: the Flux adapter is next)
+ALL_METHODS = METHODS + DIT_METHODS
 P2P_MODES = ("replace", "refine", "reweight")
-SELF, CROSS = "self", "cross"
+SELF, CROSS, JOINT = "self", "cross", "joint"
+FLUX_SINGLE_BLOCKS = 38                  # Flux dev/schnell: the count RF-Edit's block numbers refer to
 COND, UNCOND = 0, 1                      # ComfyUI's cond_or_uncond values
 # what the source records for each action (the edit branch injects the action itself)
-RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv"}
+RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv", "v_inject": "v"}
 
 
 @dataclass(frozen=True)
@@ -94,19 +104,34 @@ class Control:
         return self.method == "p2p" and (bool(self.blend_words) or self.mask is not None)
 
 
-def defaults(method: str) -> Control:
-    """The papers' settings (editing.md: PnPInversion's run_editing_p2p, PnP's and MasaCtrl's code)."""
+def flux_single_blocks(count: int) -> tuple:
+    """RF-Edit's single blocks 20-37 of Flux's 38 scaled to a model with ``count`` single blocks: ids
+    round(20 * count / 38) .. count - 1 (the last ~47%, at least the last block)."""
+    if count < 1:
+        raise InversionInputError(f"the model has {count} single blocks; value injection needs a DiT with "
+                                  "single blocks (Flux, Chroma)")
+    lo = min(count - 1, int(math.floor(20 * count / FLUX_SINGLE_BLOCKS + 0.5)))
+    return ("single_block", lo, count - 1)
+
+
+def defaults(method: str, single_blocks: int = FLUX_SINGLE_BLOCKS) -> Control:
+    """The papers' settings (editing.md: PnPInversion's run_editing_p2p, PnP's and MasaCtrl's code, Fluxtapoz's
+    RF-Edit); ``single_blocks``: the DiT's count of single blocks, to scale v_inject's blocks."""
     if method == "p2p":
         return Control("p2p")
     if method == "pnp":
         return Control("pnp", self_window=Window(0.0, 0.5), cross_window=Window(), blocks=("output", 4, 11))
     if method == "masactrl":
         return Control("masactrl", self_window=Window(4 / 50, 1.0), cross_window=Window(), blocks=("output", 6, 11))
-    raise InversionInputError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if method == "v_inject":
+        return Control("v_inject", self_window=Window(0.0, 0.1), cross_window=Window(),
+                       blocks=flux_single_blocks(single_blocks))
+    raise InversionInputError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}")
 
 
 def parse_blocks(text: str, default: tuple) -> tuple:
-    """'' -> ``default``; 'all' -> every block; 'output 6-11' / 'input 4' -> (name, first, last)."""
+    """'' -> ``default``; 'all' -> every block; 'output 6-11' / 'input 4' -> (name, first, last); DiTs:
+    'single 20-37' / 'double 3' -> ("single_block"|"double_block", first, last)."""
     t = str(text or "").strip().lower()
     if not t:
         return default
@@ -114,18 +139,19 @@ def parse_blocks(text: str, default: tuple) -> tuple:
         return ()
     parts = t.replace("-", " ").split()
     try:
-        if parts[0] not in ("input", "middle", "output") or len(parts) not in (2, 3):
+        if parts[0] not in ("input", "middle", "output", "single", "double") or len(parts) not in (2, 3):
             raise ValueError
         ids = [int(x) for x in parts[1:]]
     except (ValueError, IndexError):
         raise InversionInputError(f"blocks {text!r} is not understood; write e.g. 'output 6-11', 'input 4-8', "
-                                  "'middle 0' or 'all'") from None
-    return (parts[0], ids[0], ids[-1])
+                                  "'middle 0', 'single 20-37' (DiTs) or 'all'") from None
+    name = parts[0] + "_block" if parts[0] in ("single", "double") else parts[0]
+    return (name, ids[0], ids[-1])
 
 
 def check(c: Control) -> Control:
-    if c.method not in METHODS:
-        raise InversionInputError(f"method {c.method!r} is unknown; use one of {', '.join(METHODS)}")
+    if c.method not in ALL_METHODS:
+        raise InversionInputError(f"method {c.method!r} is unknown; use one of {', '.join(ALL_METHODS)}")
     if c.mode not in P2P_MODES:
         raise InversionInputError(f"p2p_mode {c.mode!r} is unknown; use one of {', '.join(P2P_MODES)}")
     c.self_window.check("the self-attention window")
@@ -152,6 +178,10 @@ def action(c: Control, layer: Layer, step: int, steps: int, chunk: int) -> Optio
     """What the edit branch injects into ``layer`` at sampling step ``step`` of ``steps`` in a chunk of kind
     ``chunk`` (COND/UNCOND), or None."""
     if not in_blocks(c, layer):
+        return None
+    if c.method == "v_inject":       # joint layers only, every chunk that runs
+        return "v_inject" if layer.kind == JOINT and c.self_window.active(step, steps) else None
+    if layer.kind == JOINT:          # the UNet methods never act in a DiT's joint attention
         return None
     if c.method == "p2p":
         if chunk != COND:
@@ -260,3 +290,17 @@ def pnp(q_src, k_src, v_edit, heads: int) -> torch.Tensor:
 def masactrl(q_edit, k_src, v_src, heads: int) -> torch.Tensor:
     """MasaCtrl's mutual self-attention: the edit's queries attend to the source's keys and values."""
     return attend(q_edit, k_src, v_src, heads)
+
+
+def inject_values(v_edit: torch.Tensor, v_src: torch.Tensor, image_tokens: int, dim: int = -2) -> torch.Tensor:
+    """RF-Edit's value injection: ``v_edit`` with its last ``image_tokens`` tokens (along ``dim``; Flux's joint
+    sequence is [text; image], heads-first [B, H, N, D] so dim -2) taken from ``v_src``; a new tensor in
+    v_edit's dtype, neither input changed. The text tokens keep the edit's values (the prompts differ)."""
+    if v_src.shape != v_edit.shape or not 0 < image_tokens <= v_edit.shape[dim]:
+        raise InversionInputError(f"value injection got source values {tuple(v_src.shape)} for edit values "
+                                  f"{tuple(v_edit.shape)} with {image_tokens} image tokens; the source and edit "
+                                  "branches must run the same latent size (same image, same batch)")
+    n = v_edit.shape[dim]
+    text = v_edit.narrow(dim, 0, n - image_tokens)
+    img = v_src.narrow(dim, n - image_tokens, image_tokens).to(v_edit.dtype)
+    return torch.cat([text, img], dim=dim)

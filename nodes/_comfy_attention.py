@@ -8,6 +8,10 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   the 2-tuple ComfyUI falls back to) is kept: it computes every output we do not inject, and an injection is
   made through it (PnP/MasaCtrl pass it the substituted q/k/v; P2P adds its map's difference to its output,
   which is also exactly 0 where the maps agree);
+* Flux (v_inject only, so far): ``set_model_patch_replace(fn, "dit", "single_block", i)`` on each single block
+  marks the block in ``transformer_options`` while it runs, and ``transformer_options["optimized_attention_override"]``
+  (0.3.75's ``wrap_attn``; chained to an override already there) records/injects its one attention call, q/k/v
+  [B, H, N, D] over the joint [text; image] sequence;
 * ``extra_options["cond_or_uncond"]`` tells which chunk of the batch is cond (0) or uncond (1): chunks run
   together ([uncond, cond]), alone when memory is short, and the uncond is skipped at cfg 1 -- every case is a
   list of chunks here; ``block``, ``block_index``, ``n_heads``, ``attn_precision``, ``activations_shape``;
@@ -33,6 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
+import comfy.ldm.flux.model as comfy_flux
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
@@ -43,6 +48,7 @@ from ..inversion.errors import InversionInputError
 from . import _comfy as C
 
 SLOTS = {A.SELF: "attn1", A.CROSS: "attn2"}
+DIT_KEY = "ddim_inversion_attention_layer"   # set in transformer_options while a controlled dit block runs
 
 
 # ---------------------------------------------------------------------------------------------- topology
@@ -64,6 +70,26 @@ def unet_layers(model) -> list:
         layers += _block_layers(("output", i), blk, factor)
         factor //= 2 if any(isinstance(m, Upsample) for m in blk.modules()) else 1
     return layers
+
+
+def dit_layers(model) -> list:
+    """The single blocks of a Flux-style DiT (``single_blocks``/``double_blocks``, replaced through ComfyUI's
+    ("dit", "single_block", i) keys) as JOINT layers; factor = the patch size."""
+    net = getattr(getattr(model, "model", None), "diffusion_model", None)
+    singles = getattr(net, "single_blocks", None)
+    if singles is None or not hasattr(net, "double_blocks"):
+        raise InversionInputError(
+            f"attention control reaches SD1.x/SD2/SDXL UNets and Flux-style DiTs; this model "
+            f"({C.family_name(model)}, {type(net).__name__}) is neither; disconnect attention_control")
+    return [A.Layer(A.JOINT, ("single_block", i), 0, int(getattr(net, "patch_size", 1))) for i in range(len(singles))]
+
+
+def model_layers(model) -> list:
+    """The layers attention control can reach: a UNet's attention layers, or Flux's single blocks."""
+    net = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if isinstance(net, comfy_flux.Flux):    # only Flux is tested (Chroma, HunyuanVideo have other blocks/latents)
+        return dit_layers(model)
+    return unet_layers(model)
 
 
 def _block_layers(block: tuple, module, factor: int) -> list:
@@ -107,6 +133,7 @@ class Controller:
         self.totals = Counter()                # "records" / "injections" over the run (the node reports them)
         self.recorded_maps: list = []          # test hook: (branch, step, layer, chunk, probs) when keep_maps
         self.keep_maps = False
+        self.image_tokens = 0                  # DiTs: the joint sequence's image tokens (its tail)
         self.last_mask: Optional[torch.Tensor] = None   # the blend mask of the last blended step
 
     # --- the loop's side (inversion.methods.sample's control protocol)
@@ -211,6 +238,30 @@ class Controller:
             out[sl] = out[sl] + A.apply_probs(use - own, v[sl]).to(out.dtype)
         return out
 
+    def attend_dit(self, layer: A.Layer, q, k, v, to: dict, base: Callable):
+        """One joint attention call of a DiT block (q/k/v [B, H, N, D], every chunk): the source records its
+        values, the edit's image tokens take them (v_inject)."""
+        chunks = list(to.get("cond_or_uncond", [A.COND]))
+        b = v.shape[0] // len(chunks)
+        plan = self.sched.actions.get(self.step, {})
+        vs, changed = list(v.split(b)), False
+        for c, ch in enumerate(chunks):
+            occ = self.seen[(self.branch, layer, ch)]
+            self.seen[(self.branch, layer, ch)] += 1
+            if plan.get((layer, ch)) is None:
+                continue
+            if self.branch == "source":
+                self.store[(layer, ch, occ)] = {"v": vs[c]}
+                self.records[(layer, ch)] += 1
+                continue
+            rec = self.store.get((layer, ch, occ))
+            if rec is None:
+                continue
+            vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens)
+            self.injections[(layer, ch)] += 1
+            changed = True
+        return base(q, k, torch.cat(vs) if changed else v)
+
     def _blend_add(self, branch: str, p, eo: dict) -> None:
         hw = tuple(eo["activations_shape"][-2:])
         m = P.word_map(p, list(self.blend_cols[0 if branch == "source" else 1]), hw)
@@ -234,9 +285,61 @@ def _patch(ctl: Controller, layer: A.Layer, prev: Optional[Callable]) -> Callabl
     return replace
 
 
+def _dit_block(ctl: Controller, layer: A.Layer, prev: Optional[Callable]) -> Callable:
+    """A dit block replace that marks ``layer`` in transformer_options while the block runs (its one attention
+    call, through the override, knows where it is), chaining to a block replace already there."""
+    def replace(args, extra):
+        to = args.get("transformer_options")
+        mark = ctl.branch is not None and isinstance(to, dict)
+        if mark:
+            to[DIT_KEY] = layer
+        try:
+            return prev(args, extra) if prev is not None else extra["original_block"](args)
+        finally:
+            if mark:
+                to.pop(DIT_KEY, None)
+    return replace
+
+
+def _dit_override(ctl: Controller, prev: Optional[Callable]) -> Callable:
+    """transformer_options["optimized_attention_override"] (0.3.75's wrap_attn): inside a marked block the
+    controller records/injects, else (and for q/k/v it leaves alone) the call goes on to the override already
+    there or the attention function itself."""
+    def override(func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        layer = to.get(DIT_KEY)
+
+        def base(q, k, v):
+            a = (q, k, v) + tuple(args[3:])
+            return prev(func, *a, **kwargs) if prev is not None else func(*a, **kwargs)
+        if layer is None or ctl.branch is None or len(args) < 3:
+            return base(*args[:3]) if len(args) >= 3 else (prev(func, *args, **kwargs) if prev is not None
+                                                             else func(*args, **kwargs))
+        return ctl.attend_dit(layer, args[0], args[1], args[2], to, base)
+    return override
+
+
+def install_dit(clone, ctl: Controller, layers) -> int:
+    """Block-replace every JOINT layer of ``clone`` and set the attention override (each chained to what is
+    there); returns how many chain to another one."""
+    existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    chained = 0
+    for la in layers:
+        prev = existing.get(tuple(la.block))
+        chained += prev is not None
+        clone.set_model_patch_replace(_dit_block(ctl, la, prev), "dit", la.block[0], la.block[1])
+    to = clone.model_options.setdefault("transformer_options", {})   # after the patches: they copy the dict
+    prev_override = to.get("optimized_attention_override")
+    chained += prev_override is not None
+    to["optimized_attention_override"] = _dit_override(ctl, prev_override)
+    return chained
+
+
 def install(clone, ctl: Controller, layers) -> int:
     """Replace-patch every layer of ``clone`` (chaining to a replace patch already there); returns how many of
     the patches chain to another one."""
+    if any(la.kind == A.JOINT for la in layers):
+        return install_dit(clone, ctl, [la for la in layers if la.kind == A.JOINT])
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
     chained = 0
     for la in layers:
@@ -267,6 +370,10 @@ def run_controlled(model, edit: tuple, source: tuple, cfg: float, shape, sigmas,
     evaluates ``source`` = (positive, negative) while ``ctl`` runs the source branch and ``edit`` otherwise."""
     clone = model.clone()
     install(clone, ctl, layers)
+    joint = [la for la in layers if la.kind == A.JOINT]
+    if joint:     # the joint sequence is [text; image]: the image's patches are its tail
+        p = joint[0].factor
+        ctl.image_tokens = math.prod(-(-int(n) // p) for n in shape[-2:])
     guider = _BranchGuider(clone, ctl)
     guider.inner_set_conds({"positive": edit[0], "negative": edit[1],
                             "source_positive": source[0], "source_negative": source[1]})

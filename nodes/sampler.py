@@ -114,7 +114,7 @@ class DDIMInvSampler(io.ComfyNode):
 
         attention = None
         if control is not None:
-            attention = R.Attention(control, tuple(CA.unet_layers(model)), CA.chunks_that_run(model, choices.cfg))
+            attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg))
         plan = R.plan(traj, choices, prompts, same_guidance, attention)
         warns = list(plan.warnings) + C.compatibility_warnings(model, traj)
         for w in warns:

@@ -349,3 +349,84 @@ def test_source_drift_comes_from_the_source_branch_at_no_extra_pass(K):
     assert s.err(x) <= 1e-3
     plain, _ = s.run(c, positive=s.src, cfg=1.5)
     assert s.err(plain) > 1.0
+
+
+# ---------------------------------------------------------------------------------------------- DiTs: Flux v_inject
+class FluxSetup:
+    """The tiny Flux (ddiminv_dev/tiny_families.py: one double and one single block, patch 2)."""
+
+    def __init__(self, K, cfg=1.0):
+        from ddiminv_dev import tiny_families as tf
+        self.K, self.cfg = K, cfg
+        self.m = tf.tiny_model("Flux")
+        self.src, self.edit = tf.conditioning("Flux", 1), tf.conditioning("Flux", 2)
+        self.neg = tf.conditioning("Flux", 9)
+        self.lat = tf.latent("Flux")
+        self.traj = K.inv.execute(self.m, self.src, self.neg, self.lat, N, cfg, "normal", "exact").result[2]
+
+    def run(self, control, positive=None):
+        r = self.K.smp.execute(self.m, positive or self.edit, self.neg, self.traj, self.cfg,
+                               source_positive=self.src, attention_control=control)
+        return r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"])
+
+
+@pytest.mark.parametrize("cfg,chunks", [(1.0, 1), (3.0, 2)])
+def test_flux_v_inject_counts_and_the_source_prompt_returns_the_source(K, cfg, chunks):
+    f = FluxSetup(K, cfg)
+    c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
+    x, text = f.run(c, positive=f.src)
+    err = float((x - f.lat["samples"]).norm() / f.lat["samples"].norm())
+    assert err <= 1e-5, (cfg, err, text)
+    assert "replay bdia" in text                             # bdia replays steps 1..7: window 0..0.5 -> 1..3
+    want = 1 * 3 * chunks                                    # 1 single block x steps 1..3 x chunks
+    assert f"v_inject: 1 layers x 3 steps x {chunks} chunk" in text, text
+    assert f"{want} records, {want} injections" in text, text
+
+
+def test_flux_v_inject_swaps_exactly_the_image_tokens_of_the_edit_prompt(K, monkeypatch):
+    from ddiminv_dev import tiny_families as tf
+    f = FluxSetup(K, 1.0)
+    seen, inject = [], K.A.inject_values
+
+    def spy(v_edit, v_src, image_tokens, dim=-2):
+        seen.append((v_edit.shape[dim], image_tokens))
+        return inject(v_edit, v_src, image_tokens, dim)
+    monkeypatch.setattr(K.A, "inject_values", spy)
+    c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
+    _, text = f.run(c)
+    h, w = f.lat["samples"].shape[-2:]
+    assert "replay ddim" in text, text                       # another prompt: ddim replays steps 0..7 -> 0..3
+    # the joint sequence is the prompt's tokens then the latent's 2x2 patches: only the patches are swapped
+    assert seen == [(tf.SPECS["Flux"].tokens + (h // 2) * (w // 2), (h // 2) * (w // 2))] * 4, seen
+
+
+def test_flux_v_inject_chains_an_override_already_there_and_leaves_the_input_model_unpatched(K):
+    """Another pack's attention override on the MODEL stays in the chain: it sees every attention call of both
+    branches, our injections still happen through it, and the input MODEL's options are unchanged."""
+    f = FluxSetup(K, 1.0)
+    calls = []
+
+    def other(func, *args, **kwargs):                       # another pack's override: counts, then attends
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    def quiet(func, *args, **kwargs):                       # the same pass-through, counting nothing
+        return func(*args, **kwargs)
+    out = {}
+    for name, fn in (("other", other), ("quiet", quiet)):
+        m = f.m.clone()
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = fn
+        before = dict(m.model_options["transformer_options"])
+        traj = K.inv.execute(m, f.src, f.neg, f.lat, N, 1.0, "normal", "exact").result[2]
+        calls.clear()
+        c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
+        r = K.smp.execute(m, f.edit, f.neg, traj, 1.0, source_positive=f.src, attention_control=c)
+        out[name] = (r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"]), len(calls))
+        assert m.model_options["transformer_options"] == before and "dit" not in before.get("patches_replace", {})
+    x, text, n = out["other"]
+    # every attention call of both branches went on to it: 2 blocks (1 double, 1 single) x 2 branches x N steps
+    assert n == 2 * 2 * N, (n, text)
+    assert "injections" in text and " 0 injections" not in text, text
+    # the pass-through chain changes no number: the same run through another pass-through override is identical
+    assert torch.equal(x, out["quiet"][0])
+    assert out["quiet"][2] == 0

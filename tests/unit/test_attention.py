@@ -78,6 +78,68 @@ def test_bad_controls_are_refused_naming_the_fix():
         A.defaults("sdedit")
 
 
+
+# a tiny Flux-like DiT: double blocks 0-1, single blocks 0-3, all joint attention
+# (factor 2: patch 2, so a UNet policy left unguarded would take them for small self layers)
+DIT = [A.Layer(A.JOINT, ("double_block", i), 0, 2) for i in range(2)] + \
+      [A.Layer(A.JOINT, ("single_block", i), 0, 2) for i in range(4)]
+
+
+def test_v_inject_policy_matrix():
+    c = A.defaults("v_inject", single_blocks=4)               # 20/38 of 4 -> single blocks 2..3
+    got = _table(c, 20, DIT + LAYERS)
+    for (name, s, ch), a in got.items():
+        kind, block = name.split(" ")
+        want = "v_inject" if block in ("single_block2.0", "single_block3.0") and s < 2 else None   # 10% of 20
+        assert a == want, (name, s, ch, a)
+    assert c.blocks == ("single_block", 2, 3) and c.self_window == A.Window(0.0, 0.1)
+
+
+def test_unet_methods_never_act_in_joint_layers():
+    for m in A.METHODS:
+        c = A.Control(**{**A.defaults(m).__dict__, "blocks": ()})          # every block
+        assert all(a is None for a in _table(c, 10, DIT).values()), m
+
+
+@pytest.mark.parametrize("count,want", [(38, (20, 37)), (19, (10, 18)), (57, (30, 56)), (4, (2, 3)), (3, (2, 2)),
+                                        (2, (1, 1)), (1, (0, 0))])
+def test_v_inject_blocks_scale_rf_edits_20_to_37_of_38(count, want):
+    assert A.defaults("v_inject", single_blocks=count).blocks == ("single_block",) + want
+    assert A.defaults("v_inject").blocks == ("single_block", 20, 37)       # Flux's 38 by default
+
+
+def test_v_inject_counts_are_blocks_times_steps_times_chunks_and_refusals():
+    c = A.defaults("v_inject", single_blocks=4)
+    sch = A.schedule(c, DIT, 28, range(28), (U, C))
+    assert sch.injections == 2 * 2 * 2                       # blocks 2,3 x steps 0,1 (int(0.1*28)=2) x 2 chunks
+    assert "v_inject: 2 layers x 2 steps x 2 chunks = 8" in sch.report()
+    one = A.Control(**{**c.__dict__, "self_window": A.Window(0.0, 1 / 28 + 1e-9)})   # FireFlow: one step
+    assert A.schedule(one, DIT, 28, range(28), (C,)).injections == 2
+    assert A.parse_blocks("single 20-37", ()) == ("single_block", 20, 37)
+    assert A.parse_blocks("double 3", ()) == ("double_block", 3, 3)
+    assert A.check(c) is c
+    with pytest.raises(InversionInputError, match="needs a DiT with single blocks"):
+        A.defaults("v_inject", single_blocks=0)
+    with pytest.raises(InversionInputError, match="single 20-37"):
+        A.parse_blocks("singel 20", ())
+
+
+def test_inject_values_takes_the_image_tokens_from_the_source_and_changes_no_input():
+    g = torch.Generator().manual_seed(3)
+    ve = torch.randn(2, 3, 7, 4, generator=g)                # [B, H, N = 3 text + 4 image, D]
+    vs = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64)
+    ve0, vs0 = ve.clone(), vs.clone()
+    out = A.inject_values(ve, vs, 4)
+    for n in range(7):                                       # token by token: text from the edit, image from source
+        want = ve[:, :, n] if n < 3 else vs[:, :, n].float()
+        assert torch.equal(out[:, :, n], want), n
+    assert out.dtype == ve.dtype and torch.equal(ve, ve0) and torch.equal(vs, vs0)
+    assert torch.equal(A.inject_values(ve.transpose(1, 2), vs.transpose(1, 2), 4, dim=1), out.transpose(1, 2))
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_values(ve, vs[:, :, :6], 4)
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_values(ve, vs, 8)
+
 # ---------------------------------------------------------------------------------------------- the maps
 def _qkv(b=2, nq=6, nk=5, heads=2, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
