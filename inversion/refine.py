@@ -96,6 +96,96 @@ def _finite(v: torch.Tensor) -> bool:
     return bool(torch.isfinite(v).all())
 
 
+def _check_args(steps, lr: float, anchor: float, loss: str) -> int:
+    if loss not in LOSSES:
+        raise RefineError(f"unknown refine loss {loss!r}; use one of {', '.join(LOSSES)}")
+    steps = int(steps)
+    if steps < 0:
+        raise RefineError(f"refine must be >= 0 (got {steps}); use 0 for the posterior mean")
+    for name, v in (("learning rate", lr), ("anchor", anchor)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise RefineError(f"the {name} must be a finite number >= 0 (got {v!r}); use the default")
+    return steps
+
+
+def _compared(dec: torch.Tensor, z: torch.Tensor, tgt: torch.Tensor, win, vh: int, vw: int):
+    """(decoded, target) over the pixels one decode is compared on: the valid pixels, or a window's core."""
+    f = dec.shape[1] // z.shape[-2]
+    if win is None:
+        rec, ref = dec[:, :vh, :vw], tgt[:, :vh, :vw].to(dec.device)
+    else:
+        y0, _, x0, _, cy0, cy1, cx0, cx1 = win
+        py0, py1 = (cy0 - y0) * f, (cy1 - y0) * f
+        px0, px1 = (cx0 - x0) * f, (cx1 - x0) * f
+        gy0, gx0 = cy0 * f, cx0 * f
+        hh, ww = max(0, min(py1 - py0, vh - gy0)), max(0, min(px1 - px0, vw - gx0))
+        rec = dec[:, py0:py0 + hh, px0:px0 + ww]
+        ref = tgt[:, gy0:gy0 + hh, gx0:gx0 + ww].to(dec.device)
+    if rec.shape != ref.shape:
+        raise RefineError(f"the VAE decodes a {tuple(z.shape[-2:])} latent to {tuple(dec.shape[1:3])} "
+                          f"pixels, not the {f}x size of the image; set refine to 0 for this VAE")
+    return rec, ref
+
+
+def _objective(rec: torch.Tensor, shown: torch.Tensor, ref: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-image squared error the gradient sees (``loss``: see :func:`refine_latent`)."""
+    if loss == "clamped":
+        d = shown - ref
+    elif loss == "unclamped":
+        d = rec - ref
+    else:
+        d = rec + (shown - rec).detach() - ref
+    return d.square().flatten(1).sum(1)
+
+
+@dataclass
+class _Problem:
+    """What one evaluation of J needs: the mean, its per-image scale, the target and how to compare."""
+    base: torch.Tensor
+    scale: torch.Tensor
+    tgt: torch.Tensor
+    decode: Callable
+    wins: list
+    vh: int
+    vw: int
+    lo: float
+    hi: float
+    loss: str
+    anchor: float
+
+    def evaluate(self, u: torch.Tensor, grad: bool):
+        """Per-image (data, anchor) terms at ``u`` and the first window's decode; with ``grad``, also
+        accumulates d(sum J)/du into u.grad."""
+        n = self.base.shape[0]
+        data = torch.zeros(n, dtype=torch.float64)
+        first = None
+        count = self.vh * self.vw * self.tgt.shape[-1]
+        for win in self.wins:
+            with torch.set_grad_enabled(grad):
+                z = self.base + self.scale * u
+                if win is not None:
+                    y0, y1, x0, x1 = win[:4]
+                    z = z[:, :, y0:y1, x0:x1]
+                dec = self.decode(z).to(torch.float32)
+                rec, ref = _compared(dec, z, self.tgt, win, self.vh, self.vw)
+                shown = rec.clamp(self.lo, self.hi)
+                sse = (shown - ref).square().flatten(1).sum(1)
+                if grad and not sse.requires_grad:
+                    raise RefineError("the decoder returns no autograd graph, so the latent cannot be refined; set "
+                                      "refine to 0")
+                if grad and rec.numel():
+                    (_objective(rec, shown, ref, self.loss).sum() / count).backward()
+            data += sse.detach().double().cpu() / count
+            if first is None:
+                first = dec.detach()
+        with torch.no_grad():
+            reg = u.detach().square().flatten(1).mean(1).double().cpu()
+        if grad and self.anchor > 0:
+            with torch.enable_grad():
+                (self.anchor * u.square().flatten(1).mean(1).sum()).backward()
+        return data, reg, first
+
+
 def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], *,
                   steps: int, lr: float = DEFAULT_LR, anchor: float = DEFAULT_ANCHOR,
                   valid_hw: Optional[Sequence[int]] = None, windows: Optional[list] = None,
@@ -116,73 +206,18 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
     ``straight`` the clamped error with the clamp's gradient passed straight through (an overshooting pixel whose
     clamped value is off still gets a gradient; one whose clamped value is right does not).
     """
-    if loss not in LOSSES:
-        raise RefineError(f"unknown refine loss {loss!r}; use one of {', '.join(LOSSES)}")
-    lo, hi = float(clip[0]), float(clip[1])
-    steps = int(steps)
-    if steps < 0:
-        raise RefineError(f"refine must be >= 0 (got {steps}); use 0 for the posterior mean")
-    for name, v in (("learning rate", lr), ("anchor", anchor)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise RefineError(f"the {name} must be a finite number >= 0 (got {v!r}); use the default")
+    steps = _check_args(steps, lr, anchor, loss)
     n = z0.shape[0]
     vh, vw = (int(valid_hw[0]), int(valid_hw[1])) if valid_hw is not None else (target.shape[1], target.shape[2])
     with torch.no_grad():
         base = z0.detach().to(torch.float32)
         scale = base.flatten(1).std(dim=1).clamp_min(1e-6).view(n, *([1] * (base.ndim - 1)))
         tgt = target.detach().to(torch.float32)
-    wins = windows if windows is not None else [None]
-
-    def evaluate(u: torch.Tensor, grad: bool):
-        """Per-image (data, anchor) terms at ``u``; with ``grad``, also accumulates d(sum J)/du into u.grad."""
-        data = torch.zeros(n, dtype=torch.float64)
-        first = None
-        count = vh * vw * tgt.shape[-1]
-        for win in wins:
-            with torch.set_grad_enabled(grad):
-                z = base + scale * u
-                if win is not None:
-                    y0, y1, x0, x1, cy0, cy1, cx0, cx1 = win
-                    z = z[:, :, y0:y1, x0:x1]
-                dec = decode(z).to(torch.float32)
-                f = dec.shape[1] // z.shape[-2]
-                if win is None:
-                    rec, ref = dec[:, :vh, :vw], tgt[:, :vh, :vw].to(dec.device)
-                else:
-                    py0, py1 = (cy0 - y0) * f, (cy1 - y0) * f
-                    px0, px1 = (cx0 - x0) * f, (cx1 - x0) * f
-                    gy0, gx0 = cy0 * f, cx0 * f
-                    hh, ww = max(0, min(py1 - py0, vh - gy0)), max(0, min(px1 - px0, vw - gx0))
-                    rec = dec[:, py0:py0 + hh, px0:px0 + ww]
-                    ref = tgt[:, gy0:gy0 + hh, gx0:gx0 + ww].to(dec.device)
-                if rec.shape != ref.shape:
-                    raise RefineError(f"the VAE decodes a {tuple(z.shape[-2:])} latent to {tuple(dec.shape[1:3])} "
-                                      f"pixels, not the {f}x size of the image; set refine to 0 for this VAE")
-                shown = rec.clamp(lo, hi)
-                sse = (shown - ref).square().flatten(1).sum(1)
-                if grad and not sse.requires_grad:
-                    raise RefineError("the decoder returns no autograd graph, so the latent cannot be refined; set "
-                                      "refine to 0")
-                if grad and rec.numel():
-                    if loss == "clamped":
-                        obj = sse
-                    elif loss == "unclamped":
-                        obj = (rec - ref).square().flatten(1).sum(1)
-                    else:
-                        obj = (rec + (shown - rec).detach() - ref).square().flatten(1).sum(1)
-                    (obj.sum() / count).backward()
-            data += sse.detach().double().cpu() / count
-            if first is None:
-                first = dec.detach()
-        with torch.no_grad():
-            reg = u.detach().square().flatten(1).mean(1).double().cpu()
-        if grad and anchor > 0:
-            with torch.enable_grad():
-                (anchor * u.square().flatten(1).mean(1).sum()).backward()
-        return data, reg, first
+    prob = _Problem(base, scale, tgt, decode, windows if windows is not None else [None], vh, vw,
+                    float(clip[0]), float(clip[1]), loss, anchor)
 
     u = torch.zeros_like(base, requires_grad=True)
-    data0, _, first = evaluate(u, grad=steps > 0)
+    data0, _, first = prob.evaluate(u, grad=steps > 0)
     if not _finite(data0):
         raise RefineError("the pixel error of the decoded mean is NaN/Inf; run the VAE in float32 (--fp32-vae) or "
                           "set refine to 0")
@@ -206,7 +241,7 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
             g["lr"] = cosine_lr(it - 1, steps, lr, lr_floor)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        data, reg, first = evaluate(u, grad=it < steps)
+        data, reg, first = prob.evaluate(u, grad=it < steps)
         j = data + float(anchor) * reg
         if not _finite(j):
             stopped = "non-finite"
