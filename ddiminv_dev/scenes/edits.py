@@ -33,22 +33,23 @@ class Edit:
         return R.caption(self.target)
 
 
-def colour_swap(scene: R.Scene, index: int, colour: str) -> Edit:
+def _object_swap(field: str, scene: R.Scene, index: int, value: str) -> Edit:
+    """The ``field`` edit (colour or shape): object ``index`` gets ``value``; the rest of the scene unchanged."""
     o = scene.objects[index]
-    if colour == o.colour:
-        raise ValueError(f"colour_swap: object {index} is already {colour}; pick another colour")
+    if value == getattr(o, field):
+        raise ValueError(f"{field}_swap: object {index} is already {'a ' if field == 'shape' else ''}{value}; "
+                         f"pick another {field}")
     objs = list(scene.objects)
-    objs[index] = replace(o, colour=colour)
-    return Edit("colour", scene, scene.with_objects(objs), index)
+    objs[index] = replace(o, **{field: value})
+    return Edit(field, scene, scene.with_objects(objs), index)
+
+
+def colour_swap(scene: R.Scene, index: int, colour: str) -> Edit:
+    return _object_swap("colour", scene, index, colour)
 
 
 def shape_swap(scene: R.Scene, index: int, shape: str) -> Edit:
-    o = scene.objects[index]
-    if shape == o.shape:
-        raise ValueError(f"shape_swap: object {index} is already a {shape}; pick another shape")
-    objs = list(scene.objects)
-    objs[index] = replace(o, shape=shape)
-    return Edit("shape", scene, scene.with_objects(objs), index)
+    return _object_swap("shape", scene, index, shape)
 
 
 def background_swap(scene: R.Scene, background: str, bg_x: int | None = None, bg_y: int | None = None) -> Edit:
