@@ -63,6 +63,92 @@ def _reconstruction(traj):
     return st, dn
 
 
+def _check_inputs(trajectory, vae, show, frames, decode, batch_index, keep) -> None:
+    checks.check_trajectory(trajectory)
+    if show not in SHOW_MODES:
+        raise InversionInputError(f"show {show!r} is unknown; use one of {', '.join(SHOW_MODES)}")
+    if decode not in DECODE_MODES:
+        raise InversionInputError(f"decode {decode!r} is unknown; use one of {', '.join(DECODE_MODES)}")
+    if decode == "vae" and vae is None:
+        raise InversionInputError("decode=vae needs a VAE; connect the model's VAE to the 'vae' input or set "
+                                  "decode=fast")
+    if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 2:
+        raise InversionInputError(f"frames must be an integer >= 2 (got {frames!r}); use e.g. 8")
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 2:
+        raise InversionInputError(f"keep must be an integer >= 2 (got {keep!r}); use e.g. {KEEP_DEFAULT}")
+    b = int(trajectory.states.shape[1])
+    if isinstance(batch_index, bool) or not isinstance(batch_index, numbers.Integral) or not 0 <= batch_index < b:
+        raise InversionInputError(f"batch_index {batch_index!r} is out of range: the trajectory has {b} image(s); "
+                                  f"use 0..{b - 1}")
+
+
+def _frame_rows(trajectory, show: str, frames: int) -> list:
+    """The frames shown: (trajectory index, step, sigma, denoised index) each."""
+    sigmas = trajectory.sigmas
+    n_steps = int(sigmas.shape[0]) - 1
+    eval_sigmas = getattr(trajectory, "eval_sigmas", None)
+    if show == "denoised":
+        idx = imaging.select_frames(n_steps, int(frames))
+        return [(i, i, float(eval_sigmas[i]) if eval_sigmas is not None else float(sigmas[i + 1]), i) for i in idx]
+    idx = imaging.select_frames(n_steps + 1, int(frames))
+    return [(i, i, float(sigmas[i]), min(i, n_steps - 1)) for i in idx]
+
+
+class _Renderer:
+    """Latents [K,C,H,W] (video [K,C,T,H,W]: ``keep`` clip frames side by side) -> images [K,H,W,3], fast
+    (the format's RGB factors) or through the VAE; ``clip`` says which clip frames a video strip shows."""
+
+    def __init__(self, vae, fmt, decode: str, keep: int, video: bool):
+        self.vae, self.fmt, self.decode, self.keep, self.video = vae, fmt, decode, int(keep), video
+        self.clip: dict = {}
+
+    def __call__(self, lat):
+        if self.video:
+            return self._clip(lat)
+        if self.decode == "vae":
+            return CV.vae_decode_model_space(self.vae, self.fmt, lat)
+        factors, bias, reshape = CV.rgb_factors(self.fmt)
+        return imaging.fast_rgb(lat, factors, bias, reshape, type(self.fmt).__name__)
+
+    def _clip(self, lat):      # [K,C,T,H,W] -> [K,H,keep*W,3]
+        if self.decode == "vae":
+            decoded = CV.vae_decode_clip(self.vae, self.fmt, lat)
+            pick = imaging.select_frames(int(decoded.shape[1]), self.keep)
+            self.clip.update(unit="frame", count=int(decoded.shape[1]), frames=pick)
+            return imaging.strip(decoded[:, pick])
+        factors, bias, reshape = CV.rgb_factors(self.fmt)
+        k, c, t = lat.shape[:3]
+        pick = imaging.select_frames(int(t), self.keep)
+        self.clip.update(unit="latent frame", count=int(t), frames=pick)
+        flat = lat[:, :, pick].movedim(2, 1).reshape(k * len(pick), c, *lat.shape[3:])
+        rgb = imaging.fast_rgb(flat, factors, bias, reshape, type(self.fmt).__name__)
+        return imaging.strip(rgb.reshape(k, len(pick), *rgb.shape[1:]))
+
+    def panel(self, show: str, states, denoised):
+        if show == "states":
+            return self(states)
+        if show == "denoised":
+            return self(denoised)
+        return torch.cat([self(states), self(denoised)], dim=2)
+
+
+def _frame_info(rows: list, trajectory, bi: int, rec, video: bool) -> list:
+    """Per shown frame: step, sigma, the x0 drift from the source (per latent frame for video) and, with a
+    null-text reconstruction, its miss."""
+    states, denoised = trajectory.states, trajectory.denoised
+    source = states[0, bi]
+    out = []
+    for j, (i, step, sigma, d) in enumerate(rows):
+        info = {"index": j, "step": int(step), "sigma": _finite(sigma),
+                "figure": _finite(imaging.rms(denoised[d, bi], source))}
+        if rec is not None:   # state frame i: level i; denoised frame i: the level its step lands on
+            info["miss"] = _finite(imaging.rms(rec[0][i, bi], states[i, bi]))
+        if video:             # the x0 drift of each latent frame of the clip
+            info["figure_frames"] = [_finite(v) for v in imaging.rms_per_frame(denoised[d, bi], source)]
+        out.append(info)
+    return out
+
+
 class DDIMInvTrajectoryPreview(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -115,102 +201,33 @@ class DDIMInvTrajectoryPreview(io.ComfyNode):
 
     @classmethod
     def _run(cls, trajectory, vae, show, frames, decode, batch_index, keep=KEEP_DEFAULT) -> io.NodeOutput:
-        checks.check_trajectory(trajectory)
-        if show not in SHOW_MODES:
-            raise InversionInputError(f"show {show!r} is unknown; use one of {', '.join(SHOW_MODES)}")
-        if decode not in DECODE_MODES:
-            raise InversionInputError(f"decode {decode!r} is unknown; use one of {', '.join(DECODE_MODES)}")
-        if decode == "vae" and vae is None:
-            raise InversionInputError("decode=vae needs a VAE; connect the model's VAE to the 'vae' input or set "
-                                      "decode=fast")
-        if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 2:
-            raise InversionInputError(f"frames must be an integer >= 2 (got {frames!r}); use e.g. 8")
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 2:
-            raise InversionInputError(f"keep must be an integer >= 2 (got {keep!r}); use e.g. {KEEP_DEFAULT}")
+        _check_inputs(trajectory, vae, show, frames, decode, batch_index, keep)
         states, denoised, sigmas = trajectory.states, trajectory.denoised, trajectory.sigmas
-        n_steps = int(sigmas.shape[0]) - 1
-        b = int(states.shape[1])
-        if isinstance(batch_index, bool) or not isinstance(batch_index, numbers.Integral) or not 0 <= batch_index < b:
-            raise InversionInputError(f"batch_index {batch_index!r} is out of range: the trajectory has {b} image(s); "
-                                      f"use 0..{b - 1}")
-        fmt = CV.latent_format_by_name(trajectory.latent_format)
-        eval_sigmas = getattr(trajectory, "eval_sigmas", None)
-
-        batch_index = int(batch_index)
-        source = states[0, batch_index]
-        # frame j -> (trajectory index, step, sigma, denoised index)
-        if show == "denoised":
-            idx = imaging.select_frames(n_steps, int(frames))
-            rows = [(i, i, float(eval_sigmas[i]) if eval_sigmas is not None else float(sigmas[i + 1]), i) for i in idx]
-        else:
-            idx = imaging.select_frames(n_steps + 1, int(frames))
-            rows = [(i, i, float(sigmas[i]), min(i, n_steps - 1)) for i in idx]
-
-        st = torch.stack([states[i, batch_index] for i, *_ in rows]) if show != "denoised" else None
-        dn = torch.stack([denoised[d, batch_index] for *_, d in rows]) if show != "states" else None
-        rec = _reconstruction(trajectory)
-        if rec is not None:
-            r_states, r_denoised = rec
-            rst = torch.stack([r_states[i, batch_index] for i, *_ in rows]) if show != "denoised" else None
-            rdn = torch.stack([r_denoised[d, batch_index] for *_, d in rows]) if show != "states" else None
-
+        bi = int(batch_index)
+        rows = _frame_rows(trajectory, show, frames)
         video = states.ndim == 6
-        clip = {}
+        render = _Renderer(vae, CV.latent_format_by_name(trajectory.latent_format), decode, keep, video)
 
-        def render(lat):
-            if video:
-                return render_clip(lat)
-            if decode == "vae":
-                return CV.vae_decode_model_space(vae, fmt, lat)
-            factors, bias, reshape = CV.rgb_factors(fmt)
-            return imaging.fast_rgb(lat, factors, bias, reshape, type(fmt).__name__)
-
-        def render_clip(lat):      # [K,C,T,H,W] -> [K,H,keep*W,3]: the kept clip frames side by side
-            if decode == "vae":
-                decoded = CV.vae_decode_clip(vae, fmt, lat)
-                pick = imaging.select_frames(int(decoded.shape[1]), int(keep))
-                clip.update(unit="frame", count=int(decoded.shape[1]), frames=pick)
-                return imaging.strip(decoded[:, pick])
-            factors, bias, reshape = CV.rgb_factors(fmt)
-            k, c, t = lat.shape[:3]
-            pick = imaging.select_frames(int(t), int(keep))
-            clip.update(unit="latent frame", count=int(t), frames=pick)
-            flat = lat[:, :, pick].movedim(2, 1).reshape(k * len(pick), c, *lat.shape[3:])
-            rgb = imaging.fast_rgb(flat, factors, bias, reshape, type(fmt).__name__)
-            return imaging.strip(rgb.reshape(k, len(pick), *rgb.shape[1:]))
-
-        def panel(s_, d_):
-            if show == "states":
-                return render(s_)
-            if show == "denoised":
-                return render(d_)
-            return torch.cat([render(s_), render(d_)], dim=2)
-
-        images = panel(st, dn)
-        if rec is not None:
-            images = torch.cat([images, panel(rst, rdn)], dim=1)     # the reconstruction below the pivot
+        def pick(st, dn):   # the shown frames of (states, denoised), each stacked only when shown
+            return (torch.stack([st[i, bi] for i, *_ in rows]) if show != "denoised" else None,
+                    torch.stack([dn[d, bi] for *_, d in rows]) if show != "states" else None)
+        rec = _reconstruction(trajectory)
+        images = render.panel(show, *pick(states, denoised))
+        if rec is not None:     # the reconstruction below the pivot
+            images = torch.cat([images, render.panel(show, *pick(*rec))], dim=1)
         images = images.to(C.output_device()).contiguous()
 
-        frame_info = []
-        for j, (i, step, sigma, d) in enumerate(rows):
-            info = {"index": j, "step": int(step), "sigma": _finite(sigma),
-                    "figure": _finite(imaging.rms(denoised[d, batch_index], source))}
-            if rec is not None:   # state frame i: level i; denoised frame i: the level its step lands on
-                info["miss"] = _finite(imaging.rms(r_states[i, batch_index], states[i, batch_index]))
-            if video:             # the x0 drift of each latent frame of the clip
-                info["figure_frames"] = [_finite(v) for v in imaging.rms_per_frame(denoised[d, batch_index], source)]
-            frame_info.append(info)
         data = {
-            "frames": frame_info,
+            "frames": _frame_info(rows, trajectory, bi, rec, video),
             "figure_name": FIGURE_NAME,
             "show": show,
             "method": str(trajectory.method),
-            "steps": n_steps,
+            "steps": int(sigmas.shape[0]) - 1,
             "sigma_max": _finite(sigmas[-1]),
             "sigma_min": _finite(sigmas[0]),
         }
         if video:
-            data["clip"] = clip
+            data["clip"] = render.clip
         if rec is not None:
             cfg = trajectory.optimized_negative.get("cfg")
             data["reconstruction"] = f"below: null-text reconstruction at cfg {float(cfg):g}"
