@@ -262,61 +262,62 @@ def main(argv=None) -> int:
     return 0
 
 
-def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
-    import torch
+def _checkpoint(model: str, a) -> str:
+    """The checkpoint's name: the built-in models are assembled once into .cache/models/checkpoints."""
     if model == "learned":
         from ddiminv_dev.learned import build
         if not build.is_built():
             say("assembling the learned checkpoint (once; .cache/models/checkpoints) ...")
         build.register_model_dir()
-        ckpt = build.CKPT_NAME
-    elif model == "random":
+        return build.CKPT_NAME
+    if model == "random":
         from ddiminv_dev import tiny_checkpoint
         if not tiny_checkpoint.is_built():
             say("generating the tiny random checkpoint (once; .cache/models/checkpoints) ...")
         tiny_checkpoint.register_model_dir()
-        ckpt = tiny_checkpoint.CKPT_NAME
-    else:
-        ckpt = a.ckpt
-    img, origin = source_image(model, a, a.size or PRESETS[model]["size"])
-    img.save(out / "source.png")
-    img.save(work / "input" / "ddiminv_demo.png")
-    R = Runner(ckpt, "ddiminv_demo.png", steps, a.source, a.target, cfg)
-    say(f"{ckpt}: {img.width}x{img.height} {origin}; {steps} steps; '{a.source}' -> '{a.target}' at cfg {cfg:g}")
+        return tiny_checkpoint.CKPT_NAME
+    return a.ckpt
 
-    rows, tiles = [], [("source", img)]
-    src_pixels = x0 = ceiling = fmt = None
 
-    def record(label, res, ids, latent_node, decode_node, seconds, nfe_invert=None, kind="reconstruction"):
-        """One row; a ``refined`` row measures against its own (refined) latent and ceiling."""
-        nonlocal src_pixels, x0, ceiling, fmt
-        if src_pixels is None:
-            src_pixels = res.outputs(ids["LoadImage"])[0]
-            fmt = res.outputs(ids["CheckpointLoaderSimple"])[0].model.latent_format
-            x0 = fmt.process_in(res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double())
-            ceiling = float(res.outputs(ids["DDIMInvVAEEncode"])[1])
-        x_src, ceil = x0, ceiling
+class _Rows:
+    """The demo's rows, measured against the encoded source (a ``refined`` row: its own refined latent and
+    ceiling), with one picture each and a tile for the sheet."""
+
+    def __init__(self, model: str, runner: Runner, out: Path, img):
+        self.model, self.R, self.out = model, runner, out
+        self.rows, self.tiles = [], [("source", img)]
+        self.src_pixels = self.x0 = self.ceiling = self.fmt = None
+
+    def record(self, label, res, ids, latent_node, seconds, nfe_invert=None, kind="reconstruction") -> dict:
+        if self.src_pixels is None:
+            self.src_pixels = res.outputs(ids["LoadImage"])[0]
+            self.fmt = res.outputs(ids["CheckpointLoaderSimple"])[0].model.latent_format
+            self.x0 = self.fmt.process_in(res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double())
+            self.ceiling = float(res.outputs(ids["DDIMInvVAEEncode"])[1])
+        x_src, ceil = self.x0, self.ceiling
         if kind == "refined":
-            x_src = fmt.process_in(res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double())
+            x_src = self.fmt.process_in(res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double())
             ceil = float(res.outputs(ids["DDIMInvVAEEncode"])[1])
-        rec = fmt.process_in(res.outputs(latent_node)[0]["samples"].double())
-        pic = res.outputs(decode_node)[0]
+        rec = self.fmt.process_in(res.outputs(latent_node)[0]["samples"].double())
+        pic = res.outputs(ids["VAEDecode"])[0]
         row = {"what": label, "kind": kind, "latent_rel_error": float((rec - x_src).norm() / x_src.norm()),
-               "psnr_db": psnr(pic, src_pixels), "vae_ceiling_db": ceil, "evaluations": R.counter.take(),
+               "psnr_db": psnr(pic, self.src_pixels), "vae_ceiling_db": ceil, "evaluations": self.R.counter.take(),
                "nfe_invert": nfe_invert, "seconds": round(seconds, 2)}
-        if model == "learned":
+        if self.model == "learned":
             from ddiminv_dev.learned import classifier
             row["looks_like"] = classifier.predict_captions(pic.movedim(-1, 1))[0]
-        rows.append(row)
+        self.rows.append(row)
         fname = label.replace(" ", "_").replace("/", "-").replace(",", "")
-        to_pil(pic).save(out / f"{fname}.png")
-        tiles.append((label + ("\n" + row["looks_like"] if "looks_like" in row else ""), to_pil(pic)))
+        to_pil(pic).save(self.out / f"{fname}.png")
+        self.tiles.append((label + ("\n" + row["looks_like"] if "looks_like" in row else ""), to_pil(pic)))
         say(f"{label}: latent error {row['latent_rel_error']:.3g}, {row['psnr_db']:.2f} dB (ceiling "
             f"{ceil:.2f}), {row['evaluations']} evaluations, {seconds:.1f} s"
             + (f", looks like '{row['looks_like']}'" if "looks_like" in row else ""))
         return row
 
-    # 1. reconstruction at cfg 1, per method
+
+def _reconstructions(R: Runner, rows: _Rows, methods, steps: int) -> None:
+    """1. reconstruction at cfg 1, per method."""
     for m in methods:
         p, ids = R.prompt("invert_and_reconstruct")
         p[ids["DDIMInvert"]]["inputs"].update(method=m, **BUDGETS[m])
@@ -332,28 +333,31 @@ def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
         t0 = time.perf_counter()
         res = R.run(p)
         traj = res.outputs(ids["DDIMInvert"])[2]
-        record(m, res, ids, ids["DDIMInvSampler"], ids["VAEDecode"], time.perf_counter() - t0, int(traj.nfe))
+        rows.record(m, res, ids, ids["DDIMInvSampler"], time.perf_counter() - t0, int(traj.nfe))
 
-    # 1b. exact from a refined latent (decoder inversion raises the ceiling the reconstruction is bounded by)
-    if a.refine > 0 and "exact" in methods:
-        label = f"exact, refine {a.refine}"
-        p, ids = R.prompt("invert_and_reconstruct")
-        p[ids["DDIMInvert"]]["inputs"].update(method="exact", **BUDGETS["exact"])
-        p[ids["DDIMInvSampler"]]["inputs"]["exact_replay"] = "bdia"
-        p[ids["DDIMInvVAEEncode"]]["inputs"]["refine"] = a.refine
-        say(f"{label}: refining the latent ({a.refine} iterations of decoder inversion) ...")
-        t0 = time.perf_counter()
-        R.run(p, outputs=[ids["DDIMInvVAEEncode"]])
-        refine_s = time.perf_counter() - t0
-        say(f"{label}: refined in {refine_s:.1f} s; inverting and regenerating ({steps} steps, cfg 1) ...")
-        t0 = time.perf_counter()
-        res = R.run(p)
-        row = record(label, res, ids, ids["DDIMInvSampler"], ids["VAEDecode"], time.perf_counter() - t0,
-                     int(res.outputs(ids["DDIMInvert"])[2].nfe), kind="refined")
-        row["refine_seconds"] = round(refine_s, 2)
 
-    # 2. reconstruction at cfg W (core KSamplerAdvanced) and 3. the edit (Inverted-Latent Sampler), each with the
-    # plain negative, the null-text negative and the source prompt as negative (negative-prompt inversion)
+def _refined(R: Runner, rows: _Rows, refine: int, steps: int) -> None:
+    """1b. exact from a refined latent (decoder inversion raises the ceiling the reconstruction is bounded by)."""
+    label = f"exact, refine {refine}"
+    p, ids = R.prompt("invert_and_reconstruct")
+    p[ids["DDIMInvert"]]["inputs"].update(method="exact", **BUDGETS["exact"])
+    p[ids["DDIMInvSampler"]]["inputs"]["exact_replay"] = "bdia"
+    p[ids["DDIMInvVAEEncode"]]["inputs"]["refine"] = refine
+    say(f"{label}: refining the latent ({refine} iterations of decoder inversion) ...")
+    t0 = time.perf_counter()
+    R.run(p, outputs=[ids["DDIMInvVAEEncode"]])
+    refine_s = time.perf_counter() - t0
+    say(f"{label}: refined in {refine_s:.1f} s; inverting and regenerating ({steps} steps, cfg 1) ...")
+    t0 = time.perf_counter()
+    res = R.run(p)
+    row = rows.record(label, res, ids, ids["DDIMInvSampler"], time.perf_counter() - t0,
+                      int(res.outputs(ids["DDIMInvert"])[2].nfe), kind="refined")
+    row["refine_seconds"] = round(refine_s, 2)
+
+
+def _guided(R: Runner, rows: _Rows, cfg: float, target: str) -> None:
+    """2. reconstruction at cfg W (core KSamplerAdvanced) and 3. the edit (Inverted-Latent Sampler), each with the
+    plain negative, the null-text negative and the source prompt as negative (negative-prompt inversion)."""
     for workflow, sampler, prefix, kind in (("nulltext_reconstruct", "KSamplerAdvanced", "", "reconstruction"),
                                             ("nulltext_edit", "DDIMInvSampler", "edit ", "edit")):
         for how, name in (("plain", "plain"), ("null_text", "null-text"), ("negative_prompt", "neg-prompt")):
@@ -368,27 +372,46 @@ def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
                 else:
                     p[ids[sampler]]["inputs"]["trajectory"] = [ids["DDIMInvert"], 2]
                 del p[ids["DDIMInvNullText"]]
-            say(f"{label}: {sampler} at cfg {cfg:g}" + (f", '{a.target}'" if kind == "edit" else "") + " ...")
+            say(f"{label}: {sampler} at cfg {cfg:g}" + (f", '{target}'" if kind == "edit" else "") + " ...")
             t0 = time.perf_counter()
             res = R.run(p)
-            record(label, res, ids, ids[sampler], ids["VAEDecode"], time.perf_counter() - t0, kind=kind)
+            rows.record(label, res, ids, ids[sampler], time.perf_counter() - t0, kind=kind)
 
-    sheet(tiles, out / "demo.png")
+
+DEFINITIONS = {
+    "latent_rel_error": "||x - x_src|| / ||x_src|| in model space (x_src: the encoded source)",
+    "psnr_db": "PSNR (data range 1) of the decoded result against the source image",
+    "vae_ceiling_db": "PSNR of decode(encode(image)): no reconstruction can beat it (refined row: of "
+                      "decode(refined latent))",
+    "refine_seconds": "refined row: seconds of the decoder inversion (VAE Encode (Inversion) refine)",
+    "evaluations": "diffusion-model calls of the run (inversion, optimisation and sampling)",
+    "looks_like": "the learned model's classifier: which photograph the result looks like",
+}
+
+
+def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
+    import torch
+    ckpt = _checkpoint(model, a)
+    img, origin = source_image(model, a, a.size or PRESETS[model]["size"])
+    img.save(out / "source.png")
+    img.save(work / "input" / "ddiminv_demo.png")
+    R = Runner(ckpt, "ddiminv_demo.png", steps, a.source, a.target, cfg)
+    say(f"{ckpt}: {img.width}x{img.height} {origin}; {steps} steps; '{a.source}' -> '{a.target}' at cfg {cfg:g}")
+
+    rows = _Rows(model, R, out, img)
+    _reconstructions(R, rows, methods, steps)
+    if a.refine > 0 and "exact" in methods:
+        _refined(R, rows, a.refine, steps)
+    _guided(R, rows, cfg, a.target)
+
+    sheet(rows.tiles, out / "demo.png")
     total = time.perf_counter() - t_start
     metrics = {
         "model": model, "checkpoint": R.ckpt, "note": NOTES[model], "image": origin,
         "size": [img.width, img.height], "steps": steps, "cfg": cfg, "source_prompt": a.source,
         "target_prompt": a.target, "budgets": BUDGETS, "nulltext": NULLTEXT, "device": "cpu" if cpu else "cuda",
-        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows,
-        "definitions": {
-            "latent_rel_error": "||x - x_src|| / ||x_src|| in model space (x_src: the encoded source)",
-            "psnr_db": "PSNR (data range 1) of the decoded result against the source image",
-            "vae_ceiling_db": "PSNR of decode(encode(image)): no reconstruction can beat it (refined row: of "
-                              "decode(refined latent))",
-            "refine_seconds": "refined row: seconds of the decoder inversion (VAE Encode (Inversion) refine)",
-            "evaluations": "diffusion-model calls of the run (inversion, optimisation and sampling)",
-            "looks_like": "the learned model's classifier: which photograph the result looks like",
-        },
+        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows.rows,
+        "definitions": DEFINITIONS,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print()
