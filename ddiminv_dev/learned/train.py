@@ -180,6 +180,40 @@ def unet_state_dict(unet) -> dict:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
 
 
+def draw_batch(g: torch.Generator, pool, index, empty: int, batch: int, drop: float, sigmas):
+    """One eps-training batch drawn from ``g`` in a fixed order, on the CPU (the same stream on any device):
+    latents, caption indices (``empty`` with probability ``drop``), sigmas, noise."""
+    idx = torch.randint(0, len(pool), (batch,), generator=g)
+    x0, cls = pool[idx], index[idx].clone()
+    cls[torch.rand(batch, generator=g) < drop] = empty
+    sigma = sigmas[torch.randint(0, len(sigmas), (batch,), generator=g)]
+    eps = torch.randn(x0.shape, generator=g)
+    return x0, cls, sigma, eps
+
+
+def eps_step(unet, opt, params, ms, contexts, drawn, device: str = "cpu") -> float:
+    """One optimiser step of the eps-prediction MSE on ``drawn`` (:func:`draw_batch`), gradients clipped to norm
+    1; returns the loss."""
+    x0, cls, sigma, eps = drawn
+    xc = ms.calculate_input(sigma, x0 + eps * sigma.view(-1, 1, 1, 1))
+    pred = unet(xc.to(device), ms.timestep(sigma).float().to(device), context=contexts[cls.to(device)].float())
+    loss = F.mse_loss(pred, eps.to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def ema_update(avg: dict, model, ema: float, it: int) -> None:
+    """``avg`` <- the EMA of ``model``'s floating-point state (decay warmed up: min(ema, (1+it)/(10+it)))."""
+    with torch.no_grad():
+        d = min(ema, (1 + it) / (10 + it))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+
 def train_unet(out_dir, vae_path, iterations: int = UNET_ITERS, seed: int = UNET_SEED, batch: int = 64,
                lr: float = 1e-3, rank: int | None = None, drop: float = 0.1, ema: float = 0.999,
                n_per_class: int = 320, save_every: int = 500, log=None) -> Path:
@@ -206,26 +240,8 @@ def train_unet(out_dir, vae_path, iterations: int = UNET_ITERS, seed: int = UNET
     run = None
     for it in range(iterations):
         _cosine(opt, it, iterations, lr, warmup=200)
-        idx = torch.randint(0, len(pool), (batch,), generator=g)
-        x0, cls = pool[idx], labels[idx].clone()
-        cls[torch.rand(batch, generator=g) < drop] = empty
-        ti = torch.randint(0, len(sigmas), (batch,), generator=g)
-        sigma = sigmas[ti]
-        eps = torch.randn(x0.shape, generator=g)
-        x = x0 + eps * sigma.view(-1, 1, 1, 1)
-        xc = ms.calculate_input(sigma, x)
-        pred = unet(xc, ms.timestep(sigma).float(), context=contexts[cls])
-        loss = F.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema, (1 + it) / (10 + it))
-            for k, v in unet.state_dict().items():
-                if v.is_floating_point():
-                    avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
-        lv = float(loss.detach())
+        lv = eps_step(unet, opt, params, ms, contexts, draw_batch(g, pool, labels, empty, batch, drop, sigmas))
+        ema_update(avg, unet, ema, it)
         run = lv if run is None else 0.99 * run + 0.01 * lv
         last = it + 1 == iterations
         if (it + 1) % 100 == 0 or last:

@@ -287,24 +287,9 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
     for it in range(start, iterations):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (it + 1) / 100)
-        idx = torch.randint(0, len(pool), (batch,), generator=g)
-        x0, cls = pool[idx], index[idx].clone()
-        cls[torch.rand(batch, generator=g) < drop] = empty
-        sigma = sigmas[torch.randint(0, len(sigmas), (batch,), generator=g)]
-        eps = torch.randn(x0.shape, generator=g)  # drawn on the CPU: the same run on any device
-        xc = ms.calculate_input(sigma, x0 + eps * sigma.view(-1, 1, 1, 1))
-        pred = unet(xc.to(device), ms.timestep(sigma).float().to(device), context=contexts[cls.to(device)].float())
-        loss = F.mse_loss(pred, eps.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema, (1 + it) / (10 + it))
-            for k, v in unet.state_dict().items():
-                if v.is_floating_point():
-                    avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
-        lv = float(loss.detach())
+        drawn = LT.draw_batch(g, pool, index, empty, batch, drop, sigmas)
+        lv = LT.eps_step(unet, opt, params, ms, contexts, drawn, device)
+        LT.ema_update(avg, unet, ema, it)
         run = lv if run is None else 0.99 * run + 0.01 * lv
         done = it + 1 == iterations or (minutes is not None and time.perf_counter() - t_train > minutes * 60)
         if (it + 1) % 25 == 0 or done:
