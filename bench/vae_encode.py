@@ -80,6 +80,37 @@ def sd_vae(quick: bool, seed: int = 0):
     return comfy.sd.VAE(sd=sd, config=config, dtype=torch.float32)
 
 
+def measure(variants: dict, repeats: int, cuda: bool) -> tuple[dict, dict, dict]:
+    """Each variant once to warm up, then ``repeats`` rounds: (seconds per round, peak memory above the start
+    per round -- CUDA allocator or process RSS --, the last output) per variant."""
+    import torch
+    times = {k: [] for k in variants}
+    mem = {k: [] for k in variants}
+    last = {}
+    with torch.inference_mode():
+        for fn in variants.values():     # warm-up: model load, allocator
+            fn()
+        for r in range(repeats):
+            for k, fn in variants.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    t0 = time.perf_counter()
+                    last[k] = fn()
+                    torch.cuda.synchronize()
+                    times[k].append(time.perf_counter() - t0)
+                    mem[k].append(torch.cuda.max_memory_allocated() - base)
+                else:
+                    with PeakRSS() as p:
+                        t0 = time.perf_counter()
+                        last[k] = fn()
+                        times[k].append(time.perf_counter() - t0)
+                    mem[k].append(p.above)
+                print(f"round {r + 1}: {k:9s} {times[k][-1]:8.2f} s  peak +{mem[k][-1] / 2**20:8.1f} MiB", flush=True)
+    return times, mem, last
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
@@ -108,30 +139,7 @@ def main(argv=None) -> int:
         variants["ours_full"] = lambda: ours.execute(pixels, vae, ceiling="full")
     if a.refine:
         variants["ours_refine"] = lambda: ours.execute(pixels, vae, refine=a.refine)
-    times = {k: [] for k in variants}
-    mem = {k: [] for k in variants}
-    last = {}
-    with torch.inference_mode():
-        for fn in variants.values():     # warm-up: model load, allocator
-            fn()
-        for r in range(a.repeats):
-            for k, fn in variants.items():
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    t0 = time.perf_counter()
-                    last[k] = fn()
-                    torch.cuda.synchronize()
-                    times[k].append(time.perf_counter() - t0)
-                    mem[k].append(torch.cuda.max_memory_allocated() - base)
-                else:
-                    with PeakRSS() as p:
-                        t0 = time.perf_counter()
-                        last[k] = fn()
-                        times[k].append(time.perf_counter() - t0)
-                    mem[k].append(p.above)
-                print(f"round {r + 1}: {k:9s} {times[k][-1]:8.2f} s  peak +{mem[k][-1] / 2**20:8.1f} MiB", flush=True)
+    times, mem, last = measure(variants, a.repeats, cuda)
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: max(v) for k, v in mem.items()}
     lat_core = B.first(last["core"])["samples"]
