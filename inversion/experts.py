@@ -82,5 +82,102 @@ def by_sigma(low_fn: Callable, high_fn: Callable, boundary: float) -> Callable:
 
     def model_fn(x, sigma, *args, **kwargs):
         s = float(sigma.flatten()[0]) if hasattr(sigma, "flatten") else float(sigma)
-        return (high_fn if s >= b else low_fn)(x, sigma, *args, **kwargs)
+        return (high_fn if expert_of(s, b) == HIGH else low_fn)(x, sigma, *args, **kwargs)
     return model_fn
+
+
+# ---------------------------------------------------------------------------------------------- one guider per segment
+class _Switch(Exception):
+    """Raised inside a segment's loop when an evaluation needs the other expert (caught by :func:`run_segments`,
+    never leaves it)."""
+
+
+REPLAY_RTOL = 1e-5   # replayed evaluation inputs must match the recorded ones (a deterministic loop: exactly)
+
+
+def expert_of(sigma: float, boundary: float) -> str:
+    """The expert that evaluates at ``sigma``: high-noise at or above the boundary (as :func:`by_sigma`)."""
+    return HIGH if float(sigma) >= float(boundary) else LOW
+
+
+def _fingerprint(x):
+    """Two device-side sums of an evaluation's input (no host sync): enough to see a replay that diverged."""
+    xd = x.detach().double()
+    return (xd.sum(), (xd * xd).sum())
+
+
+def run_segments(loop: Callable, run_with: Callable, boundary: float, first: str = LOW):
+    """Run ``loop(model_fn, device, progress)`` with two experts, each segment inside its own expert's runner.
+
+    ``run_with(expert, seg_loop)`` runs ``seg_loop(model_fn, device, progress)`` with that expert's guided model
+    (the adapter: one CFGGuider per expert segment, so only one expert needs to be loaded at a time, as in the
+    two-KSamplerAdvanced workflow) and returns its result. Evaluations dispatch on their sigma
+    (:func:`expert_of`). When the loop asks for the other expert, the segment stops there and the loop runs again
+    inside the other expert's runner, its earlier evaluations answered from what the first segment recorded (the
+    loop is deterministic, so the replay retraces the same states; checked on the evaluation inputs, once, at
+    the end), and its progress reported once per step. A segment whose expert was guessed wrong (no evaluation)
+    costs one runner start. The result equals one pass with :func:`by_sigma` of the
+    two models. Returns ``(result, experts run in order)``. ``first``: the expert of the loop's first evaluation
+    (a wrong guess costs one runner start, not a result)."""
+    b = float(boundary)
+    if first not in (HIGH, LOW):
+        raise InversionInputError(f"expert {first!r} is unknown; use {HIGH!r} or {LOW!r}")
+    recorded = []            # (sigma, denoised, input fingerprint) of the finished segments' evaluations
+    reported = [0]           # progress calls made by the finished segments
+    order = []
+    drift = []               # device-side fingerprint differences of replayed inputs
+    evaluated = set()        # experts that evaluated something in a finished segment
+    expert = first
+    while True:
+        order.append(expert)
+        seg = {"n": 0, "calls": 0, "switch": None, "new": 0}
+
+        def seg_loop(model_fn, device, progress, expert=expert, seg=seg):
+            def fn(x, sigma, *args, **kwargs):
+                n = seg["n"]
+                if n < len(recorded):                   # replay of a finished segment's evaluation
+                    s, D, fp = recorded[n]
+                    if float(sigma) != s:
+                        raise InversionInputError(
+                            f"the replay evaluated sigma {float(sigma):.6g} where the first expert's segment "
+                            f"evaluated {s:.6g} (a nondeterministic loop); run it with one model, or report this")
+                    now = _fingerprint(x)
+                    drift.append(max((now[i] - fp[i]).abs() / fp[i].abs().clamp_min(1e-30) for i in (0, 1)))
+                    seg["n"] += 1
+                    return D.to(x.device)
+                need = expert_of(sigma, b)
+                if need != expert:
+                    seg["switch"] = need
+                    raise _Switch()
+                D = model_fn(x, sigma, *args, **kwargs)
+                recorded.append((float(sigma), D, _fingerprint(x)))
+                seg["n"] += 1
+                seg["new"] += 1
+                return D
+
+            def prog(*a):
+                seg["calls"] += 1
+                if progress is not None and seg["calls"] > reported[0]:
+                    progress(*a)
+            try:
+                return loop(fn, device, prog)
+            except _Switch:
+                return None
+        result = run_with(expert, seg_loop)
+        if seg["switch"] is None:
+            break
+        reported[0] = seg["calls"]
+        if seg["new"]:
+            evaluated.add(expert)
+        expert = seg["switch"]
+        if expert in evaluated:
+            raise InversionInputError(
+                f"the loop went back to the {expert}-noise expert (its evaluation sigmas are not monotonic across "
+                f"the boundary {b:g}); run it with one model, or report this as a bug")
+    if drift:
+        worst = float(max(d.to("cpu") for d in drift))
+        if not worst <= REPLAY_RTOL:
+            raise InversionInputError(
+                f"replaying the first expert's steps did not retrace them (relative difference {worst:.3g} in the "
+                "model inputs): the loop is not deterministic on this device; run it with one model, or report this")
+    return result, order
