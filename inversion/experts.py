@@ -18,8 +18,9 @@ schedule's own levels (``exact`` and the sampler): a step's expert is the one fo
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import InversionInputError
 
@@ -181,3 +182,70 @@ def run_segments(loop: Callable, run_with: Callable, boundary: float, first: str
                 f"replaying the first expert's steps did not retrace them (relative difference {worst:.3g} in the "
                 "model inputs): the loop is not deterministic on this device; run it with one model, or report this")
     return result, order
+
+
+# ------------------------------------------------------------------------------------------ what a trajectory records
+def record(sigmas: Sequence, boundary: float, low_id: str, high_id: str) -> dict:
+    """What DDIM Invert writes to ``trajectory.extra['experts']``: the boundary, the switch step on the
+    trajectory's own schedule (``sigmas`` in sampling order) and the two experts' identities (opaque strings)."""
+    return {"boundary": float(boundary), "switch_step": switch_step(sigmas, boundary), "low": str(low_id),
+            "high": str(high_id)}
+
+
+def check_record(rec) -> Optional[dict]:
+    """A trajectory's ``extra['experts']`` (None: one model), checked."""
+    if rec is None:
+        return None
+    fix = "invert again with DDIM Invert"
+    if not isinstance(rec, dict) or not {"boundary", "switch_step", "low", "high"} <= set(rec):
+        raise InversionInputError(f"trajectory extra['experts'] must be a dict with boundary, switch_step, low and "
+                                  f"high; {fix}")
+    b = rec["boundary"]
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b > 0):
+        raise InversionInputError(f"trajectory extra['experts']['boundary'] must be a finite sigma > 0; {fix}")
+    return rec
+
+
+def describe(rec: dict, steps: int, offset: int = 0) -> str:
+    """The switch in the words of the two-KSamplerAdvanced workflow (``offset``: the first sampling step of the
+    trajectory's schedule in the full one, DDIM Invert's start_step)."""
+    k, b = int(rec["switch_step"]), float(rec["boundary"])
+    if k == 0:
+        return f"two experts, boundary {b:g}: every step is below it, the low-noise expert (model) only"
+    if k == steps:
+        return f"two experts, boundary {b:g}: every step is at or above it, the high-noise expert only"
+    return (f"two experts, boundary {b:g}: high-noise (model_high_noise) for sampling steps {offset}-{offset + k - 1}, "
+            f"low-noise (model) from step {offset + k} (KSamplerAdvanced end_at_step / start_at_step "
+            f"{offset + k})")
+
+
+def check_pair(rec: Optional[dict], low_id: str, high_id: Optional[str]) -> list:
+    """The sampler's experts against the trajectory's record: raises for a pair that cannot regenerate it (a
+    second model missing or extra, the two swapped); returns warnings for experts that are other models."""
+    if rec is None:
+        if high_id is not None:
+            raise InversionInputError("model_high_noise is connected but the trajectory was inverted with one model; "
+                                      "disconnect model_high_noise, or invert with both experts")
+        return []
+    where = f"boundary {float(rec['boundary']):g}, switch at sampling step {int(rec['switch_step'])}"
+    if high_id is None:
+        raise InversionInputError(f"the trajectory was inverted with two experts ({where}) but model_high_noise is "
+                                  "not connected; connect the high-noise expert to model_high_noise and the "
+                                  "low-noise one to model, as in DDIM Invert")
+    if low_id != high_id and low_id == rec["high"] and high_id == rec["low"]:
+        raise InversionInputError(f"the experts are swapped: model is the trajectory's high-noise expert and "
+                                  f"model_high_noise its low-noise one ({where}); connect the low-noise expert to "
+                                  "model and the high-noise one to model_high_noise")
+    warns = []
+    for name, now, was in (("model", low_id, rec["low"]), ("model_high_noise", high_id, rec["high"])):
+        if now != was:
+            warns.append(f"{name} is not the model that inverted this trajectory's "
+                         f"{'low' if name == 'model' else 'high'}-noise steps (another or reloaded model)")
+    return warns
+
+
+def pair_fingerprint(low_fp: Optional[str], high_fp: Optional[str], boundary: float) -> Optional[str]:
+    """One guidance fingerprint for two experts and their switch (None when either is not comparable)."""
+    if low_fp is None or high_fp is None:
+        return None
+    return hashlib.blake2b(f"experts|{low_fp}|{high_fp}|{float(boundary)!r}".encode(), digest_size=20).hexdigest()
