@@ -179,3 +179,22 @@ def test_a_replay_that_does_not_retrace_is_refused():
         return fn(x0, 0.95)
     with pytest.raises(InversionInputError, match="did not retrace"):
         X.run_segments(loop, _runner({X.LOW: low, X.HIGH: high}, []), 0.875, first=X.LOW)
+
+
+# ---------------------------------------------------------------------------------------------- the record and the pair
+def test_record_check_and_pair():
+    s = flow_sigmas(20, 8.0)
+    rec = X.record(s, 0.875, "L", "H")
+    assert rec == {"boundary": 0.875, "switch_step": 11, "low": "L", "high": "H"}
+    assert X.check_record(rec) is rec and X.check_record(None) is None
+    for bad in ({"boundary": 0.875}, {**rec, "boundary": float("nan")}, {**rec, "boundary": True}, [rec]):
+        with pytest.raises(InversionInputError, match="invert again"):
+            X.check_record(bad)
+    assert X.check_pair(None, "L", None) == [] and X.check_pair(rec, "L", "H") == []
+    assert len(X.check_pair(rec, "L2", "H")) == 1                 # another model: a warning, not a refusal
+    assert X.check_pair(rec, "X", "X") != []                       # one model twice: warned, not "swapped"
+    assert "end_at_step / start_at_step 13" in X.describe(rec, 20, offset=2)
+    assert X.pair_fingerprint("a", None, 0.875) is None and X.pair_fingerprint(None, "b", 0.875) is None
+    fp = X.pair_fingerprint("a", "b", 0.875)
+    assert fp != X.pair_fingerprint("b", "a", 0.875) and fp != X.pair_fingerprint("a", "b", 0.9)
+    assert fp == X.pair_fingerprint("a", "b", 0.875)
