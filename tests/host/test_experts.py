@@ -129,3 +129,29 @@ def test_a_second_model_for_a_one_model_trajectory_is_refused():
     res = host.run(_sampler(_base(high=False), high="hi"), expect_success=False)
     assert "Inverted-Latent Sampler: model_high_noise is connected but the trajectory was inverted with one " \
            "model; disconnect model_high_noise" in res.error_text(), res.error_text()
+
+
+def test_source_drift_pins_the_source_with_two_experts():
+    """correction source_drift runs its own pass through both experts: at another cfg than the inversion's the
+    replay drifts, the corrected one comes back to the source."""
+    p = _sampler(_base(method="exact"), key="plain", cfg=3.0)
+    p = _sampler(p, key="pinned", cfg=3.0, correction="source_drift")
+    res = host.run(p)
+    plain, pinned = _rel(res, "plain"), _rel(res, "pinned")
+    print(f"\nEXPERTS cfg 3 replay of a cfg-2 inversion: plain {plain:.3g}, source_drift {pinned:.3g}")
+    assert plain > 1e-2 and pinned <= 1e-5, (plain, pinned)
+
+
+def test_null_text_refuses_a_two_expert_trajectory():
+    p = _base(method="ddim")
+    p["nt"] = {"class_type": "DDIMInvNullText", "inputs": {
+        "model": ["lo", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": 3.0,
+        "iterations": 1}}
+    p["nt_out"] = {"class_type": "TestLatentSink", "inputs": {"samples": ["inv", 0]}}
+    p["nt_sink"] = {"class_type": "DDIMInvSampler", "inputs": {
+        "model": ["lo", 0], "positive": ["c", 0], "negative": ["nt", 0], "trajectory": ["nt", 1], "cfg": 3.0,
+        "model_high_noise": ["hi", 0]}}
+    p["nt_sink_out"] = {"class_type": "TestLatentSink", "inputs": {"samples": ["nt_sink", 0]}}
+    res = host.run(p, expect_success=False)
+    assert "Null-Text Inversion: the trajectory was inverted with two experts" in res.error_text(), \
+        res.error_text()
