@@ -48,7 +48,8 @@ class DDIMInvert(io.ComfyNode):
                 "Methods: ddim (1 evaluation/step), implicit (exact inverse of each DDIM step by a "
                 "safeguarded fixed-point solve, a few evaluations/step), exact (BDIA-DDIM: bit-for-bit round trip "
                 "at any CFG, 1 evaluation/step; regenerate with Inverted-Latent Sampler). Works for EPS, "
-                "V-prediction and flow (SD3/Flux) models. Its text output reports the evaluations used."),
+                "V-prediction and flow (SD3/Flux) models, and Wan 2.2's two experts (model_high_noise). Its text "
+                "output reports the evaluations used."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (LoRAs, patches and ControlNets apply)."),
                 io.Conditioning.Input("positive", tooltip="Prompt describing the source image (the inversion's "

@@ -30,6 +30,7 @@ class DDIMInvSampler(io.ComfyNode):
                 "(DDIM for ddim/implicit, the BDIA recurrence for exact), over the trajectory's exact schedule. "
                 "Same model, prompt and cfg as the inversion reconstruct the source; another prompt or cfg edits it. "
                 "A noise_mask recorded by DDIM Invert keeps everything outside the mask exactly as the source. "
+                "A two-expert trajectory (Wan 2.2) needs the same pair: model_high_noise. "
                 "Its text output says which replay ran and warns when the model differs from the inversion's."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model; use the one that made the trajectory."),

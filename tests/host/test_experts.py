@@ -155,3 +155,14 @@ def test_null_text_refuses_a_two_expert_trajectory():
     res = host.run(p, expect_success=False)
     assert "Null-Text Inversion: the trajectory was inverted with two experts" in res.error_text(), \
         res.error_text()
+
+
+def test_experts_on_different_schedules_are_refused():
+    """Two experts must share the noise schedule (one schedule, one NOISE): another shift on one is refused."""
+    p = _base()
+    p["shifted"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["hi", 0], "shift": 3.0}}
+    p["inv"]["inputs"]["model_high_noise"] = ["shifted", 0]
+    p["inv_out"] = {"class_type": "TestLatentSink", "inputs": {"samples": ["inv", 0]}}
+    res = host.run(p, expect_success=False)
+    assert "DDIM Invert: the two experts sample on different noise schedules" in res.error_text(), res.error_text()
+    assert "the same ModelSamplingSD3 shift" in res.error_text()
