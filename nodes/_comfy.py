@@ -313,8 +313,8 @@ class _Progress:
         self.label, self.callback, self.disable, self.bar = label, callback, disable_pbar, None
 
     def __call__(self, i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=total, disable=self.disable, desc=self.label, leave=True)
+        if self.bar is None:   # initial: a second expert's segment takes over at step i
+            self.bar = tqdm(total=total, initial=i, disable=self.disable, desc=self.label, leave=True)
         self.bar.update(1)
         if self.callback is not None:
             self.callback(i, denoised.detach().to(torch.float32), x.detach().to(torch.float32), total)

@@ -166,3 +166,15 @@ def test_experts_on_different_schedules_are_refused():
     res = host.run(p, expect_success=False)
     assert "DDIM Invert: the two experts sample on different noise schedules" in res.error_text(), res.error_text()
     assert "the same ModelSamplingSD3 shift" in res.error_text()
+
+
+def test_progress_once_per_step_across_the_experts(hook):
+    """Each step reports UI progress once, with a preview, whichever expert ran it: the high-noise expert's segment
+    of the inversion does not report the replayed low-noise steps again (values 1..N over both guiders)."""
+    res = host.run(_sampler(_base(method="ddim")))
+    assert res.success
+    inv = [c for c in hook if c[3] == "inv"]
+    rec = [c for c in hook if c[3] == "rec"]
+    assert [c[0] for c in inv] == list(range(1, STEPS + 1)) and all(c[1] == STEPS for c in inv)
+    assert [c[0] for c in rec] == list(range(1, STEPS + 1))
+    assert all(c[2] is not None for c in inv + rec)
