@@ -29,7 +29,25 @@ ATTENTION_EDIT_NOTE = (
     "for the first 40% of the steps, self-attention maps for the first 60%, and a local blend that keeps the "
     "source wherever 'cat' and 'dog' are not attended. Its text output says what was injected.")
 
+VIDEO_TWO_EXPERTS_NOTE = (
+    "A clip inverted and regenerated with Wan 2.2 A14B's two experts.\n\n"
+    "Load Video gives the clip's frames; VAE Encode (Inversion) makes the 5-D Wan latent (frame count 1 + 4k: "
+    "'fit' pads the last frame). DDIM Invert takes the low-noise expert as 'model' and the high-noise one as "
+    "'model_high_noise': steps whose noise level is at or above 'boundary' (0.875, Wan 2.2's text-to-video "
+    "switch; 0.9 for image-to-video) use the high-noise expert. Inverting runs the low-noise expert first; the "
+    "Inverted-Latent Sampler, given the same pair, regenerates with the high-noise expert first, and with "
+    "method exact and the same prompt and cfg it gives back the clip's latent exactly. Edit by changing the "
+    "prompt on the sampler. DDIM Invert's text names the switch step for the two-KSamplerAdvanced workflow "
+    "(its 'noise' drives SamplerCustomAdvanced for the high-noise half).")
+
 LAYOUTS = {
+    "video_two_experts": (
+        {"1": (20, 80, 300, 330), "2": (20, 450, 300, 110), "3": (360, 80, 360, 90), "4": (360, 210, 360, 90),
+         "5": (760, 80, 260, 60), "6": (760, 210, 260, 60), "7": (360, 340, 360, 110), "8": (360, 490, 400, 180),
+         "9": (360, 710, 400, 130), "10": (20, 600, 300, 60), "11": (800, 340, 320, 200),
+         "12": (1160, 80, 340, 460), "13": (1540, 80, 340, 330), "14": (1920, 80, 220, 50),
+         "15": (1920, 180, 400, 420), "16": (1540, 460, 400, 420)},
+        [(VIDEO_TWO_EXPERTS_NOTE, (20, 900, 460, 300))]),
     "attention_edit": (
         {"1": (20, 80, 320, 380), "2": (20, 500, 320, 100), "3": (380, 80, 400, 260), "4": (380, 380, 400, 120),
          "5": (820, 500, 320, 110), "6": (820, 80, 320, 380), "12": (1180, 420, 320, 330),

@@ -34,6 +34,23 @@ MODEL_SOURCES = {
     "sd3.5_vae.safetensors": (
         "vae",
         "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/resolve/main/vae/diffusion_pytorch_model.safetensors"),
+    # Wan 2.2 A14B (video_two_experts): ComfyUI's repackaged files
+    "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": (
+        "diffusion_models",
+        "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/"
+        "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+    "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": (
+        "diffusion_models",
+        "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/"
+        "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": (
+        "text_encoders",
+        "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/"
+        "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "wan_2.1_vae.safetensors": (
+        "vae",
+        "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/vae/"
+        "wan_2.1_vae.safetensors"),
 }
 FILE_WIDGETS = ("ckpt_name", "unet_name", "clip_name", "vae_name")
 
@@ -85,8 +102,8 @@ def build_ui(api: dict, layout: dict, nodes_module, notes: list | None = None) -
                 widgets.append(node["inputs"][name])
                 if opts.get("control_after_generate"):
                     widgets.append("fixed")
-                if opts.get("image_upload"):
-                    widgets.append("image")
+                if opts.get("image_upload") or opts.get("video_upload"):
+                    widgets.append("image")   # the frontend's upload button (its value is "image" for both)
                 continue
             entry = {"name": name, "type": str(t), "link": None}
             if not req:

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .errors import InversionInputError
+from .experts import check_record as check_experts_record
 from .methods import METHODS
 from .nulltext import MODES as NEGATIVE_MODES
 
@@ -205,6 +206,7 @@ def check_trajectory(traj) -> None:
     fp = extra.get("guidance_fingerprint")
     if fp is not None and not isinstance(fp, str):
         raise InversionInputError(f"trajectory extra['guidance_fingerprint'] must be a string or None; {fix}")
+    check_experts_record(extra.get("experts"))
     opt = getattr(traj, "optimized_negative", None)
     if opt is not None and not (isinstance(opt, dict) and opt.get("mode") in NEGATIVE_MODES
                                 and isinstance(opt.get("conditioning"), list) and opt["conditioning"]):

@@ -18,8 +18,9 @@ schedule's own levels (``exact`` and the sampler): a step's expert is the one fo
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import InversionInputError
 
@@ -82,5 +83,169 @@ def by_sigma(low_fn: Callable, high_fn: Callable, boundary: float) -> Callable:
 
     def model_fn(x, sigma, *args, **kwargs):
         s = float(sigma.flatten()[0]) if hasattr(sigma, "flatten") else float(sigma)
-        return (high_fn if s >= b else low_fn)(x, sigma, *args, **kwargs)
+        return (high_fn if expert_of(s, b) == HIGH else low_fn)(x, sigma, *args, **kwargs)
     return model_fn
+
+
+# ---------------------------------------------------------------------------------------------- one guider per segment
+class _Switch(Exception):
+    """Raised inside a segment's loop when an evaluation needs the other expert (caught by :func:`run_segments`,
+    never leaves it)."""
+
+
+REPLAY_RTOL = 1e-5   # replayed evaluation inputs must match the recorded ones (a deterministic loop: exactly)
+
+
+def expert_of(sigma: float, boundary: float) -> str:
+    """The expert that evaluates at ``sigma``: high-noise at or above the boundary (as :func:`by_sigma`)."""
+    return HIGH if float(sigma) >= float(boundary) else LOW
+
+
+def _fingerprint(x):
+    """Two device-side sums of an evaluation's input (no host sync): enough to see a replay that diverged."""
+    xd = x.detach().double()
+    return (xd.sum(), (xd * xd).sum())
+
+
+def run_segments(loop: Callable, run_with: Callable, boundary: float, first: str = LOW):
+    """Run ``loop(model_fn, device, progress)`` with two experts, each segment inside its own expert's runner.
+
+    ``run_with(expert, seg_loop)`` runs ``seg_loop(model_fn, device, progress)`` with that expert's guided model
+    (the adapter: one CFGGuider per expert segment, so only one expert needs to be loaded at a time, as in the
+    two-KSamplerAdvanced workflow) and returns its result. Evaluations dispatch on their sigma
+    (:func:`expert_of`). When the loop asks for the other expert, the segment stops there and the loop runs again
+    inside the other expert's runner, its earlier evaluations answered from what the first segment recorded (the
+    loop is deterministic, so the replay retraces the same states; checked on the evaluation inputs, once, at
+    the end), and its progress reported once per step. A segment whose expert was guessed wrong (no evaluation)
+    costs one runner start. The result equals one pass with :func:`by_sigma` of the
+    two models. Returns ``(result, experts run in order)``. ``first``: the expert of the loop's first evaluation
+    (a wrong guess costs one runner start, not a result)."""
+    b = float(boundary)
+    if first not in (HIGH, LOW):
+        raise InversionInputError(f"expert {first!r} is unknown; use {HIGH!r} or {LOW!r}")
+    recorded = []            # (sigma, denoised, input fingerprint) of the finished segments' evaluations
+    reported = [0]           # progress calls made by the finished segments
+    order = []
+    drift = []               # device-side fingerprint differences of replayed inputs
+    evaluated = set()        # experts that evaluated something in a finished segment
+    expert = first
+    while True:
+        order.append(expert)
+        seg = {"n": 0, "calls": 0, "switch": None, "new": 0}
+
+        def seg_loop(model_fn, device, progress, expert=expert, seg=seg):
+            def fn(x, sigma, *args, **kwargs):
+                n = seg["n"]
+                if n < len(recorded):                   # replay of a finished segment's evaluation
+                    s, D, fp = recorded[n]
+                    if float(sigma) != s:
+                        raise InversionInputError(
+                            f"the replay evaluated sigma {float(sigma):.6g} where the first expert's segment "
+                            f"evaluated {s:.6g} (a nondeterministic loop); run it with one model, or report this")
+                    now = _fingerprint(x)
+                    drift.append(max((now[i] - fp[i]).abs() / fp[i].abs().clamp_min(1e-30) for i in (0, 1)))
+                    seg["n"] += 1
+                    return D.to(x.device)
+                need = expert_of(sigma, b)
+                if need != expert:
+                    seg["switch"] = need
+                    raise _Switch()
+                D = model_fn(x, sigma, *args, **kwargs)
+                recorded.append((float(sigma), D, _fingerprint(x)))
+                seg["n"] += 1
+                seg["new"] += 1
+                return D
+
+            def prog(*a):
+                seg["calls"] += 1
+                if progress is not None and seg["calls"] > reported[0]:
+                    progress(*a)
+            try:
+                return loop(fn, device, prog)
+            except _Switch:
+                return None
+        result = run_with(expert, seg_loop)
+        if seg["switch"] is None:
+            break
+        reported[0] = seg["calls"]
+        if seg["new"]:
+            evaluated.add(expert)
+        expert = seg["switch"]
+        if expert in evaluated:
+            raise InversionInputError(
+                f"the loop went back to the {expert}-noise expert (its evaluation sigmas are not monotonic across "
+                f"the boundary {b:g}); run it with one model, or report this as a bug")
+    if drift:
+        worst = float(max(d.to("cpu") for d in drift))
+        if not worst <= REPLAY_RTOL:
+            raise InversionInputError(
+                f"replaying the first expert's steps did not retrace them (relative difference {worst:.3g} in the "
+                "model inputs): the loop is not deterministic on this device; run it with one model, or report this")
+    return result, order
+
+
+# ------------------------------------------------------------------------------------------ what a trajectory records
+def record(sigmas: Sequence, boundary: float, low_id: str, high_id: str) -> dict:
+    """What DDIM Invert writes to ``trajectory.extra['experts']``: the boundary, the switch step on the
+    trajectory's own schedule (``sigmas`` in sampling order) and the two experts' identities (opaque strings)."""
+    return {"boundary": float(boundary), "switch_step": switch_step(sigmas, boundary), "low": str(low_id),
+            "high": str(high_id)}
+
+
+def check_record(rec) -> Optional[dict]:
+    """A trajectory's ``extra['experts']`` (None: one model), checked."""
+    if rec is None:
+        return None
+    fix = "invert again with DDIM Invert"
+    if not isinstance(rec, dict) or not {"boundary", "switch_step", "low", "high"} <= set(rec):
+        raise InversionInputError(f"trajectory extra['experts'] must be a dict with boundary, switch_step, low and "
+                                  f"high; {fix}")
+    b = rec["boundary"]
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b > 0):
+        raise InversionInputError(f"trajectory extra['experts']['boundary'] must be a finite sigma > 0; {fix}")
+    return rec
+
+
+def describe(rec: dict, steps: int, offset: int = 0) -> str:
+    """The switch in the words of the two-KSamplerAdvanced workflow (``offset``: the first sampling step of the
+    trajectory's schedule in the full one, DDIM Invert's start_step)."""
+    k, b = int(rec["switch_step"]), float(rec["boundary"])
+    if k == 0:
+        return f"two experts, boundary {b:g}: every step is below it, the low-noise expert (model) only"
+    if k == steps:
+        return f"two experts, boundary {b:g}: every step is at or above it, the high-noise expert only"
+    return (f"two experts, boundary {b:g}: high-noise (model_high_noise) for sampling steps {offset}-{offset + k - 1}, "
+            f"low-noise (model) from step {offset + k} (KSamplerAdvanced end_at_step / start_at_step "
+            f"{offset + k})")
+
+
+def check_pair(rec: Optional[dict], low_id: str, high_id: Optional[str]) -> list:
+    """The sampler's experts against the trajectory's record: raises for a pair that cannot regenerate it (a
+    second model missing or extra, the two swapped); returns warnings for experts that are other models."""
+    if rec is None:
+        if high_id is not None:
+            raise InversionInputError("model_high_noise is connected but the trajectory was inverted with one model; "
+                                      "disconnect model_high_noise, or invert with both experts")
+        return []
+    where = f"boundary {float(rec['boundary']):g}, switch at sampling step {int(rec['switch_step'])}"
+    if high_id is None:
+        raise InversionInputError(f"the trajectory was inverted with two experts ({where}) but model_high_noise is "
+                                  "not connected; connect the high-noise expert to model_high_noise and the "
+                                  "low-noise one to model, as in DDIM Invert")
+    if low_id != high_id and low_id == rec["high"] and high_id == rec["low"]:
+        raise InversionInputError(f"the experts are swapped: model is the trajectory's high-noise expert and "
+                                  f"model_high_noise its low-noise one ({where}); connect the low-noise expert to "
+                                  "model and the high-noise one to model_high_noise")
+    warns = []
+    for name, now, was in (("model", low_id, rec["low"]), ("model_high_noise", high_id, rec["high"])):
+        if now != was:
+            warns.append(f"{name} is not the model that inverted this trajectory's "
+                         f"{'low' if name == 'model' else 'high'}-noise steps (another or reloaded model)")
+    return warns
+
+
+def pair_fingerprint(low_fp: Optional[str], high_fp: Optional[str], boundary: float) -> Optional[str]:
+    """One guidance fingerprint for two experts and their switch (None when either is not comparable)."""
+    if low_fp is None or high_fp is None:
+        return None
+    return hashlib.blake2b(f"experts|{low_fp}|{high_fp}|{float(boundary)!r}".encode(), digest_size=20).hexdigest()

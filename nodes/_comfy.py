@@ -41,7 +41,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..inversion import checks, families
+from ..inversion import checks, experts, families
 from ..inversion.errors import InversionInputError
 
 log = logging.getLogger("ddim_inversion")
@@ -313,8 +313,8 @@ class _Progress:
         self.label, self.callback, self.disable, self.bar = label, callback, disable_pbar, None
 
     def __call__(self, i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=total, disable=self.disable, desc=self.label, leave=True)
+        if self.bar is None:   # initial: a second expert's segment takes over at step i
+            self.bar = tqdm(total=total, initial=i, disable=self.disable, desc=self.label, leave=True)
         self.bar.update(1)
         if self.callback is not None:
             self.callback(i, denoised.detach().to(torch.float32), x.detach().to(torch.float32), total)
@@ -367,6 +367,41 @@ def run_guided(model, positive, negative, cfg: float, shape, sigmas: torch.Tenso
     the UI progress bar's length.
     """
     return drive(model, positive, negative, cfg, shape, sigmas, _LoopSampler(loop, label), steps)
+
+
+def model_id(model) -> str:
+    """An identity of the network a MODEL wraps (``model.model``), never reused in this process; clones (LoRA,
+    patches) of one loaded model share it. What a two-expert trajectory records of each expert."""
+    return _model_token(model.model)
+
+
+def check_experts(low, high) -> None:
+    """Two experts must sample one latent on one noise schedule: the same family, latent format and sampling
+    (prediction type, sigma table: e.g. the same ModelSamplingSD3 shift on both)."""
+    fam_low, fam_high = family_of(low), family_of(high)
+    fl, fh = latent_facts(low, family_checked=True), latent_facts(high, family_checked=True)
+    if (fam_low, fl["format"], fl["channels"]) != (fam_high, fh["format"], fh["channels"]):
+        raise InversionInputError(
+            f"the two experts take different latents (model: {fl['format']}, {fl['channels']} channels, {fam_low}; "
+            f"model_high_noise: {fh['format']}, {fh['channels']} channels, {fam_high}); connect the two experts of "
+            "one model (e.g. Wan 2.2 A14B's low-noise and high-noise models)")
+    sl, sh = sampling_facts(low), sampling_facts(high)
+    if sl != sh:
+        raise InversionInputError(
+            f"the two experts sample on different noise schedules (model: {sl['prediction']} sigma "
+            f"{sl['sigma_min']:.4g}..{sl['sigma_max']:.4g}; model_high_noise: {sh['prediction']} sigma "
+            f"{sh['sigma_min']:.4g}..{sh['sigma_max']:.4g}); give both the same sampling (e.g. the same "
+            "ModelSamplingSD3 shift)")
+
+
+def run_experts(models: dict, positive, negative, cfg: float, shape, sigmas: torch.Tensor, loop: Callable,
+                steps: int, label: str, boundary: float, first: str):
+    """:func:`run_guided` with two experts (``models``: {'low': MODEL, 'high': MODEL}): one CFGGuider per expert
+    segment, the evaluations dispatched on their sigma at ``boundary`` (``inversion.experts.run_segments``)."""
+    def run_with(expert, seg_loop):
+        return run_guided(models[expert], positive, negative, cfg, shape, sigmas, seg_loop, steps,
+                          f"{label} ({expert}-noise expert)")
+    return experts.run_segments(loop, run_with, boundary, first)[0]
 
 
 def drive(model, positive, negative, cfg: float, shape, sigmas: torch.Tensor, sampler, total: int):

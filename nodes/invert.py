@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..inversion import checks, implicit, methods, schedule
+from ..inversion import experts as X
 from ..inversion.errors import InversionInputError, node_boundary
 from . import _comfy as C
 from .types import CATEGORY, TRAJECTORY
@@ -47,7 +48,8 @@ class DDIMInvert(io.ComfyNode):
                 "Methods: ddim (1 evaluation/step), implicit (exact inverse of each DDIM step by a "
                 "safeguarded fixed-point solve, a few evaluations/step), exact (BDIA-DDIM: bit-for-bit round trip "
                 "at any CFG, 1 evaluation/step; regenerate with Inverted-Latent Sampler). Works for EPS, "
-                "V-prediction and flow (SD3/Flux) models. Its text output reports the evaluations used."),
+                "V-prediction and flow (SD3/Flux) models, and Wan 2.2's two experts (model_high_noise). Its text "
+                "output reports the evaluations used."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (LoRAs, patches and ControlNets apply)."),
                 io.Conditioning.Input("positive", tooltip="Prompt describing the source image (the inversion's "
@@ -107,6 +109,18 @@ class DDIMInvert(io.ComfyNode):
                                tooltip="exact only: BDIA gamma. 1.0 is the exact, stable choice; smaller values "
                                        "divide by "
                                        "gamma while inverting and overflow at many steps (reported as an error)."),
+                io.Model.Input("model_high_noise", optional=True,
+                               tooltip="Two experts (Wan 2.2 A14B): the high-noise model; 'model' is then the "
+                                       "low-noise one. Steps whose sampling level is at or above 'boundary' use "
+                                       "this model, the others 'model' (inverting: low-noise first). Regenerate "
+                                       "with the same pair on the Inverted-Latent Sampler, or feed 'noise' to the "
+                                       "two-sampler workflow (the text output names the switch step)."),
+                io.Float.Input("boundary", default=X.DEFAULT_BOUNDARY, min=0.001, max=1000.0, step=0.005,
+                               round=False, optional=True,
+                               tooltip="Two experts only: the sigma at which the high-noise expert takes over "
+                                       f"(sigma >= boundary). Wan 2.2's own: {X.WAN22_BOUNDARY['t2v']} text-to-"
+                                       f"video, {X.WAN22_BOUNDARY['i2v']} image-to-video (flow sigma = "
+                                       "timestep / 1000)."),
             ],
             outputs=[
                 io.Latent.Output("noise_latent", display_name="noise_latent", tooltip="The inverted noise as a LATENT "
@@ -128,14 +142,18 @@ class DDIMInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, cfg, scheduler, method, sigmas=None,
                 start_step=0, end_step=10000, eval_sigma="auto", tolerance=1e-6, max_iters=30, restarts=6,
-                damping=1.0, gamma=1.0) -> io.NodeOutput:
+                damping=1.0, gamma=1.0, model_high_noise=None, boundary=X.DEFAULT_BOUNDARY) -> io.NodeOutput:
         with node_boundary(DISPLAY):
             opts = methods.Options(method=method, eval_sigma=eval_sigma, tolerance=float(tolerance),
                                    max_iters=int(max_iters), damping=float(damping), gamma=float(gamma),
                                    restarts=int(restarts)).check()
             family = C.family_of(model)  # probed once per call: refuses a refused family or sampling first
+            pair = None
+            if model_high_noise is not None:
+                C.check_experts(model, model_high_noise)
+                pair = (model_high_noise, float(boundary), int(start_step))
             seg = cls._schedule(model, family, steps, scheduler, sigmas, int(start_step), int(end_step))
-            return cls._run(model, family, positive, negative, latent, cfg, seg, opts)
+            return cls._run(model, family, positive, negative, latent, cfg, seg, opts, pair)
 
     @classmethod
     def _schedule(cls, model, family: str, steps, scheduler, sigmas, start_step: int, end_step: int):
@@ -151,7 +169,9 @@ class DDIMInvert(io.ComfyNode):
         return schedule.segment(full, start_step, end_step)
 
     @classmethod
-    def _run(cls, model, family: str, positive, negative, latent, cfg, seg, opts: methods.Options) -> io.NodeOutput:
+    def _run(cls, model, family: str, positive, negative, latent, cfg, seg, opts: methods.Options,
+             pair=None) -> io.NodeOutput:
+        """``pair``: (the high-noise expert, the boundary, start_step) with two experts, else None."""
         method = opts.method
         facts = C.latent_facts(model, family_checked=True)
         samples = checks.check_latent(latent, channels=facts["channels"], spatial_dims=facts["spatial_dims"],
@@ -170,15 +190,26 @@ class DDIMInvert(io.ComfyNode):
             return methods.invert(x0.to(device), asc, model_fn, opts, family=family, progress=progress,
                                   store_device=store, input_scale=cin)
 
-        traj = C.run_guided(model, positive, negative, cfg, tuple(samples.shape), seg, loop,
-                            steps=int(asc.shape[0]) - 1, label=DISPLAY)
+        fingerprint = C.guidance_fingerprint(model, positive, negative, cfg)
+        extra = {}
+        if pair is None:
+            traj = C.run_guided(model, positive, negative, cfg, tuple(samples.shape), seg, loop,
+                                steps=int(asc.shape[0]) - 1, label=DISPLAY)
+        else:
+            high, boundary, _ = pair
+            extra["experts"] = X.record(seg, boundary, C.model_id(model), C.model_id(high))
+            fingerprint = X.pair_fingerprint(fingerprint, C.guidance_fingerprint(high, positive, negative, cfg),
+                                             boundary)
+            traj = C.run_experts({X.LOW: model, X.HIGH: high}, positive, negative, cfg, tuple(samples.shape), seg,
+                                 loop, int(asc.shape[0]) - 1, DISPLAY, boundary,
+                                 first=X.expert_of(float(asc[1]), boundary))
         where = f"method {method}, {traj.steps} steps, cfg {cfg:g}"
         if method == "exact":
             where += f", gamma {opts.gamma:g}"
         checks.check_finite_result(traj.states, f"the inversion ({where})", _non_finite_fix(method, opts.gamma))
         traj = traj.with_(cfg=cfg, latent_format=facts["format"], model_sampling=C.model_sampling_name(model),
                           sampling=C.sampling_facts(model), noise_mask=mask, batch_index=latent.get("batch_index"),
-                          extra={"guidance_fingerprint": C.guidance_fingerprint(model, positive, negative, cfg)})
+                          extra={"guidance_fingerprint": fingerprint, **extra})
         # noise_latent carries no noise_mask: core KSamplerAdvanced would keep the unmasked area at the inverted
         # noise instead of regenerating it (the trajectory keeps the mask for the Inverted-Latent Sampler)
         drop = ("downscale_ratio_spacial", "downscale_ratio_temporal", "noise_mask")
@@ -188,6 +219,8 @@ class DDIMInvert(io.ComfyNode):
         noise = C.InvertedNoise(traj.noise, float(asc[-1]), C.model_sampling(model), C.latent_format(model))
         lines = [f"{DISPLAY}: {method}, {traj.steps} steps, sigma {float(asc[0]):.4g} -> {float(asc[-1]):.4g}, "
                  f"cfg {cfg:g}, {traj.nfe} model evaluations"]
+        if pair is not None:
+            lines.append(X.describe(extra["experts"], traj.steps, offset=pair[2]))
         if method == "implicit":
             lines.append(_implicit_text(traj))
         if mask_note:

@@ -118,6 +118,11 @@ class DDIMInvNullText(io.ComfyNode):
                     "inversion, whose path a cfg-1 sampler retraces; invert at cfg 1 for the usual setup)")
             if mode == "negative_prompt":
                 return cls._negative_prompt(positive, trajectory, notes)
+            if trajectory.extra.get("experts") is not None:
+                raise InversionInputError(
+                    "the trajectory was inverted with two experts and null-text optimises against one model; "
+                    "use mode negative_prompt (no optimisation), invert with one model, or regenerate with the "
+                    "Inverted-Latent Sampler's correction source_drift")
             opts = NT.NullTextOptions(cfg=cfg, iterations=int(iterations), learning_rate=float(learning_rate),
                                       early_stop=float(early_stop)).check()
             return cls._null_text(model, positive, negative, trajectory, opts, notes)

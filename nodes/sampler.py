@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io, ui
 
 from ..inversion import checks
+from ..inversion import experts as X
 from ..inversion import regenerate as R
 from ..inversion.errors import InversionInputError, node_boundary
 from ..inversion.trajectory import Trajectory
@@ -29,6 +30,7 @@ class DDIMInvSampler(io.ComfyNode):
                 "(DDIM for ddim/implicit, the BDIA recurrence for exact), over the trajectory's exact schedule. "
                 "Same model, prompt and cfg as the inversion reconstruct the source; another prompt or cfg edits it. "
                 "A noise_mask recorded by DDIM Invert keeps everything outside the mask exactly as the source. "
+                "A two-expert trajectory (Wan 2.2) needs the same pair: model_high_noise. "
                 "Its text output says which replay ran and warns when the model differs from the inversion's."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model; use the one that made the trajectory."),
@@ -79,6 +81,11 @@ class DDIMInvSampler(io.ComfyNode):
                                                 "branch (the stored state, source_positive) and injects its "
                                                 "attention into the edit (p2p, pnp, masactrl; SD1.x/SD2/SDXL). "
                                                 "Two evaluations per step."),
+                io.Model.Input("model_high_noise", optional=True,
+                               tooltip="Two experts (Wan 2.2 A14B): the high-noise model, when DDIM Invert ran "
+                                       "with one ('model' is then the low-noise one). The switch is the "
+                                       "trajectory's; regenerating runs the high-noise expert first. A trajectory "
+                                       "of two experts needs both, connected as in DDIM Invert."),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), "
                                                                                "ready for VAE Decode.")],
@@ -87,17 +94,25 @@ class DDIMInvSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, trajectory, cfg, start_step=0, correction="none",
                 exact_replay="auto", null_text="auto", source_positive=None,
-                source_negative=None, attention_control=None) -> io.NodeOutput:
+                source_negative=None, attention_control=None, model_high_noise=None) -> io.NodeOutput:
         with node_boundary(DISPLAY):
             return cls._run(model, trajectory, R.Prompts(positive, negative, source_positive, source_negative),
                             R.Choices(cfg=cfg, start_step=int(start_step), correction=correction,
-                                      exact_replay=exact_replay, null_text=null_text), attention_control)
+                                      exact_replay=exact_replay, null_text=null_text), attention_control,
+                            model_high_noise)
 
     @classmethod
     def _run(cls, model, traj: Trajectory, prompts: R.Prompts, choices: R.Choices,
-             control=None) -> io.NodeOutput:
-        """Validate what depends on the model, ask the plan, run it, report."""
+             control=None, high=None) -> io.NodeOutput:
+        """Validate what depends on the model, ask the plan, run it, report. ``high``: the high-noise expert."""
         checks.check_trajectory(traj)
+        rec = X.check_record(traj.extra.get("experts"))
+        pair_warns = X.check_pair(rec, C.model_id(model), None if high is None else C.model_id(high))
+        if high is not None:
+            C.check_experts(model, high)
+            if control is not None:
+                raise InversionInputError("attention_control does not run with two experts; disconnect "
+                                          "attention_control (or regenerate with one model)")
         facts = C.latent_facts(model)
         if facts["channels"] is not None and traj.states.shape[2] != facts["channels"]:
             raise InversionInputError(
@@ -110,13 +125,17 @@ class DDIMInvSampler(io.ComfyNode):
         recorded = traj.extra.get("guidance_fingerprint")
 
         def same_guidance(negative) -> bool:
-            return C.same_guidance(recorded, C.guidance_fingerprint(model, prompts.positive, negative, choices.cfg))
+            now = C.guidance_fingerprint(model, prompts.positive, negative, choices.cfg)
+            if rec is not None:
+                now = X.pair_fingerprint(now, C.guidance_fingerprint(high, prompts.positive, negative, choices.cfg),
+                                         rec["boundary"])
+            return C.same_guidance(recorded, now)
 
         attention = None
         if control is not None:
             attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg))
         plan = R.plan(traj, choices, prompts, same_guidance, attention)
-        warns = list(plan.warnings) + C.compatibility_warnings(model, traj)
+        warns = list(plan.warnings) + C.compatibility_warnings(model, traj) + pair_warns
         for w in warns:
             log.warning("%s: %s", DISPLAY, w)
         mask, mask_note = checks.check_mask(traj.noise_mask, traj.states.shape[1:], "the trajectory's noise_mask")
@@ -126,8 +145,12 @@ class DDIMInvSampler(io.ComfyNode):
         sched = traj.sampling_sigmas()
 
         def guided(positive, negative, loop, steps, label):
-            return C.run_guided(model, positive, negative, plan.cfg, shape, sched, loop, steps=steps,
-                                label=DISPLAY + (f" ({label})" if label else ""))
+            name = DISPLAY + (f" ({label})" if label else "")
+            if rec is None:
+                return C.run_guided(model, positive, negative, plan.cfg, shape, sched, loop, steps=steps, label=name)
+            return C.run_experts({X.LOW: model, X.HIGH: high}, positive, negative, plan.cfg, shape, sched, loop,
+                                 steps, name, rec["boundary"],
+                                 first=X.expert_of(float(sched[plan.start_step]), rec["boundary"]))
 
         ctl = _controller(plan, model, shape)
 
@@ -148,6 +171,8 @@ class DDIMInvSampler(io.ComfyNode):
             out["batch_index"] = list(traj.batch_index)
         lines = [f"{DISPLAY}: {where}, from start_step {plan.start_step} of {traj.steps}"
                  + (", source_drift" if plan.drift is not None else "")]
+        if rec is not None:
+            lines.append(X.describe(rec, traj.steps))
         if ctl is not None:
             lines.append(plan.attention.describe() + f"; done: {ctl.totals['records']} records, "
                          f"{ctl.totals['injections']} injections")

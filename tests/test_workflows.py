@@ -21,12 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "example_workflows"
 API_DIR = WF_DIR / "api"
 EXPECTED = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model",
-            "nulltext_reconstruct", "nulltext_edit", "attention_edit")
+            "nulltext_reconstruct", "nulltext_edit", "attention_edit", "video_two_experts")
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: never in the API prompt
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 THUMB_MAX_BYTES = 100 * 1024
-# combos listing the user's files (models, input images): their values are names the user must provide
-FILE_INPUTS = {"image", "ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
+# combos listing the user's files (models, input images and videos): their values are names the user must provide
+FILE_INPUTS = {"image", "file", "ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3",
+               "vae_name"}
+MEDIA_INPUTS = ("image", "file")   # Load Image's picture, Load Video's clip: the user's media, not models
 
 
 def _names() -> list:
@@ -212,7 +214,7 @@ def test_loader_nodes_say_where_their_models_come_from(name):
     ui, api = _load(name)
     for n in ui["nodes"]:
         node = api.get(str(n["id"]))
-        files = {v for k, v in (node or {}).get("inputs", {}).items() if k in FILE_INPUTS and k != "image"}
+        files = {v for k, v in (node or {}).get("inputs", {}).items() if k in FILE_INPUTS and k not in MEDIA_INPUTS}
         listed = {m["name"]: m for m in n.get("properties", {}).get("models", [])}
         assert files == set(listed), f"node {n['id']} ({n['type']}): models {sorted(listed)} vs widgets {sorted(files)}"
         for m in listed.values():

@@ -1,4 +1,5 @@
-"""Progress with live previews, and an interrupt honoured at the next model evaluation (real executor)."""
+"""Progress with live previews, and an interrupt honoured at the next model evaluation (real executor). The `hook`
+fixture (UI progress updates) is in conftest.py."""
 import pytest
 import torch
 
@@ -10,31 +11,6 @@ def _node():
     from comfy_execution.utils import get_executing_context
     ctx = get_executing_context()
     return ctx.node_id if ctx is not None else None
-
-
-@pytest.fixture
-def hook():
-    import comfy.utils
-    import latent_preview
-    from comfy.cli_args import args, LatentPreviewMethod
-    calls = []
-    old_hook, old_method = comfy.utils.PROGRESS_BAR_HOOK, args.preview_method
-    # newer ComfyUI (0.33) resets args.preview_method to latent_preview.default_preview_method at every prompt
-    has_default = hasattr(latent_preview, "default_preview_method")
-    old_default = getattr(latent_preview, "default_preview_method", None)
-    args.preview_method = LatentPreviewMethod.Latent2RGB
-    if has_default:
-        latent_preview.default_preview_method = LatentPreviewMethod.Latent2RGB
-
-    def record(value, total, preview, node_id=None):
-        calls.append((value, total, preview, _node()))
-
-    comfy.utils.set_progress_bar_global_hook(record)
-    yield calls
-    comfy.utils.set_progress_bar_global_hook(old_hook)
-    args.preview_method = old_method
-    if has_default:
-        latent_preview.default_preview_method = old_default
 
 
 @pytest.mark.parametrize("method", ["ddim", "exact"])

@@ -15,7 +15,9 @@ does not converge on random weights and spends its per-run budget.
 Outputs (saved images, the preview frames) must exist. The exact round trip is checked in process
 (``host.run``, the same executor): invert_and_reconstruct and flow_model (method exact) give back DDIM
 Invert's input latent from the Inverted-Latent Sampler to a relative error < 1e-4; flow_model's trajectory
-ends at sigma 1 with finite values.
+ends at sigma 1 with finite values. video_two_experts (Wan 2.2 A14B, two experts) runs only in process, its
+loaders, text encoder and clip replaced by tiny fixtures (no tiny UMT5-XXL or Wan files exist for the server):
+the clip's latent comes back to < 1e-5 and the decoded clip has its frame count.
 """
 from __future__ import annotations
 
@@ -206,3 +208,68 @@ def test_flow_model_exact_round_trip_in_process(flow_files):
     assert traj.family == "flow", traj.summary()
     assert abs(float(traj.sigmas[-1]) - 1.0) < 1e-6, traj.summary()  # flow inversion ends at pure noise
     assert torch.isfinite(traj.states).all() and torch.isfinite(traj.denoised).all()
+
+
+# video_two_experts in process on tiny models: node id -> (fixture class, inputs); the text encoder becomes a
+# conditioning fixture (CLIPLoader type wan builds UMT5-XXL at its full size whatever the file holds), Load Video +
+# Get Video Components a 9-frame clip (1 + 4k frames: the Wan VAE encodes them whole)
+CLIP_FRAMES = 9
+VIDEO_FIXTURES = {
+    "GetVideoComponents": ("TestNoiseImage", {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch": CLIP_FRAMES,
+                                              "channels": 3, "seed": 0, "poison": "none"}),
+    "High-noise expert": ("TestFamilyModel", {"name": "WAN21_T2V", "seed": 5}),
+    "Low-noise expert": ("TestFamilyModel", {"name": "WAN21_T2V", "seed": 0}),
+    "Source prompt": ("TestFamilyConditioning", {"name": "WAN21_T2V", "seed": 1}),
+    "Negative prompt": ("TestFamilyConditioning", {"name": "WAN21_T2V", "seed": 2}),
+    "VAELoader": ("TestTinyVideoVAE", {"kind": "wan21", "seed": 0}),
+}
+
+
+def load_video_workflow() -> dict:
+    """video_two_experts with its loaders replaced by the tiny fixtures (VIDEO_FIXTURES, matched by title or
+    class); Load Video and Load CLIP, which nothing reads any more, are dropped."""
+    prompt = json.loads((API_DIR / "video_two_experts.api.json").read_text())
+    replaced = set()
+    for nid in list(prompt):
+        node = prompt[nid]
+        key = node["_meta"]["title"] if node["_meta"]["title"] in VIDEO_FIXTURES else node["class_type"]
+        if node["class_type"] in ("LoadVideo", "CLIPLoader"):
+            del prompt[nid]
+        elif key in VIDEO_FIXTURES:
+            ct, inputs = VIDEO_FIXTURES[key]
+            prompt[nid] = {"inputs": dict(inputs), "class_type": ct, "_meta": node["_meta"]}
+            replaced.add(key)
+    assert replaced == set(VIDEO_FIXTURES), sorted(set(VIDEO_FIXTURES) - replaced)
+    return prompt
+
+
+@pytest.mark.slow
+def test_video_two_experts_in_process():
+    """The shipped two-expert clip workflow (exact, 20 steps, boundary 0.875, ModelSamplingSD3 shift 8 on both
+    experts) on two differently seeded tiny Wan experts and the tiny Wan 2.1 VAE: the clip's latent comes back
+    from the Inverted-Latent Sampler, the switch is Wan 2.2's step 11 of 20, the decoded clip has the clip's
+    frame count, and the animated WEBP and the preview strips are written."""
+    import torch
+
+    from ddiminv_dev import host
+    host.boot()
+    prompt = load_video_workflow()
+    ids = {n["class_type"]: k for k, n in prompt.items()}
+    inv = prompt[ids["DDIMInvert"]]["inputs"]
+    assert inv["method"] == "exact" and inv["model_high_noise"][0] != inv["model"][0]
+    t0 = time.perf_counter()
+    res = host.run(prompt)
+    x = res.outputs(ids["DDIMInvVAEEncode"])[0]["samples"].double()
+    assert x.ndim == 5 and x.shape[2] == (CLIP_FRAMES - 1) // 4 + 1, x.shape
+    x_rec = res.outputs(ids["DDIMInvSampler"])[0]["samples"].double()
+    rel = float(torch.linalg.vector_norm(x_rec - x) / torch.linalg.vector_norm(x))
+    traj = res.outputs(ids["DDIMInvert"])[2]
+    print(f"video_two_experts exact round trip, {traj.steps} steps, two experts: relative error {rel:.3e} "
+          f"({time.perf_counter() - t0:.1f}s in process)")
+    assert rel < 1e-5, rel
+    assert traj.extra["experts"]["switch_step"] == 11, traj.extra["experts"]
+    assert "end_at_step / start_at_step 11" in "\n".join(res.ui(ids["DDIMInvert"]).get("text", []))
+    frames = res.outputs(ids["VAEDecode"])[0]
+    assert frames.shape[0] == CLIP_FRAMES and frames.shape[1:3] == (IMAGE_SIZE, IMAGE_SIZE), frames.shape
+    assert res.ui(ids["SaveAnimatedWEBP"]).get("images"), res.ui(ids["SaveAnimatedWEBP"])
+    assert res.ui(ids["DDIMInvTrajectoryPreview"]).get("images")

@@ -70,3 +70,131 @@ def test_bad_schedules_and_switches_are_refused(sigmas, arg, fn):
 
 def test_wan22_defaults():
     assert X.WAN22_BOUNDARY == {"t2v": 0.875, "i2v": 0.900} and X.DEFAULT_BOUNDARY == 0.875
+
+
+# ---------------------------------------------------------------------------------------------- run_segments
+from inversion import methods as M                          # noqa: E402
+from ddiminv_dev.gmm import GMM, inversion_schedule, rel_error   # noqa: E402
+
+
+def _experts():
+    """Two different flow "experts" on the GMM oracle (another mixture each) and a clean sample."""
+    lo, hi = GMM.make(seed=4), GMM.make(seed=5)
+    return lo.model_fn(True, cond=[0, 1, 2]), hi.model_fn(True, cond=[1, 2, 3]), lo.sample_x0([0, 1], seed=1)
+
+
+def _runner(fns, log):
+    """run_with: the expert's model_fn, counting its evaluations per segment (what the adapter's CFGGuider does)."""
+    def run_with(expert, seg_loop):
+        log.append([expert, 0])
+
+        def fn(x, sigma):
+            log[-1][1] += 1
+            return fns[expert](x, sigma)
+        return seg_loop(fn, torch.device("cpu"), None)
+    return run_with
+
+
+@pytest.mark.parametrize("method", ["exact", "ddim", "implicit"])
+def test_segments_equal_one_pass_with_the_sigma_dispatch(method):
+    """Inverting in two segments (low-noise expert, then the high-noise one, the first segment replayed from its
+    recorded evaluations) gives bit for bit what one pass with by_sigma gives, each expert evaluated once per
+    evaluation of its levels; and sampling back in two segments (high first) reconstructs an exact inversion."""
+    low, high, x0 = _experts()
+    asc = inversion_schedule(True, 8)
+    b = 0.875
+    k = X.switch_step(asc.flip(0).tolist(), b)
+    assert 0 < k < 8
+    opts = M.Options(method=method)
+    calls = {X.LOW: 0, X.HIGH: 0}
+
+    def counted(e, f):
+        return lambda x, s: calls.__setitem__(e, calls[e] + 1) or f(x, s)
+    ref = M.invert(x0, asc, X.by_sigma(counted(X.LOW, low), counted(X.HIGH, high), b), opts, family="flow")
+    assert calls[X.HIGH] >= k - 1 and calls[X.LOW] >= 8 - k
+    log = []
+    fns = {X.LOW: low, X.HIGH: high}
+    traj, order = X.run_segments(lambda fn, dev, pr: M.invert(x0, asc, fn, opts, family="flow", progress=pr),
+                                 _runner(fns, log), b, first=X.LOW)
+    assert order == [X.LOW, X.HIGH] and [e for e, _ in log] == order
+    assert torch.equal(traj.states, ref.states) and torch.equal(traj.denoised, ref.denoised)
+    # each expert evaluated exactly where one pass evaluates it: the replay answers from the record
+    assert log[0][1] == calls[X.LOW] and log[1][1] == calls[X.HIGH]
+    if method == "exact":
+        log = []
+        x, order = X.run_segments(lambda fn, dev, pr: M.sample(traj, fn, progress=pr), _runner(fns, log), b,
+                                  first=X.HIGH)
+        assert order == [X.HIGH, X.LOW]
+        assert torch.equal(x, M.sample(traj, X.by_sigma(low, high, b)))
+        assert rel_error(x, x0) <= 1e-6
+        # one expert for everything does not reconstruct: the pair matters
+        assert rel_error(M.sample(traj, low), x0) > 1e-3
+
+
+def test_progress_is_reported_once_per_step():
+    low, high, x0 = _experts()
+    asc = inversion_schedule(True, 6)
+    calls = []
+
+    def run_with(expert, seg_loop):
+        return seg_loop({X.LOW: low, X.HIGH: high}[expert], "cpu", lambda i, n, x, D: calls.append(i))
+    X.run_segments(lambda fn, dev, pr: M.invert(x0, asc, fn, M.Options("exact"), family="flow", progress=pr),
+                   run_with, 0.875, first=X.LOW)
+    assert calls == list(range(6))
+
+
+def test_a_wrong_first_guess_and_one_expert_only():
+    low, high, x0 = _experts()
+    asc = inversion_schedule(True, 6)
+    log = []
+    run = _runner({X.LOW: low, X.HIGH: high}, log)
+    X.run_segments(lambda fn, dev, pr: M.invert(x0, asc, fn, M.Options("exact"), family="flow"), run, 0.875,
+                   first=X.HIGH)
+    assert log == [[X.HIGH, 0], [X.LOW, log[1][1]], [X.HIGH, log[2][1]]] and log[1][1] > 0 and log[2][1] > 0
+    log.clear()
+    _, order = X.run_segments(lambda fn, dev, pr: M.invert(x0, asc, fn, M.Options("exact"), family="flow"), run,
+                              2.0, first=X.LOW)
+    assert order == [X.LOW] and len(log) == 1
+
+
+def test_a_loop_that_goes_back_to_the_first_expert_is_refused():
+    low, high, x0 = _experts()
+    sigmas = [0.5, 0.95, 0.5]                           # low, high, low again
+
+    def loop(fn, dev, pr):
+        return [fn(x0, s) for s in sigmas]
+    with pytest.raises(InversionInputError, match="not monotonic"):
+        X.run_segments(loop, _runner({X.LOW: low, X.HIGH: high}, []), 0.875, first=X.LOW)
+
+
+def test_a_replay_that_does_not_retrace_is_refused():
+    """A loop whose evaluation inputs differ on the second run (not deterministic) cannot be answered from the
+    first segment's record."""
+    low, high, x0 = _experts()
+    runs = [0]
+
+    def loop(fn, dev, pr):
+        runs[0] += 1
+        fn(x0 * (1.0 + 1e-3 * runs[0]), 0.5)
+        return fn(x0, 0.95)
+    with pytest.raises(InversionInputError, match="did not retrace"):
+        X.run_segments(loop, _runner({X.LOW: low, X.HIGH: high}, []), 0.875, first=X.LOW)
+
+
+# ---------------------------------------------------------------------------------------------- the record and the pair
+def test_record_check_and_pair():
+    s = flow_sigmas(20, 8.0)
+    rec = X.record(s, 0.875, "L", "H")
+    assert rec == {"boundary": 0.875, "switch_step": 11, "low": "L", "high": "H"}
+    assert X.check_record(rec) is rec and X.check_record(None) is None
+    for bad in ({"boundary": 0.875}, {**rec, "boundary": float("nan")}, {**rec, "boundary": True}, [rec]):
+        with pytest.raises(InversionInputError, match="invert again"):
+            X.check_record(bad)
+    assert X.check_pair(None, "L", None) == [] and X.check_pair(rec, "L", "H") == []
+    assert len(X.check_pair(rec, "L2", "H")) == 1                 # another model: a warning, not a refusal
+    assert X.check_pair(rec, "X", "X") != []                       # one model twice: warned, not "swapped"
+    assert "end_at_step / start_at_step 13" in X.describe(rec, 20, offset=2)
+    assert X.pair_fingerprint("a", None, 0.875) is None and X.pair_fingerprint(None, "b", 0.875) is None
+    fp = X.pair_fingerprint("a", "b", 0.875)
+    assert fp != X.pair_fingerprint("b", "a", 0.875) and fp != X.pair_fingerprint("a", "b", 0.9)
+    assert fp == X.pair_fingerprint("a", "b", 0.875)
