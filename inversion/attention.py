@@ -26,25 +26,28 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   values whose image tokens are the source's (its text tokens keep the edit's values, the prompts differ):
   out = softmax(q_edit k_edit^T) [v_edit_text; v_src_image]. The defaults are Fluxtapoz's single blocks 20-37 of
   Flux's 38, scaled to the model's count, and the first 10% of the steps (2 of 28; FireFlow's one step is a
-  window of 0..1/N). Its layers are ``JOINT`` layers named as ComfyUI's dit replace keys
-  (("single_block", i), ("double_block", i)); the UNet methods never act in them.
+  window of 0..1/N). SD3 has joint (double) blocks only: the default is DirectEdit's SD3.5 choice, every block
+  but the last. Its layers are ``JOINT`` layers named as ComfyUI's dit replace keys
+  (("single_block", i), ("double_block", i)); the UNet methods never act in them, and :func:`for_model` refuses
+  a UNet method on a DiT and a DiT method on a UNet.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
 from .errors import InversionInputError
 
-METHODS = ("p2p", "pnp", "masactrl")     # the UNet methods (the Attention Control node's list today)
-DIT_METHODS = ("v_inject",)              # the DiT methods (no node offers them yet: the Flux adapter is next)
+METHODS = ("p2p", "pnp", "masactrl")     # the UNet methods
+DIT_METHODS = ("v_inject",)              # the DiT methods (joint attention over [text; image] tokens)
 ALL_METHODS = METHODS + DIT_METHODS
 P2P_MODES = ("replace", "refine", "reweight")
 SELF, CROSS, JOINT = "self", "cross", "joint"
 FLUX_SINGLE_BLOCKS = 38                  # Flux dev/schnell: the count RF-Edit's block numbers refer to
+FAMILY = None                            # Control.blocks: the family's default, resolved by for_model
 COND, UNCOND = 0, 1                      # ComfyUI's cond_or_uncond values
 # what the source records for each action (the edit branch injects the action itself)
 RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv", "v_inject": "v"}
@@ -90,7 +93,8 @@ class Control:
     mode: str = "replace"                       # p2p
     self_window: Window = Window(0.0, 0.6)
     cross_window: Window = Window(0.0, 0.4)     # p2p
-    blocks: tuple = ()                          # (name, first id, last id) the method acts in; () = every block
+    blocks: Optional[tuple] = ()                # (name, first id, last id) the method acts in; () = every block;
+    #                                             FAMILY (None): the method's default for the model (for_model)
     self_max_fraction: float = 0.25             # p2p: self maps only where queries <= this share of the latent
     reweight: float = 2.0                       # p2p: the reweight words' cross-attention scale
     reweight_words: tuple = ()
@@ -149,6 +153,37 @@ def parse_blocks(text: str, default: tuple) -> tuple:
     return (name, ids[0], ids[-1])
 
 
+def dit_blocks(layers) -> tuple:
+    """v_inject's default blocks for a DiT with these JOINT ``layers``: with single blocks (Flux, Chroma) RF-Edit's
+    20-37 of 38 scaled (:func:`flux_single_blocks`); with double blocks only (SD3's joint blocks) DirectEdit's
+    SD3.5 choice, every block but the last (block 0 when there is one)."""
+    singles = [la for la in layers if la.kind == JOINT and la.block[0] == "single_block"]
+    if singles:
+        return flux_single_blocks(len(singles))
+    doubles = [la for la in layers if la.kind == JOINT and la.block[0] == "double_block"]
+    if not doubles:
+        raise InversionInputError("the model has no joint attention blocks; value injection needs a DiT (Flux, "
+                                  "Chroma, SD3)")
+    return ("double_block", 0, max(0, len(doubles) - 2))
+
+
+def for_model(c: Control, layers) -> Control:
+    """``c`` resolved against the model's ``layers``: the method must fit the architecture (the UNet methods act
+    in self/cross-attention layers, the DiT methods in JOINT layers; refused naming the fix otherwise), and
+    blocks FAMILY become the method's default for this model."""
+    joint = any(la.kind == JOINT for la in layers)
+    if c.method in DIT_METHODS and not joint:
+        raise InversionInputError(f"method {c.method} acts in a DiT's joint text+image attention (Flux, Chroma, "
+                                  "SD3) and this model is a UNet; use method p2p, pnp or masactrl")
+    if c.method not in DIT_METHODS and joint:
+        raise InversionInputError(f"method {c.method} acts in a UNet's self/cross-attention and this model is a "
+                                  "DiT (joint attention); use method v_inject")
+    if c.blocks is not FAMILY:
+        return c
+    blocks = dit_blocks(layers) if c.method in DIT_METHODS else defaults(c.method).blocks
+    return replace(c, blocks=blocks)
+
+
 def check(c: Control) -> Control:
     if c.method not in ALL_METHODS:
         raise InversionInputError(f"method {c.method!r} is unknown; use one of {', '.join(ALL_METHODS)}")
@@ -168,6 +203,9 @@ def check(c: Control) -> Control:
 
 # ---------------------------------------------------------------------------------------------- the policy
 def in_blocks(c: Control, layer: Layer) -> bool:
+    if c.blocks is FAMILY:
+        raise InversionInputError("the blocks of attention control were not resolved for the model; call "
+                                  "for_model(control, layers) first")
     if not c.blocks:
         return True
     name, lo, hi = c.blocks

@@ -34,26 +34,36 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 "injects it. p2p = Prompt-to-Prompt (cross-attention maps of the source mapped to the edit's words, "
                 "self-attention maps early, optional local blend); pnp = Plug-and-Play (decoder self-attention "
                 "queries/keys of the source); masactrl = the edit's decoder queries attend to the source's keys and "
-                "values. -1 in a window field takes the method's default from its paper's code. SD1.x/SD2/SDXL."),
+                "values (these three: SD1.x/SD2/SDXL UNets); v_inject = value injection (RF-Edit, FireFlow) for "
+                "the Flux, Chroma and SD3 DiTs: in the chosen blocks' joint attention, for the first steps, the "
+                "edit's image tokens take the source's values. -1 in a window field takes the method's default "
+                "from its paper's code; a method of the other architecture than the model's is refused."),
             inputs=[
-                io.Combo.Input("method", options=list(A.METHODS), default="p2p",
-                               tooltip="p2p (needs the Attention Prompts node's conditionings), pnp or masactrl."),
+                io.Combo.Input("method", options=list(A.ALL_METHODS), default="p2p",
+                               tooltip="UNets: p2p (needs the Attention Prompts node's conditionings), pnp or "
+                                       "masactrl. DiTs (Flux, Chroma, SD3): v_inject."),
                 io.Combo.Input("p2p_mode", options=list(A.P2P_MODES), default="replace",
                                tooltip="p2p only. replace: prompts with the same number of words (word swap); "
                                        "refine: words added or removed (global alignment); reweight: replace "
                                        "with reweight_words' attention scaled by reweight."),
                 io.Float.Input("self_start", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                               tooltip="First step (fraction of the steps) of self-attention control; -1: the "
-                                       "method's default (p2p 0, pnp 0, masactrl 0.08 = step 4 of 50)."),
+                               tooltip="First step (fraction of the steps) of self-attention control (v_inject: of "
+                                       "the value injection); -1: the method's default (p2p 0, pnp 0, masactrl "
+                                       "0.08 = step 4 of 50, v_inject 0)."),
                 io.Float.Input("self_end", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                               tooltip="End (fraction, exclusive) of self-attention control; -1: default (p2p 0.6, "
-                                       "pnp 0.5, masactrl 1.0)."),
+                               tooltip="End (fraction, exclusive) of self-attention control (v_inject: of the "
+                                       "value injection); -1: default (p2p 0.6, pnp 0.5, masactrl 1.0, v_inject "
+                                       "0.1 = the first 10% of the steps, RF-Edit's 2 of 28; FireFlow's one step "
+                                       "is 1/steps)."),
                 io.Float.Input("cross_end", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="p2p: end (fraction) of cross-attention replacement; -1: 0.4. 0 turns it off."),
                 io.String.Input("blocks", default="", optional=True,
-                                tooltip="The UNet blocks the method acts in, e.g. 'output 6-11' (ComfyUI's block "
-                                        "ids), or 'all'. Empty: the method's default (p2p all, pnp output 4-11, "
-                                        "masactrl output 6-11: SD1.x's decoder; set it for SDXL)."),
+                                tooltip="The blocks the method acts in: UNets e.g. 'output 6-11' (ComfyUI's block "
+                                        "ids), DiTs e.g. 'single 20-37' or 'double 0-22', or 'all'. Empty: the "
+                                        "method's default (p2p all, pnp output 4-11, masactrl output 6-11: "
+                                        "SD1.x's decoder, set it for SDXL; v_inject: Flux/Chroma's single blocks "
+                                        "20-37 of 38 scaled to the model's count, SD3's joint blocks but the "
+                                        "last)."),
                 io.String.Input("reweight_words", default="", optional=True,
                                 tooltip="p2p: comma-separated words of the edit prompt whose attention is scaled "
                                         "by reweight (e.g. 'fluffy')."),
@@ -78,10 +88,11 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 reweight=2.0, blend_words="", blend_threshold=0.3, blend_mask=None) -> io.NodeOutput:
         with node_boundary(CONTROL):
             d = A.defaults(method)
+            dit = method in A.DIT_METHODS
             c = A.Control(
                 method=method, mode=p2p_mode, self_window=_window(self_start, self_end, d.self_window),
                 cross_window=_window(-1, cross_end, d.cross_window),
-                blocks=A.parse_blocks(blocks, d.blocks),
+                blocks=A.parse_blocks(blocks, A.FAMILY if dit else d.blocks),   # DiTs: resolved by the model
                 reweight=float(reweight), reweight_words=_words(reweight_words) if method == "p2p" else (),
                 blend_words=_words(blend_words) if method == "p2p" else (),
                 blend_threshold=float(blend_threshold),

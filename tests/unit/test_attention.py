@@ -108,6 +108,36 @@ def test_v_inject_blocks_scale_rf_edits_20_to_37_of_38(count, want):
     assert A.defaults("v_inject").blocks == ("single_block", 20, 37)       # Flux's 38 by default
 
 
+SD3 = [A.Layer(A.JOINT, ("double_block", i), 0, 2) for i in range(5)]     # SD3's joint blocks only
+
+
+@pytest.mark.parametrize("layers,want", [(DIT, ("single_block", 2, 3)), (SD3, ("double_block", 0, 3)),
+                                         (SD3[:1], ("double_block", 0, 0)), (SD3[:2], ("double_block", 0, 0))])
+def test_v_inject_family_default_blocks_follow_the_models_layers(layers, want):
+    """blocks FAMILY: Flux/Chroma's singles scaled from RF-Edit's 20-37 of 38; SD3's joint blocks all but the last
+    (DirectEdit's SD3.5 choice); a given blocks value is kept as it is."""
+    c = A.Control("v_inject", self_window=A.Window(0, 0.1), cross_window=A.Window(), blocks=A.FAMILY)
+    r = A.for_model(c, layers)
+    assert r.blocks == want and r.self_window == c.self_window and r.method == "v_inject"
+    given = A.Control("v_inject", blocks=("single_block", 0, 0))
+    assert A.for_model(given, DIT) is given
+    unet = A.for_model(A.Control("masactrl", blocks=A.FAMILY), LAYERS)
+    assert unet.blocks == ("output", 6, 11)
+    with pytest.raises(InversionInputError, match="not resolved"):
+        A.action(c, DIT[0], 0, 10, C)
+
+
+def test_a_method_of_the_other_architecture_is_refused_naming_the_fix():
+    for m in A.METHODS:
+        with pytest.raises(InversionInputError, match=f"method {m} acts in a UNet.*use method v_inject"):
+            A.for_model(A.defaults(m), DIT)
+        with pytest.raises(InversionInputError, match="use method v_inject"):
+            A.for_model(A.defaults(m), SD3)
+    with pytest.raises(InversionInputError, match="this model is a UNet; use method p2p, pnp or masactrl"):
+        A.for_model(A.defaults("v_inject"), LAYERS)
+    assert A.for_model(A.defaults("v_inject"), DIT + LAYERS).method == "v_inject"
+
+
 def test_v_inject_counts_are_blocks_times_steps_times_chunks_and_refusals():
     c = A.defaults("v_inject", single_blocks=4)
     sch = A.schedule(c, DIT, 28, range(28), (U, C))
