@@ -8,12 +8,14 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   the 2-tuple ComfyUI falls back to) is kept: it computes every output we do not inject, and an injection is
   made through it (PnP/MasaCtrl pass it the substituted q/k/v; P2P adds its map's difference to its output,
   which is also exactly 0 where the maps agree);
-* Flux and Chroma (single blocks) and SD3 (joint blocks), v_inject: ``set_model_patch_replace(fn, "dit",
+* Flux and Chroma (single blocks) and SD3 (joint blocks), v_inject and kv_edit: ``set_model_patch_replace(fn, "dit",
   "single_block"|"double_block", i)`` on each block marks the block in ``transformer_options`` while it runs, and
   ``transformer_options["optimized_attention_override"]`` (0.3.75's ``wrap_attn``; chained to an override already
   there) records/injects its attention call, q/k/v over the joint [text; image] sequence ([B, H, N, D] on
   Flux, [B, N, H*D] on SD3: the tokens are dim -2 either way). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
   Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`;
+  kv_edit swaps the keys and values of the background image tokens (the patches its mask does not touch) for
+  the source's, and the local blend by the same mask keeps the latent's background after every step;
 * ``extra_options["cond_or_uncond"]`` tells which chunk of the batch is cond (0) or uncond (1): chunks run
   together ([uncond, cond]), alone when memory is short, and the uncond is skipped at cfg 1 -- every case is a
   list of chunks here; ``block``, ``block_index``, ``n_heads``, ``attn_precision``, ``activations_shape``;
@@ -153,6 +155,7 @@ class Controller:
         self.recorded_maps: list = []          # test hook: (branch, step, layer, chunk, probs) when keep_maps
         self.keep_maps = False
         self.image_tokens = 0                  # DiTs: the joint sequence's image tokens (its tail)
+        self.background: Optional[torch.Tensor] = None   # kv_edit: [B or 1, image tokens] True = background
         self.last_mask: Optional[torch.Tensor] = None   # the blend mask of the last blended step
 
     # --- the loop's side (inversion.methods.sample's control protocol)
@@ -258,29 +261,36 @@ class Controller:
         return out
 
     def attend_dit(self, layer: A.Layer, q, k, v, to: dict, base: Callable, dim: int = 2):
-        """One joint attention call of a DiT block (every chunk; the tokens along ``dim`` of v: 2 for Flux's
-        [B, H, N, D], 1 for SD3's [B, N, H, D] or [B, N, H*D]): the source records its values, the edit's image
-        tokens take them (v_inject)."""
+        """One joint attention call of a DiT block (every chunk; the tokens along ``dim`` of k/v: 2 for Flux's
+        [B, H, N, D], 1 for SD3's [B, N, H*D] / [B, N, H, D]): the source records what the action needs, the
+        edit's image tokens take the source's values (v_inject) or its background tokens the source's keys and
+        values (kv_edit)."""
         chunks = list(to.get("cond_or_uncond", [A.COND]))
         b = v.shape[0] // len(chunks)
         plan = self.sched.actions.get(self.step, {})
-        vs, changed = list(v.split(b)), False
+        ks, vs, changed = list(k.split(b)), list(v.split(b)), False
         for c, ch in enumerate(chunks):
             occ = self.seen[(self.branch, layer, ch)]
             self.seen[(self.branch, layer, ch)] += 1
-            if plan.get((layer, ch)) is None:
+            a = plan.get((layer, ch))
+            if a is None:
                 continue
             if self.branch == "source":
-                self.store[(layer, ch, occ)] = {"v": vs[c]}
+                self.store[(layer, ch, occ)] = {"k": ks[c], "v": vs[c]} if a == "kv_edit" else {"v": vs[c]}
                 self.records[(layer, ch)] += 1
                 continue
             rec = self.store.get((layer, ch, occ))
             if rec is None:
                 continue
-            vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens, dim)
+            if a == "kv_edit":
+                bg = self.background[:, -ks[c].shape[dim]:]    # an image-only call (SD3.5's second) is the tail too
+                ks[c] = A.inject_background(ks[c], rec["k"], bg, dim)
+                vs[c] = A.inject_background(vs[c], rec["v"], bg, dim)
+            else:
+                vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens, dim)
             self.injections[(layer, ch)] += 1
             changed = True
-        return base(q, k, torch.cat(vs) if changed else v)
+        return base(q, torch.cat(ks), torch.cat(vs)) if changed else base(q, k, v)
 
     def _blend_add(self, branch: str, p, eo: dict) -> None:
         hw = tuple(eo["activations_shape"][-2:])
@@ -395,6 +405,11 @@ def run_controlled(model, edit: tuple, source: tuple, cfg: float, shape, sigmas,
     if joint:     # the joint sequence is [text; image]: the image's patches are its tail
         p = joint[0].factor
         ctl.image_tokens = math.prod(-(-int(n) // p) for n in shape[-2:])
+        if ctl.control.method == "kv_edit":
+            ctl.background = A.background_tokens(ctl.given_mask, p)
+            if ctl.background.shape[1] != ctl.image_tokens:
+                raise InversionInputError(f"kv_edit's mask gives {ctl.background.shape[1]} image tokens for the "
+                                          f"latent's {ctl.image_tokens}; connect a mask of the image's size")
     guider = _BranchGuider(clone, ctl)
     guider.inner_set_conds({"positive": edit[0], "negative": edit[1],
                             "source_positive": source[0], "source_negative": source[1]})

@@ -508,3 +508,51 @@ def test_each_dit_family_runs_value_injection_or_is_refused_by_name(K, name):
     text = "\n".join(r.ui.as_dict()["text"])
     assert "v_inject: 1 layers x 4 steps x 1 chunk = 4" in text and "4 records, 4 injections" in text, text
     assert torch.isfinite(r.result[0]["samples"]).all()
+
+
+# ---------------------------------------------------------------------------------------------- DiTs: kv_edit
+def kv_control(K, mask, end=-1.0):
+    return mod("nodes.attention").DDIMInvAttentionControl.execute(
+        "kv_edit", "replace", -1.0, end, -1.0, "", blend_mask=mask).result[0]
+
+
+@pytest.mark.parametrize("name,dim", [("Flux", 2), ("SD3", 1)])
+def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim):
+    """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, the
+    background patches' keys and values in each joint call are the source's (the 12 of the 16 image tokens not in
+    the first patch column), the latent's background is the source's (the result's right 3/4 = the source
+    latent), the edit changes the left quarter."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, name, steps=4)
+    lat = f.lat["samples"]
+    mask = torch.zeros(1, *lat.shape[-2:])
+    q = lat.shape[-1] // 4
+    mask[:, :, :q] = 1.0
+    cols = lat.shape[-1] // 2                                # patch 2: a 4x4 grid, row-major tokens
+    want_bg = torch.tensor([[j % cols != 0 for j in range(cols * cols)]])
+    seen, inject = [], K.A.inject_background
+
+    def spy(t_edit, t_src, background, d):
+        assert torch.equal(background.cpu(), want_bg), background
+        seen.append((t_edit.shape[d], int(background.sum()), background.shape[1], d))
+        return inject(t_edit, t_src, background, d)
+    monkeypatch.setattr(K.A, "inject_background", spy)
+    x, text = f.run(kv_control(K, mask))
+    assert "kv_edit: 1 layers x 4 steps x 1 chunk = 4" in text and "4 records, 4 injections" in text, text
+    img = (lat.shape[-2] // 2) * (lat.shape[-1] // 2)
+    assert seen == [(tf.SPECS[name].tokens + img, img * 3 // 4, img, dim)] * 8, seen     # k and v, 4 steps
+    right, left = (..., slice(q, None)), (..., slice(None, q))
+    bg_err = float((x[right] - lat[right]).abs().max() / lat.abs().max())
+    fg_err = float((x[left] - lat[left]).abs().max() / lat.abs().max())
+    print(f"{name} kv_edit: background {bg_err:.2e}, foreground {fg_err:.2e} (relative to the latent's max)")
+    assert bg_err <= 1e-6 and fg_err > 1e-2, (bg_err, fg_err)
+    monkeypatch.setattr(K.A, "inject_background", inject)
+    y, text = f.run(kv_control(K, mask), positive=f.src)     # the source prompt on the exact trajectory
+    assert "replay bdia" in text and rel_max(y, lat) <= 1e-5, (rel_max(y, lat), text)
+
+
+def test_kv_edit_is_refused_without_a_mask_and_on_a_unet(K, S):
+    with pytest.raises(K.E, match="Attention Control: method kv_edit needs a mask.*connect blend_mask"):
+        kv_control(K, None)
+    with pytest.raises(K.E, match="method kv_edit acts in a DiT.*this model is a UNet"):
+        S.run(kv_control(K, torch.ones(1, 8, 8)))

@@ -355,3 +355,60 @@ def test_inline_drift_from_the_source_branch_equals_the_separate_drift_pass(meth
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
     plain = M.sample(traj, edit, replay=replay, start_step=1)
     assert float((plain - want).abs().max()) > 1e-2                 # the drift does something here
+
+
+# ---------------------------------------------------------------------------------------------- kv_edit (KV-Edit)
+def _kv(**kw):
+    return A.Control(**{**A.defaults("kv_edit").__dict__, "mask": torch.ones(1, 1, 4, 4), **kw})
+
+
+def test_kv_edit_policy_matrix():
+    """Every joint block, every step, both chunks; never a UNet layer; blend (the latent's background) at every
+    step; refused without a mask, on a UNet, and blocks FAMILY resolve to every block."""
+    c = _kv()
+    for (name, s, ch), a in _table(c, 10, DIT + LAYERS).items():
+        assert a == ("kv_edit" if name.startswith("joint") else None), (name, s, ch, a)
+    sch = A.schedule(c, DIT, 10, range(2, 10), (U, C))
+    assert sch.injections == 6 * 8 * 2 and sch.blend_steps == tuple(range(2, 10)) and sch.blend == ()
+    assert "kv_edit: 6 layers x 8 steps x 2 chunks = 96" in sch.report()
+    assert A.for_model(_kv(blocks=A.FAMILY), DIT).blocks == ()
+    assert A.schedule(_kv(blocks=("single_block", 1, 2)), DIT, 10, range(10), (C,)).injections == 2 * 10
+    with pytest.raises(InversionInputError, match="kv_edit needs a mask.*connect blend_mask"):
+        A.check(_kv(mask=None))
+    with pytest.raises(InversionInputError, match="method kv_edit acts in a DiT.*use method p2p"):
+        A.for_model(_kv(), LAYERS)
+    assert not A.Control("pnp", mask=torch.ones(1, 1, 2, 2)).blends and _kv().blends
+
+
+def test_background_tokens_are_the_patches_the_mask_does_not_touch():
+    m = torch.zeros(1, 4, 5, 6)          # latent 5x6, patch 2 -> 3x3 patches (the last row padded)
+    m[:, :, 1, 1] = 1.0                  # touches patch (0, 0)
+    m[:, :, 4, 5] = 0.7                  # touches patch (2, 2), the padded row
+    m[:, :, 3, 2] = 0.4                  # below 0.5: background
+    want = torch.ones(1, 9, dtype=torch.bool)
+    want[0, 0] = want[0, 8] = False
+    assert torch.equal(A.background_tokens(m, 2), want)
+    assert A.background_tokens(torch.zeros(2, 6, 6), 3).shape == (2, 4)
+
+
+@pytest.mark.parametrize("layout", ["flux", "sd3_k", "sd3_v"])
+def test_inject_background_takes_exactly_the_background_image_tokens(layout):
+    g = torch.Generator().manual_seed(3)
+    B, H, T, NI, D = 2, 3, 4, 6, 5          # batch, heads, text tokens, image tokens, head dim
+    shape, dim = {"flux": ((B, H, T + NI, D), 2), "sd3_k": ((B, T + NI, H * D), 1),
+                  "sd3_v": ((B, T + NI, H, D), 1)}[layout]
+    e, s = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    e0, s0 = e.clone(), s.clone()
+    bg = torch.tensor([[True, False, True, True, False, False], [False] * 5 + [True]])
+    out = A.inject_background(e, s, bg, dim)
+    assert torch.equal(e, e0) and torch.equal(s, s0)
+    for b in range(B):                                       # loop reference, token by token
+        for n in range(T + NI):
+            src = n >= T and bool(bg[b, n - T])
+            want = (s if src else e).select(dim, n)[b]
+            assert torch.equal(out.select(dim, n)[b], want), (layout, b, n)
+    one = A.inject_background(e, s, bg[:1], dim)             # one mask for the whole batch = each sample's
+    assert torch.equal(one, A.inject_background(e, s, bg[:1].expand(B, NI), dim))
+    assert not torch.equal(one, out)
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_background(e, s, torch.ones(3, NI, dtype=torch.bool), dim)
