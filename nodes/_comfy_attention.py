@@ -31,7 +31,9 @@ evaluates the source branch (recording), the loop then evaluates the edit branch
 ComfyUI modules used here: ``comfy.ldm.modules.attention`` (``SpatialTransformer``, ``SpatialVideoTransformer``
 to find the layers; ``optimized_attention``, the function the model itself calls, for every output not
 injected), ``comfy.ldm.modules.diffusionmodules.openaimodel`` (``Downsample``/``Upsample``: each layer's
-resolution) and ``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
+resolution), ``comfy.ldm.flux.model`` (``Flux``), ``comfy.ldm.chroma.model`` (``Chroma``) and
+``comfy.ldm.modules.diffusionmodules.mmdit`` (``MMDiT``: SD3) to recognise the DiTs reached, and
+``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
 """
 from __future__ import annotations
 
