@@ -78,7 +78,7 @@ class DDIMInvSampler(io.ComfyNode):
                                         tooltip="From Attention Control: every step also evaluates the source "
                                                 "branch (the stored state, source_positive) and injects its "
                                                 "attention into the edit (p2p, pnp, masactrl on "
-                                                "SD1.x/SD2/SDXL; v_inject on Flux, Chroma, SD3). Two "
+                                                "SD1.x/SD2/SDXL; v_inject, kv_edit on Flux, Chroma, SD3). Two "
                                                 "evaluations per step."),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), "
