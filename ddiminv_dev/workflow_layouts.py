@@ -40,6 +40,15 @@ VIDEO_TWO_EXPERTS_NOTE = (
     "prompt on the sampler. DDIM Invert's text names the switch step for the two-KSamplerAdvanced workflow "
     "(its 'noise' drives SamplerCustomAdvanced for the high-noise half).")
 
+FLOW_ATTENTION_EDIT_NOTE = (
+    "Value injection on a flow DiT (RF-Edit / FireFlow), through ComfyUI's patch API.\n\n"
+    "DDIM Invert (method exact, 28 steps, cfg 1) inverts the photo with the source prompt on SD3.5 (shift 3). The "
+    "Inverted-Latent Sampler then, at every step, evaluates the stored inversion state with the source prompt "
+    "(recording the values of each joint attention block) and the edit with the edit prompt: for the first 10% "
+    "of the steps the edit's image tokens attend with the source's values (Attention Control, method v_inject; "
+    "blocks empty = the family default: Flux/Chroma single blocks 20-37 of 38, SD3 every joint block but the "
+    "last). Flux and Chroma work the same way (load them instead). Its text output says what was injected.")
+
 LAYOUTS = {
     "video_two_experts": (
         {"1": (20, 80, 300, 330), "2": (20, 450, 300, 110), "3": (360, 80, 360, 90), "4": (360, 210, 360, 90),
@@ -48,6 +57,12 @@ LAYOUTS = {
          "12": (1160, 80, 340, 460), "13": (1540, 80, 340, 330), "14": (1920, 80, 220, 50),
          "15": (1920, 180, 400, 420), "16": (1540, 460, 400, 420)},
         [(VIDEO_TWO_EXPERTS_NOTE, (20, 900, 460, 300))]),
+    "flow_attention_edit": (
+        {"1": (20, 80, 320, 380), "2": (20, 500, 300, 110), "16": (20, 640, 300, 110), "17": (20, 820, 300, 110),
+         "3": (380, 80, 400, 160), "11": (380, 280, 400, 160), "4": (380, 480, 400, 160), "18": (380, 680, 300, 60),
+         "5": (380, 780, 300, 110), "6": (820, 80, 320, 390), "12": (820, 520, 320, 330),
+         "7": (1180, 80, 320, 300), "8": (1180, 420, 300, 110), "9": (1540, 80, 400, 420)},
+        [(FLOW_ATTENTION_EDIT_NOTE, (20, 980, 420, 300))]),
     "attention_edit": (
         {"1": (20, 80, 320, 380), "2": (20, 500, 320, 100), "3": (380, 80, 400, 260), "4": (380, 380, 400, 120),
          "5": (820, 500, 320, 110), "6": (820, 80, 320, 380), "12": (1180, 420, 320, 330),

@@ -26,28 +26,36 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   values whose image tokens are the source's (its text tokens keep the edit's values, the prompts differ):
   out = softmax(q_edit k_edit^T) [v_edit_text; v_src_image]. The defaults are Fluxtapoz's single blocks 20-37 of
   Flux's 38, scaled to the model's count, and the first 10% of the steps (2 of 28; FireFlow's one step is a
-  window of 0..1/N). Its layers are ``JOINT`` layers named as ComfyUI's dit replace keys
-  (("single_block", i), ("double_block", i)); the UNet methods never act in them.
+  window of 0..1/N). SD3 has joint (double) blocks only: the default is DirectEdit's SD3.5 choice, every block
+  but the last. Its layers are ``JOINT`` layers named as ComfyUI's dit replace keys
+  (("single_block", i), ("double_block", i)); the UNet methods never act in them, and :func:`for_model` refuses
+  a UNet method on a DiT and a DiT method on a UNet.
+* ``kv_edit`` (KV-Edit, Zhu et al. 2025, with a mask; 1 = edit): in the DiT's joint blocks at every step, both
+  chunks, the edit's background image tokens (patches the mask does not touch) attend with the source's keys and
+  values (the foreground and the text keep the edit's), and the latent's background is the source's after every
+  step (the local blend by the mask), so the background stays the source's.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
 from .errors import InversionInputError
 
-METHODS = ("p2p", "pnp", "masactrl")     # the UNet methods (the Attention Control node's list today)
-DIT_METHODS = ("v_inject",)              # the DiT methods (no node offers them yet: the Flux adapter is next)
+METHODS = ("p2p", "pnp", "masactrl")     # the UNet methods
+DIT_METHODS = ("v_inject", "kv_edit")    # the DiT methods (joint attention over [text; image] tokens)
 ALL_METHODS = METHODS + DIT_METHODS
 P2P_MODES = ("replace", "refine", "reweight")
 SELF, CROSS, JOINT = "self", "cross", "joint"
 FLUX_SINGLE_BLOCKS = 38                  # Flux dev/schnell: the count RF-Edit's block numbers refer to
+FAMILY = None                            # Control.blocks: the family's default, resolved by for_model
 COND, UNCOND = 0, 1                      # ComfyUI's cond_or_uncond values
 # what the source records for each action (the edit branch injects the action itself)
-RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv", "v_inject": "v"}
+RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv", "v_inject": "v",
+           "kv_edit": "kv"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,8 @@ class Control:
     mode: str = "replace"                       # p2p
     self_window: Window = Window(0.0, 0.6)
     cross_window: Window = Window(0.0, 0.4)     # p2p
-    blocks: tuple = ()                          # (name, first id, last id) the method acts in; () = every block
+    blocks: Optional[tuple] = ()                # (name, first id, last id) the method acts in; () = every block;
+    #                                             FAMILY (None): the method's default for the model (for_model)
     self_max_fraction: float = 0.25             # p2p: self maps only where queries <= this share of the latent
     reweight: float = 2.0                       # p2p: the reweight words' cross-attention scale
     reweight_words: tuple = ()
@@ -101,6 +110,8 @@ class Control:
 
     @property
     def blends(self) -> bool:
+        if self.method == "kv_edit":          # KV-Edit keeps the background: the latent blend by its mask
+            return self.mask is not None
         return self.method == "p2p" and (bool(self.blend_words) or self.mask is not None)
 
 
@@ -126,6 +137,9 @@ def defaults(method: str, single_blocks: int = FLUX_SINGLE_BLOCKS) -> Control:
     if method == "v_inject":
         return Control("v_inject", self_window=Window(0.0, 0.1), cross_window=Window(),
                        blocks=flux_single_blocks(single_blocks))
+    if method == "kv_edit":     # KV-Edit: every block, every step, the latent's background kept at every step
+        return Control("kv_edit", self_window=Window(0.0, 1.0), cross_window=Window(), blocks=(),
+                       blend_window=Window(0.0, 1.0))
     raise InversionInputError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}")
 
 
@@ -149,6 +163,40 @@ def parse_blocks(text: str, default: tuple) -> tuple:
     return (name, ids[0], ids[-1])
 
 
+def dit_blocks(layers) -> tuple:
+    """v_inject's default blocks for a DiT with these JOINT ``layers``: with single blocks (Flux, Chroma) RF-Edit's
+    20-37 of 38 scaled (:func:`flux_single_blocks`); with double blocks only (SD3's joint blocks) DirectEdit's
+    SD3.5 choice, every block but the last (block 0 when there is one)."""
+    singles = [la for la in layers if la.kind == JOINT and la.block[0] == "single_block"]
+    if singles:
+        return flux_single_blocks(len(singles))
+    doubles = [la for la in layers if la.kind == JOINT and la.block[0] == "double_block"]
+    if not doubles:
+        raise InversionInputError("the model has no joint attention blocks; value injection needs a DiT (Flux, "
+                                  "Chroma, SD3)")
+    return ("double_block", 0, max(0, len(doubles) - 2))
+
+
+def for_model(c: Control, layers) -> Control:
+    """``c`` resolved against the model's ``layers``: the method must fit the architecture (the UNet methods act
+    in self/cross-attention layers, the DiT methods in JOINT layers; refused naming the fix otherwise), and
+    blocks FAMILY become the method's default for this model."""
+    joint = any(la.kind == JOINT for la in layers)
+    if c.method in DIT_METHODS and not joint:
+        raise InversionInputError(f"method {c.method} acts in a DiT's joint text+image attention (Flux, Chroma, "
+                                  "SD3) and this model is a UNet; use method p2p, pnp or masactrl")
+    if c.method not in DIT_METHODS and joint:
+        raise InversionInputError(f"method {c.method} acts in a UNet's self/cross-attention and this model is a "
+                                  "DiT (joint attention); use method v_inject")
+    if c.blocks is not FAMILY:
+        return c
+    if c.method == "v_inject":
+        blocks = dit_blocks(layers)
+    else:
+        blocks = defaults(c.method).blocks
+    return replace(c, blocks=blocks)
+
+
 def check(c: Control) -> Control:
     if c.method not in ALL_METHODS:
         raise InversionInputError(f"method {c.method!r} is unknown; use one of {', '.join(ALL_METHODS)}")
@@ -161,6 +209,9 @@ def check(c: Control) -> Control:
         raise InversionInputError(f"blend_threshold must be in (0, 1) (got {c.blend_threshold:g}); use e.g. 0.3")
     if not (math.isfinite(c.reweight) and c.reweight >= 0):
         raise InversionInputError(f"reweight must be a finite number >= 0 (got {c.reweight}); use e.g. 2.0")
+    if c.method == "kv_edit" and c.mask is None:
+        raise InversionInputError("method kv_edit needs a mask of the region to edit (1 = edit, 0 = background "
+                                  "kept from the source); connect blend_mask")
     if c.mode == "reweight" and not c.reweight_words:
         raise InversionInputError("p2p_mode reweight needs reweight_words; name the words to strengthen")
     return c
@@ -168,6 +219,9 @@ def check(c: Control) -> Control:
 
 # ---------------------------------------------------------------------------------------------- the policy
 def in_blocks(c: Control, layer: Layer) -> bool:
+    if c.blocks is FAMILY:
+        raise InversionInputError("the blocks of attention control were not resolved for the model; call "
+                                  "for_model(control, layers) first")
     if not c.blocks:
         return True
     name, lo, hi = c.blocks
@@ -179,8 +233,8 @@ def action(c: Control, layer: Layer, step: int, steps: int, chunk: int) -> Optio
     ``chunk`` (COND/UNCOND), or None."""
     if not in_blocks(c, layer):
         return None
-    if c.method == "v_inject":       # joint layers only, every chunk that runs
-        return "v_inject" if layer.kind == JOINT and c.self_window.active(step, steps) else None
+    if c.method in DIT_METHODS:      # joint layers only, every chunk that runs
+        return c.method if layer.kind == JOINT and c.self_window.active(step, steps) else None
     if layer.kind == JOINT:          # the UNet methods never act in a DiT's joint attention
         return None
     if c.method == "p2p":
@@ -304,3 +358,35 @@ def inject_values(v_edit: torch.Tensor, v_src: torch.Tensor, image_tokens: int, 
     text = v_edit.narrow(dim, 0, n - image_tokens)
     img = v_src.narrow(dim, n - image_tokens, image_tokens).to(v_edit.dtype)
     return torch.cat([text, img], dim=dim)
+
+
+def background_tokens(mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """KV-Edit's background image tokens from a latent-sized mask [B, C, H, W] (1 = edit): [B, tokens] bool, True
+    where a patch x patch cell (row-major, as Flux and SD3 patchify; sides padded up to the patch) has no value
+    above 0.5 (the foreground keeps every patch it touches)."""
+    m = mask.float()
+    if m.ndim == 3:
+        m = m.unsqueeze(1)
+    m = m[:, :1]
+    h, w = m.shape[-2:]
+    m = torch.nn.functional.pad(m, (0, (-w) % patch, 0, (-h) % patch))
+    fg = torch.nn.functional.max_pool2d(m, patch, patch) > 0.5
+    return ~fg.flatten(1)
+
+
+def inject_background(t_edit: torch.Tensor, t_src: torch.Tensor, background: torch.Tensor,
+                      dim: int) -> torch.Tensor:
+    """KV-Edit's background keys/values: ``t_edit`` with its tail image tokens (along ``dim``, the last
+    ``background.shape[1]``) taken from ``t_src`` where ``background`` [B or 1, tokens] is True; the text tokens
+    and the foreground keep the edit's. A new tensor in t_edit's dtype, neither input changed."""
+    n, tokens = t_edit.shape[dim], background.shape[1]
+    if t_src.shape != t_edit.shape or not 0 < tokens <= n or background.shape[0] not in (1, t_edit.shape[0]):
+        raise InversionInputError(f"kv_edit got source {tuple(t_src.shape)} for edit {tuple(t_edit.shape)} with a "
+                                  f"mask of {tuple(background.shape)} image tokens; the source and edit branches "
+                                  "must run the same latent size, and the mask one per image or one for all")
+    dim = dim % t_edit.ndim
+    shape = [background.shape[0]] + [1] * (dim - 1) + [tokens] + [1] * (t_edit.ndim - dim - 1)
+    bg = background.to(t_edit.device).reshape(shape)
+    src = t_src.narrow(dim, n - tokens, tokens).to(t_edit.dtype)
+    img = torch.where(bg, src, t_edit.narrow(dim, n - tokens, tokens))
+    return torch.cat([t_edit.narrow(dim, 0, n - tokens), img], dim=dim)

@@ -144,7 +144,7 @@ def _p2p_alignment(c: A.Control, prompts: Prompts):
 
 def _attention_plan(traj: Trajectory, attn: Attention, prompts: Prompts, source: Pair, replay: str,
                     k: int) -> AttentionPlan:
-    c = A.check(attn.control)
+    c = A.check(A.for_model(attn.control, attn.layers))
     if prompts.source_positive is None:
         raise InversionInputError("attention control needs source_positive (the prompt the source was inverted "
                                   "with: the source branch records its attention); connect it")

@@ -8,10 +8,14 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   the 2-tuple ComfyUI falls back to) is kept: it computes every output we do not inject, and an injection is
   made through it (PnP/MasaCtrl pass it the substituted q/k/v; P2P adds its map's difference to its output,
   which is also exactly 0 where the maps agree);
-* Flux (v_inject only, so far): ``set_model_patch_replace(fn, "dit", "single_block", i)`` on each single block
-  marks the block in ``transformer_options`` while it runs, and ``transformer_options["optimized_attention_override"]``
-  (0.3.75's ``wrap_attn``; chained to an override already there) records/injects its one attention call, q/k/v
-  [B, H, N, D] over the joint [text; image] sequence;
+* Flux and Chroma (single blocks) and SD3 (joint blocks), v_inject and kv_edit: ``set_model_patch_replace(fn, "dit",
+  "single_block"|"double_block", i)`` on each block marks the block in ``transformer_options`` while it runs, and
+  ``transformer_options["optimized_attention_override"]`` (0.3.75's ``wrap_attn``; chained to an override already
+  there) records/injects its attention call, q/k/v over the joint [text; image] sequence ([B, H, N, D] on
+  Flux, [B, N, H*D] on SD3: the tokens are dim -2 either way). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
+  Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`;
+  kv_edit swaps the keys and values of the background image tokens (the patches its mask does not touch) for
+  the source's, and the local blend by the same mask keeps the latent's background after every step;
 * ``extra_options["cond_or_uncond"]`` tells which chunk of the batch is cond (0) or uncond (1): chunks run
   together ([uncond, cond]), alone when memory is short, and the uncond is skipped at cfg 1 -- every case is a
   list of chunks here; ``block``, ``block_index``, ``n_heads``, ``attn_precision``, ``activations_shape``;
@@ -27,8 +31,9 @@ evaluates the source branch (recording), the loop then evaluates the edit branch
 ComfyUI modules used here: ``comfy.ldm.modules.attention`` (``SpatialTransformer``, ``SpatialVideoTransformer``
 to find the layers; ``optimized_attention``, the function the model itself calls, for every output not
 injected), ``comfy.ldm.modules.diffusionmodules.openaimodel`` (``Downsample``/``Upsample``: each layer's
-resolution), ``comfy.ldm.flux.model`` (``Flux``: which models get the DiT layers) and ``comfy.samplers``
-(``CFGGuider``, ``sampling_function``).
+resolution), ``comfy.ldm.flux.model`` (``Flux``), ``comfy.ldm.chroma.model`` (``Chroma``) and
+``comfy.ldm.modules.diffusionmodules.mmdit`` (``MMDiT``: SD3) to recognise the DiTs reached, and
+``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
 """
 from __future__ import annotations
 
@@ -38,8 +43,10 @@ from typing import Callable, Optional
 
 import torch
 
+import comfy.ldm.chroma.model as comfy_chroma
 import comfy.ldm.flux.model as comfy_flux
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ldm.modules.diffusionmodules.mmdit as comfy_mmdit
 import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
@@ -73,23 +80,38 @@ def unet_layers(model) -> list:
     return layers
 
 
+# the DiTs attention control reaches: text tokens first, then the image's patches, in one joint attention call
+# per block (ComfyUI's dit replace keys). Flux/Chroma: the single blocks (RF-Edit's value injection); SD3's MMDiT:
+# its joint blocks ("double_block" keys; SD3.5's extra image-only self-attention in a block is a second call).
+JOINT_DITS = ((comfy_flux.Flux, "single_blocks", "single_block"),
+              (comfy_chroma.Chroma, "single_blocks", "single_block"),
+              (comfy_mmdit.MMDiT, "joint_blocks", "double_block"))
+REACHES = ("attention control reaches SD1.x/SD2/SDXL UNets (p2p, pnp, masactrl) and the Flux, Chroma and SD3 "
+           "DiTs (v_inject)")
+
+
 def dit_layers(model) -> list:
-    """The single blocks of a Flux-style DiT (``single_blocks``/``double_blocks``, replaced through ComfyUI's
-    ("dit", "single_block", i) keys) as JOINT layers; factor = the patch size."""
+    """The blocks of a joint-attention DiT (Flux/Chroma single blocks, SD3 joint blocks; replaced through
+    ComfyUI's ("dit", name, i) keys) as JOINT layers; factor = the patch size."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    singles = getattr(net, "single_blocks", None)
-    if singles is None or not hasattr(net, "double_blocks"):
-        raise InversionInputError(
-            f"attention control reaches SD1.x/SD2/SDXL UNets and Flux-style DiTs; this model "
-            f"({C.family_name(model)}, {type(net).__name__}) is neither; disconnect attention_control")
-    return [A.Layer(A.JOINT, ("single_block", i), 0, int(getattr(net, "patch_size", 1))) for i in range(len(singles))]
+    for cls, attr, key in JOINT_DITS:
+        if isinstance(net, cls):
+            patch = getattr(net, "patch_size", 1)
+            patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
+            return [A.Layer(A.JOINT, (key, i), 0, patch) for i in range(len(getattr(net, attr)))]
+    raise InversionInputError(f"{REACHES}; this model ({C.family_name(model)}, {type(net).__name__}) is none of "
+                              "them (its attention is not one text+image call per block); disconnect "
+                              "attention_control")
 
 
 def model_layers(model) -> list:
-    """The layers attention control can reach: a UNet's attention layers, or Flux's single blocks."""
+    """The layers attention control can reach: a UNet's attention layers, or a joint-attention DiT's blocks;
+    other models are refused by name."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if isinstance(net, comfy_flux.Flux):    # only Flux is tested (Chroma, HunyuanVideo have other blocks/latents)
+    if any(isinstance(net, cls) for cls, _, _ in JOINT_DITS):
         return dit_layers(model)
+    if not all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        return dit_layers(model)      # refuses it by name
     return unet_layers(model)
 
 
@@ -135,6 +157,7 @@ class Controller:
         self.recorded_maps: list = []          # test hook: (branch, step, layer, chunk, probs) when keep_maps
         self.keep_maps = False
         self.image_tokens = 0                  # DiTs: the joint sequence's image tokens (its tail)
+        self.background: Optional[torch.Tensor] = None   # kv_edit: [B or 1, image tokens] True = background
         self.last_mask: Optional[torch.Tensor] = None   # the blend mask of the last blended step
 
     # --- the loop's side (inversion.methods.sample's control protocol)
@@ -239,29 +262,37 @@ class Controller:
             out[sl] = out[sl] + A.apply_probs(use - own, v[sl]).to(out.dtype)
         return out
 
-    def attend_dit(self, layer: A.Layer, q, k, v, to: dict, base: Callable):
-        """One joint attention call of a DiT block (q/k/v [B, H, N, D], every chunk): the source records its
-        values, the edit's image tokens take them (v_inject)."""
+    def attend_dit(self, layer: A.Layer, q, k, v, to: dict, base: Callable, dim: int = 2):
+        """One joint attention call of a DiT block (every chunk; the tokens along ``dim`` of k/v: 2 for Flux's
+        [B, H, N, D], 1 for SD3's [B, N, H*D] / [B, N, H, D]): the source records what the action needs, the
+        edit's image tokens take the source's values (v_inject) or its background tokens the source's keys and
+        values (kv_edit)."""
         chunks = list(to.get("cond_or_uncond", [A.COND]))
         b = v.shape[0] // len(chunks)
         plan = self.sched.actions.get(self.step, {})
-        vs, changed = list(v.split(b)), False
+        ks, vs, changed = list(k.split(b)), list(v.split(b)), False
         for c, ch in enumerate(chunks):
             occ = self.seen[(self.branch, layer, ch)]
             self.seen[(self.branch, layer, ch)] += 1
-            if plan.get((layer, ch)) is None:
+            a = plan.get((layer, ch))
+            if a is None:
                 continue
             if self.branch == "source":
-                self.store[(layer, ch, occ)] = {"v": vs[c]}
+                self.store[(layer, ch, occ)] = {"k": ks[c], "v": vs[c]} if a == "kv_edit" else {"v": vs[c]}
                 self.records[(layer, ch)] += 1
                 continue
             rec = self.store.get((layer, ch, occ))
             if rec is None:
                 continue
-            vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens)
+            if a == "kv_edit":
+                bg = self.background[:, -ks[c].shape[dim]:]    # an image-only call (SD3.5's second) is the tail too
+                ks[c] = A.inject_background(ks[c], rec["k"], bg, dim)
+                vs[c] = A.inject_background(vs[c], rec["v"], bg, dim)
+            else:
+                vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens, dim)
             self.injections[(layer, ch)] += 1
             changed = True
-        return base(q, k, torch.cat(vs) if changed else v)
+        return base(q, torch.cat(ks), torch.cat(vs)) if changed else base(q, k, v)
 
     def _blend_add(self, branch: str, p, eo: dict) -> None:
         hw = tuple(eo["activations_shape"][-2:])
@@ -316,7 +347,8 @@ def _dit_override(ctl: Controller, prev: Optional[Callable]) -> Callable:
         if layer is None or ctl.branch is None or len(args) < 3:
             return base(*args[:3]) if len(args) >= 3 else (prev(func, *args, **kwargs) if prev is not None
                                                              else func(*args, **kwargs))
-        return ctl.attend_dit(layer, args[0], args[1], args[2], to, base)
+        # ComfyUI's layouts: skip_reshape -> [B, H, N, D] (Flux), else [B, N, H*D] or [B, N, H, D] (SD3's v)
+        return ctl.attend_dit(layer, args[0], args[1], args[2], to, base, 2 if kwargs.get("skip_reshape") else 1)
     return override
 
 
@@ -375,6 +407,11 @@ def run_controlled(model, edit: tuple, source: tuple, cfg: float, shape, sigmas,
     if joint:     # the joint sequence is [text; image]: the image's patches are its tail
         p = joint[0].factor
         ctl.image_tokens = math.prod(-(-int(n) // p) for n in shape[-2:])
+        if ctl.control.method == "kv_edit":
+            ctl.background = A.background_tokens(ctl.given_mask, p)
+            if ctl.background.shape[1] != ctl.image_tokens:
+                raise InversionInputError(f"kv_edit's mask gives {ctl.background.shape[1]} image tokens for the "
+                                          f"latent's {ctl.image_tokens}; connect a mask of the image's size")
     guider = _BranchGuider(clone, ctl)
     guider.inner_set_conds({"positive": edit[0], "negative": edit[1],
                             "source_positive": source[0], "source_negative": source[1]})

@@ -34,26 +34,40 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 "injects it. p2p = Prompt-to-Prompt (cross-attention maps of the source mapped to the edit's words, "
                 "self-attention maps early, optional local blend); pnp = Plug-and-Play (decoder self-attention "
                 "queries/keys of the source); masactrl = the edit's decoder queries attend to the source's keys and "
-                "values. -1 in a window field takes the method's default from its paper's code. SD1.x/SD2/SDXL."),
+                "values (these three: SD1.x/SD2/SDXL UNets); v_inject = value injection (RF-Edit, FireFlow) for "
+                "the Flux, Chroma and SD3 DiTs: in the chosen blocks' joint attention, for the first steps, the "
+                "edit's image tokens take the source's values; kv_edit = KV-Edit's background mode for the same "
+                "DiTs (blend_mask = the region to edit): the background image tokens' keys and values come from "
+                "the source at every step and the latent's background stays the source's. -1 in a window field "
+                "takes the method's default from its paper's code; a method of the other architecture than the "
+                "model's is refused."),
             inputs=[
-                io.Combo.Input("method", options=list(A.METHODS), default="p2p",
-                               tooltip="p2p (needs the Attention Prompts node's conditionings), pnp or masactrl."),
+                io.Combo.Input("method", options=list(A.ALL_METHODS), default="p2p",
+                               tooltip="UNets: p2p (needs the Attention Prompts node's conditionings), pnp or "
+                                       "masactrl. DiTs (Flux, Chroma, SD3): v_inject, or kv_edit (needs "
+                                       "blend_mask)."),
                 io.Combo.Input("p2p_mode", options=list(A.P2P_MODES), default="replace",
                                tooltip="p2p only. replace: prompts with the same number of words (word swap); "
                                        "refine: words added or removed (global alignment); reweight: replace "
                                        "with reweight_words' attention scaled by reweight."),
                 io.Float.Input("self_start", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                               tooltip="First step (fraction of the steps) of self-attention control; -1: the "
-                                       "method's default (p2p 0, pnp 0, masactrl 0.08 = step 4 of 50)."),
+                               tooltip="First step (fraction of the steps) of self-attention control (v_inject: of "
+                                       "the value injection); -1: the method's default (p2p 0, pnp 0, masactrl "
+                                       "0.08 = step 4 of 50, v_inject 0, kv_edit 0)."),
                 io.Float.Input("self_end", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                               tooltip="End (fraction, exclusive) of self-attention control; -1: default (p2p 0.6, "
-                                       "pnp 0.5, masactrl 1.0)."),
+                               tooltip="End (fraction, exclusive) of self-attention control (v_inject: of the "
+                                       "value injection, kv_edit: of the background keys/values); -1: default (p2p "
+                                       "0.6, pnp 0.5, masactrl 1.0, v_inject 0.1 = the first 10% of the steps, "
+                                       "RF-Edit's 2 of 28 (FireFlow's one step is 1/steps), kv_edit 1.0)."),
                 io.Float.Input("cross_end", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="p2p: end (fraction) of cross-attention replacement; -1: 0.4. 0 turns it off."),
                 io.String.Input("blocks", default="", optional=True,
-                                tooltip="The UNet blocks the method acts in, e.g. 'output 6-11' (ComfyUI's block "
-                                        "ids), or 'all'. Empty: the method's default (p2p all, pnp output 4-11, "
-                                        "masactrl output 6-11: SD1.x's decoder; set it for SDXL)."),
+                                tooltip="The blocks the method acts in: UNets e.g. 'output 6-11' (ComfyUI's block "
+                                        "ids), DiTs e.g. 'single 20-37' or 'double 0-22', or 'all'. Empty: the "
+                                        "method's default (p2p all, pnp output 4-11, masactrl output 6-11: "
+                                        "SD1.x's decoder, set it for SDXL; v_inject: Flux/Chroma's single blocks "
+                                        "20-37 of 38 scaled to the model's count, SD3's joint blocks but the "
+                                        "last; kv_edit: every block)."),
                 io.String.Input("reweight_words", default="", optional=True,
                                 tooltip="p2p: comma-separated words of the edit prompt whose attention is scaled "
                                         "by reweight (e.g. 'fluffy')."),
@@ -67,7 +81,9 @@ class DDIMInvAttentionControl(io.ComfyNode):
                                tooltip="p2p local blend: the share of the words' peak attention that counts as "
                                        "'the object' (P2P: 0.3)."),
                 io.Mask.Input("blend_mask", optional=True,
-                              tooltip="p2p local blend by a MASK instead of words (1 = edit, 0 = keep the source)."),
+                              tooltip="p2p local blend by a MASK instead of words (1 = edit, 0 = keep the source); "
+                                      "kv_edit: the region to edit (required; outside it the source's background "
+                                      "keys, values and latent are kept)."),
             ],
             outputs=[ATTENTION_CONTROL.Output("attention_control", display_name="attention_control",
                                               tooltip="Connect to the Inverted-Latent Sampler's attention_control.")],
@@ -78,17 +94,19 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 reweight=2.0, blend_words="", blend_threshold=0.3, blend_mask=None) -> io.NodeOutput:
         with node_boundary(CONTROL):
             d = A.defaults(method)
+            dit = method in A.DIT_METHODS
             c = A.Control(
                 method=method, mode=p2p_mode, self_window=_window(self_start, self_end, d.self_window),
                 cross_window=_window(-1, cross_end, d.cross_window),
-                blocks=A.parse_blocks(blocks, d.blocks),
+                blocks=A.parse_blocks(blocks, A.FAMILY if dit else d.blocks),   # DiTs: resolved by the model
                 reweight=float(reweight), reweight_words=_words(reweight_words) if method == "p2p" else (),
                 blend_words=_words(blend_words) if method == "p2p" else (),
-                blend_threshold=float(blend_threshold),
+                blend_threshold=float(blend_threshold), blend_window=d.blend_window,
                 mask=None if blend_mask is None else blend_mask.detach().clone().float())
-            if method != "p2p" and (blend_mask is not None or _words(blend_words)):
-                raise InversionInputError(f"the local blend is p2p's; {method} has none: clear blend_words and "
-                                          "blend_mask, or use method p2p")
+            masked = method in ("p2p", "kv_edit")
+            if (method != "p2p" and _words(blend_words)) or (not masked and blend_mask is not None):
+                raise InversionInputError(f"the local blend is p2p's (and kv_edit's mask); {method} has none: "
+                                          "clear blend_words and blend_mask, or use method p2p")
             return io.NodeOutput(A.check(c))
 
 

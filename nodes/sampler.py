@@ -79,8 +79,9 @@ class DDIMInvSampler(io.ComfyNode):
                 ATTENTION_CONTROL.Input("attention_control", optional=True,
                                         tooltip="From Attention Control: every step also evaluates the source "
                                                 "branch (the stored state, source_positive) and injects its "
-                                                "attention into the edit (p2p, pnp, masactrl; SD1.x/SD2/SDXL). "
-                                                "Two evaluations per step."),
+                                                "attention into the edit (p2p, pnp, masactrl on "
+                                                "SD1.x/SD2/SDXL; v_inject, kv_edit on Flux, Chroma, SD3). Two "
+                                                "evaluations per step."),
                 io.Model.Input("model_high_noise", optional=True,
                                tooltip="Two experts (Wan 2.2 A14B): the high-noise model, when DDIM Invert ran "
                                        "with one ('model' is then the low-noise one). The switch is the "

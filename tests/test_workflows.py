@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "example_workflows"
 API_DIR = WF_DIR / "api"
 EXPECTED = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model",
-            "nulltext_reconstruct", "nulltext_edit", "attention_edit", "video_two_experts")
+            "nulltext_reconstruct", "nulltext_edit", "attention_edit", "flow_attention_edit",
+            "video_two_experts")
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: never in the API prompt
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 THUMB_MAX_BYTES = 100 * 1024

@@ -430,3 +430,129 @@ def test_flux_v_inject_chains_an_override_already_there_and_leaves_the_input_mod
     # the pass-through chain changes no number: the same run through another pass-through override is identical
     assert torch.equal(x, out["quiet"][0])
     assert out["quiet"][2] == 0
+
+
+# ---------------------------------------------------------------------------------------------- DiTs: the node, SD3
+def node_control(K, method="v_inject", start=0.0, end=0.5, blocks=""):
+    return mod("nodes.attention").DDIMInvAttentionControl.execute(method, "replace", start, end, -1.0, blocks).result[0]
+
+
+class FamilySetup(FluxSetup):
+    """A tiny DiT of ddiminv_dev/tiny_families.py inverted exactly at ``cfg``."""
+
+    def __init__(self, K, name, cfg=1.0, steps=N):
+        from ddiminv_dev import tiny_families as tf
+        self.K, self.cfg, self.name = K, cfg, name
+        self.m = tf.tiny_model(name)
+        self.src, self.edit = tf.conditioning(name, 1), tf.conditioning(name, 2)
+        self.neg = tf.conditioning(name, 9)
+        self.lat = tf.latent(name)
+        self.traj = K.inv.execute(self.m, self.src, self.neg, self.lat, steps, cfg, "normal", "exact").result[2]
+
+
+@pytest.mark.parametrize("name,dim", [("Flux", 2), ("Chroma", 2), ("SD3", 1)])
+def test_the_node_offers_v_inject_with_the_familys_default_blocks(K, monkeypatch, name, dim):
+    """Attention Control's v_inject with blocks empty: the family default for the model (each tiny DiT has one
+    single / joint block: Flux and Chroma single 0 by RF-Edit's scaling, SD3 double 0 as 'all but the last' of
+    one). The source prompt on an exact trajectory returns the source; another prompt swaps exactly the image
+    tokens of each joint call, along the tokens' dim of the family's layout ([B,H,N,D] Flux, [B,N,H,D] SD3)."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, name)
+    c = node_control(K)
+    assert c.method == "v_inject" and c.blocks is K.A.FAMILY and c.self_window == K.A.Window(0.0, 0.5)
+    x, text = f.run(c, positive=f.src)
+    err = float((x - f.lat["samples"]).norm() / f.lat["samples"].norm())
+    assert err <= 1e-5, (name, err, text)
+    assert "v_inject: 1 layers x 3 steps x 1 chunk = 3" in text and "3 records, 3 injections" in text, text
+    seen, inject = [], K.A.inject_values
+
+    def spy(v_edit, v_src, image_tokens, dim=-2):
+        seen.append((v_edit.shape[dim], image_tokens, dim))
+        return inject(v_edit, v_src, image_tokens, dim)
+    monkeypatch.setattr(K.A, "inject_values", spy)
+    _, text = f.run(c)
+    h, w = f.lat["samples"].shape[-2:]
+    img = (h // 2) * (w // 2)                                # patch 2
+    assert seen == [(tf.SPECS[name].tokens + img, img, dim)] * 4, (seen, text)   # ddim replay: steps 0..3
+
+
+def test_a_method_of_the_other_architecture_is_refused_by_the_sampler_naming_the_fix(K, S):
+    f = FamilySetup(K, "Flux")
+    with pytest.raises(K.E, match="Inverted-Latent Sampler: method pnp acts in a UNet.*use method v_inject"):
+        f.run(node_control(K, "pnp", -1.0, -1.0))
+    with pytest.raises(K.E, match="Inverted-Latent Sampler: method v_inject acts in a DiT.*this model is a UNet; "
+                                  "use method p2p, pnp or masactrl"):
+        S.run(node_control(K))
+
+
+# each DiT the issue names (and Flux's variants): attention control runs (records = injections > 0) or is refused
+# naming the family; a family moving between the two lists must be a decision, not an accident
+RUNS = ("Flux", "FluxSchnell", "Flux2", "Chroma", "SD3")
+REFUSED = ("WAN21_T2V", "HunyuanVideo", "QwenImage", "Lumina2", "ZImage", "HiDream")
+
+
+@pytest.mark.parametrize("name", RUNS + REFUSED)
+def test_each_dit_family_runs_value_injection_or_is_refused_by_name(K, name):
+    from ddiminv_dev import tiny_families as tf
+    m = tf.tiny_model(name)
+    src, edit, neg, lat = (tf.conditioning(name, 1), tf.conditioning(name, 2), tf.conditioning(name, 9),
+                           tf.latent(name))
+    traj = K.inv.execute(m, src, neg, lat, 4, 1.0, "normal", "ddim").result[2]
+    c = node_control(K, end=1.0)
+    if name in REFUSED:
+        with pytest.raises(K.E, match=rf"Inverted-Latent Sampler: attention control reaches .*\({name}, \w+\) is "
+                                      "none of them.*disconnect attention_control"):
+            K.smp.execute(m, edit, neg, traj, 1.0, source_positive=src, attention_control=c)
+        return
+    r = K.smp.execute(m, edit, neg, traj, 1.0, source_positive=src, attention_control=c)
+    text = "\n".join(r.ui.as_dict()["text"])
+    assert "v_inject: 1 layers x 4 steps x 1 chunk = 4" in text and "4 records, 4 injections" in text, text
+    assert torch.isfinite(r.result[0]["samples"]).all()
+
+
+# ---------------------------------------------------------------------------------------------- DiTs: kv_edit
+def kv_control(K, mask, end=-1.0):
+    return mod("nodes.attention").DDIMInvAttentionControl.execute(
+        "kv_edit", "replace", -1.0, end, -1.0, "", blend_mask=mask).result[0]
+
+
+@pytest.mark.parametrize("name,dim", [("Flux", 2), ("SD3", 1)])
+def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim):
+    """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, the
+    background patches' keys and values in each joint call are the source's (the 12 of the 16 image tokens not in
+    the first patch column), the latent's background is the source's (the result's right 3/4 = the source
+    latent), the edit changes the left quarter."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, name, steps=4)
+    lat = f.lat["samples"]
+    mask = torch.zeros(1, *lat.shape[-2:])
+    q = lat.shape[-1] // 4
+    mask[:, :, :q] = 1.0
+    cols = lat.shape[-1] // 2                                # patch 2: a 4x4 grid, row-major tokens
+    want_bg = torch.tensor([[j % cols != 0 for j in range(cols * cols)]])
+    seen, inject = [], K.A.inject_background
+
+    def spy(t_edit, t_src, background, d):
+        assert torch.equal(background.cpu(), want_bg), background
+        seen.append((t_edit.shape[d], int(background.sum()), background.shape[1], d))
+        return inject(t_edit, t_src, background, d)
+    monkeypatch.setattr(K.A, "inject_background", spy)
+    x, text = f.run(kv_control(K, mask))
+    assert "kv_edit: 1 layers x 4 steps x 1 chunk = 4" in text and "4 records, 4 injections" in text, text
+    img = (lat.shape[-2] // 2) * (lat.shape[-1] // 2)
+    assert seen == [(tf.SPECS[name].tokens + img, img * 3 // 4, img, dim)] * 8, seen     # k and v, 4 steps
+    right, left = (..., slice(q, None)), (..., slice(None, q))
+    bg_err = float((x[right] - lat[right]).abs().max() / lat.abs().max())
+    fg_err = float((x[left] - lat[left]).abs().max() / lat.abs().max())
+    print(f"{name} kv_edit: background {bg_err:.2e}, foreground {fg_err:.2e} (relative to the latent's max)")
+    assert bg_err <= 1e-6 and fg_err > 1e-2, (bg_err, fg_err)
+    monkeypatch.setattr(K.A, "inject_background", inject)
+    y, text = f.run(kv_control(K, mask), positive=f.src)     # the source prompt on the exact trajectory
+    assert "replay bdia" in text and rel_max(y, lat) <= 1e-5, (rel_max(y, lat), text)
+
+
+def test_kv_edit_is_refused_without_a_mask_and_on_a_unet(K, S):
+    with pytest.raises(K.E, match="Attention Control: method kv_edit needs a mask.*connect blend_mask"):
+        kv_control(K, None)
+    with pytest.raises(K.E, match="method kv_edit acts in a DiT.*this model is a UNet"):
+        S.run(kv_control(K, torch.ones(1, 8, 8)))

@@ -3,7 +3,8 @@
 Every ``example_workflows/api/<name>.api.json`` is queued over HTTP unmodified except:
 
 * the model file names -> tiny random files in the real formats: the SD1.5-format checkpoint
-  (ddiminv_dev/tiny_checkpoint.py) for Load Checkpoint; for flow_model (an SD3 workflow) the diffusion-model-only
+  (ddiminv_dev/tiny_checkpoint.py) for Load Checkpoint; for flow_model and flow_attention_edit (SD3 workflows;
+  the latter value injection with attention control) the diffusion-model-only
   SD3 MMDiT, the CLIP-L text encoder and the 16-channel SD3 VAE of ddiminv_dev/tiny_flow_files.py (UNETLoader,
   CLIPLoader type sd3, VAELoader);
 * the input image -> a generated 64x64 picture uploaded with POST /upload/image, as the UI does.
@@ -37,7 +38,7 @@ from ddiminv_dev import tiny_flow_files
 ROOT = Path(__file__).resolve().parents[2]
 API_DIR = ROOT / "example_workflows" / "api"
 RUNNABLE = ("invert_and_reconstruct", "invert_and_edit", "core_interop", "flow_model", "nulltext_reconstruct",
-            "nulltext_edit", "attention_edit")
+            "nulltext_edit", "attention_edit", "flow_attention_edit")
 # workflow -> class_type -> inputs to override (say why): the null-text workflows ship the paper's 50 steps x 10
 # iterations, which on the random tiny checkpoint's 320-channel UNet would take minutes for nothing to see
 _SHORT_NULLTEXT = {"DDIMInvert": {"steps": 4}, "KSamplerAdvanced": {"steps": 4}, "DDIMInvNullText": {"iterations": 2}}
@@ -84,7 +85,8 @@ MODEL_FILES = {"CheckpointLoaderSimple": ("ckpt_name", checkpoint.CKPT_NAME),
                "UNETLoader": ("unet_name", tiny_flow_files.UNET_NAME),
                "CLIPLoader": ("clip_name", tiny_flow_files.CLIP_NAME),
                "VAELoader": ("vae_name", tiny_flow_files.VAE_NAME)}
-EXPECTED_LOADERS = {"flow_model": {"UNETLoader", "CLIPLoader", "VAELoader"}}  # others: CheckpointLoaderSimple
+EXPECTED_LOADERS = {"flow_model": {"UNETLoader", "CLIPLoader", "VAELoader"},   # others: CheckpointLoaderSimple
+                    "flow_attention_edit": {"UNETLoader", "CLIPLoader", "VAELoader"}}
 
 
 def load_workflow(name: str, image: str) -> dict:
@@ -144,6 +146,15 @@ def test_example_workflow_runs_on_the_server(flow_files, server, uploaded, name)
             assert imgs, f"{name}: node {nid} ({node['class_type']}) reported no images: {entry.get('outputs')}"
             for im in imgs:
                 assert view(server, im)[:8] == b"\x89PNG\r\n\x1a\n", f"{name}: {im} is not a PNG"
+    # attention control said what it injected, and it injected (the sampler refuses a plan of nothing and a step
+    # whose planned injections did not happen; this reads the count back from what the UI shows)
+    if any(n["class_type"] == "DDIMInvAttentionControl" for n in prompt.values()):
+        import re
+        sid = next(k for k, n in prompt.items() if n["class_type"] == "DDIMInvSampler")
+        text = "\n".join((entry.get("outputs", {}).get(sid) or {}).get("text") or [])
+        done = re.search(r"done: (\d+) records, (\d+) injections", text)
+        assert done and int(done[1]) == int(done[2]) > 0, f"{name}: {text!r}"
+        print(f"{name}: {done[0]}")
     # the pictures are meaningless on random weights; their size is not
     saved = [im for nid, n in prompt.items() if n["class_type"] == "SaveImage" for im in _images(entry, nid)]
     from PIL import Image

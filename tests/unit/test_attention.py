@@ -108,6 +108,36 @@ def test_v_inject_blocks_scale_rf_edits_20_to_37_of_38(count, want):
     assert A.defaults("v_inject").blocks == ("single_block", 20, 37)       # Flux's 38 by default
 
 
+SD3 = [A.Layer(A.JOINT, ("double_block", i), 0, 2) for i in range(5)]     # SD3's joint blocks only
+
+
+@pytest.mark.parametrize("layers,want", [(DIT, ("single_block", 2, 3)), (SD3, ("double_block", 0, 3)),
+                                         (SD3[:1], ("double_block", 0, 0)), (SD3[:2], ("double_block", 0, 0))])
+def test_v_inject_family_default_blocks_follow_the_models_layers(layers, want):
+    """blocks FAMILY: Flux/Chroma's singles scaled from RF-Edit's 20-37 of 38; SD3's joint blocks all but the last
+    (DirectEdit's SD3.5 choice); a given blocks value is kept as it is."""
+    c = A.Control("v_inject", self_window=A.Window(0, 0.1), cross_window=A.Window(), blocks=A.FAMILY)
+    r = A.for_model(c, layers)
+    assert r.blocks == want and r.self_window == c.self_window and r.method == "v_inject"
+    given = A.Control("v_inject", blocks=("single_block", 0, 0))
+    assert A.for_model(given, DIT) is given
+    unet = A.for_model(A.Control("masactrl", blocks=A.FAMILY), LAYERS)
+    assert unet.blocks == ("output", 6, 11)
+    with pytest.raises(InversionInputError, match="not resolved"):
+        A.action(c, DIT[0], 0, 10, C)
+
+
+def test_a_method_of_the_other_architecture_is_refused_naming_the_fix():
+    for m in A.METHODS:
+        with pytest.raises(InversionInputError, match=f"method {m} acts in a UNet.*use method v_inject"):
+            A.for_model(A.defaults(m), DIT)
+        with pytest.raises(InversionInputError, match="use method v_inject"):
+            A.for_model(A.defaults(m), SD3)
+    with pytest.raises(InversionInputError, match="this model is a UNet; use method p2p, pnp or masactrl"):
+        A.for_model(A.defaults("v_inject"), LAYERS)
+    assert A.for_model(A.defaults("v_inject"), DIT + LAYERS).method == "v_inject"
+
+
 def test_v_inject_counts_are_blocks_times_steps_times_chunks_and_refusals():
     c = A.defaults("v_inject", single_blocks=4)
     sch = A.schedule(c, DIT, 28, range(28), (U, C))
@@ -325,3 +355,60 @@ def test_inline_drift_from_the_source_branch_equals_the_separate_drift_pass(meth
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
     plain = M.sample(traj, edit, replay=replay, start_step=1)
     assert float((plain - want).abs().max()) > 1e-2                 # the drift does something here
+
+
+# ---------------------------------------------------------------------------------------------- kv_edit (KV-Edit)
+def _kv(**kw):
+    return A.Control(**{**A.defaults("kv_edit").__dict__, "mask": torch.ones(1, 1, 4, 4), **kw})
+
+
+def test_kv_edit_policy_matrix():
+    """Every joint block, every step, both chunks; never a UNet layer; blend (the latent's background) at every
+    step; refused without a mask, on a UNet, and blocks FAMILY resolve to every block."""
+    c = _kv()
+    for (name, s, ch), a in _table(c, 10, DIT + LAYERS).items():
+        assert a == ("kv_edit" if name.startswith("joint") else None), (name, s, ch, a)
+    sch = A.schedule(c, DIT, 10, range(2, 10), (U, C))
+    assert sch.injections == 6 * 8 * 2 and sch.blend_steps == tuple(range(2, 10)) and sch.blend == ()
+    assert "kv_edit: 6 layers x 8 steps x 2 chunks = 96" in sch.report()
+    assert A.for_model(_kv(blocks=A.FAMILY), DIT).blocks == ()
+    assert A.schedule(_kv(blocks=("single_block", 1, 2)), DIT, 10, range(10), (C,)).injections == 2 * 10
+    with pytest.raises(InversionInputError, match="kv_edit needs a mask.*connect blend_mask"):
+        A.check(_kv(mask=None))
+    with pytest.raises(InversionInputError, match="method kv_edit acts in a DiT.*use method p2p"):
+        A.for_model(_kv(), LAYERS)
+    assert not A.Control("pnp", mask=torch.ones(1, 1, 2, 2)).blends and _kv().blends
+
+
+def test_background_tokens_are_the_patches_the_mask_does_not_touch():
+    m = torch.zeros(1, 4, 5, 6)          # latent 5x6, patch 2 -> 3x3 patches (the last row padded)
+    m[:, :, 1, 1] = 1.0                  # touches patch (0, 0)
+    m[:, :, 4, 5] = 0.7                  # touches patch (2, 2), the padded row
+    m[:, :, 3, 2] = 0.4                  # below 0.5: background
+    want = torch.ones(1, 9, dtype=torch.bool)
+    want[0, 0] = want[0, 8] = False
+    assert torch.equal(A.background_tokens(m, 2), want)
+    assert A.background_tokens(torch.zeros(2, 6, 6), 3).shape == (2, 4)
+
+
+@pytest.mark.parametrize("layout", ["flux", "sd3_k", "sd3_v"])
+def test_inject_background_takes_exactly_the_background_image_tokens(layout):
+    g = torch.Generator().manual_seed(3)
+    B, H, T, NI, D = 2, 3, 4, 6, 5          # batch, heads, text tokens, image tokens, head dim
+    shape, dim = {"flux": ((B, H, T + NI, D), 2), "sd3_k": ((B, T + NI, H * D), 1),
+                  "sd3_v": ((B, T + NI, H, D), 1)}[layout]
+    e, s = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    e0, s0 = e.clone(), s.clone()
+    bg = torch.tensor([[True, False, True, True, False, False], [False] * 5 + [True]])
+    out = A.inject_background(e, s, bg, dim)
+    assert torch.equal(e, e0) and torch.equal(s, s0)
+    for b in range(B):                                       # loop reference, token by token
+        for n in range(T + NI):
+            src = n >= T and bool(bg[b, n - T])
+            want = (s if src else e).select(dim, n)[b]
+            assert torch.equal(out.select(dim, n)[b], want), (layout, b, n)
+    one = A.inject_background(e, s, bg[:1], dim)             # one mask for the whole batch = each sample's
+    assert torch.equal(one, A.inject_background(e, s, bg[:1].expand(B, NI), dim))
+    assert not torch.equal(one, out)
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_background(e, s, torch.ones(3, NI, dtype=torch.bool), dim)
