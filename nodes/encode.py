@@ -10,7 +10,9 @@ a margin of context), so the node costs about what core VAE Encode costs; ``full
 ``refine`` > 0 goes past that ceiling: decoder inversion (``inversion/refine.py``) optimises the latent so that
 ``decode(latent)`` matches the image, starting at the mean, with ``refine_anchor`` keeping it near the mean. The
 node returns, per image, the best iterate (never a worse pixel error than the mean) and reports the ceiling
-before and after. A VAE whose decoder gives no gradient falls back to the mean and says so.
+before and after. A VAE whose decoder gives no gradient falls back to the mean and says so. A video VAE's clip
+latent [1,C,T,h,w] is refined as one unknown against all the clip's frames (Wan and LTXV decoders are causal
+over time, so a later frame depends on every earlier latent frame; cutting time would change the decode).
 """
 from __future__ import annotations
 
@@ -112,7 +114,9 @@ class DDIMInvVAEEncode(io.ComfyNode):
                                      "is a good trade); stops early when it no longer improves; never returns a "
                                      "worse ceiling than 0. Each iteration costs about one decode + backward; "
                                      "images over 512x512 (or tiled=true) are refined in 256-px windows, otherwise "
-                                     "the backward pass needs about 3x the memory of one VAE decode."),
+                                     "the backward pass needs about 3x the memory of one VAE decode. A video "
+                                     "VAE's clip is refined as one latent against all its frames (never cut in "
+                                     "time: the decoder is causal over time)."),
                 io.Float.Input("refine_lr", default=R.DEFAULT_LR, min=0.0, max=1.0, step=0.001, optional=True,
                                tooltip="Refine's learning rate (Adam, in units of the latent's standard deviation; "
                                        "cosine decay to a tenth). Lower it if the node reports a non-finite loss."),
@@ -164,7 +168,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
         note = ""
         if refine:
             latent, db, note = cls._refine(vae, latent, fitted, valid, factor, ceiling, bool(tiled), db,
-                                           refine, float(refine_lr), float(refine_anchor), video)
+                                           refine, float(refine_lr), float(refine_anchor), video, kept, per_frame)
         latent = latent.to(C.output_device())
         h, w = pixels.shape[1], pixels.shape[2]
         how = (f"measured on {nwin} latent windows = {100 * frac:.1f}% of the image (ceiling=full measures all)"
@@ -182,15 +186,17 @@ class DDIMInvVAEEncode(io.ComfyNode):
         return io.NodeOutput({"samples": latent}, db, ui=ui.PreviewText(text))
 
     @classmethod
-    def _refine(cls, vae, mean, fitted, valid, factor, ceiling, tiled, db0, steps, lr, anchor, video=None):
+    def _refine(cls, vae, mean, fitted, valid, factor, ceiling, tiled, db0, steps, lr, anchor, video=None,
+                kept=None, per_frame=None):
         """(latent, ceiling dB, text) after decoder inversion; the mean (and its ceiling) whenever refining
-        does not improve the measured ceiling or the decoder gives no gradient."""
-        if video is not None:
-            why = (f"{video[2]} is a causal video VAE: it decodes a clip latent frame by latent frame through a "
-                   "feature cache, and decoder inversion optimises image latents [B,C,H,W] only")
-            VG.warn(f"refine skipped: {why}")
-            return mean, db0, (f"\nrefine skipped: {why}; returned the posterior mean (set refine to 0)")
-        if mean.ndim != 4:
+        does not improve the measured ceiling or the decoder gives no gradient. A clip (``video``) is refined as
+        one latent against all its frames (the decoder is causal over time: every latent frame shapes the frames
+        after it, so time is not cut; windows cut h/w only, each with the whole clip); ``per_frame`` is then
+        replaced by the refined latent's per-frame PSNRs when it is kept."""
+        target = fitted
+        if video is not None:       # one clip: the whole [1,C,T,h,w] latent against all its (fitted) frames
+            target = fitted.unsqueeze(0)
+        elif mean.ndim != 4:
             VG.warn("refine skipped: not an image VAE")
             return mean, db0, (f"\nrefine skipped: the VAE's latent is {mean.ndim - 2}-D, decoder inversion handles "
                                "image VAEs only; returned the posterior mean (set refine to 0)")
@@ -198,7 +204,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
         windows = R.plan_windows(h, w, tiled)
         t0 = time.perf_counter()
         try:
-            res = VG.refine(vae, mean, fitted, steps=steps, lr=lr, anchor=anchor, valid_hw=valid, windows=windows)
+            res = VG.refine(vae, mean, target, steps=steps, lr=lr, anchor=anchor, valid_hw=valid, windows=windows)
         except VG.NotDifferentiable as e:
             VG.warn(f"refine skipped: {e}")
             return mean, db0, (f"\nrefine skipped: this VAE cannot be refined, {e}; returned the posterior mean "
@@ -206,13 +212,16 @@ class DDIMInvVAEEncode(io.ComfyNode):
         secs = time.perf_counter() - t0
         latent = res.latent
         checks.check_finite_result(latent, "the refined latent", "lower refine_lr or set refine to 0")
-        db1, _, _ = measure_ceiling(vae, latent, fitted, valid, factor, ceiling, tiled)
+        frames1 = [] if per_frame is not None else None
+        db1, _, _ = measure_ceiling(vae, latent, fitted, valid, factor, ceiling, tiled, kept, frames1)
         how = {"done": "", "early": ", stopped early: no further gain",
                "non-finite": "; the loss became NaN/Inf, kept the best finite iterate (lower refine_lr)"}[res.stopped]
         win = f", in {len(windows)} windows" if windows else ""
         if not R.keep_refined(db0, db1):
             return mean, db0, (f"\nrefine: no gain ({db1:.2f} dB after {res.iterations} iterations{how}{win}); "
                                f"returned the posterior mean ({secs:.1f} s)")
+        if frames1 is not None:
+            per_frame[:] = frames1
         return latent, db1, (f"\nrefine: {db0:.2f} dB -> {db1:.2f} dB ({db1 - db0:+.2f} dB), {res.iterations} of "
                              f"{steps} iterations{how}{win}, lr {lr:g}, anchor {anchor:g}, {secs:.1f} s")
 

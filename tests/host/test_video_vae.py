@@ -11,6 +11,7 @@ from ddiminv_dev import host, tiny_families as tf
 STEPS = 6
 # kind of tiny VAE, family of tiny model, clip size (frames, pixels): Wan 2.1 8x/4x, LTXV 32x/8x
 CASES = {"wan21": ("WAN21_T2V", 9, 64), "ltxv": ("LTXV", 9, 64)}
+MIN_GAIN = {"wan21": 0.7, "ltxv": 0.12}    # dB refine=12 must add (measured on this CPU: +1.14, +0.22)
 
 
 def _prompt(kind: str, frames: int | None = None, fit: str = "pad", refine: int = 0, regenerate: bool = True):
@@ -86,10 +87,31 @@ def test_a_frame_count_the_vae_cannot_take(fit, latent_t, needle):
     assert needle in res.ui("enc")["text"][0], res.ui("enc")["text"][0]
 
 
-def test_refine_on_a_causal_video_vae_says_why():
-    res = host.run(_prompt("wan21", refine=3, regenerate=False))
-    text = res.ui("enc")["text"][0]
-    assert "refine skipped: WanVAE is a causal video VAE" in text, text
+@pytest.mark.parametrize("kind", list(CASES))
+def test_refine_inverts_the_decoder_over_the_whole_clip(kind):
+    """refine > 0 on a video VAE optimises the 5-D latent against all the clip's frames (the decoder is causal over
+    time, so the clip is not cut in time): the ceiling rises past the mean's by a margin (so the refined latent is
+    the one returned, not the mean kept by the never-worse rule), the text reports it over the whole clip, the
+    latent keeps its shape and the input frames are not mutated. Measured at 12 iterations (see the print)."""
+    from ddiminv_dev import tiny_video_vaes as tv
+    name, t, size = CASES[kind]
+    cls = host.pack_submodule("nodes.encode").DDIMInvVAEEncode
+    vae = tv.tiny_video_vae(kind, 0)
+    img = torch.rand(t, size, size, 3, generator=torch.Generator().manual_seed(5))
+    before = img.clone()
+    with torch.inference_mode():
+        mean = cls.execute(img, vae)
+        out = cls.execute(img, vae, refine=12)
+    z0, c0 = mean.args[0]["samples"], mean.args[1]
+    z1, c1 = out.args[0]["samples"], out.args[1]
+    text = out.ui.as_dict()["text"][0]
+    print(f"\nREFINE {kind}: {c0:.3f} dB -> {c1:.3f} dB ({c1 - c0:+.3f}), latent {tuple(z1.shape)}\n{text}")
+    assert torch.equal(img, before)
+    assert z1.ndim == 5 and z1.shape == z0.shape and not torch.equal(z1, z0)
+    assert not z1.requires_grad and z1.grad_fn is None
+    assert c1 > c0 + MIN_GAIN[kind], (c0, c1)
+    assert f"refine: {c0:.2f} dB -> {c1:.2f} dB" in text and "of 12 iterations" in text, text
+    assert "worst frame" in text and f"a {t}-frame clip" in text, text
 
 
 def _preview_prompt(decode: str, keep: int, show: str = "states") -> dict:
