@@ -32,6 +32,7 @@ from .types import CATEGORY
 DISPLAY = "VAE Encode (Inversion)"
 CEILING_MODES = ("sampled", "full")
 REFINE_MAX = 5000
+TILE_FRAMES_MAX = 4096
 
 
 def measure_ceiling(vae, latent, fitted, valid_hw, factor: int, mode: str, tiled: bool, frames=None, per_frame=None):
@@ -125,6 +126,13 @@ class DDIMInvVAEEncode(io.ComfyNode):
                                tooltip="Keeps the refined latent near the encoder's mean (weight of the mean "
                                        "squared drift in latent standard deviations, against the pixel MSE): higher "
                                        "= closer to what the diffusion model knows, less pixel gain. 0 = pixels only."),
+                io.Int.Input("tile_frames", default=0, min=0, max=TILE_FRAMES_MAX, optional=True,
+                             tooltip="Video VAEs only: encode the clip in temporal tiles of about this many frames "
+                                     "(core's encode_tiled over time; 0 = off, the whole clip at once) to bound "
+                                     "the encoder's memory on long clips. The encoder is causal over time and "
+                                     "restarts at each tile, so a tile shorter than the clip gives a different "
+                                     "latent than the whole-clip encode (vae_ceiling reports its cost); a tile "
+                                     "covering the clip is the untiled latent. Refused for image VAEs."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="latent",
@@ -139,13 +147,13 @@ class DDIMInvVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, fit="pad", tiled=False, ceiling="sampled", refine=0, refine_lr=R.DEFAULT_LR,
-                refine_anchor=R.DEFAULT_ANCHOR) -> io.NodeOutput:
+                refine_anchor=R.DEFAULT_ANCHOR, tile_frames=0) -> io.NodeOutput:
         with node_boundary(DISPLAY), torch.no_grad():
-            return cls._run(pixels, vae, fit, tiled, ceiling, refine, refine_lr, refine_anchor)
+            return cls._run(pixels, vae, fit, tiled, ceiling, refine, refine_lr, refine_anchor, tile_frames)
 
     @classmethod
     def _run(cls, pixels, vae, fit, tiled, ceiling, refine=0, refine_lr=R.DEFAULT_LR,
-             refine_anchor=R.DEFAULT_ANCHOR) -> io.NodeOutput:
+             refine_anchor=R.DEFAULT_ANCHOR, tile_frames=0) -> io.NodeOutput:
         if vae is None:
             raise InversionInputError("no VAE is connected; connect the VAE output of your checkpoint loader")
         if ceiling not in CEILING_MODES:
@@ -160,7 +168,11 @@ class DDIMInvVAEEncode(io.ComfyNode):
         if video is not None:       # the IMAGE batch is one clip's frames: a count the VAE encodes whole
             fewer, more = imaging.frame_counts(int(fitted.shape[0]), video[0], video[1])
             fitted, kept = imaging.fit_frames(fitted, fewer, more, fit)
-        latent = CV.encode(vae, fitted, bool(tiled))
+        tile_frames = _check_tile_frames(tile_frames, video)
+        if tile_frames:
+            latent = CV.encode_frames_tiled(vae, fitted, tile_frames, bool(tiled))
+        else:
+            latent = CV.encode(vae, fitted, bool(tiled))
         checks.check_finite_result(latent, "the VAE's latent", "run the VAE in float32 (--fp32-vae) or check the VAE "
                                                             "file")
         per_frame = [] if video is not None else None
@@ -181,6 +193,10 @@ class DDIMInvVAEEncode(io.ComfyNode):
             what = (f"a {t_in}-frame clip -> {int(latent.shape[2])} latent frames"
                     + (f" (encoded as {int(fitted.shape[0])} frames, fit={fit})" if int(fitted.shape[0]) != t_in
                        else ""))
+        if tile_frames:
+            what += (f", temporal tiles of {tile_frames} frames"
+                     + (" (shorter than the clip: the latent differs from the whole-clip encode)"
+                        if tile_frames < int(fitted.shape[0]) else " (covering the clip: the untiled latent)"))
         text = (f"VAE ceiling: {db:.2f} dB PSNR (decode(encode(image)) vs image, {how}; {what}, "
                 f"{w}x{h} -> {fitted.shape[2]}x{fitted.shape[1]}, fit={fit}{', tiled' if tiled else ''})" + note)
         return io.NodeOutput({"samples": latent}, db, ui=ui.PreviewText(text))
@@ -224,6 +240,24 @@ class DDIMInvVAEEncode(io.ComfyNode):
             per_frame[:] = frames1
         return latent, db1, (f"\nrefine: {db0:.2f} dB -> {db1:.2f} dB ({db1 - db0:+.2f} dB), {res.iterations} of "
                              f"{steps} iterations{how}{win}, lr {lr:g}, anchor {anchor:g}, {secs:.1f} s")
+
+
+def _check_tile_frames(tile_frames, video) -> int:
+    if isinstance(tile_frames, bool) or not isinstance(tile_frames, int) or not 0 <= tile_frames <= TILE_FRAMES_MAX:
+        raise InversionInputError(f"tile_frames must be an integer from 0 to {TILE_FRAMES_MAX} (got "
+                                  f"{tile_frames!r}); use 0 to encode the whole clip at once")
+    if tile_frames and video is None:
+        raise InversionInputError(f"tile_frames is {tile_frames} but this VAE is an image VAE (no time axis to "
+                                  "tile); set tile_frames to 0 (use 'tiled' for spatial tiles)")
+    if tile_frames and video[0](tile_frames) < 2:
+        raise InversionInputError(f"tile_frames {tile_frames} is shorter than two latent frames of this "
+                                  f"{video[2]} (core's smallest temporal tile); use at least {_two_latent(video)} "
+                                  "or 0")
+    return int(tile_frames)
+
+
+def _two_latent(video) -> int:
+    return int(video[1](2))
 
 
 def _check_refine(refine, lr, anchor) -> int:
