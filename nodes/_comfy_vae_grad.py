@@ -100,7 +100,7 @@ def refine(vae, z0: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float
     """Decoder inversion through ``vae`` (see ``inversion.refine.refine_latent``) with progress, preview and
     interrupt; raises NotDifferentiable (before any step) when the decoder gives no gradient."""
     comfy.model_management.throw_exception_if_processing_interrupted()
-    shape = tuple(z0.shape) if windows is None else (z0.shape[0], z0.shape[1]) + _largest(windows)
+    shape = tuple(z0.shape) if windows is None else tuple(z0.shape[:-2]) + _largest(windows)   # video: keeps T
     try:
         need = vae.memory_used_decode(shape, vae.vae_dtype) * BACKWARD_MEMORY_FACTOR
     except Exception:  # noqa: BLE001 - a VAE without the estimate: let ComfyUI use its minimum
