@@ -110,19 +110,19 @@ def _check_args(steps, lr: float, anchor: float, loss: str) -> int:
 
 def _compared(dec: torch.Tensor, z: torch.Tensor, tgt: torch.Tensor, win, vh: int, vw: int):
     """(decoded, target) over the pixels one decode is compared on: the valid pixels, or a window's core."""
-    f = dec.shape[1] // z.shape[-2]
+    f = dec.shape[-3] // z.shape[-2]
     if win is None:
-        rec, ref = dec[:, :vh, :vw], tgt[:, :vh, :vw].to(dec.device)
+        rec, ref = dec[..., :vh, :vw, :], tgt[..., :vh, :vw, :].to(dec.device)
     else:
         y0, _, x0, _, cy0, cy1, cx0, cx1 = win
         py0, py1 = (cy0 - y0) * f, (cy1 - y0) * f
         px0, px1 = (cx0 - x0) * f, (cx1 - x0) * f
         gy0, gx0 = cy0 * f, cx0 * f
         hh, ww = max(0, min(py1 - py0, vh - gy0)), max(0, min(px1 - px0, vw - gx0))
-        rec = dec[:, py0:py0 + hh, px0:px0 + ww]
-        ref = tgt[:, gy0:gy0 + hh, gx0:gx0 + ww].to(dec.device)
+        rec = dec[..., py0:py0 + hh, px0:px0 + ww, :]
+        ref = tgt[..., gy0:gy0 + hh, gx0:gx0 + ww, :].to(dec.device)
     if rec.shape != ref.shape:
-        raise RefineError(f"the VAE decodes a {tuple(z.shape[-2:])} latent to {tuple(dec.shape[1:3])} "
+        raise RefineError(f"the VAE decodes a {tuple(z.shape[2:])} latent to {tuple(dec.shape[1:-1])} "
                           f"pixels, not the {f}x size of the image; set refine to 0 for this VAE")
     return rec, ref
 
@@ -159,13 +159,13 @@ class _Problem:
         n = self.base.shape[0]
         data = torch.zeros(n, dtype=torch.float64)
         first = None
-        count = self.vh * self.vw * self.tgt.shape[-1]
+        count = self.vh * self.vw * self.tgt.shape[-1] * (self.tgt.shape[1] if self.tgt.ndim == 5 else 1)
         for win in self.wins:
             with torch.set_grad_enabled(grad):
                 z = self.base + self.scale * u
                 if win is not None:
                     y0, y1, x0, x1 = win[:4]
-                    z = z[:, :, y0:y1, x0:x1]
+                    z = z[..., y0:y1, x0:x1]
                 dec = self.decode(z).to(torch.float32)
                 rec, ref = _compared(dec, z, self.tgt, win, self.vh, self.vw)
                 shown = rec.clamp(self.lo, self.hi)
@@ -192,7 +192,9 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
                   lr_floor: float = LR_FLOOR, tol: float = TOL, patience: Optional[int] = None,
                   loss: str = DEFAULT_LOSS, clip: Sequence[float] = (0.0, 1.0),
                   on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> RefineResult:
-    """Decoder inversion of ``z0`` [N,C,h,w] against ``target`` [N,H,W,3]; see the module docstring.
+    """Decoder inversion of ``z0`` [N,C,h,w] against ``target`` [N,H,W,3]; see the module docstring. A video
+    latent ``z0`` [N,C,t,h,w] is inverted against its clips ``target`` [N,F,H,W,3] (``decode`` returns
+    [N,F,H,W,3]) as one unknown over all frames; windows cut h/w only, every window keeps the whole time axis.
 
     ``valid_hw``: the (H, W) of target pixels that count (padding excluded; default all). ``windows``: from
     :func:`windows_for`, or None to decode the whole latent at once. ``on_step(i, total, decoded)`` is called after
@@ -208,7 +210,7 @@ def refine_latent(z0: torch.Tensor, target: torch.Tensor, decode: Callable[[torc
     """
     steps = _check_args(steps, lr, anchor, loss)
     n = z0.shape[0]
-    vh, vw = (int(valid_hw[0]), int(valid_hw[1])) if valid_hw is not None else (target.shape[1], target.shape[2])
+    vh, vw = (int(valid_hw[0]), int(valid_hw[1])) if valid_hw is not None else (target.shape[-3], target.shape[-2])
     with torch.no_grad():
         base = z0.detach().to(torch.float32)
         scale = base.flatten(1).std(dim=1).clamp_min(1e-6).view(n, *([1] * (base.ndim - 1)))

@@ -40,6 +40,14 @@ def encode(vae, pixels: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     return vae.encode_tiled(pixels) if tiled else vae.encode(pixels)
 
 
+def encode_frames_tiled(vae, frames: torch.Tensor, tile_frames: int, tiled: bool = False) -> torch.Tensor:
+    """A video VAE's clip encoded in temporal tiles of ``tile_frames`` frames through core's ``encode_tiled``
+    (``tile_t``; core's default temporal overlap); spatially whole, or core's 256-px tiles with ``tiled``."""
+    h, w = int(frames.shape[-3]), int(frames.shape[-2])
+    tile, overlap = (256, 64) if tiled else (max(h, w), 0)
+    return vae.encode_tiled(frames, tile_x=tile, tile_y=tile, overlap=overlap, tile_t=int(tile_frames))
+
+
 def decode(vae, latent: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """decode() as [N,H,W,3] images (a video VAE's [B,T,H,W,3] flattened to frames)."""
     out = vae.decode_tiled(latent) if tiled else vae.decode(latent)

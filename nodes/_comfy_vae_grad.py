@@ -57,7 +57,8 @@ def _clamps_affine(vae) -> bool:
 
 
 def decode_fn(vae, raw: bool = False):
-    """``z [N,C,h,w] -> image [N,H,W,3]``: ``vae.decode``'s computation, differentiable in ``z``. With ``raw`` and
+    """``z [N,C,h,w] -> image [N,H,W,3]`` (a video VAE: ``z [N,C,t,h,w] -> clip [N,F,H,W,3]``): ``vae.decode``'s
+    computation, differentiable in ``z``. With ``raw`` and
     ComfyUI's default ``process_output`` (``clamp((x + 1) / 2, 0, 1)``), the values before the clamp (the
     optimiser clamps them itself for every measure); any other ``process_output`` is applied as it is."""
     m = _module(vae)
@@ -72,7 +73,7 @@ def decode_fn(vae, raw: bool = False):
 def probe(decode, z0: torch.Tensor) -> None:
     """Raise NotDifferentiable unless a small window of ``z0`` decodes with a gradient (whether it is finite is
     the optimiser's check: a non-finite loss is an error, not a fallback)."""
-    win = z0[:1, :, :8, :8].detach().clone().to(torch.float32).requires_grad_(True)
+    win = z0[:1, ..., :8, :8].detach().clone().to(torch.float32).requires_grad_(True)
     try:
         out = decode(win)
     except Exception as e:  # noqa: BLE001 - any failure means: no gradient path through this decoder
@@ -89,7 +90,8 @@ def _preview(decoded: torch.Tensor):
     from comfy.cli_args import LatentPreviewMethod, args
     if getattr(args, "preview_method", None) == LatentPreviewMethod.NoPreviews:
         return None
-    img = decoded[0].detach().float().clamp(0, 1).mul(255).to("cpu", torch.uint8).numpy()
+    img = decoded[0] if decoded.ndim == 4 else decoded[0, 0]      # a clip previews its first frame
+    img = img.detach().float().clamp(0, 1).mul(255).to("cpu", torch.uint8).numpy()
     return ("JPEG", Image.fromarray(img), int(getattr(args, "preview_size", 512) or 512))
 
 
@@ -98,7 +100,7 @@ def refine(vae, z0: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float
     """Decoder inversion through ``vae`` (see ``inversion.refine.refine_latent``) with progress, preview and
     interrupt; raises NotDifferentiable (before any step) when the decoder gives no gradient."""
     comfy.model_management.throw_exception_if_processing_interrupted()
-    shape = tuple(z0.shape) if windows is None else (z0.shape[0], z0.shape[1]) + _largest(windows)
+    shape = tuple(z0.shape) if windows is None else tuple(z0.shape[:-2]) + _largest(windows)   # video: keeps T
     try:
         need = vae.memory_used_decode(shape, vae.vae_dtype) * BACKWARD_MEMORY_FACTOR
     except Exception:  # noqa: BLE001 - a VAE without the estimate: let ComfyUI use its minimum

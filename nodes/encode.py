@@ -10,7 +10,9 @@ a margin of context), so the node costs about what core VAE Encode costs; ``full
 ``refine`` > 0 goes past that ceiling: decoder inversion (``inversion/refine.py``) optimises the latent so that
 ``decode(latent)`` matches the image, starting at the mean, with ``refine_anchor`` keeping it near the mean. The
 node returns, per image, the best iterate (never a worse pixel error than the mean) and reports the ceiling
-before and after. A VAE whose decoder gives no gradient falls back to the mean and says so.
+before and after. A VAE whose decoder gives no gradient falls back to the mean and says so. A video VAE's clip
+latent [1,C,T,h,w] is refined as one unknown against all the clip's frames (Wan and LTXV decoders are causal
+over time, so a later frame depends on every earlier latent frame; cutting time would change the decode).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from .types import CATEGORY
 DISPLAY = "VAE Encode (Inversion)"
 CEILING_MODES = ("sampled", "full")
 REFINE_MAX = 5000
+TILE_FRAMES_MAX = 4096
 
 
 def measure_ceiling(vae, latent, fitted, valid_hw, factor: int, mode: str, tiled: bool, frames=None, per_frame=None):
@@ -112,7 +115,9 @@ class DDIMInvVAEEncode(io.ComfyNode):
                                      "is a good trade); stops early when it no longer improves; never returns a "
                                      "worse ceiling than 0. Each iteration costs about one decode + backward; "
                                      "images over 512x512 (or tiled=true) are refined in 256-px windows, otherwise "
-                                     "the backward pass needs about 3x the memory of one VAE decode."),
+                                     "the backward pass needs about 3x the memory of one VAE decode. A video "
+                                     "VAE's clip is refined as one latent against all its frames (never cut in "
+                                     "time: the decoder is causal over time)."),
                 io.Float.Input("refine_lr", default=R.DEFAULT_LR, min=0.0, max=1.0, step=0.001, optional=True,
                                tooltip="Refine's learning rate (Adam, in units of the latent's standard deviation; "
                                        "cosine decay to a tenth). Lower it if the node reports a non-finite loss."),
@@ -121,6 +126,13 @@ class DDIMInvVAEEncode(io.ComfyNode):
                                tooltip="Keeps the refined latent near the encoder's mean (weight of the mean "
                                        "squared drift in latent standard deviations, against the pixel MSE): higher "
                                        "= closer to what the diffusion model knows, less pixel gain. 0 = pixels only."),
+                io.Int.Input("tile_frames", default=0, min=0, max=TILE_FRAMES_MAX, optional=True,
+                             tooltip="Video VAEs only: encode the clip in temporal tiles of about this many frames "
+                                     "(core's encode_tiled over time; 0 = off, the whole clip at once) to bound "
+                                     "the encoder's memory on long clips. The encoder is causal over time and "
+                                     "restarts at each tile, so a tile shorter than the clip gives a different "
+                                     "latent than the whole-clip encode (vae_ceiling reports its cost); a tile "
+                                     "covering the clip is the untiled latent. Refused for image VAEs."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="latent",
@@ -135,13 +147,13 @@ class DDIMInvVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, fit="pad", tiled=False, ceiling="sampled", refine=0, refine_lr=R.DEFAULT_LR,
-                refine_anchor=R.DEFAULT_ANCHOR) -> io.NodeOutput:
+                refine_anchor=R.DEFAULT_ANCHOR, tile_frames=0) -> io.NodeOutput:
         with node_boundary(DISPLAY), torch.no_grad():
-            return cls._run(pixels, vae, fit, tiled, ceiling, refine, refine_lr, refine_anchor)
+            return cls._run(pixels, vae, fit, tiled, ceiling, refine, refine_lr, refine_anchor, tile_frames)
 
     @classmethod
     def _run(cls, pixels, vae, fit, tiled, ceiling, refine=0, refine_lr=R.DEFAULT_LR,
-             refine_anchor=R.DEFAULT_ANCHOR) -> io.NodeOutput:
+             refine_anchor=R.DEFAULT_ANCHOR, tile_frames=0) -> io.NodeOutput:
         if vae is None:
             raise InversionInputError("no VAE is connected; connect the VAE output of your checkpoint loader")
         if ceiling not in CEILING_MODES:
@@ -156,7 +168,11 @@ class DDIMInvVAEEncode(io.ComfyNode):
         if video is not None:       # the IMAGE batch is one clip's frames: a count the VAE encodes whole
             fewer, more = imaging.frame_counts(int(fitted.shape[0]), video[0], video[1])
             fitted, kept = imaging.fit_frames(fitted, fewer, more, fit)
-        latent = CV.encode(vae, fitted, bool(tiled))
+        tile_frames = _check_tile_frames(tile_frames, video)
+        if tile_frames:
+            latent = CV.encode_frames_tiled(vae, fitted, tile_frames, bool(tiled))
+        else:
+            latent = CV.encode(vae, fitted, bool(tiled))
         checks.check_finite_result(latent, "the VAE's latent", "run the VAE in float32 (--fp32-vae) or check the VAE "
                                                             "file")
         per_frame = [] if video is not None else None
@@ -164,7 +180,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
         note = ""
         if refine:
             latent, db, note = cls._refine(vae, latent, fitted, valid, factor, ceiling, bool(tiled), db,
-                                           refine, float(refine_lr), float(refine_anchor), video)
+                                           refine, float(refine_lr), float(refine_anchor), video, kept, per_frame)
         latent = latent.to(C.output_device())
         h, w = pixels.shape[1], pixels.shape[2]
         how = (f"measured on {nwin} latent windows = {100 * frac:.1f}% of the image (ceiling=full measures all)"
@@ -177,20 +193,26 @@ class DDIMInvVAEEncode(io.ComfyNode):
             what = (f"a {t_in}-frame clip -> {int(latent.shape[2])} latent frames"
                     + (f" (encoded as {int(fitted.shape[0])} frames, fit={fit})" if int(fitted.shape[0]) != t_in
                        else ""))
+        if tile_frames:
+            what += (f", temporal tiles of {tile_frames} frames"
+                     + (" (shorter than the clip: the latent differs from the whole-clip encode)"
+                        if tile_frames < int(fitted.shape[0]) else " (covering the clip: the untiled latent)"))
         text = (f"VAE ceiling: {db:.2f} dB PSNR (decode(encode(image)) vs image, {how}; {what}, "
                 f"{w}x{h} -> {fitted.shape[2]}x{fitted.shape[1]}, fit={fit}{', tiled' if tiled else ''})" + note)
         return io.NodeOutput({"samples": latent}, db, ui=ui.PreviewText(text))
 
     @classmethod
-    def _refine(cls, vae, mean, fitted, valid, factor, ceiling, tiled, db0, steps, lr, anchor, video=None):
+    def _refine(cls, vae, mean, fitted, valid, factor, ceiling, tiled, db0, steps, lr, anchor, video=None,
+                kept=None, per_frame=None):
         """(latent, ceiling dB, text) after decoder inversion; the mean (and its ceiling) whenever refining
-        does not improve the measured ceiling or the decoder gives no gradient."""
-        if video is not None:
-            why = (f"{video[2]} is a causal video VAE: it decodes a clip latent frame by latent frame through a "
-                   "feature cache, and decoder inversion optimises image latents [B,C,H,W] only")
-            VG.warn(f"refine skipped: {why}")
-            return mean, db0, (f"\nrefine skipped: {why}; returned the posterior mean (set refine to 0)")
-        if mean.ndim != 4:
+        does not improve the measured ceiling or the decoder gives no gradient. A clip (``video``) is refined as
+        one latent against all its frames (the decoder is causal over time: every latent frame shapes the frames
+        after it, so time is not cut; windows cut h/w only, each with the whole clip); ``per_frame`` is then
+        replaced by the refined latent's per-frame PSNRs when it is kept."""
+        target = fitted
+        if video is not None:       # one clip: the whole [1,C,T,h,w] latent against all its (fitted) frames
+            target = fitted.unsqueeze(0)
+        elif mean.ndim != 4:
             VG.warn("refine skipped: not an image VAE")
             return mean, db0, (f"\nrefine skipped: the VAE's latent is {mean.ndim - 2}-D, decoder inversion handles "
                                "image VAEs only; returned the posterior mean (set refine to 0)")
@@ -198,7 +220,7 @@ class DDIMInvVAEEncode(io.ComfyNode):
         windows = R.plan_windows(h, w, tiled)
         t0 = time.perf_counter()
         try:
-            res = VG.refine(vae, mean, fitted, steps=steps, lr=lr, anchor=anchor, valid_hw=valid, windows=windows)
+            res = VG.refine(vae, mean, target, steps=steps, lr=lr, anchor=anchor, valid_hw=valid, windows=windows)
         except VG.NotDifferentiable as e:
             VG.warn(f"refine skipped: {e}")
             return mean, db0, (f"\nrefine skipped: this VAE cannot be refined, {e}; returned the posterior mean "
@@ -206,15 +228,36 @@ class DDIMInvVAEEncode(io.ComfyNode):
         secs = time.perf_counter() - t0
         latent = res.latent
         checks.check_finite_result(latent, "the refined latent", "lower refine_lr or set refine to 0")
-        db1, _, _ = measure_ceiling(vae, latent, fitted, valid, factor, ceiling, tiled)
+        frames1 = [] if per_frame is not None else None
+        db1, _, _ = measure_ceiling(vae, latent, fitted, valid, factor, ceiling, tiled, kept, frames1)
         how = {"done": "", "early": ", stopped early: no further gain",
                "non-finite": "; the loss became NaN/Inf, kept the best finite iterate (lower refine_lr)"}[res.stopped]
         win = f", in {len(windows)} windows" if windows else ""
         if not R.keep_refined(db0, db1):
             return mean, db0, (f"\nrefine: no gain ({db1:.2f} dB after {res.iterations} iterations{how}{win}); "
                                f"returned the posterior mean ({secs:.1f} s)")
+        if frames1 is not None:
+            per_frame[:] = frames1
         return latent, db1, (f"\nrefine: {db0:.2f} dB -> {db1:.2f} dB ({db1 - db0:+.2f} dB), {res.iterations} of "
                              f"{steps} iterations{how}{win}, lr {lr:g}, anchor {anchor:g}, {secs:.1f} s")
+
+
+def _check_tile_frames(tile_frames, video) -> int:
+    if isinstance(tile_frames, bool) or not isinstance(tile_frames, int) or not 0 <= tile_frames <= TILE_FRAMES_MAX:
+        raise InversionInputError(f"tile_frames must be an integer from 0 to {TILE_FRAMES_MAX} (got "
+                                  f"{tile_frames!r}); use 0 to encode the whole clip at once")
+    if tile_frames and video is None:
+        raise InversionInputError(f"tile_frames is {tile_frames} but this VAE is an image VAE (no time axis to "
+                                  "tile); set tile_frames to 0 (use 'tiled' for spatial tiles)")
+    if tile_frames and video[0](tile_frames) < 2:
+        raise InversionInputError(f"tile_frames {tile_frames} is shorter than two latent frames of this "
+                                  f"{video[2]} (core's smallest temporal tile); use at least {_two_latent(video)} "
+                                  "or 0")
+    return int(tile_frames)
+
+
+def _two_latent(video) -> int:
+    return int(video[1](2))
 
 
 def _check_refine(refine, lr, anchor) -> int:

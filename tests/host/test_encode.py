@@ -59,13 +59,15 @@ def test_schema_documented(fx):
     assert schema.category == "sampling/ddim_inversion"
     assert schema.description
     assert [i.id for i in schema.inputs] == ["pixels", "vae", "fit", "tiled", "ceiling", "refine", "refine_lr",
-                                             "refine_anchor"]
+                                             "refine_anchor", "tile_frames"]
     assert all(i.tooltip for i in schema.inputs)
     assert all(o.tooltip for o in schema.outputs)
     fit = schema.inputs[2]
     assert fit.optional and set(fit.options) == {"crop", "pad", "resize", "error"} and fit.default == "pad"
     refine = schema.inputs[5]
     assert refine.optional and refine.default == 0 and refine.min == 0   # default: today's node (the mean)
+    tile = schema.inputs[8]
+    assert tile.optional and tile.default == 0 and tile.min == 0        # default: the whole clip at once
 
 
 @torch.inference_mode()  # the VAE was built inside the executor (inference mode): use it the same way
