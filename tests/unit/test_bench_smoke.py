@@ -57,6 +57,7 @@ def test_speed_bench_quick():
         assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (cfg, entry)
     assert res["capture"]["max_abs_diff_bare_vs_core"] < 1e-4, res["capture"]  # the bare loop computes the same
     assert "p2p edit / plain edit" in out and res["attention"]["p2p/plain"] > 1.0    # two evaluations per step
+    assert "v_inject edit / plain edit" in out and res["attention_flux"]["v_inject/plain"] > 1.0   # the tiny Flux
 
 
 @pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
