@@ -604,3 +604,19 @@ def test_pnp_from_the_node_on_a_decoder_without_block_4_is_refused(K, S):
     assert c.feature_window == K.A.Window(0, 0.8) and c.feature_block == 4
     with pytest.raises(K.E, match="decoder block 4"):
         S.run(c, exact_replay="ddim")
+
+
+def test_pnp_features_keep_another_packs_output_block_patch_and_leave_the_input_model_unpatched(K, S):
+    calls = []
+
+    def other(h, hsp, transformer_options):          # another pack's output block patch: it must still run
+        calls.append(transformer_options["block"])
+        return h, hsp
+    m = S.m.clone()
+    m.set_model_output_block_patch(other)
+    before = list(m.model_options["transformer_options"]["patches"]["output_block_patch"])
+    _, text = S.run(pnp_features(K), model=m, exact_replay="ddim")
+    assert "pnp_feature: 1 layers x 6 steps x 2 chunks" in text, text
+    # 4 decoder blocks x (source + edit) x 8 steps; cond and uncond run in one batch here
+    assert len(calls) == 4 * 2 * N, len(calls)
+    assert m.model_options["transformer_options"]["patches"]["output_block_patch"] == before == [other]
