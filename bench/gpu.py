@@ -8,7 +8,11 @@ ours (DDIM Invert, ddim) / KSampler (ddim), ours / raw forwards, core FlipSigmas
 images/s at batch 1 and 8, peak GPU memory of ours vs KSampler, and the cost of the exact and implicit
 methods (seconds and evaluations per step; with random weights the implicit iteration count is not
 meaningful for real images), and null-text inversion on SD1.5 (50 steps x 10 iterations, cfg 7.5, every
-iteration run: seconds, backward passes, peak memory).
+iteration run: seconds, backward passes, peak memory). With sd15, issue 27's attention-control rows: a P2P
+(and MasaCtrl) edit / a plain edit on SD1.5 512x512, 50 steps, cfg 7.5; and a value-injection edit / a plain
+edit on Flux dev's architecture (19 + 38 blocks, random bf16 weights, ~24 GB) at 1024x1024, 28 steps, cfg 1
+(``--no-attention`` skips them; they add ~280 Flux forwards at 4,608 tokens, a few minutes on an H100 --
+not yet run on one; the Flux path was checked on CPU with a shrunken config only).
 
     .venv/bin/python bench/gpu.py                 # SD1.5 512x512 (latent 64), SDXL 1024x1024 (latent 128),
                                                   # 50 steps, 2 repeats
@@ -95,6 +99,89 @@ SDXL_TINY = dict(
     num_head_channels=16,
 )
 POOLED = 1280  # SDXL clip_g pooled size; adm = 1280 + 6 * 256 = 2816
+# Flux dev's config as comfy.model_detection reads it from the checkpoint (19 double, 38 single blocks, 12B)
+FLUX_DEV = {
+    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
+    "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+    "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+}
+FLUX_SIZE, FLUX_STEPS = 1024, 28   # issue 27's value-injection row: 1024x1024 (latent 128), 28 steps
+
+
+def _random_init_(net, device, seed: int) -> None:
+    """Seeded N(0, 1/fan_in) weights, norms ~1, biases ~0 (in place, on ``device``)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim >= 2:
+                std = 1.0 / math.sqrt(max(math.prod(p.shape[1:]), 1))
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(std).to(p.dtype))
+            elif name.endswith("weight") or name.endswith("scale"):
+                p.copy_((1.0 + 0.02 * torch.randn(p.shape, generator=g, device=device)).to(p.dtype))
+            else:
+                p.copy_((0.02 * torch.randn(p.shape, generator=g, device=device)).to(p.dtype))
+    net.eval()
+
+
+def build_flux(device, dtype, seed: int = 0):
+    """Flux dev's architecture (``comfy.supported_models.Flux`` with :data:`FLUX_DEV`, ``model_base.Flux``) with
+    seeded random weights on ``device``, in a ModelPatcher."""
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cfg = sm.Flux(dict(FLUX_DEV))
+    cfg.set_inference_dtype(dtype, None)
+    model = cfg.get_model({}, device=device)
+    _random_init_(model.diffusion_model, device, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def flux_conditioning(seed: int) -> list:
+    """Flux dev's conditioning: T5-XXL states (1, 512, 4096), CLIP-L pooled (1, 768), guidance 3.5 (random)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn((1, 512, 4096), generator=g), {"pooled_output": torch.randn((1, 768), generator=g),
+                                                         "guidance": 3.5}]]
+
+
+def attention_rows(sd15, pos, neg, latent, steps, repeats, device, cpu_smoke: bool) -> dict:
+    """Issue 27's rows: a P2P (and MasaCtrl) edit against a plain edit on SD1.5 (cfg 7.5, bench/speed.py's
+    attention_cost); a value-injection edit against a plain edit on Flux dev's architecture at 1024x1024
+    (latent 128, 28 steps, cfg 1, RF-Edit's default window: the first 10% of the steps) -- on CPU smoke the tiny
+    Flux at 2 steps, window 0..0.5."""
+    import torch
+
+    out = {"p2p_sd15": S.attention_cost(sd15, pos, neg, latent, steps, 7.5, repeats, device)}
+    a = out["p2p_sd15"]
+    print(f"sd15 attention control ({steps} steps, cfg 7.5): p2p edit / plain edit {a['p2p/plain']:.2f}, "
+          f"masactrl / plain {a['masactrl/plain']:.2f} (plain {a['times']['plain']['median_s']:.2f} s)")
+    if cpu_smoke:
+        out["v_inject_flux"] = v = S.flux_attention_cost(2, repeats, device)
+    else:
+        import comfy.model_management as mm
+        import comfy.supported_models as sm
+
+        flux = build_flux(device, torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        side = FLUX_SIZE // 8
+        lat = {"samples": sm.Flux.latent_format().process_out(torch.randn((1, 16, side, side), generator=g))}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        v = S.vinject_cost(flux, flux_conditioning(0), flux_conditioning(1), flux_conditioning(2), lat, FLUX_STEPS,
+                           repeats, device, window=(0.0, 0.1))
+        if torch.cuda.is_available():
+            v["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        out["v_inject_flux"] = v
+        del flux
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    print(f"flux v_inject (latent {'x'.join(map(str, v['latent'][-2:]))}, cfg 1, window {v['window']}): v_inject "
+          f"edit / plain edit {v['v_inject/plain']:.2f} (plain {v['times']['plain']['median_s']:.2f} s)")
+    return out
 
 
 def build(kind: str, tiny: bool, device, dtype, seed: int = 0):
@@ -113,17 +200,7 @@ def build(kind: str, tiny: bool, device, dtype, seed: int = 0):
         if kind == "sd15"
         else mb.SDXL(cfg, model_type=mb.ModelType.EPS, device=device)
     )
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                std = 1.0 / math.sqrt(max(math.prod(p.shape[1:]), 1))
-                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(std).to(p.dtype))
-            elif name.endswith("weight"):
-                p.copy_((1.0 + 0.02 * torch.randn(p.shape, generator=g, device=device)).to(p.dtype))
-            else:
-                p.copy_((0.02 * torch.randn(p.shape, generator=g, device=device)).to(p.dtype))
-    model.diffusion_model.eval()
+    _random_init_(model.diffusion_model, device, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
@@ -219,6 +296,8 @@ def main(argv=None):
     ap.add_argument("--models", default="sd15,sdxl")
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for --cpu-smoke")
+    ap.add_argument("--no-attention", dest="attention", action="store_false",
+                    help="skip issue 27's rows (SD1.5 P2P edit, Flux-architecture 1024x1024 v_inject edit)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.cpu_smoke:
@@ -268,6 +347,8 @@ def main(argv=None):
             f"{kind} ratios: "
             + str({c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
         )
+        if kind == "sd15" and a.attention:
+            res["attention"] = attention_rows(model, pos, neg, make_latent(1), steps, repeats, device, a.cpu_smoke)
         results[kind] = res
         del model
         mm.unload_all_models()

@@ -9,8 +9,8 @@ Variants (same model, steps, scheduler ``ddim_uniform`` and CFG; every loop unde
 * ``raw``         the diffusion model's forwards alone: ``model.model.apply_model`` ``steps`` times (cond and
                   uncond batched into one forward when CFG > 1, as ComfyUI does) -- the floor for a loop.
 
-Also the cost of an attention-controlled edit (p2p, masactrl) over a plain edit, the trajectory-capture overhead
-(the core has no switch to turn recording off, so: the math core's
+Also the cost of an attention-controlled edit (p2p, masactrl; and v_inject on the tiny Flux) over a plain edit,
+the trajectory-capture overhead (the core has no switch to turn recording off, so: the math core's
 ``invert`` vs a bare DDIM loop calling the same ``model_fn``, and the node vs that bare loop) and batch 1 vs
 batch 8 for ours and KSampler. Medians of ``--repeats`` interleaved rounds. Timings only, no assertions.
 
@@ -288,6 +288,39 @@ def compare(
     return res
 
 
+def vinject_cost(model, src, edit, neg, latent, steps: int, repeats: int, device, window=(0.0, 0.5)) -> dict:
+    """Value injection (v_inject, the model's default blocks) against a plain edit on one DiT, cfg 1 (Flux dev's
+    distilled guidance), the same ddim trajectory, timed interleaved. ``window``: fractions of the steps
+    (RF-Edit's default is the first 10%; 0..0.5, the dearer case, in the CPU bench). Every step evaluates
+    source + edit (the source branch runs every step); the window's steps also record and swap the values."""
+    import torch
+
+    A = B.pack("inversion.attention")
+    inv, smp = B.pack("nodes.invert").DDIMInvert, B.pack("nodes.sampler").DDIMInvSampler
+    with torch.no_grad():
+        traj = inv.execute(model, src, neg, latent, steps, 1.0, SCHED, "ddim").result[2]
+    ctl = A.Control(**{**A.defaults("v_inject").__dict__, "blocks": A.FAMILY, "self_window": A.Window(*window)})
+
+    def run(control):
+        def go():
+            with torch.no_grad():
+                return smp.execute(model, edit, neg, traj, 1.0, source_positive=src, attention_control=control)
+        return go
+    t = B.interleaved({"plain": run(None), "v_inject": run(ctl)}, repeats, device=device)
+    med = {k: t[k]["median_s"] for k in t}
+    return {"cfg": 1.0, "window": list(window), "latent": list(latent["samples"].shape), "times": t,
+            "v_inject/plain": med["v_inject"] / med["plain"]}
+
+
+def flux_attention_cost(steps: int, repeats: int, device) -> dict:
+    """:func:`vinject_cost` on the tiny Flux (ddiminv_dev/tiny_families.py 'Flux': one double and one single
+    block, patch 2, its own latent size), window 0..0.5."""
+    from ddiminv_dev import tiny_families as tf
+
+    src, edit, neg = tf.conditioning("Flux", 1), tf.conditioning("Flux", 2), tf.conditioning("Flux", 9)
+    return vinject_cost(tf.tiny_model("Flux"), src, edit, neg, tf.latent("Flux"), steps, repeats, device)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="64x64, 3 steps, 1 repeat, batch 1 vs 2 (smoke test)")
@@ -334,6 +367,10 @@ def main(argv=None):
     print(f"attention control (cfg {att['cfg']:g}): p2p edit / plain edit {att['p2p/plain']:.2f}, "
           f"masactrl edit / plain edit {att['masactrl/plain']:.2f} (goal <= 2.1)")
     res["attention"] = att
+    fx = flux_attention_cost(a.steps, a.repeats, dev)
+    print(f"value injection (tiny Flux, latent {'x'.join(map(str, fx['latent'][-2:]))}, cfg 1): v_inject edit / "
+          f"plain edit {fx['v_inject/plain']:.2f} (goal <= 2.1)")
+    res["attention_flux"] = fx
     data = {
         "bench": "speed",
         "machine": B.machine(),

@@ -18,7 +18,10 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   words in the edit, P2P's ``mask[:1] + mask``) exceeds ``blend_threshold`` after max-normalisation, or inside a
   given mask.
 * ``pnp`` (Plug-and-Play, Tumanyan et al.): decoder self-attention layers (output blocks 4-11) of both chunks
-  attend with the source's queries and keys: out = softmax(q_src k_src^T) v_edit.
+  attend with the source's queries and keys: out = softmax(q_src k_src^T) v_edit; and during ``feature_window``
+  (PnP's code: the first 80% of the steps) the ResBlock features of decoder block ``feature_block`` (SD1.5's
+  output block 4 of 12, PnP's ``up_blocks[1].resnets[1]``) are the source's, in both chunks. Those are
+  ``FEATURE`` layers ("output", i), one per decoder block, that only ``pnp_feature`` acts in.
 * ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11) from step 4 of 50, both chunks:
   out = softmax(q_edit k_src^T) v_src.
 * ``v_inject`` (RF-Edit / FireFlow value injection, for DiTs such as Flux): in the chosen single blocks (joint
@@ -49,13 +52,13 @@ METHODS = ("p2p", "pnp", "masactrl")     # the UNet methods
 DIT_METHODS = ("v_inject", "kv_edit")    # the DiT methods (joint attention over [text; image] tokens)
 ALL_METHODS = METHODS + DIT_METHODS
 P2P_MODES = ("replace", "refine", "reweight")
-SELF, CROSS, JOINT = "self", "cross", "joint"
+SELF, CROSS, JOINT, FEATURE = "self", "cross", "joint", "feature"   # FEATURE: a decoder block's ResBlock
 FLUX_SINGLE_BLOCKS = 38                  # Flux dev/schnell: the count RF-Edit's block numbers refer to
 FAMILY = None                            # Control.blocks: the family's default, resolved by for_model
 COND, UNCOND = 0, 1                      # ComfyUI's cond_or_uncond values
 # what the source records for each action (the edit branch injects the action itself)
 RECORDS = {"p2p_cross": "probs", "p2p_self": "probs", "pnp_qk": "qk", "masactrl_kv": "kv", "v_inject": "v",
-           "kv_edit": "kv"}
+           "kv_edit": "kv", "pnp_feature": "features"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Control:
     blend_threshold: float = 0.3
     blend_window: Window = Window(0.2, 1.0)     # P2P's start_blend 0.2
     mask: Optional[torch.Tensor] = field(default=None, compare=False)   # a given blend mask (1 = edit)
+    feature_window: Window = Window()           # pnp: the steps whose decoder ResBlock features are the source's
+    feature_block: int = 4                      # pnp: that decoder block (output block id)
 
     @property
     def blends(self) -> bool:
@@ -131,7 +136,8 @@ def defaults(method: str, single_blocks: int = FLUX_SINGLE_BLOCKS) -> Control:
     if method == "p2p":
         return Control("p2p")
     if method == "pnp":
-        return Control("pnp", self_window=Window(0.0, 0.5), cross_window=Window(), blocks=("output", 4, 11))
+        return Control("pnp", self_window=Window(0.0, 0.5), cross_window=Window(), blocks=("output", 4, 11),
+                       feature_window=Window(0.0, 0.8), feature_block=4)
     if method == "masactrl":
         return Control("masactrl", self_window=Window(4 / 50, 1.0), cross_window=Window(), blocks=("output", 6, 11))
     if method == "v_inject":
@@ -188,6 +194,13 @@ def for_model(c: Control, layers) -> Control:
     if c.method not in DIT_METHODS and joint:
         raise InversionInputError(f"method {c.method} acts in a UNet's self/cross-attention and this model is a "
                                   "DiT (joint attention); use method v_inject")
+    if c.method == "pnp" and c.feature_window.end > c.feature_window.start:
+        outs = sorted(int(la.block[1]) for la in layers if la.kind == FEATURE)
+        if c.feature_block not in outs:
+            raise InversionInputError(
+                f"Plug-and-Play injects the ResBlock features of decoder block {c.feature_block} and this model's "
+                f"decoder has {len(outs)} blocks with features the patches reach; use an SD1.x/SD2/SDXL UNet "
+                "(9-12 decoder blocks), or a feature_block of the model")
     if c.blocks is not FAMILY:
         return c
     if c.method == "v_inject":
@@ -205,6 +218,7 @@ def check(c: Control) -> Control:
     c.self_window.check("the self-attention window")
     c.cross_window.check("the cross-attention window")
     c.blend_window.check("the blend window")
+    c.feature_window.check("the feature window")
     if not 0.0 < c.blend_threshold < 1.0:
         raise InversionInputError(f"blend_threshold must be in (0, 1) (got {c.blend_threshold:g}); use e.g. 0.3")
     if not (math.isfinite(c.reweight) and c.reweight >= 0):
@@ -231,6 +245,9 @@ def in_blocks(c: Control, layer: Layer) -> bool:
 def action(c: Control, layer: Layer, step: int, steps: int, chunk: int) -> Optional[str]:
     """What the edit branch injects into ``layer`` at sampling step ``step`` of ``steps`` in a chunk of kind
     ``chunk`` (COND/UNCOND), or None."""
+    if layer.kind == FEATURE:        # PnP's decoder features: its own block and window, both chunks
+        hit = c.method == "pnp" and layer.block == ("output", c.feature_block)
+        return "pnp_feature" if hit and c.feature_window.active(step, steps) else None
     if not in_blocks(c, layer):
         return None
     if c.method in DIT_METHODS:      # joint layers only, every chunk that runs

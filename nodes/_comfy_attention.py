@@ -16,6 +16,15 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`;
   kv_edit swaps the keys and values of the background image tokens (the patches its mask does not touch) for
   the source's, and the local blend by the same mask keeps the latent's background after every step;
+* Plug-and-Play's decoder features (``pnp_feature``): ``ModelPatcher.set_model_output_block_patch``. 0.3.75's
+  (and 0.33's) ``UNetModel._forward`` calls ``transformer_options["patches"]["output_block_patch"]`` as
+  ``h, hsp = p(h, hsp, transformer_options)`` just before output block i (``transformer_options["block"]`` =
+  ("output", i)) concatenates them and runs its ResBlock. No stable surface reaches a ResBlock's output itself
+  (``forward_timestep_embed_patch`` skips TimestepBlocks), so the nearest one is used: the edit branch's (h, hsp)
+  *entering* the block are replaced by the source's, so the block's ResBlock computes the source's features
+  exactly where its time embedding is the same in both branches (SD1.x/SD2: it depends on the timestep only; on
+  SDXL the pooled prompt enters it, so there it is the source's input under the edit's embedding), and the
+  block's attention then runs on them with the edit's prompt, as in PnP;
 * ``extra_options["cond_or_uncond"]`` tells which chunk of the batch is cond (0) or uncond (1): chunks run
   together ([uncond, cond]), alone when memory is short, and the uncond is skipped at cfg 1 -- every case is a
   list of chunks here; ``block``, ``block_index``, ``n_heads``, ``attn_precision``, ``activations_shape``;
@@ -104,15 +113,22 @@ def dit_layers(model) -> list:
                               "attention_control")
 
 
+def feature_layers(model) -> list:
+    """One FEATURE layer per decoder block of a UNet (PnP's feature injection reaches each through the output
+    block patch)."""
+    net = model.model.diffusion_model
+    return [A.Layer(A.FEATURE, ("output", i), 0) for i in range(len(net.output_blocks))]
+
+
 def model_layers(model) -> list:
-    """The layers attention control can reach: a UNet's attention layers, or a joint-attention DiT's blocks;
-    other models are refused by name."""
+    """The layers attention control can reach: a UNet's attention layers and decoder blocks (FEATURE), or a
+    joint-attention DiT's blocks; other models are refused by name."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
     if any(isinstance(net, cls) for cls, _, _ in JOINT_DITS):
         return dit_layers(model)
     if not all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         return dit_layers(model)      # refuses it by name
-    return unet_layers(model)
+    return unet_layers(model) + feature_layers(model)
 
 
 def _block_layers(block: tuple, module, factor: int) -> list:
@@ -294,6 +310,30 @@ class Controller:
             changed = True
         return base(q, torch.cat(ks), torch.cat(vs)) if changed else base(q, k, v)
 
+    def features(self, layer: A.Layer, h, hsp, to: dict):
+        """PnP's decoder features at the entry of ``layer``'s block (every chunk): the source records (h, hsp),
+        the edit's planned chunks take them (the block's ResBlock then computes the source's features)."""
+        chunks = list(to.get("cond_or_uncond", [A.COND]))
+        b = h.shape[0] // len(chunks)
+        plan = self.sched.actions.get(self.step, {})
+        hs, hsps, changed = list(h.split(b)), list(hsp.split(b)), False
+        for c, ch in enumerate(chunks):
+            occ = self.seen[(self.branch, layer, ch)]
+            self.seen[(self.branch, layer, ch)] += 1
+            if plan.get((layer, ch)) is None:
+                continue
+            if self.branch == "source":
+                self.store[(layer, ch, occ)] = {"h": hs[c], "hsp": hsps[c]}
+                self.records[(layer, ch)] += 1
+                continue
+            rec = self.store.get((layer, ch, occ))
+            if rec is None or rec["h"].shape != hs[c].shape or rec["hsp"].shape != hsps[c].shape:
+                continue
+            hs[c], hsps[c] = rec["h"].to(h.dtype), rec["hsp"].to(hsp.dtype)
+            self.injections[(layer, ch)] += 1
+            changed = True
+        return (torch.cat(hs), torch.cat(hsps)) if changed else (h, hsp)
+
     def _blend_add(self, branch: str, p, eo: dict) -> None:
         hw = tuple(eo["activations_shape"][-2:])
         m = P.word_map(p, list(self.blend_cols[0 if branch == "source" else 1]), hw)
@@ -315,6 +355,20 @@ def _patch(ctl: Controller, layer: A.Layer, prev: Optional[Callable]) -> Callabl
             return base(q, k, v, extra_options)
         return ctl.attend(layer, q, k, v, extra_options, base)
     return replace
+
+
+def _output_block_patch(ctl: Controller, layers) -> Callable:
+    """The output block patch of PnP's feature injection: (h, hsp) entering a decoder block with a FEATURE
+    layer go through the controller; everything else passes unchanged."""
+    by_id = {int(la.block[1]): la for la in layers}
+
+    def patch(h, hsp, transformer_options):
+        block = transformer_options.get("block") or ("", -1)
+        layer = by_id.get(int(block[1])) if block[0] == "output" else None
+        if layer is None or ctl.branch is None:
+            return h, hsp
+        return ctl.features(layer, h, hsp, transformer_options)
+    return patch
 
 
 def _dit_block(ctl: Controller, layer: A.Layer, prev: Optional[Callable]) -> Callable:
@@ -373,9 +427,12 @@ def install(clone, ctl: Controller, layers) -> int:
     the patches chain to another one."""
     if any(la.kind == A.JOINT for la in layers):
         return install_dit(clone, ctl, [la for la in layers if la.kind == A.JOINT])
+    features = [la for la in layers if la.kind == A.FEATURE]
+    if any(a == "pnp_feature" for row in ctl.sched.actions.values() for a in row.values()):
+        clone.set_model_output_block_patch(_output_block_patch(ctl, features))
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
     chained = 0
-    for la in layers:
+    for la in (la for la in layers if la.kind in SLOTS):
         slot = SLOTS[la.kind]
         prev = existing.get(slot, {}).get(la.key) or existing.get(slot, {}).get(tuple(la.block))
         chained += prev is not None

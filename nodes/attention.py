@@ -33,14 +33,15 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 "branch (the stored inversion state with source_positive) and records its attention, then the edit "
                 "injects it. p2p = Prompt-to-Prompt (cross-attention maps of the source mapped to the edit's words, "
                 "self-attention maps early, optional local blend); pnp = Plug-and-Play (decoder self-attention "
-                "queries/keys of the source); masactrl = the edit's decoder queries attend to the source's keys and "
-                "values (these three: SD1.x/SD2/SDXL UNets); v_inject = value injection (RF-Edit, FireFlow) for "
-                "the Flux, Chroma and SD3 DiTs: in the chosen blocks' joint attention, for the first steps, the "
-                "edit's image tokens take the source's values; kv_edit = KV-Edit's background mode for the same "
-                "DiTs (blend_mask = the region to edit): the background image tokens' keys and values come from "
-                "the source at every step and the latent's background stays the source's. -1 in a window field "
-                "takes the method's default from its paper's code; a method of the other architecture than the "
-                "model's is refused."),
+                "queries/keys of the source, and the source's ResBlock features of decoder block 4 for the first 80% "
+                "of the steps, as PnP's code); masactrl = the edit's decoder queries attend to the source's keys and "
+                "values (these three: SD1.x/SD2/SDXL UNets); v_inject = value injection (RF-Edit, FireFlow) for the "
+                "Flux, Chroma and SD3 DiTs: in the chosen blocks' joint attention, for the first steps, the edit's "
+                "image tokens take the source's values; kv_edit = KV-Edit's background mode for the same DiTs "
+                "(blend_mask = the region to edit): the background image tokens' keys and values come from the source"
+                " at every step and the latent's background stays the source's. -1 in a window field takes the "
+                "method's default from its paper's code; a method of the other architecture than the model's is "
+                "refused."),
             inputs=[
                 io.Combo.Input("method", options=list(A.ALL_METHODS), default="p2p",
                                tooltip="UNets: p2p (needs the Attention Prompts node's conditionings), pnp or "
@@ -102,6 +103,7 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 reweight=float(reweight), reweight_words=_words(reweight_words) if method == "p2p" else (),
                 blend_words=_words(blend_words) if method == "p2p" else (),
                 blend_threshold=float(blend_threshold), blend_window=d.blend_window,
+                feature_window=d.feature_window, feature_block=d.feature_block,
                 mask=None if blend_mask is None else blend_mask.detach().clone().float())
             masked = method in ("p2p", "kv_edit")
             if (method != "p2p" and _words(blend_words)) or (not masked and blend_mask is not None):

@@ -556,3 +556,67 @@ def test_kv_edit_is_refused_without_a_mask_and_on_a_unet(K, S):
         kv_control(K, None)
     with pytest.raises(K.E, match="method kv_edit acts in a DiT.*this model is a UNet"):
         S.run(kv_control(K, torch.ones(1, 8, 8)))
+
+
+# --- Plug-and-Play's decoder features (the output block patch): block 1 of the tiny UNet's 4 decoder blocks, the
+# first 75% of the 8 steps (int(0.75 * 8) = 6: steps 0..5), both chunks
+def pnp_features(K, window=(0, 0.75)):
+    return K.A.Control("pnp", self_window=K.A.Window(0, 0.5), blocks=("output", 0, 3),
+                       feature_window=K.A.Window(*window), feature_block=1)
+
+
+@pytest.mark.parametrize("cfg,chunks", [(CFG, 2), (1.0, 1)])
+def test_pnp_feature_injection_counts_block_times_steps_times_chunks(K, S, cfg, chunks):
+    _, text = S.run(pnp_features(K), cfg=cfg, exact_replay="ddim")
+    want = 1 * 6 * chunks + 4 * 4 * chunks            # + pnp_qk: 4 decoder self layers x steps 0..3
+    assert f"pnp_feature: 1 layers x 6 steps x {chunks} chunk" in text, text
+    assert f"done: {want} records, {want} injections" in text, text
+
+
+def test_pnp_with_features_and_the_source_prompt_on_an_exact_trajectory_returns_the_source(K, S):
+    x, text = S.run(pnp_features(K, (0, 1)), positive=S.src)
+    assert "replay bdia" in text and "pnp_feature" in text
+    assert S.err(x) <= 1e-5, S.err(x)
+
+
+def test_the_edits_decoder_resblock_computes_the_sources_recorded_features(K, S, monkeypatch):
+    # a forward hook (test-only) on the ResBlock of decoder block 1: in the window the edit branch's features are
+    # the source branch's (same input, same time embedding), after it the edit prompt makes them differ
+    made, outs = capture(K, monkeypatch), []
+    res = S.m.model.diffusion_model.output_blocks[1][0]
+    assert type(res).__name__ == "ResBlock"
+    hook = res.register_forward_hook(lambda mod, inp, out: outs.append((made[0].branch, made[0].step, out.clone())))
+    try:
+        S.run(pnp_features(K), exact_replay="ddim")
+    finally:
+        hook.remove()
+    src = {s: o for b, s, o in outs if b == "source"}
+    edit = {s: o for b, s, o in outs if b == "edit"}
+    assert sorted(src) == sorted(edit) == list(range(N))
+    inside = max(float((edit[s] - src[s]).abs().max() / src[s].abs().max()) for s in range(6))
+    outside = min(float((edit[s] - src[s]).abs().max() / src[s].abs().max()) for s in range(6, N))
+    print("features inside/outside the window", inside, outside)
+    assert inside <= 1e-6 and outside > 1e-3, (inside, outside)
+
+
+def test_pnp_from_the_node_on_a_decoder_without_block_4_is_refused(K, S):
+    c = mod("nodes.attention").DDIMInvAttentionControl.execute("pnp", "replace", -1.0, -1.0, -1.0).result[0]
+    assert c.feature_window == K.A.Window(0, 0.8) and c.feature_block == 4
+    with pytest.raises(K.E, match="decoder block 4"):
+        S.run(c, exact_replay="ddim")
+
+
+def test_pnp_features_keep_another_packs_output_block_patch_and_leave_the_input_model_unpatched(K, S):
+    calls = []
+
+    def other(h, hsp, transformer_options):          # another pack's output block patch: it must still run
+        calls.append(transformer_options["block"])
+        return h, hsp
+    m = S.m.clone()
+    m.set_model_output_block_patch(other)
+    before = list(m.model_options["transformer_options"]["patches"]["output_block_patch"])
+    _, text = S.run(pnp_features(K), model=m, exact_replay="ddim")
+    assert "pnp_feature: 1 layers x 6 steps x 2 chunks" in text, text
+    # 4 decoder blocks x (source + edit) x 8 steps; cond and uncond run in one batch here
+    assert len(calls) == 4 * 2 * N, len(calls)
+    assert m.model_options["transformer_options"]["patches"]["output_block_patch"] == before == [other]

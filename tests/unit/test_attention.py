@@ -412,3 +412,35 @@ def test_inject_background_takes_exactly_the_background_image_tokens(layout):
     assert not torch.equal(one, out)
     with pytest.raises(InversionInputError, match="same latent size"):
         A.inject_background(e, s, torch.ones(3, NI, dtype=torch.bool), dim)
+
+
+# PnP's decoder features: one FEATURE layer per decoder block, as the adapter lists them for SD1.5 (12 blocks)
+FEATURES = [A.Layer(A.FEATURE, ("output", i), 0) for i in range(12)]
+
+
+def test_pnp_feature_policy_matrix():
+    # PnP's code: block 4 of the decoder's 12, the first 80% of the steps (int(0.8 * 10) = 8), both chunks; the
+    # attention actions never touch a FEATURE layer and the feature action never an attention layer
+    got = _table(A.defaults("pnp"), 10, LAYERS + FEATURES)
+    for (name, s, ch), a in got.items():
+        kind, block = name.split(" ")
+        if kind == "feature":
+            want = "pnp_feature" if block == "output4.0" and s < 8 else None
+        else:
+            want = "pnp_qk" if kind == "self" and block.startswith("output") and s < 5 else None
+        assert a == want, (name, s, ch, a)
+    for method in ("p2p", "masactrl"):         # other methods: no feature injection at any step or chunk
+        assert not any(a == "pnp_feature" for a in _table(A.defaults(method), 10, FEATURES).values())
+    moved = A.Control("pnp", feature_window=A.Window(0.2, 0.5), feature_block=7)
+    assert {(n, s) for (n, s, ch), a in _table(moved, 10, FEATURES).items() if a} == \
+        {("feature output7.0", s) for s in (2, 3, 4)}
+
+
+def test_pnp_feature_counts_and_a_missing_block_is_refused():
+    c = A.for_model(A.defaults("pnp"), LAYERS + FEATURES)
+    sch = A.schedule(c, LAYERS + FEATURES, 50, range(50), (U, C))
+    assert "pnp_feature: 1 layers x 40 steps x 2 chunks = 80" in sch.report()
+    assert sch.injections == 80 + 3 * 25 * 2      # + 3 decoder self layers (output 4, 6, 11) x 25 steps x 2
+    with pytest.raises(InversionInputError, match="decoder block 4.*feature_block"):
+        A.for_model(A.defaults("pnp"), LAYERS + FEATURES[:4])       # a decoder of 4 blocks has no block 4
+    assert A.for_model(A.Control("pnp"), LAYERS) == A.Control("pnp")   # no feature window: nothing to find

@@ -35,6 +35,11 @@ def test_gpu_bench_cpu_smoke():
     for kind in ("sd15", "sdxl"):
         for cfg, entry in results[kind]["by_cfg"].items():
             assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (kind, cfg, entry)
+    # issue 27's rows: the P2P/MasaCtrl edit on sd15 and the v_inject edit on the (tiny, in smoke) Flux
+    assert "sd15 attention control (2 steps, cfg 7.5): p2p edit / plain edit" in out
+    assert "flux v_inject (latent 8x8, cfg 1, window [0.0, 0.5]): v_inject edit / plain edit" in out
+    att = results["sd15"]["attention"]
+    assert att["p2p_sd15"]["p2p/plain"] > 0 and att["v_inject_flux"]["v_inject/plain"] > 0, att
     nt = results["sd15"]["nulltext"]
     assert nt["backward"] == 2 * 2 and nt["evaluations"] == 2 * (1 + 2 + 1), nt  # early_stop 0: all iterations
 
@@ -52,6 +57,7 @@ def test_speed_bench_quick():
         assert entry["ratios"]["ours/ksampler"] > 0 and entry["ratios"]["ours/raw"] > 0, (cfg, entry)
     assert res["capture"]["max_abs_diff_bare_vs_core"] < 1e-4, res["capture"]  # the bare loop computes the same
     assert "p2p edit / plain edit" in out and res["attention"]["p2p/plain"] > 1.0    # two evaluations per step
+    assert "v_inject edit / plain edit" in out and res["attention_flux"]["v_inject/plain"] > 1.0   # the tiny Flux
 
 
 @pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
