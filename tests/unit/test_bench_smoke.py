@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=900):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, (f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}"
