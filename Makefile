@@ -25,7 +25,7 @@ setup:
 test: setup
 	@lrc=0; $(PY) -m ruff check . || lrc=$$?; \
 	rc=0; \
-	$(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -q --durations=30 --durations-min=5 $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	jrc=0; \
