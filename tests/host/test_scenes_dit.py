@@ -103,8 +103,8 @@ def test_16_channel_vae_starts_as_the_scenes_vae():
         m = dit.vae16_from_scenes(noise=noise).eval()
         z = m.encode(x)
         assert z.shape[1] == 16
-        got = m.decode(z)
-        assert float((got - want).abs().max()) <= bar * float(want.abs().max()), (noise, float((got - want).abs().max()))
+        err = float((m.decode(z) - want).abs().max())
+        assert err <= bar * float(want.abs().max()), (noise, err)
 
 
 def test_core_detects_sd3_from_the_shipped_state_dict(trained):
