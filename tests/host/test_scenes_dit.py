@@ -107,6 +107,15 @@ def test_16_channel_vae_starts_as_the_scenes_vae():
         assert err <= bar * float(want.abs().max()), (noise, err)
 
 
+def test_tool_bench_times_without_writing(capsys, tmp_path, monkeypatch):
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    tool = importlib.import_module("tools.train_scenes_dit")
+    assert tool.main(["--bench", "1", "--batch", "2", "--out", str(tmp_path / "w")]) == 0
+    assert "s/iteration (median of 1" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists() and not any(tmp_path.iterdir())
+
+
 def test_core_detects_sd3_from_the_shipped_state_dict(trained):
     """``model_detection`` reads SD3 and the config the DiT was built with (depth, patch, 4096/2048 embedders)."""
     import comfy.model_detection
