@@ -146,6 +146,21 @@ else
   say "scenes model: no committed weights yet (train them with tools/train_scenes.py)"
 fi
 
+# ---------------------------------------------------------------- the scenes flow DiT (issue 32)
+# SD3 format (one checkpoint: MMDiT + clip_l + 16-channel TAESD), assembled from ddiminv_dev/scenes/weights_dit once
+if [ -f "$ROOT/ddiminv_dev/scenes/weights_dit/dit_lowrank.safetensors" ]; then
+  ckpt="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
+from ddiminv_dev.host import import_comfy
+import_comfy()
+from ddiminv_dev.scenes import build_dit
+fresh = not build_dit.is_built()
+print(("assembled " if fresh else "up to date: ") + str(build_dit.checkpoint_path()))
+' 2>"$CACHE/setup-scenes-dit.log")" || { cat "$CACHE/setup-scenes-dit.log" >&2; echo "could not assemble the scenes DiT checkpoint (log above)" >&2; exit 1; }
+  say "scenes DiT $ckpt"
+else
+  say "scenes DiT: no committed weights yet (train them with tools/train_scenes_dit.py)"
+fi
+
 # ---------------------------------------------------------------- node (js tests) is optional here
 if command -v node >/dev/null 2>&1; then
   say "node $(node --version) found (js unit tests)"

@@ -87,17 +87,24 @@ def _zero_branches(unet) -> set:
 def build_lowrank_unet(config: dict, rank: int = RANK, seed: int = 0):
     """ComfyUI's ``UNetModel(**config)`` with its big layers low-rank, seeded init (float32, CPU).
 
-    Init: torch defaults for full layers; ``A`` ~ N(0, 1/fan_in), ``B`` ~ N(0, 1/(3r)) (the product has the
-    variance of torch's default init); residual-branch outputs (SD's ``zero_module`` layers) start with
-    ``B`` = 0."""
+    Init (:func:`make_lowrank_`): torch defaults for full layers; ``A`` ~ N(0, 1/fan_in), ``B`` ~ N(0, 1/(3r))
+    (the product has the variance of torch's default init); residual-branch outputs (SD's ``zero_module``
+    layers) start with ``B`` = 0."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
     unet = UNetModel(**config, dtype=torch.float32, device=torch.device("cpu"),
                      operations=comfy.ops.disable_weight_init)
-    zero = _zero_branches(unet)
+    return make_lowrank_(unet, rank, seed, _zero_branches(unet))
+
+
+def make_lowrank_(net, rank: int, seed: int, zero=frozenset()):
+    """``net`` (any torch module, changed in place and returned) with every ``Conv2d``/``Linear`` whose widths
+    are both >= ``MIN_DIM`` replaced by its low-rank pair, seeded init: torch defaults for the full layers, ``A``
+    ~ N(0, 1/fan_in), ``B`` ~ N(0, 1/(3r)); the layers named in ``zero`` start as zero (``B`` = 0, or weight
+    and bias 0 when they stay full). Shared by the UNet (:func:`build_lowrank_unet`) and the scenes DiT."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        for name, mod in list(unet.named_modules()):
+        for name, mod in list(net.named_modules()):
             for base in (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm):
                 if isinstance(mod, base) and hasattr(base, "reset_parameters"):
                     base.reset_parameters(mod)
@@ -105,7 +112,7 @@ def build_lowrank_unet(config: dict, rank: int = RANK, seed: int = 0):
             if not name:
                 continue
             parent_name, _, child = name.rpartition(".")
-            parent = unet.get_submodule(parent_name) if parent_name else unet
+            parent = net.get_submodule(parent_name) if parent_name else net
             new = None
             if (isinstance(mod, nn.Conv2d) and min(mod.in_channels, mod.out_channels) >= MIN_DIM
                     and mod.groups == 1 and mod.dilation == (1, 1)):
@@ -127,7 +134,7 @@ def build_lowrank_unet(config: dict, rank: int = RANK, seed: int = 0):
                 if new.B.bias is not None:
                     new.B.bias.copy_(mod.bias if name not in zero else torch.zeros_like(mod.bias))
             setattr(parent, child, new)
-    return unet
+    return net
 
 
 def load_lowrank_unet(config: dict, sd: dict, rank: int | None = None):

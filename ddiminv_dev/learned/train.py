@@ -38,14 +38,15 @@ def _log(log, msg: str) -> None:
             f.write(line + "\n")
 
 
-def new_taesd(seed: int):
-    """ComfyUI's TAESD module, seeded torch-default init (ComfyUI's ops skip initialisation)."""
+def new_taesd(seed: int, latent_channels: int = 4):
+    """ComfyUI's TAESD module, seeded torch-default init (ComfyUI's ops skip initialisation); 4 latent channels
+    (SD1.5's) or 16 (SD3's, the scenes DiT's)."""
     from ddiminv_dev.host import import_comfy
     import_comfy()
     import comfy.taesd.taesd as taesd
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        m = taesd.TAESD(latent_channels=4)
+        m = taesd.TAESD(latent_channels=latent_channels)
         for mod in m.modules():
             if isinstance(mod, torch.nn.Conv2d):
                 torch.nn.Conv2d.reset_parameters(mod)
@@ -116,10 +117,12 @@ def train_vae(out_dir, iterations: int = VAE_ITERS, seed: int = VAE_SEED, batch:
 
 
 def load_taesd(path):
-    """A float32 TAESD module with the weights of ``vae.safetensors``."""
+    """A float32 TAESD module with the weights of ``vae.safetensors`` (its latent channels read from them, as
+    core's VAE class reads them)."""
     from safetensors.torch import load_file
-    m = new_taesd(0)
-    m.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    sd = load_file(str(path))
+    m = new_taesd(0, latent_channels=sd["taesd_decoder.1.weight"].shape[1])
+    m.load_state_dict({k: v.float() for k, v in sd.items()})
     return m.eval()
 
 
@@ -198,6 +201,25 @@ def eps_step(unet, opt, params, ms, contexts, drawn, device: str = "cpu") -> flo
     xc = ms.calculate_input(sigma, x0 + eps * sigma.view(-1, 1, 1, 1))
     pred = unet(xc.to(device), ms.timestep(sigma).float().to(device), context=contexts[cls.to(device)].float())
     loss = F.mse_loss(pred, eps.to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def flow_step(net, opt, params, ms, contexts, pooled, drawn, device: str = "cpu") -> float:
+    """One optimiser step of the rectified-flow (velocity) MSE on ``drawn`` (:func:`draw_batch`; its ``eps`` is
+    the noise), for a CONST (flow) model sampling ``ms`` such as SD3's: the input is ComfyUI's own
+    ``noise_scaling`` (``sigma * noise + (1 - sigma) * x0``), the target the velocity ``noise - x0`` (what
+    ComfyUI's CONST ``calculate_denoised`` inverts: ``x0 = x - sigma * v``); conditioned on ``contexts[cls]``
+    (cross tokens) and ``pooled[cls]`` (the ``y`` vector); gradients clipped to norm 1; returns the loss."""
+    x0, cls, sigma, eps = drawn
+    xt = ms.noise_scaling(sigma, eps, x0)
+    cls = cls.to(device)
+    pred = net(ms.calculate_input(sigma, xt).to(device), ms.timestep(sigma).float().to(device),
+               context=contexts[cls].float(), y=pooled[cls].float())
+    loss = F.mse_loss(pred, (eps - x0).to(device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

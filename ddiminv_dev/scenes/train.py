@@ -101,20 +101,27 @@ def encode_texts(texts, log=None) -> torch.Tensor:
     text on disk (so growing the caption set costs only the new captions)."""
     from ddiminv_dev import tiny_checkpoint
     path = cache_dir() / f"contexts-clip{tiny_checkpoint.VERSION}-seed{tiny_checkpoint.SEED}.pt"
+    return torch.stack(encode_cached(texts, path, load_clip, lambda cond, pooled: cond[0], log))
+
+
+def encode_cached(texts, path: Path, load, pick, log=None) -> list:
+    """``[pick(cond, pooled) for each text]`` (float16, CPU) of the CLIP object ``load()`` exactly as
+    ``CLIPTextEncode`` computes ``cond, pooled``, cached per text in ``path`` (the CLIP is loaded only when a text
+    is missing)."""
     store = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
     missing = [t for t in dict.fromkeys(texts) if t not in store]
     if missing:
-        clip = load_clip()
+        clip = load()
         t0 = time.perf_counter()
         with torch.no_grad():
             for j, t in enumerate(missing):
-                cond, _ = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
-                store[t] = cond[0].to(torch.float16).cpu()
+                cond, pooled = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
+                store[t] = pick(cond, pooled).to(torch.float16).cpu()
                 if (j + 1) % 50 == 0 or j + 1 == len(missing):
                     torch.save(store, path.with_suffix(".tmp"))
                     path.with_suffix(".tmp").replace(path)
                     _log(log, f"clip: {j + 1}/{len(missing)} captions encoded ({time.perf_counter() - t0:.0f}s)")
-    return torch.stack([store[t] for t in texts])
+    return [store[t] for t in texts]
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -130,24 +137,29 @@ def _meta(path: Path) -> dict:
 
 
 @torch.no_grad()
-def calibrate(m, images: np.ndarray) -> None:
+def calibrate(m, images: np.ndarray, scale_factor: float = LT.SD15_LATENT_SCALE, shift_factor: float = 0.0) -> None:
+    """Set ``vae_scale``/``vae_shift`` so that the raw latents of ``images`` have what the model's latent format
+    maps to std 1, mean 0: ``(raw - shift_factor) * scale_factor`` (SD1.5: 0.18215, 0; SD3: 1.5305, 0.0609)."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     z = torch.cat([m.taesd_encoder(x[i:i + 64]) for i in range(0, len(x), 64)])
-    scale = float(z.std()) * LT.SD15_LATENT_SCALE
+    scale = float(z.std()) * scale_factor
     m.vae_scale.fill_(scale)
-    m.vae_shift.fill_(-float(z.mean()) / scale)
+    m.vae_shift.fill_(shift_factor - float(z.mean()) / scale)
 
 
 def train_vae(out_dir, iterations: int, seed: int = VAE_SEED, batch: int = 16, size: int = 32, lr: float = 3e-4,
-              n_scenes: int = 600, save_minutes: float = 4.0, log=None) -> Path:
-    """Fine-tune the TAESD on scene crops, up to ``iterations`` in all (resumes from ``out_dir/vae.safetensors``
-    when it exists; else starts from the learned model's VAE)."""
-    out = Path(out_dir) / VAE_FILE
+              n_scenes: int = 600, save_minutes: float = 4.0, log=None, init=None, file: str = VAE_FILE,
+              latent_format=(LT.SD15_LATENT_SCALE, 0.0), init_name: str = "learned VAE") -> Path:
+    """Fine-tune the TAESD on scene crops, up to ``iterations`` in all (resumes from ``out_dir/<file>`` when it
+    exists; else starts from ``init()`` (a TAESD module), by default the learned model's VAE), calibrated to
+    ``latent_format`` (:func:`calibrate`'s scale and shift factors)."""
+    out = Path(out_dir) / file
     start = 0
-    init = learned_vae_path()
     if out.exists():
-        start, init = int(_meta(out).get("iterations", 0)), out
-    m = LT.load_taesd(init).train()
+        start = int(_meta(out).get("iterations", 0))
+        m = LT.load_taesd(out).train()
+    else:
+        m = (LT.load_taesd(learned_vae_path()) if init is None else init()).train()
     if start >= iterations:
         return out
     rng = np.random.default_rng(int(seed) + start)
@@ -176,8 +188,8 @@ def train_vae(out_dir, iterations: int, seed: int = VAE_SEED, batch: int = 16, s
             _log(log, f"vae it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
         if done or time.perf_counter() - last_save > save_minutes * 60:
             with torch.no_grad():
-                calibrate(m, images[:256])
-            LT.save(LT.vae_state_dict(m), out, {"iterations": it + 1, "seed": seed, "init": "learned VAE"})
+                calibrate(m, images[:256], *latent_format)
+            LT.save(LT.vae_state_dict(m), out, {"iterations": it + 1, "seed": seed, "init": init_name})
             last_save = time.perf_counter()
     return out
 
@@ -199,17 +211,20 @@ def extend_rank(sd: dict, rank: int, seed: int) -> dict:
     return out
 
 
-def _pool_key(vae_path: Path, captions) -> str:
+def _pool_key(vae_path: Path, captions, latent_format=None) -> str:
     h = hashlib.sha256(Path(vae_path).read_bytes())
     h.update(json.dumps([captions, list(LAYOUTS), CACHE_VERSION, R.VERSION]).encode())
+    if latent_format is not None:
+        h.update(json.dumps(list(latent_format)).encode())
     return h.hexdigest()[:16]
 
 
 @torch.no_grad()
-def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(model-space latents [N, 4, SIZE/8, SIZE/8], caption index [N]) of the rendered pool; cached per VAE and
-    captions."""
-    path = cache_dir() / f"pool-{_pool_key(vae_path, captions)}.pt"
+def latent_pool(vae_path, captions, log=None, latent_format=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model-space latents [N, C, SIZE/8, SIZE/8], caption index [N]) of the rendered pool; cached per VAE,
+    captions and latent format: model space is ``raw * 0.18215`` (SD1.5, the default) or, with
+    ``latent_format=(scale_factor, shift_factor)``, ``(raw - shift_factor) * scale_factor`` (SD3's)."""
+    path = cache_dir() / f"pool-{_pool_key(vae_path, captions, latent_format)}.pt"
     if path.exists():
         d = torch.load(path, map_location="cpu", weights_only=True)
         return d["latents"], d["index"]
@@ -218,7 +233,8 @@ def latent_pool(vae_path, captions, log=None) -> tuple[torch.Tensor, torch.Tenso
     _log(log, f"pool: {len(images)} scenes rendered ({time.perf_counter() - t0:.0f}s)")
     m = LT.load_taesd(vae_path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    z = torch.cat([m.encode(x[i:i + 64] * 2 - 1) for i in range(0, len(x), 64)]) * LT.SD15_LATENT_SCALE
+    z = torch.cat([m.encode(x[i:i + 64] * 2 - 1) for i in range(0, len(x), 64)])
+    z = z * LT.SD15_LATENT_SCALE if latent_format is None else (z - latent_format[1]) * latent_format[0]
     torch.save({"latents": z, "index": torch.from_numpy(index)}, path)
     _log(log, f"pool: encoded, std {float(z.std()):.3f} mean {float(z.mean()):.3f} ({time.perf_counter() - t0:.0f}s)")
     return z, torch.from_numpy(index)
