@@ -35,6 +35,7 @@ A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR
 
     .venv/bin/python bench/edit.py --seed 0 --scenes 4 --out bench/out/edit
     .venv/bin/python bench/edit.py --scenes 4 --refine 25 --out bench/out/edit_refine25
+    .venv/bin/python bench/edit.py --scenes 1 --steps 2 --refine 2 --nulltext-iterations 1 --out /tmp/edit  # smoke
 """
 from __future__ import annotations
 
@@ -112,12 +113,14 @@ def timed(b: Batch, fn) -> tuple:
 
 
 class Setup:
-    def __init__(self, model_name: str, steps: int, cfg: float, seed: int, weights=None, refine: int = REFINE):
+    def __init__(self, model_name: str, steps: int, cfg: float, seed: int, weights=None, refine: int = REFINE,
+                 nulltext_iterations: int = NULLTEXT["iterations"]):
         import torch
         B.boot(cpu=True)
         from ddiminv_dev.scenes import build
         path = build.register_model_dir(weights)
         self.name, self.steps, self.cfg, self.seed, self.refine = model_name, steps, cfg, seed, refine
+        self.nulltext = dict(NULLTEXT, iterations=nulltext_iterations)
         self.weights, self.checkpoint = build.version(weights), path.name
         self.model, self.clip, self.vae = B.call("CheckpointLoaderSimple", path.name)[:3]
         self.torch = torch
@@ -205,7 +208,7 @@ def core_flip(S, b):
 def nulltext(mode: str):
     def run(S, b):
         nt = B.pack("nodes.nulltext").DDIMInvNullText
-        out = nt.execute(S.model, _src(S, b), _neg(S, b), _invert(S, b), S.cfg, mode=mode, **NULLTEXT)
+        out = nt.execute(S.model, _src(S, b), _neg(S, b), _invert(S, b), S.cfg, mode=mode, **S.nulltext)
         annotated = B.first(out, 1)
         return _sample(S, b, annotated)
     return run
@@ -385,6 +388,8 @@ def main(argv=None) -> int:
                     help="a folder of scenes weights (default: the committed ddiminv_dev/scenes/weights)")
     ap.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
     ap.add_argument("--kinds", default=",".join(E.KINDS))
+    ap.add_argument("--nulltext-iterations", type=int, default=NULLTEXT["iterations"],
+                    help="null-text optimisation iterations per step (the smoke run uses 1)")
     B.add_threads_arg(ap)
     a = ap.parse_args(argv)
     methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",")]
@@ -395,13 +400,13 @@ def main(argv=None) -> int:
     import torch
     torch.set_grad_enabled(False)  # null-text enables grad for itself
     t0 = time.perf_counter()
-    S = Setup(a.model, a.steps, a.cfg, a.seed, a.weights, a.refine)
+    S = Setup(a.model, a.steps, a.cfg, a.seed, a.weights, a.refine, a.nulltext_iterations)
     batches = items(a.seed, a.scenes, tuple(a.kinds.split(",")))
     rows, pictures = run(S, batches, methods)
     a.out.mkdir(parents=True, exist_ok=True)
     data = {"model": a.model, "checkpoint": S.checkpoint, "weights": S.weights, "seed": a.seed,
             "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg, "scheduler": SCHED, "psnr_cap_db": PSNR_CAP,
-            "refine": a.refine, "source_ceilings_db": {b.kind: b.ceilings for b in batches},
+            "refine": a.refine, "nulltext": S.nulltext, "source_ceilings_db": {b.kind: b.ceilings for b in batches},
             "command": " ".join(["bench/edit.py", *(sys.argv[1:] if argv is None else argv)]),
             "items": {b.kind: [{"source": e.source_caption, "target": e.target_caption, "held_out_target": held_out(e)}
                                for e in b.edits] for b in batches},
