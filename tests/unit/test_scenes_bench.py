@@ -1,5 +1,6 @@
-"""bench/edit.py's scoring (no ComfyUI): the ground truth scores perfectly, the unedited source scores as a failed
-edit with a perfect background, and the items are seeded held-out scenes."""
+"""bench/edit.py without ComfyUI: its scoring (the ground truth scores perfectly, the unedited source scores as a
+failed edit with a perfect background), its items (seeded held-out scenes and backgrounds), its means and its
+rows on fake nodes and a fake clock (what each row runs and what it is charged for)."""
 from __future__ import annotations
 
 import math
