@@ -373,6 +373,22 @@ def plot(rows, path: Path) -> None:
     img.save(path)
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods``: ``all`` or comma-separated METHODS names; a name may itself hold a comma ("exact, ddim
+    replay"), so pieces are joined until they name a method. ValueError names what is unknown."""
+    if text.strip() == "all":
+        return list(METHODS)
+    out, piece = [], None
+    for part in text.split(","):
+        piece = part if piece is None else piece + "," + part
+        if piece.strip() in METHODS:
+            out.append(piece.strip())
+            piece = None
+    if piece is not None:
+        raise ValueError(f"unknown methods {piece.strip()!r}; known: {list(METHODS)}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -392,10 +408,10 @@ def main(argv=None) -> int:
                     help="null-text optimisation iterations per step (the smoke run uses 1)")
     B.add_threads_arg(ap)
     a = ap.parse_args(argv)
-    methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    try:
+        methods = parse_methods(a.methods)
+    except ValueError as e:
+        ap.error(str(e))
     B.set_threads(a.threads)
     import torch
     torch.set_grad_enabled(False)  # null-text enables grad for itself

@@ -225,3 +225,14 @@ def test_every_row_is_charged_for_the_prompts_it_encodes(fake):
     expect = COST["KSampler"] + COST["encode"] + _clip_units(b, "target", "negative")
     assert first[1] == expect and second[1] == expect, (first, second)
     assert first[3] == second[3] == ["cond-negative", "cond-target", "latent"]
+
+
+def test_methods_are_chosen_by_name_even_with_a_comma_in_the_name():
+    """--methods splits on commas, and "exact, ddim replay" holds one (it could not be chosen: 'unknown methods
+    ['exact', 'ddim replay']')."""
+    assert BE.parse_methods("all") == list(BE.METHODS)
+    assert BE.parse_methods("exact, ddim replay,exact from refined latent") == ["exact, ddim replay",
+                                                                                "exact from refined latent"]
+    assert BE.parse_methods("null-text, exact, ddim replay") == ["null-text", "exact, ddim replay"]
+    with pytest.raises(ValueError, match="unknown methods 'exact'"):
+        BE.parse_methods("null-text,exact")
