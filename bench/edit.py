@@ -18,15 +18,24 @@ pack's nodes and core ComfyUI nodes; the result is scored against the source and
   against the ground truth, the best a latent model can score.
 
 Means count every item: a perfect result (infinite PSNR) counts as :data:`PSNR_CAP` dB (more than any imperfect
-uint8 picture scores). ``seconds`` charges a row for everything it uses, the inversion and encoding it shares with
-other rows included (each computed once, then charged to every row that uses it); ``shared_seconds`` is that part.
-Every row samples with the one scheduler :data:`SCHED`, SDEdit included.
+uint8 picture scores; the run prints this and edit.json records it). ``seconds`` charges a row for everything it
+uses, the encoding, prompt conditioning and inversion it shares with other rows included (each computed once, then
+charged to every row that uses it); ``shared_seconds`` is that part and ``charged`` names it. Every row samples
+with the one scheduler :data:`SCHED`, SDEdit included. Background edits take their target texture crop or noise
+seed from the held-out ranges (``render.background_offsets(..., "test")``), as the source scenes do.
+
+The row ``exact from refined latent`` starts from VAE Encode (Inversion) with ``refine`` = ``--refine``
+(:data:`REFINE`) iterations of decoder inversion instead of the posterior mean, then exact inversion and ddim
+replay with the target prompt, as ``exact, ddim replay``; its seconds include the refine. Each batch records the
+node's vae_ceiling of the source for the mean and the refined latent (``source_ceilings_db``).
 
 A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR/edit.json``,
 ``DIR/edit_grid.png`` (a row per item; columns: source, ground truth, then one per method) and
 ``DIR/edit_plot.png`` (accuracy against background PSNR).
 
     .venv/bin/python bench/edit.py --seed 0 --scenes 4 --out bench/out/edit
+    .venv/bin/python bench/edit.py --scenes 4 --refine 25 --out bench/out/edit_refine25
+    .venv/bin/python bench/edit.py --scenes 1 --steps 2 --refine 2 --nulltext-iterations 1 --out /tmp/edit  # smoke
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ from ddiminv_dev.scenes import measure as M  # noqa: E402
 from ddiminv_dev.scenes import render as R  # noqa: E402
 
 SCHED = "ddim_uniform"
+REFINE = 100  # decoder-inversion iterations of the refined row (bench/RESULTS.md, refine: ~100 is a good trade)
 PSNR_CAP = 100.0  # dB a perfect item counts as in the means (one uint8 level off at one pixel of 128x128 is 95 dB)
 _clock = time.perf_counter
 NULLTEXT = dict(iterations=10, learning_rate=0.01, early_stop=1e-5)
@@ -64,6 +74,7 @@ class Batch:
     deps: dict = field(default_factory=dict)  # key -> the cache keys its building used
     used: set = field(default_factory=set)  # cache keys used by the method now running
     building: list = field(default_factory=list)  # seconds spent in nested builds, per open build
+    ceilings: dict = field(default_factory=dict)  # latent key -> VAE Encode (Inversion)'s vae_ceiling of the source
 
 
 def cached(b: Batch, key: str, build):
@@ -84,8 +95,8 @@ def cached(b: Batch, key: str, build):
 
 
 def timed(b: Batch, fn) -> tuple:
-    """(fn(), seconds charged, shared seconds): the call's own time plus the full cost of every cached value it used
-    (and what those used), whether built during this call or before."""
+    """(fn(), seconds charged, shared seconds, the cache keys charged): the call's own time plus the full cost of
+    every cached value it used (and what those used), whether built during this call or before."""
     b.used = set()
     b.building.append(0.0)
     t = _clock()
@@ -98,37 +109,40 @@ def timed(b: Batch, fn) -> tuple:
             seen.add(k)
             todo += b.deps.get(k, ())
     shared = sum(b.cost[k] for k in seen)
-    return value, elapsed - built + shared, shared
+    return value, elapsed - built + shared, shared, sorted(seen)
 
 
 class Setup:
-    def __init__(self, model_name: str, steps: int, cfg: float, seed: int, weights=None):
+    def __init__(self, model_name: str, steps: int, cfg: float, seed: int, weights=None, refine: int = REFINE,
+                 nulltext_iterations: int = NULLTEXT["iterations"]):
         import torch
         B.boot(cpu=True)
         from ddiminv_dev.scenes import build
         path = build.register_model_dir(weights)
-        self.name, self.steps, self.cfg, self.seed = model_name, steps, cfg, seed
+        self.name, self.steps, self.cfg, self.seed, self.refine = model_name, steps, cfg, seed, refine
+        self.nulltext = dict(NULLTEXT, iterations=nulltext_iterations)
         self.weights, self.checkpoint = build.version(weights), path.name
         self.model, self.clip, self.vae = B.call("CheckpointLoaderSimple", path.name)[:3]
-        self._cond = {}
         self.torch = torch
 
     def cond(self, texts):
-        """One CONDITIONING with a batch entry per text (what the nodes take for a batch of latents)."""
+        """One CONDITIONING with a batch entry per text (what the nodes take for a batch of latents); each distinct
+        text is encoded once per call. Not memoised here: a batch caches it (:func:`cached`), so that every row
+        using it is charged for it."""
         torch = self.torch
-        key = tuple(texts)
-        if key not in self._cond:
-            conds = [B.first(B.call("CLIPTextEncode", self.clip, t))[0] for t in texts]
-            extras = ({"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])}
-                      if "pooled_output" in conds[0][1] else {})
-            self._cond[key] = [[torch.cat([c[0] for c in conds]), extras]]
-        return self._cond[key]
+        enc = {t: B.first(B.call("CLIPTextEncode", self.clip, t))[0] for t in dict.fromkeys(texts)}
+        conds = [enc[t] for t in texts]
+        extras = ({"pooled_output": torch.cat([c[1]["pooled_output"] for c in conds])}
+                  if "pooled_output" in conds[0][1] else {})
+        return [[torch.cat([c[0] for c in conds]), extras]]
 
     def pixels(self, images) -> object:
         return self.torch.from_numpy(np.stack(images).astype(np.float32) / 255.0)
 
-    def encode(self, images) -> dict:
-        return B.first(B.pack("nodes.encode").DDIMInvVAEEncode.execute(self.pixels(images), self.vae), 0)
+    def encode(self, images, refine: int = 0) -> tuple[dict, float]:
+        """(LATENT, vae_ceiling dB) from VAE Encode (Inversion), with ``refine`` iterations of decoder inversion."""
+        out = B.pack("nodes.encode").DDIMInvVAEEncode.execute(self.pixels(images), self.vae, refine=refine)
+        return B.first(out, 0), float(B.first(out, 1))
 
     def decode(self, samples) -> np.ndarray:
         img = B.first(B.call("VAEDecode", self.vae, {"samples": samples})).float().clamp(0, 1)
@@ -137,27 +151,35 @@ class Setup:
 
 # ------------------------------------------------------------------------------------------------ methods
 def _src(S, b):
-    return S.cond([e.source_caption for e in b.edits])
+    return cached(b, "cond-source", lambda: S.cond([e.source_caption for e in b.edits]))
 
 
 def _tgt(S, b):
-    return S.cond([e.target_caption for e in b.edits])
+    return cached(b, "cond-target", lambda: S.cond([e.target_caption for e in b.edits]))
 
 
 def _neg(S, b):
-    return S.cond([""] * len(b.edits))
+    return cached(b, "cond-negative", lambda: S.cond([""] * len(b.edits)))
 
 
-def _latent(S, b):
-    return cached(b, "latent", lambda: S.encode([r.image for r in b.src]))
+def _latent(S, b, refined: bool = False):
+    """The source latent: VAE Encode (Inversion)'s posterior mean, or (``refined``) its latent refined by
+    ``S.refine`` iterations of decoder inversion; the node's vae_ceiling of each is kept in ``b.ceilings``."""
+    key = "latent-refined" if refined else "latent"
 
-
-def _invert(S, b, method="ddim"):
     def build():
-        out = B.pack("nodes.invert").DDIMInvert.execute(S.model, _src(S, b), _neg(S, b), _latent(S, b), S.steps,
-                                                        1.0, SCHED, method)
+        latent, db = S.encode([r.image for r in b.src], S.refine if refined else 0)
+        b.ceilings[key] = db
+        return latent
+    return cached(b, key, build)
+
+
+def _invert(S, b, method="ddim", refined: bool = False):
+    def build():
+        out = B.pack("nodes.invert").DDIMInvert.execute(S.model, _src(S, b), _neg(S, b), _latent(S, b, refined),
+                                                        S.steps, 1.0, SCHED, method)
         return B.first(out, 2)
-    return cached(b, "traj-" + method, build)
+    return cached(b, "traj-" + method + ("-refined" if refined else ""), build)
 
 
 def _sample(S, b, traj, **kw):
@@ -186,7 +208,8 @@ def core_flip(S, b):
 def nulltext(mode: str):
     def run(S, b):
         nt = B.pack("nodes.nulltext").DDIMInvNullText
-        annotated = B.first(nt.execute(S.model, _src(S, b), _neg(S, b), _invert(S, b), S.cfg, mode=mode, **NULLTEXT), 1)
+        out = nt.execute(S.model, _src(S, b), _neg(S, b), _invert(S, b), S.cfg, mode=mode, **S.nulltext)
+        annotated = B.first(out, 1)
         return _sample(S, b, annotated)
     return run
 
@@ -198,6 +221,8 @@ METHODS = {
     "core FlipSigmas+SamplerCustom": core_flip,
     "ddim (plain)": lambda S, b: _sample(S, b, _invert(S, b)),
     "exact, ddim replay": lambda S, b: _sample(S, b, _invert(S, b, "exact"), exact_replay="ddim"),
+    "exact from refined latent": lambda S, b: _sample(S, b, _invert(S, b, "exact", refined=True),
+                                                      exact_replay="ddim"),
     "ddim + source_drift": lambda S, b: _sample(S, b, _invert(S, b), correction="source_drift",
                                                 source_positive=_src(S, b), source_negative=_neg(S, b)),
     "null-text": nulltext("null_text"),
@@ -254,21 +279,26 @@ def mean(v):
 
 def run(S, batches, methods, log=print) -> tuple[list, dict]:
     rows, pictures = [], {}
+    log(f"means over the items; a perfect item (infinite PSNR) counts as {PSNR_CAP:g} dB (PSNR_CAP); seconds charge "
+        "each row for the encoding, conditioning and inversion it uses, shared or not")
     for b in batches:
         gt_dec = S.decode(B.first(B.call("VAEEncode", S.vae, S.pixels([r.image for r in b.gt])))["samples"])
         ceiling = [M.psnr(d, r.image) for d, r in zip(gt_dec, b.gt, strict=True)]
         for name in methods:
-            latent, seconds, shared = timed(b, lambda: METHODS[name](S, b))  # noqa: B023 (called at once)
+            latent, seconds, shared, charged = timed(b, lambda: METHODS[name](S, b))  # noqa: B023 (called at once)
             result = S.decode(latent)
             per = [score(e, s, g, r) for e, s, g, r in zip(b.edits, b.src, b.gt, result, strict=True)]
             row = {"method": name, "edit": b.kind, "n": len(per),
                    **{k: mean([p[k] for p in per]) for k in ("accuracy", "iou", "bg_psnr", "bg_ssim", "gt_psnr")},
-                   "gt_ceiling": mean(ceiling), "seconds": seconds, "shared_seconds": shared, "per_item": per}
+                   "gt_ceiling": mean(ceiling), "seconds": seconds, "shared_seconds": shared, "charged": charged,
+                   "per_item": per}
             rows.append(row)
             pictures[(b.kind, name)] = result
             log(f"{b.kind:10s} {name:32s} acc {row['accuracy']:.2f} iou {row['iou']:.2f} "
                 f"bg {row['bg_psnr']:.1f} dB/{row['bg_ssim']:.2f} gt {row['gt_psnr']:.1f} dB "
-                f"(ceiling {row['gt_ceiling']:.1f}) {seconds:.1f}s")
+                f"(ceiling {row['gt_ceiling']:.1f}) {seconds:.1f}s ({shared:.1f}s shared)")
+        if b.ceilings:
+            log(f"{b.kind:10s} source VAE ceiling: " + ", ".join(f"{k} {v:.2f} dB" for k, v in b.ceilings.items()))
     return rows, pictures
 
 
@@ -343,6 +373,22 @@ def plot(rows, path: Path) -> None:
     img.save(path)
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods``: ``all`` or comma-separated METHODS names; a name may itself hold a comma ("exact, ddim
+    replay"), so pieces are joined until they name a method. ValueError names what is unknown."""
+    if text.strip() == "all":
+        return list(METHODS)
+    out, piece = [], None
+    for part in text.split(","):
+        piece = part if piece is None else piece + "," + part
+        if piece.strip() in METHODS:
+            out.append(piece.strip())
+            piece = None
+    if piece is not None:
+        raise ValueError(f"unknown methods {piece.strip()!r}; known: {list(METHODS)}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -351,26 +397,32 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="scenes-sd15", choices=["scenes-sd15"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--refine", type=int, default=REFINE,
+                    help="decoder-inversion iterations of the 'exact from refined latent' row (VAE Encode (Inversion) "
+                         "refine; its seconds include them)")
     ap.add_argument("--weights", type=Path, default=None,
                     help="a folder of scenes weights (default: the committed ddiminv_dev/scenes/weights)")
     ap.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
     ap.add_argument("--kinds", default=",".join(E.KINDS))
+    ap.add_argument("--nulltext-iterations", type=int, default=NULLTEXT["iterations"],
+                    help="null-text optimisation iterations per step (the smoke run uses 1)")
     B.add_threads_arg(ap)
     a = ap.parse_args(argv)
-    methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    try:
+        methods = parse_methods(a.methods)
+    except ValueError as e:
+        ap.error(str(e))
     B.set_threads(a.threads)
     import torch
     torch.set_grad_enabled(False)  # null-text enables grad for itself
     t0 = time.perf_counter()
-    S = Setup(a.model, a.steps, a.cfg, a.seed, a.weights)
+    S = Setup(a.model, a.steps, a.cfg, a.seed, a.weights, a.refine, a.nulltext_iterations)
     batches = items(a.seed, a.scenes, tuple(a.kinds.split(",")))
     rows, pictures = run(S, batches, methods)
     a.out.mkdir(parents=True, exist_ok=True)
     data = {"model": a.model, "checkpoint": S.checkpoint, "weights": S.weights, "seed": a.seed,
             "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg, "scheduler": SCHED, "psnr_cap_db": PSNR_CAP,
+            "refine": a.refine, "nulltext": S.nulltext, "source_ceilings_db": {b.kind: b.ceilings for b in batches},
             "command": " ".join(["bench/edit.py", *(sys.argv[1:] if argv is None else argv)]),
             "items": {b.kind: [{"source": e.source_caption, "target": e.target_caption, "held_out_target": held_out(e)}
                                for e in b.edits] for b in batches},

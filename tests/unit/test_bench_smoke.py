@@ -75,3 +75,37 @@ def test_learned_bench_quick():
     assert guided["null_text"]["backward"] > 0 and guided["plain"]["backward"] == 0
     edits = [r for r in rows if r["part"] == "edit"]
     assert len(edits) == 4 and all(0.0 <= r["edit_success"] <= 1.0 for r in edits)
+
+
+@pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
+                    reason="ComfyUI host not set up (tools/setup.sh)")
+def test_edit_bench_smoke_runs_every_row(tmp_path):
+    """bench/edit.py end to end on the committed scenes weights, one thread: every METHODS row (the refined one
+    included) on one item of an object edit and one of a background edit (the two scoring paths; shape reading is
+    unit-tested on ground truth), scored, timed with its shared costs, drawn."""
+    import math
+
+    from bench import edit as BE
+    out = _run(["bench/edit.py", "--scenes", "1", "--steps", "2", "--refine", "2", "--nulltext-iterations", "1",
+                "--kinds", "colour,background", "--threads", "1", "--out", str(tmp_path)])
+    assert f"a perfect item (infinite PSNR) counts as {BE.PSNR_CAP:g} dB" in out
+    data = json.loads((tmp_path / "edit.json").read_text())
+    assert data["scheduler"] == BE.SCHED and data["refine"] == 2 and data["psnr_cap_db"] == BE.PSNR_CAP
+    kinds = ("colour", "background")
+    rows = {(r["edit"], r["method"]): r for r in data["rows"]}
+    assert list(rows) == [(k, m) for k in kinds for m in BE.METHODS]
+    for key, r in rows.items():
+        assert r["n"] == 1 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["iou"] <= 1.0, (key, r)
+        assert 0.0 <= r["bg_psnr"] <= BE.PSNR_CAP and 0.0 <= r["gt_psnr"] <= BE.PSNR_CAP, (key, r)  # uint8: >= 0 dB
+        assert math.isfinite(r["gt_ceiling"]) and r["seconds"] >= r["shared_seconds"] > 0.0, (key, r)
+        latent = "latent-refined" if r["method"] == "exact from refined latent" else "latent"
+        assert {latent, "cond-target", "cond-negative"} <= set(r["charged"]), (key, r["charged"])
+        assert ("latent-refined" in r["charged"]) == (latent == "latent-refined"), (key, r["charged"])
+    for k in kinds:
+        assert "traj-exact-refined" in rows[(k, "exact from refined latent")]["charged"]
+        assert "traj-ddim" in rows[(k, "null-text")]["charged"]   # the inversion it starts from
+        assert not any(c.startswith("traj") for c in rows[(k, "sdedit 0.6 (core KSampler)")]["charged"])
+        ceil = data["source_ceilings_db"][k]
+        assert set(ceil) == {"latent", "latent-refined"} and ceil["latent-refined"] >= ceil["latent"], ceil
+        assert f"{k:10s} source VAE ceiling: latent " in out
+    assert (tmp_path / "edit_grid.png").stat().st_size > 0 and (tmp_path / "edit_plot.png").stat().st_size > 0

@@ -1,5 +1,6 @@
-"""bench/edit.py's scoring (no ComfyUI): the ground truth scores perfectly, the unedited source scores as a failed
-edit with a perfect background, and the items are seeded held-out scenes."""
+"""bench/edit.py without ComfyUI: its scoring (the ground truth scores perfectly, the unedited source scores as a
+failed edit with a perfect background), its items (seeded held-out scenes and backgrounds), its means and its
+rows on fake nodes and a fake clock (what each row runs and what it is charged for)."""
 from __future__ import annotations
 
 import math
@@ -96,7 +97,7 @@ def test_sdedit_samples_with_the_benchmark_scheduler(monkeypatch):
     class S:
         model, seed, steps, cfg = "model", 1, 7, 5.0
         cond = staticmethod(lambda texts: list(texts))
-        encode = staticmethod(lambda images: "latent")
+        encode = staticmethod(lambda images, refine=0: ("latent", 28.0))  # (LATENT, vae_ceiling)
 
     b = BE.items(seed=5, n=1, kinds=("colour",))[0]
     assert BE.sdedit(0.6)(S, b) == "z"
@@ -137,6 +138,101 @@ def test_every_row_is_charged_for_the_inversion_it_shares(monkeypatch):
             return BE.cached(b, "traj", invert)
         return fn
 
-    assert BE.timed(b, row(1)) == ("traj", 6.0, 5.0)  # builds both: 1 own + 3 inversion + 2 encoding
-    assert BE.timed(b, row(4)) == ("traj", 9.0, 5.0)  # reuses both, still charged for them
-    assert BE.timed(b, lambda: work(1)) == (None, 1.0, 0.0)  # uses nothing cached
+    both = ["latent", "traj"]
+    assert BE.timed(b, row(1)) == ("traj", 6.0, 5.0, both)  # builds both: 1 own + 3 inversion + 2 encoding
+    assert BE.timed(b, row(4)) == ("traj", 9.0, 5.0, both)  # reuses both, still charged for them
+    assert BE.timed(b, lambda: work(1)) == (None, 1.0, 0.0, [])  # uses nothing cached
+
+
+# ------------------------------------------------------------------ the rows on a fake ComfyUI (fake clock: units)
+COST = {"CLIPTextEncode": 1.0, "KSampler": 7.0, "encode": 2.0, "invert": 5.0, "sample": 3.0}  # refine: 1 / iteration
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """(Setup-like object, log of calls): the rows run through the real ``Setup.cond`` / ``Setup.encode`` on fake
+    nodes, each advancing a fake clock by its COST (a refine iteration by 1)."""
+    from types import SimpleNamespace
+
+    import torch
+    now, log = [0.0], []
+    monkeypatch.setattr(BE, "_clock", lambda: now[0])
+
+    def work(what, **info):
+        now[0] += COST[what]
+        log.append((what, info))
+
+    def call(node, *a, **k):
+        work(node)
+        return ([[torch.zeros(1, 3, 2), {}]],) if node == "CLIPTextEncode" else ({"samples": ("ksampler", a[5])},)
+
+    def encode(pixels, vae, refine=0, **k):
+        work("encode", refine=refine)
+        now[0] += refine
+        return ({"samples": ("latent", refine)}, 28.0 + refine / 100)
+
+    def invert(model, pos, neg, latent, steps, denoise, sched, method):
+        work("invert", method=method, sched=sched)
+        return (None, None, ("traj", method, latent["samples"]))
+
+    def sample(model, pos, neg, traj, cfg, **kw):
+        work("sample", **kw)
+        return ({"samples": ("result", traj, tuple(sorted(kw.items())))},)
+
+    mods = {"nodes.encode": SimpleNamespace(DDIMInvVAEEncode=SimpleNamespace(execute=encode)),
+            "nodes.invert": SimpleNamespace(DDIMInvert=SimpleNamespace(execute=invert)),
+            "nodes.sampler": SimpleNamespace(DDIMInvSampler=SimpleNamespace(execute=sample))}
+    monkeypatch.setattr(BE.B, "call", call)
+    monkeypatch.setattr(BE.B, "pack", mods.__getitem__)
+    S = SimpleNamespace(model="m", clip="c", vae="v", seed=1, steps=4, cfg=5.0, refine=25, torch=torch, _cond={})
+    S.cond = lambda texts: BE.Setup.cond(S, texts)
+    S.pixels = lambda images: "pixels"
+    S.encode = lambda images, refine=0: BE.Setup.encode(S, images, refine)
+    return S, log
+
+
+def _clip_units(b, *which):
+    texts = {"source": [e.source_caption for e in b.edits], "target": [e.target_caption for e in b.edits],
+             "negative": [""]}
+    return sum(len(set(texts[w])) * COST["CLIPTextEncode"] for w in which)
+
+
+def test_exact_from_refined_latent_inverts_the_refined_latent_and_pays_for_the_refine(fake):
+    S, log = fake
+    b = BE.items(seed=5, n=2, kinds=("colour",))[0]
+    out, seconds, shared, charged = BE.timed(b, lambda: BE.METHODS["exact from refined latent"](S, b))
+    assert out == ("result", ("traj", "exact", ("latent", 25)), (("exact_replay", "ddim"),))
+    assert [i for w, i in log if w == "encode"] == [{"refine": 25}]
+    assert [i for w, i in log if w == "invert"] == [{"method": "exact", "sched": BE.SCHED}]
+    assert charged == ["cond-negative", "cond-source", "cond-target", "latent-refined", "traj-exact-refined"]
+    clip = _clip_units(b, "source", "target", "negative")
+    assert seconds == 2 + 25 + 5 + 3 + clip and shared == seconds - 3
+    assert b.ceilings == {"latent-refined": 28.25}
+    # the plain exact row next to it starts from the posterior mean and is not charged for the refine
+    out, seconds, _, charged = BE.timed(b, lambda: BE.METHODS["exact, ddim replay"](S, b))
+    assert out == ("result", ("traj", "exact", ("latent", 0)), (("exact_replay", "ddim"),))
+    assert charged == ["cond-negative", "cond-source", "cond-target", "latent", "traj-exact"]
+    assert seconds == 2 + 5 + 3 + clip
+
+
+def test_every_row_is_charged_for_the_prompts_it_encodes(fake):
+    """Conditioning is built once per batch and charged to every row using it: SDEdit 0.8, run after SDEdit 0.6,
+    costs what 0.6 cost (before: Setup memoised it, so only the first row paid for CLIP)."""
+    S, _ = fake
+    b = BE.items(seed=5, n=2, kinds=("shape",))[0]
+    first = BE.timed(b, lambda: BE.METHODS["sdedit 0.6 (core KSampler)"](S, b))
+    second = BE.timed(b, lambda: BE.METHODS["sdedit 0.8 (core KSampler)"](S, b))
+    expect = COST["KSampler"] + COST["encode"] + _clip_units(b, "target", "negative")
+    assert first[1] == expect and second[1] == expect, (first, second)
+    assert first[3] == second[3] == ["cond-negative", "cond-target", "latent"]
+
+
+def test_methods_are_chosen_by_name_even_with_a_comma_in_the_name():
+    """--methods splits on commas, and "exact, ddim replay" holds one (it could not be chosen: 'unknown methods
+    ['exact', 'ddim replay']')."""
+    assert BE.parse_methods("all") == list(BE.METHODS)
+    assert BE.parse_methods("exact, ddim replay,exact from refined latent") == ["exact, ddim replay",
+                                                                                "exact from refined latent"]
+    assert BE.parse_methods("null-text, exact, ddim replay") == ["null-text", "exact, ddim replay"]
+    with pytest.raises(ValueError, match="unknown methods 'exact'"):
+        BE.parse_methods("null-text,exact")
