@@ -476,6 +476,18 @@ def test_the_node_offers_v_inject_with_the_familys_default_blocks(K, monkeypatch
     assert seen == [(tf.SPECS[name].tokens + img, img, dim)] * 4, (seen, text)   # ddim replay: steps 0..3
 
 
+# the tiny Flux's joint blocks: double 0 then single 0; v_inject reaches each one named, and 'all' reaches both
+@pytest.mark.parametrize("blocks,layers", [("", ["single_block"]), ("double 0", ["double_block"]),
+                                           ("all", ["double_block", "single_block"])])
+def test_flux_v_inject_reaches_the_blocks_named_double_and_single(K, monkeypatch, blocks, layers):
+    f = FamilySetup(K, "Flux")
+    made = capture(K, monkeypatch)
+    _, text = f.run(node_control(K, blocks=blocks))
+    n = len(layers) * 4                                      # ddim replay: window 0..0.5 of 8 = steps 0..3
+    assert f"v_inject: {len(layers)} layers x 4 steps x 1 chunk = {n}" in text and f"{n} records, {n} inj" in text
+    assert sorted({la.block[0] for row in made[0].sched.actions.values() for la, _ in row}) == layers
+
+
 def test_a_method_of_the_other_architecture_is_refused_by_the_sampler_naming_the_fix(K, S):
     f = FamilySetup(K, "Flux")
     with pytest.raises(K.E, match="Inverted-Latent Sampler: method pnp acts in a UNet.*use method v_inject"):
@@ -516,20 +528,28 @@ def kv_control(K, mask, end=-1.0):
         "kv_edit", "replace", -1.0, end, -1.0, "", blend_mask=mask).result[0]
 
 
-@pytest.mark.parametrize("name,dim", [("Flux", 2), ("SD3", 1)])
-def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim):
-    """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, the
-    background patches' keys and values in each joint call are the source's (the 12 of the 16 image tokens not in
-    the first patch column), the latent's background is the source's (the result's right 3/4 = the source
-    latent), the edit changes the left quarter."""
-    from ddiminv_dev import tiny_families as tf
-    f = FamilySetup(K, name, steps=4)
-    lat = f.lat["samples"]
+def left_quarter(lat):
+    """A mask of the left quarter of the latent (1 = edit) and the background tokens it leaves (patch 2: a 4x4 grid
+    of row-major tokens at 8x8, the 12 not in the first column)."""
     mask = torch.zeros(1, *lat.shape[-2:])
     q = lat.shape[-1] // 4
     mask[:, :, :q] = 1.0
-    cols = lat.shape[-1] // 2                                # patch 2: a 4x4 grid, row-major tokens
-    want_bg = torch.tensor([[j % cols != 0 for j in range(cols * cols)]])
+    cols = lat.shape[-1] // 2
+    return mask, q, torch.tensor([[j % cols != 0 for j in range(cols * cols)]])
+
+
+# the joint blocks kv_edit acts in (every block): the tiny Flux and Chroma have one double and one single block
+# (KV-Edit caches K/V in both kinds), the tiny SD3 one joint block
+@pytest.mark.parametrize("name,dim,blocks", [("Flux", 2, 2), ("Chroma", 2, 2), ("SD3", 1, 1)])
+def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim, blocks):
+    """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, in every
+    joint block (Flux/Chroma: the double and the single block), the background patches' keys and values are the
+    source's (the 12 of the 16 image tokens not in the first patch column), the latent's background is the
+    source's (the result's right 3/4 = the source latent), the edit changes the left quarter."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, name, steps=4)
+    lat = f.lat["samples"]
+    mask, q, want_bg = left_quarter(lat)
     seen, inject = [], K.A.inject_background
 
     def spy(t_edit, t_src, background, d):
@@ -538,9 +558,11 @@ def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K
         return inject(t_edit, t_src, background, d)
     monkeypatch.setattr(K.A, "inject_background", spy)
     x, text = f.run(kv_control(K, mask))
-    assert "kv_edit: 1 layers x 4 steps x 1 chunk = 4" in text and "4 records, 4 injections" in text, text
+    n = blocks * 4
+    assert f"kv_edit: {blocks} layers x 4 steps x 1 chunk = {n}" in text, text
+    assert f"{n} records, {n} injections" in text, text
     img = (lat.shape[-2] // 2) * (lat.shape[-1] // 2)
-    assert seen == [(tf.SPECS[name].tokens + img, img * 3 // 4, img, dim)] * 8, seen     # k and v, 4 steps
+    assert seen == [(tf.SPECS[name].tokens + img, img * 3 // 4, img, dim)] * (2 * n), seen     # k and v
     right, left = (..., slice(q, None)), (..., slice(None, q))
     bg_err = float((x[right] - lat[right]).abs().max() / lat.abs().max())
     fg_err = float((x[left] - lat[left]).abs().max() / lat.abs().max())
@@ -549,6 +571,39 @@ def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K
     monkeypatch.setattr(K.A, "inject_background", inject)
     y, text = f.run(kv_control(K, mask), positive=f.src)     # the source prompt on the exact trajectory
     assert "replay bdia" in text and rel_max(y, lat) <= 1e-5, (rel_max(y, lat), text)
+
+
+def test_kv_edit_gives_the_double_blocks_attention_the_sources_background_keys_and_values(K, monkeypatch):
+    """What each joint attention call of the tiny Flux receives (another pack's override, chained after ours, sees
+    it): in the edit branch, in the double block as in the single block, the background image tokens' keys and
+    values are bit for bit the source branch's of the same step, the foreground's and the text's are the edit's
+    own. Flux, not Chroma: Flux's modulation carries the pooled prompt, so the double block's image stream (each
+    token computed alone from the latent's patch) differs between the branches even on the latent's background;
+    Chroma's does not, and its one double block would give the same background keys with or without the
+    injection (a real Chroma's later double blocks differ: their image tokens have attended to the text)."""
+    f = FamilySetup(K, "Flux", steps=4)
+    mask, _, bg = left_quarter(f.lat["samples"])
+    bg = bg[0]
+    made, calls = capture(K, monkeypatch), []
+
+    def other(func, *args, **kwargs):                        # [B, H, N, D]: the tokens are dim 2
+        to = kwargs["transformer_options"]
+        calls.append((made[0].branch, made[0].step, to["block_type"], to["block_index"], args[1], args[2]))
+        return func(*args, **kwargs)
+    m = f.m.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    r = f.K.smp.execute(m, f.edit, f.neg, f.traj, 1.0, source_positive=f.src, attention_control=kv_control(K, mask))
+    assert "8 records, 8 injections" in "\n".join(r.ui.as_dict()["text"])
+    src = {(s, t, i): (k, v) for b, s, t, i, k, v in calls if b == "source"}
+    edit = {(s, t, i): (k, v) for b, s, t, i, k, v in calls if b == "edit"}
+    assert sorted(src) == sorted(edit) == [(s, t, 0) for s in range(4) for t in ("double", "single")]
+    img = bg.numel()
+    for key in edit:
+        for e, s in zip(edit[key], src[key], strict=True):
+            e_img, s_img = e[:, :, -img:], s[:, :, -img:]
+            assert torch.equal(e_img[:, :, bg], s_img[:, :, bg]), key
+            assert float((e_img[:, :, ~bg] - s_img[:, :, ~bg]).abs().max()) > 1e-3, key
+            assert float((e[:, :, :-img] - s[:, :, :-img]).abs().max()) > 1e-3, key
 
 
 def test_kv_edit_is_refused_without_a_mask_and_on_a_unet(K, S):
