@@ -628,6 +628,51 @@ def test_pnp_feature_injection_counts_block_times_steps_times_chunks(K, S, cfg, 
     assert f"done: {want} records, {want} injections" in text, text
 
 
+def features_only(K):
+    """PnP's feature injection alone (the self-attention window closed): decoder block 1, steps 0..5."""
+    return K.A.Control("pnp", self_window=K.A.Window(0, 0), blocks=("output", 0, 3),
+                       feature_window=K.A.Window(0, 0.75), feature_block=1)
+
+
+def chunk_calls(model) -> tuple:
+    """A clone with a pass-through output block patch (another pack's) that notes each call's cond_or_uncond."""
+    seen = []
+    m = model.clone()
+    m.set_model_output_block_patch(lambda h, hsp, to: (seen.append(tuple(to["cond_or_uncond"])), (h, hsp))[1])
+    return m, seen
+
+
+def test_pnp_features_with_cond_and_uncond_split_into_calls_equal_them_together(K, S):
+    """cfg 3: ComfyUI batches [uncond, cond] into one call when memory allows (here: every decoder block call
+    carries both); ``sampler_calc_cond_batch_function`` running each alone is what it does when memory is short.
+    The features are injected per chunk kind, so both give the same edit and the same counts."""
+    m, seen = chunk_calls(S.m)
+    together, t1 = S.run(features_only(K), model=m, exact_replay="ddim")
+    assert set(seen) == {(1, 0)} and len(seen) == 4 * 2 * N, set(seen)         # one call for both chunks
+    m, seen = chunk_calls(_split_batches(S.m))
+    apart, t2 = S.run(features_only(K), model=m, exact_replay="ddim")
+    assert set(seen) == {(0,), (1,)} and len(seen) == 4 * 2 * N * 2, set(seen)  # each chunk its own call
+    want = "pnp_feature: 1 layers x 6 steps x 2 chunks = 12"
+    assert want in t1 and want in t2 and "done: 12 records, 12 injections" in t1 and "done: 12 records" in t2
+    # measured 1.9e-6 of the largest value (float32 rounding of batch 1 against batch 2); the features keyed by
+    # the chunk's place in the call instead of its kind (apart, the cond takes the uncond's) move it by 0.68
+    print(f"pnp features apart vs together: {rel_max(apart, together):.2e}")
+    assert rel_max(apart, together) <= 2e-5, rel_max(apart, together)
+
+
+def test_pnp_features_on_batch_2_equal_each_sample_alone(K):
+    two = Setup(K, batch=2, method="ddim", seed=3)
+    x2, text = two.run(features_only(K))
+    assert "pnp_feature: 1 layers x 6 steps x 2 chunks" in text, text
+    for i in range(2):
+        one = Setup(K, batch=1, method="ddim", seed=3)          # the same trajectory, sample i alone
+        one.traj = two.traj.with_(states=two.traj.states[:, i:i + 1], denoised=two.traj.denoised[:, i:i + 1])
+        x1, _ = one.run(features_only(K))
+        # measured 1.8e-6 and 3.3e-6; the first sample's features given to both move sample 2 by 1.2
+        print(f"pnp features batch 2 vs sample {i} alone: {rel_max(x2[i:i + 1], x1):.2e}")
+        assert rel_max(x2[i:i + 1], x1) <= 2e-5, (i, rel_max(x2[i:i + 1], x1))
+
+
 def test_pnp_with_features_and_the_source_prompt_on_an_exact_trajectory_returns_the_source(K, S):
     x, text = S.run(pnp_features(K, (0, 1)), positive=S.src)
     assert "replay bdia" in text and "pnp_feature" in text
