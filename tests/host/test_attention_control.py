@@ -706,6 +706,19 @@ def test_pnp_from_the_node_on_a_decoder_without_block_4_is_refused(K, S):
         S.run(c, exact_replay="ddim")
 
 
+def test_the_nodes_feature_widgets_pick_pnps_block_and_window(K, S):
+    node = mod("nodes.attention").DDIMInvAttentionControl
+    c = node.execute("pnp", "replace", -1.0, -1.0, -1.0, "output 0-3", feature_block=1, feature_end=0.75).result[0]
+    assert c.feature_block == 1 and c.feature_window == K.A.Window(0.0, 0.75)
+    _, text = S.run(c, exact_replay="ddim")
+    assert "pnp_feature: 1 layers x 6 steps x 2 chunks = 12" in text, text
+    off = node.execute("pnp", "replace", -1.0, -1.0, -1.0, "output 0-3", feature_end=0.0).result[0]
+    _, text = S.run(off, exact_replay="ddim")               # 0 turns the features off: the q/k injection only
+    assert "pnp_feature" not in text and "done: 32 records, 32 injections" in text, text
+    with pytest.raises(K.E, match="Attention Control: feature_block and feature_end are pnp's.*set both to -1"):
+        node.execute("p2p", "replace", -1.0, -1.0, -1.0, feature_block=1)
+
+
 def test_pnp_features_keep_another_packs_output_block_patch_and_leave_the_input_model_unpatched(K, S):
     calls = []
 
