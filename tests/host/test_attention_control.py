@@ -338,6 +338,68 @@ def test_attention_prompts_read_each_words_tokens_from_comfyuis_tokenizer(K, fam
         node.execute(TokenizerClip(tok), "a cat " * 60, "a dog")
 
 
+@pytest.fixture(scope="module")
+def NT(K):
+    """A null-text trajectory (cfg 7.5, 8 steps) on the tiny UNet, built as tests/host/test_nulltext.py builds
+    its own: the source is the model's own cfg-1 sample (so the cfg-1 DDIM inversion is a good pivot), the negative
+    close to the prompt, 5 Adam steps of 0.1 per step."""
+    sched = "ddim_uniform"
+    p = {"m": {"class_type": "TestTinyModel", "inputs": {"family": "eps", "seed": 0}},
+         "c": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 0}},
+         "n": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 1, "near_seed": 0,
+                                                                "distance": 0.3}},
+         "e": {"class_type": "TestRandomLatent", "inputs": {"family": "eps", "batch": 1, "height": 32, "width": 32,
+                                                            "seed": 0}},
+         "src": {"class_type": "KSampler", "inputs": {
+             "model": ["m", 0], "seed": 5, "steps": 30, "cfg": 1.0, "sampler_name": "euler", "scheduler": sched,
+             "positive": ["c", 0], "negative": ["n", 0], "latent_image": ["e", 0], "denoise": 1.0}},
+         "inv": {"class_type": "DDIMInvert", "inputs": {
+             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["src", 0], "steps": N,
+             "cfg": 1.0, "scheduler": sched, "method": "ddim"}},
+         "nt": {"class_type": "DDIMInvNullText", "inputs": {
+             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": 7.5,
+             "mode": "null_text", "iterations": 5, "learning_rate": 0.1, "early_stop": 1e-5}}}
+    for k in ("src", "nt"):
+        p[k + "_o"] = {"class_type": "PreviewAny", "inputs": {"source": [k, 0]}}
+    res = host.run(p)
+
+    class NT:
+        m, neg, traj = res.outputs("m")[0], res.outputs("n")[0], res.outputs("nt")[1]
+        src = with_words(K, res.outputs("c")[0])
+        lat = res.outputs("src")[0]["samples"]
+
+        def run(self, control, positive=None, cfg=7.5, **kw):
+            r = K.smp.execute(self.m, positive or self.src, self.neg, self.traj, cfg, source_positive=self.src,
+                              attention_control=control, **kw)
+            return r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"])
+
+        def err(self, x):
+            return float((x - self.lat).norm() / self.lat.norm())
+    nt = NT()
+    nt.plain = K.smp.execute(nt.m, nt.src, nt.neg, nt.traj, 7.5).result[0]["samples"]   # no attention control
+    return nt
+
+
+@pytest.mark.parametrize("name", ["p2p", "masactrl"])
+def test_a_null_text_trajectory_with_the_source_prompt_gives_its_reconstruction_under_attention_control(K, NT, name):
+    """PnPInversion's null-text + P2P row rests on this: on a null-text trajectory (cfg 7.5), attention control
+    with the source prompt as the edit returns the source as the null-text reconstruction does (not exactly: the
+    source branch runs on the cfg-1 pivot's states, the edit on its own, which null-text keeps near them), and
+    not as the plain negative would: both branches sample with the optimised per-step negative (the edit's
+    uncond, and the source's, whose uncond keys/values masactrl's uncond chunk attends to)."""
+    x, text = NT.run(controls(K)[name], positive=NT.src, cfg=7.5)
+    assert "null-text negative" in text and "injections" in text, text
+    off = K.smp.execute(NT.m, NT.src, NT.neg, NT.traj, 7.5, null_text="off").result[0]["samples"]
+    to_plain, to_source, plain_err, off_err = rel_max(x, NT.plain), NT.err(x), NT.err(NT.plain), NT.err(off)
+    print(f"{name} on null-text: to the plain reconstruction {to_plain:.2e}, to the source {to_source:.2e} "
+          f"(plain reconstruction {plain_err:.2e}, null_text off {off_err:.2e})")
+    # measured (8 steps): the plain reconstruction 1.4e-2 from the source, with null_text off 0.20; p2p 2.8e-2
+    # (its self maps come from the pivot's states, the edit's sit 1e-2 beside them), masactrl 1.4e-2
+    assert to_source <= 0.06 and off_err >= 0.15, (to_source, plain_err, off_err)
+    if name == "masactrl":   # its uncond chunk attends to the source's uncond: measured 2.7e-3 from the plain
+        assert to_plain <= 7e-3, to_plain    # reconstruction, 1.5e-2 with the source branch on the plain negative
+
+
 def test_source_drift_comes_from_the_source_branch_at_no_extra_pass(K):
     """(That the inline gap equals the separate drift pass is tests/unit/test_attention.py's.)"""
     s = Setup(K, method="ddim", cfg=1.0)
