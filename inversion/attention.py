@@ -33,7 +33,8 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   but the last. Its layers are ``JOINT`` layers named as ComfyUI's dit replace keys
   (("single_block", i), ("double_block", i)); the UNet methods never act in them, and :func:`for_model` refuses
   a UNet method on a DiT and a DiT method on a UNet.
-* ``kv_edit`` (KV-Edit, Zhu et al. 2025, with a mask; 1 = edit): in the DiT's joint blocks at every step, both
+* ``kv_edit`` (KV-Edit, Zhu et al. 2025, with a mask; 1 = edit): in every joint block of the DiT (Flux/Chroma:
+  the double blocks, where KV-Edit caches K/V too, and the single blocks; SD3: its joint blocks) at every step, both
   chunks, the edit's background image tokens (patches the mask does not touch) attend with the source's keys and
   values (the foreground and the text keep the edit's), and the latent's background is the source's after every
   step (the local blend by the mask), so the background stays the source's.

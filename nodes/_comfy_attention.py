@@ -8,11 +8,16 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   the 2-tuple ComfyUI falls back to) is kept: it computes every output we do not inject, and an injection is
   made through it (PnP/MasaCtrl pass it the substituted q/k/v; P2P adds its map's difference to its output,
   which is also exactly 0 where the maps agree);
-* Flux and Chroma (single blocks) and SD3 (joint blocks), v_inject and kv_edit: ``set_model_patch_replace(fn, "dit",
+* Flux and Chroma (double and single blocks) and SD3 (joint blocks), v_inject and kv_edit:
+  ``set_model_patch_replace(fn, "dit",
   "single_block"|"double_block", i)`` on each block marks the block in ``transformer_options`` while it runs, and
   ``transformer_options["optimized_attention_override"]`` (0.3.75's ``wrap_attn``; chained to an override already
   there) records/injects its attention call, q/k/v over the joint [text; image] sequence ([B, H, N, D] on
-  Flux, [B, N, H*D] on SD3: the tokens are dim -2 either way). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
+  Flux, [B, N, H*D] on SD3: the tokens are dim -2 either way). Flux's DoubleStreamBlock (0.3.75's and 0.33's
+  comfy/ldm/flux/layers.py) projects text and image in their own streams and makes one
+  ``attention(cat(txt, img), ...)`` call with the block's ``transformer_options``, as the SingleStreamBlock does
+  over its already joined sequence, so both kinds are one marked call with the image's patches as the tail
+  (HunyuanVideo's flipped [img; txt] order is among the refused). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
   Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`;
   kv_edit swaps the keys and values of the background image tokens (the patches its mask does not touch) for
   the source's, and the local blend by the same mask keeps the latent's background after every step;
@@ -90,24 +95,27 @@ def unet_layers(model) -> list:
 
 
 # the DiTs attention control reaches: text tokens first, then the image's patches, in one joint attention call
-# per block (ComfyUI's dit replace keys). Flux/Chroma: the single blocks (RF-Edit's value injection); SD3's MMDiT:
-# its joint blocks ("double_block" keys; SD3.5's extra image-only self-attention in a block is a second call).
-JOINT_DITS = ((comfy_flux.Flux, "single_blocks", "single_block"),
-              (comfy_chroma.Chroma, "single_blocks", "single_block"),
-              (comfy_mmdit.MMDiT, "joint_blocks", "double_block"))
+# per block (ComfyUI's dit replace keys). Flux/Chroma: the double blocks (separate text and image streams, one
+# joint call over [text; image]: KV-Edit caches K/V there too) then the single blocks (RF-Edit's value
+# injection); SD3's MMDiT: its joint blocks ("double_block" keys; SD3.5's extra image-only self-attention in a
+# block is a second call).
+JOINT_DITS = ((comfy_flux.Flux, (("double_blocks", "double_block"), ("single_blocks", "single_block"))),
+              (comfy_chroma.Chroma, (("double_blocks", "double_block"), ("single_blocks", "single_block"))),
+              (comfy_mmdit.MMDiT, (("joint_blocks", "double_block"),)))
 REACHES = ("attention control reaches SD1.x/SD2/SDXL UNets (p2p, pnp, masactrl) and the Flux, Chroma and SD3 "
-           "DiTs (v_inject)")
+           "DiTs (v_inject, kv_edit)")
 
 
 def dit_layers(model) -> list:
-    """The blocks of a joint-attention DiT (Flux/Chroma single blocks, SD3 joint blocks; replaced through
-    ComfyUI's ("dit", name, i) keys) as JOINT layers; factor = the patch size."""
+    """The blocks of a joint-attention DiT (Flux/Chroma double then single blocks, SD3 joint blocks; replaced
+    through ComfyUI's ("dit", name, i) keys) as JOINT layers; factor = the patch size."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    for cls, attr, key in JOINT_DITS:
+    for cls, stacks in JOINT_DITS:
         if isinstance(net, cls):
             patch = getattr(net, "patch_size", 1)
             patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
-            return [A.Layer(A.JOINT, (key, i), 0, patch) for i in range(len(getattr(net, attr)))]
+            return [A.Layer(A.JOINT, (key, i), 0, patch) for attr, key in stacks
+                    for i in range(len(getattr(net, attr, ())))]
     raise InversionInputError(f"{REACHES}; this model ({C.family_name(model)}, {type(net).__name__}) is none of "
                               "them (its attention is not one text+image call per block); disconnect "
                               "attention_control")
@@ -124,7 +132,7 @@ def model_layers(model) -> list:
     """The layers attention control can reach: a UNet's attention layers and decoder blocks (FEATURE), or a
     joint-attention DiT's blocks; other models are refused by name."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if any(isinstance(net, cls) for cls, _, _ in JOINT_DITS):
+    if any(isinstance(net, cls) for cls, _ in JOINT_DITS):
         return dit_layers(model)
     if not all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         return dit_layers(model)      # refuses it by name

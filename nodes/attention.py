@@ -33,9 +33,10 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 "branch (the stored inversion state with source_positive) and records its attention, then the edit "
                 "injects it. p2p = Prompt-to-Prompt (cross-attention maps of the source mapped to the edit's words, "
                 "self-attention maps early, optional local blend); pnp = Plug-and-Play (decoder self-attention "
-                "queries/keys of the source, and the source's ResBlock features of decoder block 4 for the first 80% "
-                "of the steps, as PnP's code); masactrl = the edit's decoder queries attend to the source's keys and "
-                "values (these three: SD1.x/SD2/SDXL UNets); v_inject = value injection (RF-Edit, FireFlow) for the "
+                "queries/keys of the source, and the source's ResBlock features of decoder block feature_block (4) "
+                "for the first feature_end (80%) of the steps, as PnP's code); masactrl = the edit's decoder queries "
+                "attend to the source's keys and values (these three: SD1.x/SD2/SDXL UNets); v_inject = value "
+                "injection (RF-Edit, FireFlow) for the "
                 "Flux, Chroma and SD3 DiTs: in the chosen blocks' joint attention, for the first steps, the edit's "
                 "image tokens take the source's values; kv_edit = KV-Edit's background mode for the same DiTs "
                 "(blend_mask = the region to edit): the background image tokens' keys and values come from the source"
@@ -85,6 +86,14 @@ class DDIMInvAttentionControl(io.ComfyNode):
                               tooltip="p2p local blend by a MASK instead of words (1 = edit, 0 = keep the source); "
                                       "kv_edit: the region to edit (required; outside it the source's background "
                                       "keys, values and latent are kept)."),
+                io.Int.Input("feature_block", default=-1, min=-1, max=63, optional=True,
+                             tooltip="pnp: the decoder block (ComfyUI's output block id) whose ResBlock features "
+                                     "are the source's; -1: 4 (PnP's up_blocks[1].resnets[1] on SD1.x). Other "
+                                     "methods: leave -1."),
+                io.Float.Input("feature_end", default=-1.0, min=-1.0, max=1.0, step=0.01, optional=True,
+                               tooltip="pnp: end (fraction, exclusive) of the feature injection, from the first "
+                                       "step; -1: 0.8 (PnP's 80% of the steps); 0 turns it off. Other methods: "
+                                       "leave -1."),
             ],
             outputs=[ATTENTION_CONTROL.Output("attention_control", display_name="attention_control",
                                               tooltip="Connect to the Inverted-Latent Sampler's attention_control.")],
@@ -92,7 +101,8 @@ class DDIMInvAttentionControl(io.ComfyNode):
 
     @classmethod
     def execute(cls, method, p2p_mode, self_start, self_end, cross_end, blocks="", reweight_words="",
-                reweight=2.0, blend_words="", blend_threshold=0.3, blend_mask=None) -> io.NodeOutput:
+                reweight=2.0, blend_words="", blend_threshold=0.3, blend_mask=None, feature_block=-1,
+                feature_end=-1.0) -> io.NodeOutput:
         with node_boundary(CONTROL):
             d = A.defaults(method)
             dit = method in A.DIT_METHODS
@@ -103,12 +113,16 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 reweight=float(reweight), reweight_words=_words(reweight_words) if method == "p2p" else (),
                 blend_words=_words(blend_words) if method == "p2p" else (),
                 blend_threshold=float(blend_threshold), blend_window=d.blend_window,
-                feature_window=d.feature_window, feature_block=d.feature_block,
+                feature_window=_window(-1, feature_end, d.feature_window),
+                feature_block=d.feature_block if int(feature_block) < 0 else int(feature_block),
                 mask=None if blend_mask is None else blend_mask.detach().clone().float())
             masked = method in ("p2p", "kv_edit")
             if (method != "p2p" and _words(blend_words)) or (not masked and blend_mask is not None):
                 raise InversionInputError(f"the local blend is p2p's (and kv_edit's mask); {method} has none: "
                                           "clear blend_words and blend_mask, or use method p2p")
+            if method != "pnp" and (int(feature_block) >= 0 or float(feature_end) >= 0):
+                raise InversionInputError(f"feature_block and feature_end are pnp's (its decoder features); {method} "
+                                          "has none: set both to -1, or use method pnp")
             return io.NodeOutput(A.check(c))
 
 

@@ -221,3 +221,51 @@ def test_loader_nodes_say_where_their_models_come_from(name):
         for m in listed.values():
             assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith(".safetensors"), m
             assert m["directory"] in ("checkpoints", "diffusion_models", "text_encoders", "vae"), m
+
+
+# Attention Control's widgets_values as the example workflows saved them before feature_block / feature_end were
+# added (10 values; what users' saved workflows hold), and a pnp one made the same way from the node's defaults
+SAVED_BEFORE_FEATURES = {
+    "attention_edit": ["p2p", "replace", -1.0, -1.0, -1.0, "", "", 2.0, "cat, dog", 0.3],
+    "flow_attention_edit": ["v_inject", "replace", -1.0, -1.0, -1.0, "", "", 2.0, "", 0.3],
+    "pnp": ["pnp", "replace", -1.0, -1.0, -1.0, "", "", 2.0, "", 0.3],
+}
+
+
+def _frontend_widgets(cls, values) -> dict:
+    """What the frontend gives the node from a saved ``widgets_values``: each value to the widget at its place,
+    a widget without a saved value keeps its default."""
+    spec = _spec(cls)
+    out = {}
+    for k, name in enumerate(widget_slots(cls)):
+        if name is not None:
+            out[name] = values[k] if k < len(values) else spec[name][1].get("default")
+    return out
+
+
+def test_attention_control_from_workflows_saved_before_its_feature_widgets_does_what_it_did(nodes):
+    """The Attention Control widgets added since (PnP's feature_block and feature_end) come last with defaults
+    that keep the Control: a workflow saved with 10 values (the examples as they were, a pnp one), the examples
+    as saved now and their API twins all give the Control the node gave before those widgets existed."""
+    A = host.pack_submodule("inversion.attention")
+    cls = nodes.NODE_CLASS_MAPPINGS["DDIMInvAttentionControl"]
+    W = A.Window
+    before = {   # the Controls the node made from these values before the feature widgets
+        "attention_edit": A.Control("p2p", blend_words=("cat", "dog")),
+        "flow_attention_edit": A.Control("v_inject", self_window=W(0.0, 0.1), cross_window=W(), blocks=A.FAMILY),
+        "pnp": A.Control("pnp", self_window=W(0.0, 0.5), cross_window=W(), blocks=("output", 4, 11),
+                         feature_window=W(0.0, 0.8), feature_block=4),
+    }
+    for name, values in SAVED_BEFORE_FEATURES.items():
+        got = cls.execute(**_frontend_widgets(cls, values)).result[0]
+        assert got == before[name], (name, got)
+        if name == "pnp":
+            continue
+        ui, api = _load(name)
+        (node,) = [n for n in ui["nodes"] if n["type"] == "DDIMInvAttentionControl"]
+        assert node["widgets_values"][:len(values)] == values      # the old values are a prefix of today's
+        assert cls.execute(**_frontend_widgets(cls, node["widgets_values"])).result[0] == before[name]
+        (inputs,) = [n["inputs"] for n in api.values() if n["class_type"] == "DDIMInvAttentionControl"]
+        old_api = {k: v for k, v in inputs.items() if k not in ("feature_block", "feature_end")}
+        for prompt in (inputs, old_api):                            # an API prompt queued with or without them
+            assert cls.execute(**{k: v for k, v in prompt.items() if not isinstance(v, list)}).result[0] == before[name]

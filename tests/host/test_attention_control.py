@@ -338,6 +338,68 @@ def test_attention_prompts_read_each_words_tokens_from_comfyuis_tokenizer(K, fam
         node.execute(TokenizerClip(tok), "a cat " * 60, "a dog")
 
 
+@pytest.fixture(scope="module")
+def NT(K):
+    """A null-text trajectory (cfg 7.5, 8 steps) on the tiny UNet, built as tests/host/test_nulltext.py builds
+    its own: the source is the model's own cfg-1 sample (so the cfg-1 DDIM inversion is a good pivot), the negative
+    close to the prompt, 5 Adam steps of 0.1 per step."""
+    sched = "ddim_uniform"
+    p = {"m": {"class_type": "TestTinyModel", "inputs": {"family": "eps", "seed": 0}},
+         "c": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 0}},
+         "n": {"class_type": "TestTinyConditioning", "inputs": {"family": "eps", "seed": 1, "near_seed": 0,
+                                                                "distance": 0.3}},
+         "e": {"class_type": "TestRandomLatent", "inputs": {"family": "eps", "batch": 1, "height": 32, "width": 32,
+                                                            "seed": 0}},
+         "src": {"class_type": "KSampler", "inputs": {
+             "model": ["m", 0], "seed": 5, "steps": 30, "cfg": 1.0, "sampler_name": "euler", "scheduler": sched,
+             "positive": ["c", 0], "negative": ["n", 0], "latent_image": ["e", 0], "denoise": 1.0}},
+         "inv": {"class_type": "DDIMInvert", "inputs": {
+             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "latent": ["src", 0], "steps": N,
+             "cfg": 1.0, "scheduler": sched, "method": "ddim"}},
+         "nt": {"class_type": "DDIMInvNullText", "inputs": {
+             "model": ["m", 0], "positive": ["c", 0], "negative": ["n", 0], "trajectory": ["inv", 2], "cfg": 7.5,
+             "mode": "null_text", "iterations": 5, "learning_rate": 0.1, "early_stop": 1e-5}}}
+    for k in ("src", "nt"):
+        p[k + "_o"] = {"class_type": "PreviewAny", "inputs": {"source": [k, 0]}}
+    res = host.run(p)
+
+    class NT:
+        m, neg, traj = res.outputs("m")[0], res.outputs("n")[0], res.outputs("nt")[1]
+        src = with_words(K, res.outputs("c")[0])
+        lat = res.outputs("src")[0]["samples"]
+
+        def run(self, control, positive=None, cfg=7.5, **kw):
+            r = K.smp.execute(self.m, positive or self.src, self.neg, self.traj, cfg, source_positive=self.src,
+                              attention_control=control, **kw)
+            return r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"])
+
+        def err(self, x):
+            return float((x - self.lat).norm() / self.lat.norm())
+    nt = NT()
+    nt.plain = K.smp.execute(nt.m, nt.src, nt.neg, nt.traj, 7.5).result[0]["samples"]   # no attention control
+    return nt
+
+
+@pytest.mark.parametrize("name", ["p2p", "masactrl"])
+def test_a_null_text_trajectory_with_the_source_prompt_gives_its_reconstruction_under_attention_control(K, NT, name):
+    """PnPInversion's null-text + P2P row rests on this: on a null-text trajectory (cfg 7.5), attention control
+    with the source prompt as the edit returns the source as the null-text reconstruction does (not exactly: the
+    source branch runs on the cfg-1 pivot's states, the edit on its own, which null-text keeps near them), and
+    not as the plain negative would: both branches sample with the optimised per-step negative (the edit's
+    uncond, and the source's, whose uncond keys/values masactrl's uncond chunk attends to)."""
+    x, text = NT.run(controls(K)[name], positive=NT.src, cfg=7.5)
+    assert "null-text negative" in text and "injections" in text, text
+    off = K.smp.execute(NT.m, NT.src, NT.neg, NT.traj, 7.5, null_text="off").result[0]["samples"]
+    to_plain, to_source, plain_err, off_err = rel_max(x, NT.plain), NT.err(x), NT.err(NT.plain), NT.err(off)
+    print(f"{name} on null-text: to the plain reconstruction {to_plain:.2e}, to the source {to_source:.2e} "
+          f"(plain reconstruction {plain_err:.2e}, null_text off {off_err:.2e})")
+    # measured (8 steps): the plain reconstruction 1.4e-2 from the source, with null_text off 0.20; p2p 2.8e-2
+    # (its self maps come from the pivot's states, the edit's sit 1e-2 beside them), masactrl 1.4e-2
+    assert to_source <= 0.06 and off_err >= 0.15, (to_source, plain_err, off_err)
+    if name == "masactrl":   # its uncond chunk attends to the source's uncond: measured 2.7e-3 from the plain
+        assert to_plain <= 7e-3, to_plain    # reconstruction, 1.5e-2 with the source branch on the plain negative
+
+
 def test_source_drift_comes_from_the_source_branch_at_no_extra_pass(K):
     """(That the inline gap equals the separate drift pass is tests/unit/test_attention.py's.)"""
     s = Setup(K, method="ddim", cfg=1.0)
@@ -476,6 +538,18 @@ def test_the_node_offers_v_inject_with_the_familys_default_blocks(K, monkeypatch
     assert seen == [(tf.SPECS[name].tokens + img, img, dim)] * 4, (seen, text)   # ddim replay: steps 0..3
 
 
+# the tiny Flux's joint blocks: double 0 then single 0; v_inject reaches each one named, and 'all' reaches both
+@pytest.mark.parametrize("blocks,layers", [("", ["single_block"]), ("double 0", ["double_block"]),
+                                           ("all", ["double_block", "single_block"])])
+def test_flux_v_inject_reaches_the_blocks_named_double_and_single(K, monkeypatch, blocks, layers):
+    f = FamilySetup(K, "Flux")
+    made = capture(K, monkeypatch)
+    _, text = f.run(node_control(K, blocks=blocks))
+    n = len(layers) * 4                                      # ddim replay: window 0..0.5 of 8 = steps 0..3
+    assert f"v_inject: {len(layers)} layers x 4 steps x 1 chunk = {n}" in text and f"{n} records, {n} inj" in text
+    assert sorted({la.block[0] for row in made[0].sched.actions.values() for la, _ in row}) == layers
+
+
 def test_a_method_of_the_other_architecture_is_refused_by_the_sampler_naming_the_fix(K, S):
     f = FamilySetup(K, "Flux")
     with pytest.raises(K.E, match="Inverted-Latent Sampler: method pnp acts in a UNet.*use method v_inject"):
@@ -516,20 +590,28 @@ def kv_control(K, mask, end=-1.0):
         "kv_edit", "replace", -1.0, end, -1.0, "", blend_mask=mask).result[0]
 
 
-@pytest.mark.parametrize("name,dim", [("Flux", 2), ("SD3", 1)])
-def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim):
-    """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, the
-    background patches' keys and values in each joint call are the source's (the 12 of the 16 image tokens not in
-    the first patch column), the latent's background is the source's (the result's right 3/4 = the source
-    latent), the edit changes the left quarter."""
-    from ddiminv_dev import tiny_families as tf
-    f = FamilySetup(K, name, steps=4)
-    lat = f.lat["samples"]
+def left_quarter(lat):
+    """A mask of the left quarter of the latent (1 = edit) and the background tokens it leaves (patch 2: a 4x4 grid
+    of row-major tokens at 8x8, the 12 not in the first column)."""
     mask = torch.zeros(1, *lat.shape[-2:])
     q = lat.shape[-1] // 4
     mask[:, :, :q] = 1.0
-    cols = lat.shape[-1] // 2                                # patch 2: a 4x4 grid, row-major tokens
-    want_bg = torch.tensor([[j % cols != 0 for j in range(cols * cols)]])
+    cols = lat.shape[-1] // 2
+    return mask, q, torch.tensor([[j % cols != 0 for j in range(cols * cols)]])
+
+
+# the joint blocks kv_edit acts in (every block): the tiny Flux and Chroma have one double and one single block
+# (KV-Edit caches K/V in both kinds), the tiny SD3 one joint block
+@pytest.mark.parametrize("name,dim,blocks", [("Flux", 2, 2), ("Chroma", 2, 2), ("SD3", 1, 1)])
+def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim, blocks):
+    """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, in every
+    joint block (Flux/Chroma: the double and the single block), the background patches' keys and values are the
+    source's (the 12 of the 16 image tokens not in the first patch column), the latent's background is the
+    source's (the result's right 3/4 = the source latent), the edit changes the left quarter."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, name, steps=4)
+    lat = f.lat["samples"]
+    mask, q, want_bg = left_quarter(lat)
     seen, inject = [], K.A.inject_background
 
     def spy(t_edit, t_src, background, d):
@@ -538,9 +620,11 @@ def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K
         return inject(t_edit, t_src, background, d)
     monkeypatch.setattr(K.A, "inject_background", spy)
     x, text = f.run(kv_control(K, mask))
-    assert "kv_edit: 1 layers x 4 steps x 1 chunk = 4" in text and "4 records, 4 injections" in text, text
+    n = blocks * 4
+    assert f"kv_edit: {blocks} layers x 4 steps x 1 chunk = {n}" in text, text
+    assert f"{n} records, {n} injections" in text, text
     img = (lat.shape[-2] // 2) * (lat.shape[-1] // 2)
-    assert seen == [(tf.SPECS[name].tokens + img, img * 3 // 4, img, dim)] * 8, seen     # k and v, 4 steps
+    assert seen == [(tf.SPECS[name].tokens + img, img * 3 // 4, img, dim)] * (2 * n), seen     # k and v
     right, left = (..., slice(q, None)), (..., slice(None, q))
     bg_err = float((x[right] - lat[right]).abs().max() / lat.abs().max())
     fg_err = float((x[left] - lat[left]).abs().max() / lat.abs().max())
@@ -549,6 +633,39 @@ def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K
     monkeypatch.setattr(K.A, "inject_background", inject)
     y, text = f.run(kv_control(K, mask), positive=f.src)     # the source prompt on the exact trajectory
     assert "replay bdia" in text and rel_max(y, lat) <= 1e-5, (rel_max(y, lat), text)
+
+
+def test_kv_edit_gives_the_double_blocks_attention_the_sources_background_keys_and_values(K, monkeypatch):
+    """What each joint attention call of the tiny Flux receives (another pack's override, chained after ours, sees
+    it): in the edit branch, in the double block as in the single block, the background image tokens' keys and
+    values are bit for bit the source branch's of the same step, the foreground's and the text's are the edit's
+    own. Flux, not Chroma: Flux's modulation carries the pooled prompt, so the double block's image stream (each
+    token computed alone from the latent's patch) differs between the branches even on the latent's background;
+    Chroma's does not, and its one double block would give the same background keys with or without the
+    injection (a real Chroma's later double blocks differ: their image tokens have attended to the text)."""
+    f = FamilySetup(K, "Flux", steps=4)
+    mask, _, bg = left_quarter(f.lat["samples"])
+    bg = bg[0]
+    made, calls = capture(K, monkeypatch), []
+
+    def other(func, *args, **kwargs):                        # [B, H, N, D]: the tokens are dim 2
+        to = kwargs["transformer_options"]
+        calls.append((made[0].branch, made[0].step, to["block_type"], to["block_index"], args[1], args[2]))
+        return func(*args, **kwargs)
+    m = f.m.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    r = f.K.smp.execute(m, f.edit, f.neg, f.traj, 1.0, source_positive=f.src, attention_control=kv_control(K, mask))
+    assert "8 records, 8 injections" in "\n".join(r.ui.as_dict()["text"])
+    src = {(s, t, i): (k, v) for b, s, t, i, k, v in calls if b == "source"}
+    edit = {(s, t, i): (k, v) for b, s, t, i, k, v in calls if b == "edit"}
+    assert sorted(src) == sorted(edit) == [(s, t, 0) for s in range(4) for t in ("double", "single")]
+    img = bg.numel()
+    for key in edit:
+        for e, s in zip(edit[key], src[key], strict=True):
+            e_img, s_img = e[:, :, -img:], s[:, :, -img:]
+            assert torch.equal(e_img[:, :, bg], s_img[:, :, bg]), key
+            assert float((e_img[:, :, ~bg] - s_img[:, :, ~bg]).abs().max()) > 1e-3, key
+            assert float((e[:, :, :-img] - s[:, :, :-img]).abs().max()) > 1e-3, key
 
 
 def test_kv_edit_is_refused_without_a_mask_and_on_a_unet(K, S):
@@ -571,6 +688,51 @@ def test_pnp_feature_injection_counts_block_times_steps_times_chunks(K, S, cfg, 
     want = 1 * 6 * chunks + 4 * 4 * chunks            # + pnp_qk: 4 decoder self layers x steps 0..3
     assert f"pnp_feature: 1 layers x 6 steps x {chunks} chunk" in text, text
     assert f"done: {want} records, {want} injections" in text, text
+
+
+def features_only(K):
+    """PnP's feature injection alone (the self-attention window closed): decoder block 1, steps 0..5."""
+    return K.A.Control("pnp", self_window=K.A.Window(0, 0), blocks=("output", 0, 3),
+                       feature_window=K.A.Window(0, 0.75), feature_block=1)
+
+
+def chunk_calls(model) -> tuple:
+    """A clone with a pass-through output block patch (another pack's) that notes each call's cond_or_uncond."""
+    seen = []
+    m = model.clone()
+    m.set_model_output_block_patch(lambda h, hsp, to: (seen.append(tuple(to["cond_or_uncond"])), (h, hsp))[1])
+    return m, seen
+
+
+def test_pnp_features_with_cond_and_uncond_split_into_calls_equal_them_together(K, S):
+    """cfg 3: ComfyUI batches [uncond, cond] into one call when memory allows (here: every decoder block call
+    carries both); ``sampler_calc_cond_batch_function`` running each alone is what it does when memory is short.
+    The features are injected per chunk kind, so both give the same edit and the same counts."""
+    m, seen = chunk_calls(S.m)
+    together, t1 = S.run(features_only(K), model=m, exact_replay="ddim")
+    assert set(seen) == {(1, 0)} and len(seen) == 4 * 2 * N, set(seen)         # one call for both chunks
+    m, seen = chunk_calls(_split_batches(S.m))
+    apart, t2 = S.run(features_only(K), model=m, exact_replay="ddim")
+    assert set(seen) == {(0,), (1,)} and len(seen) == 4 * 2 * N * 2, set(seen)  # each chunk its own call
+    want = "pnp_feature: 1 layers x 6 steps x 2 chunks = 12"
+    assert want in t1 and want in t2 and "done: 12 records, 12 injections" in t1 and "done: 12 records" in t2
+    # measured 1.9e-6 of the largest value (float32 rounding of batch 1 against batch 2); the features keyed by
+    # the chunk's place in the call instead of its kind (apart, the cond takes the uncond's) move it by 0.68
+    print(f"pnp features apart vs together: {rel_max(apart, together):.2e}")
+    assert rel_max(apart, together) <= 2e-5, rel_max(apart, together)
+
+
+def test_pnp_features_on_batch_2_equal_each_sample_alone(K):
+    two = Setup(K, batch=2, method="ddim", seed=3)
+    x2, text = two.run(features_only(K))
+    assert "pnp_feature: 1 layers x 6 steps x 2 chunks" in text, text
+    for i in range(2):
+        one = Setup(K, batch=1, method="ddim", seed=3)          # the same trajectory, sample i alone
+        one.traj = two.traj.with_(states=two.traj.states[:, i:i + 1], denoised=two.traj.denoised[:, i:i + 1])
+        x1, _ = one.run(features_only(K))
+        # measured 1.8e-6 and 3.3e-6; the first sample's features given to both move sample 2 by 1.2
+        print(f"pnp features batch 2 vs sample {i} alone: {rel_max(x2[i:i + 1], x1):.2e}")
+        assert rel_max(x2[i:i + 1], x1) <= 2e-5, (i, rel_max(x2[i:i + 1], x1))
 
 
 def test_pnp_with_features_and_the_source_prompt_on_an_exact_trajectory_returns_the_source(K, S):
@@ -604,6 +766,19 @@ def test_pnp_from_the_node_on_a_decoder_without_block_4_is_refused(K, S):
     assert c.feature_window == K.A.Window(0, 0.8) and c.feature_block == 4
     with pytest.raises(K.E, match="decoder block 4"):
         S.run(c, exact_replay="ddim")
+
+
+def test_the_nodes_feature_widgets_pick_pnps_block_and_window(K, S):
+    node = mod("nodes.attention").DDIMInvAttentionControl
+    c = node.execute("pnp", "replace", -1.0, -1.0, -1.0, "output 0-3", feature_block=1, feature_end=0.75).result[0]
+    assert c.feature_block == 1 and c.feature_window == K.A.Window(0.0, 0.75)
+    _, text = S.run(c, exact_replay="ddim")
+    assert "pnp_feature: 1 layers x 6 steps x 2 chunks = 12" in text, text
+    off = node.execute("pnp", "replace", -1.0, -1.0, -1.0, "output 0-3", feature_end=0.0).result[0]
+    _, text = S.run(off, exact_replay="ddim")               # 0 turns the features off: the q/k injection only
+    assert "pnp_feature" not in text and "done: 32 records, 32 injections" in text, text
+    with pytest.raises(K.E, match="Attention Control: feature_block and feature_end are pnp's.*set both to -1"):
+        node.execute("p2p", "replace", -1.0, -1.0, -1.0, feature_block=1)
 
 
 def test_pnp_features_keep_another_packs_output_block_patch_and_leave_the_input_model_unpatched(K, S):

@@ -8,6 +8,12 @@ checkpoint and an uploaded 64x64 image with few steps, queues it with ``app.queu
 to be filled from ``onExecuted``, scrubs it (input event, keyboard, mouse) and takes a screenshot
 (``tests/artifacts/browser_viewer.png``, git-ignored). This file makes the assertions on what it saw.
 
+A second test (``tests/server/browser/load_check.cjs``) loads the attention examples ``attention_edit`` and
+``flow_attention_edit`` with ``app.loadGraphData`` and checks what the frontend made of them: every node type
+registered, no node in error, widget values and links serialized back as saved, and a workflow saved before
+Attention Control's last two widgets existed gets them at their defaults (observations in
+``tests/artifacts/browser_load.json``).
+
 Needs /usr/bin/chromium (or $DDIMINV_CHROMIUM) and the npm package playwright-core (found through
 $PLAYWRIGHT_CORE_DIR, $NODE_PATH, ``.cache/node/node_modules`` or Node's own resolution); .ci/run installs both.
 Skips with the reason when either is missing -- except under CI=true (unless DDIMINV_CI_NO_BROWSER=1 opts out),
@@ -322,3 +328,78 @@ def test_trajectory_viewer_in_real_frontend(request):
     other = [c["text"][:200] for c in obs.get("console", []) if c["type"] == "error"]
     if other:
         print(f"console errors not from this pack (ignored): {other[:10]}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+LOAD_DRIVER = ROOT / "tests" / "server" / "browser" / "load_check.cjs"
+LOAD_OBSERVATIONS = ARTIFACTS / "browser_load.json"
+LOAD_TIMEOUT = 300  # seconds, the whole session: UI load (over a minute on a loaded 2-core machine) + 3 loads
+ATTENTION_EXAMPLES = ("attention_edit", "flow_attention_edit")
+FEATURE_WIDGETS = 2  # Attention Control's feature_block, feature_end: the last widgets, both -1 by default
+
+
+def saved_before_feature_widgets(wf: dict) -> dict:
+    """``wf`` as it was saved before Attention Control had its last two widgets (their values cut off)."""
+    old = json.loads(json.dumps(wf))
+    for n in old["nodes"]:
+        if n["type"] == "DDIMInvAttentionControl":
+            n["widgets_values"] = n["widgets_values"][:-FEATURE_WIDGETS]
+    return old
+
+
+def test_attention_examples_load_in_real_frontend(request):
+    """attention_edit and flow_attention_edit load in the real frontend: every node type registered (no red
+    'missing node' boxes), no node in error, each node's widgets_values and every link serialized back as saved;
+    and attention_edit as saved before Attention Control's feature widgets (10 values) loads them at their
+    defaults (-1: the same edit)."""
+    chromium = chromium_path()
+    if chromium is None:
+        cannot_run("no Chromium at /usr/bin/chromium (or $DDIMINV_CHROMIUM): `apt-get install -y chromium`")
+    if node_path() is None:
+        cannot_run("no node executable: Node.js is needed to drive Chromium with playwright-core")
+    pw = playwright_core_dir()
+    if pw is None:
+        cannot_run("playwright-core not found ($PLAYWRIGHT_CORE_DIR, $NODE_PATH, .cache/node): "
+                   "`cd .cache/node && npm install --no-save playwright-core@1` (.ci/run does this)")
+    saved = {name: json.loads((ROOT / "example_workflows" / f"{name}.json").read_text()) for name in ATTENTION_EXAMPLES}
+    saved["attention_edit_before_features"] = saved_before_feature_widgets(saved["attention_edit"])
+    server = request.getfixturevalue("server")
+    quiet_first_run(server)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    cfg_path = ARTIFACTS / "browser_load.config.json"
+    cfg_path.write_text(json.dumps({
+        "url": server.url, "chromium": chromium, "playwrightCore": pw, "readyType": "DDIMInvAttentionControl",
+        "workflows": [{"name": k, "workflow": v} for k, v in saved.items()], "hardTimeoutMs": LOAD_TIMEOUT * 1000}))
+    try:
+        r = subprocess.run([node_path(), str(LOAD_DRIVER), str(cfg_path)], capture_output=True, text=True,
+                           timeout=LOAD_TIMEOUT + 10, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"load driver timed out after {LOAD_TIMEOUT + 10}s\nstderr:\n{(e.stderr or '')[-4000:]}")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"load driver printed no result (rc {r.returncode})\nstderr:\n{r.stderr[-4000:]}"
+    obs = json.loads(lines[-1])
+    LOAD_OBSERVATIONS.write_text(json.dumps(obs, indent=1))
+    where = f"\n(observations: {LOAD_OBSERVATIONS})\ndriver stderr:\n{r.stderr[-3000:]}"
+    assert not obs.get("driverError"), f"browser driver error: {obs['driverError']}{where}"
+    print(f"browser load check (Chromium {obs.get('browserVersion')}): UI ready in {obs.get('readyMs')} ms, "
+          f"all in {obs.get('totalMs')} ms")
+
+    for name, wf in saved.items():
+        got = obs["loads"][name]
+        want_nodes = {n["id"]: n for n in wf["nodes"]}
+        assert got["ids"] == sorted(want_nodes), (name, got["ids"])
+        for n in got["nodes"]:
+            assert n["type"] == want_nodes[n["id"]]["type"], (name, n)
+            assert n["registered"], f"{name}: node {n['id']} has the unregistered type {n['type']}{where}"
+            assert not n["hasErrors"], f"{name}: node {n['id']} ({n['type']}) is in error{where}"
+        ser = {n["id"]: n for n in got["serialized"]["nodes"]}
+        for nid, n in want_nodes.items():
+            values = ser[nid]["widgets_values"] or []
+            if name.endswith("_before_features") and n["type"] == "DDIMInvAttentionControl":
+                # the widgets the saved workflow did not have get their defaults
+                assert values == n["widgets_values"] + [-1, -1], (name, values)
+                continue
+            assert values == (n.get("widgets_values") or []), (name, nid, n["type"], values)
+        assert [list(lk) for lk in got["serialized"]["links"]] == [list(lk) for lk in wf["links"]], name
+        ctl = [n for n in got["nodes"] if n["type"] == "DDIMInvAttentionControl"]
+        assert len(ctl) == 1 and ctl[0]["widgetNames"][-FEATURE_WIDGETS:] == ["feature_block", "feature_end"], ctl
