@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from .errors import InversionInputError
@@ -249,3 +250,78 @@ def pair_fingerprint(low_fp: Optional[str], high_fp: Optional[str], boundary: fl
     if low_fp is None or high_fp is None:
         return None
     return hashlib.blake2b(f"experts|{low_fp}|{high_fp}|{float(boundary)!r}".encode(), digest_size=20).hexdigest()
+
+
+# ------------------------------------------------------------------------------- the sampler's switch (regeneration)
+TRAJECTORY_SWITCH = 0.0   # the sampler's ``boundary`` input: 0 = the switch the trajectory recorded
+
+
+@dataclass(frozen=True)
+class Regeneration:
+    """The switch a regeneration dispatches on. ``step``: its switch step on the trajectory's schedule (sampling
+    steps j < step run the high-noise expert); ``recorded``: the inversion's."""
+    boundary: float
+    step: int
+    recorded: int
+    notes: tuple = ()
+
+
+def regeneration_switch(sigmas: Sequence, rec: Optional[dict], boundary: float) -> Optional[Regeneration]:
+    """The Inverted-Latent Sampler's switch: ``boundary`` 0 (:data:`TRAJECTORY_SWITCH`) takes the trajectory's
+    recorded one (DDIM Invert's, Wan 2.2's own by default), another sigma switches there on the trajectory's
+    schedule (``sigmas``, sampling order). For a one-model trajectory: None, or with a boundary given only a note
+    that it is ignored. A boundary that lands on the recorded switch step dispatches every level as the inversion
+    did."""
+    b = boundary
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b >= 0):
+        raise InversionInputError(f"boundary must be a finite sigma >= 0 (got {boundary!r}); use 0 for the "
+                                  f"trajectory's switch, or a sigma such as Wan 2.2's {DEFAULT_BOUNDARY}")
+    b = float(b)
+    if rec is None:
+        return None if b == TRAJECTORY_SWITCH else Regeneration(0.0, 0, 0, (
+            f"boundary {b:g} ignored: the trajectory was inverted with one model (set it to 0)",))
+    recorded = int(rec["switch_step"])
+    if b == TRAJECTORY_SWITCH:
+        return Regeneration(float(rec["boundary"]), recorded, recorded)
+    step = switch_step(sigmas, b)
+    notes = ()
+    if step == recorded:
+        notes = (f"boundary {b:g} switches at the trajectory's step {recorded}: the inversion's experts at every "
+                 "step",)
+    return Regeneration(b, step, recorded, notes)
+
+
+def changed_steps(regen: Regeneration, evaluated: Sequence) -> tuple:
+    """The sampling steps among ``evaluated`` whose expert is not the one that inverted them."""
+    lo, hi = sorted((regen.step, regen.recorded))
+    return tuple(int(j) for j in evaluated if lo <= j < hi)
+
+
+def check_regeneration(regen: Optional[Regeneration], replay: str, evaluated: Sequence, drift: bool) -> list:
+    """Notes on what a regeneration with ``regen``'s switch does; raises where it breaks the reconstruction a BDIA
+    replay promises. ``evaluated``: the sampling steps the replay evaluates; ``drift``: correction source_drift
+    (it re-runs the stored states with the same experts, so the source stays pinned whatever the switch)."""
+    if regen is None:
+        return []
+    notes = list(regen.notes)
+    if regen.step == regen.recorded:
+        return notes
+    changed = changed_steps(regen, evaluated)
+    where = f"boundary {regen.boundary:g} switches at sampling step {regen.step}, the inversion at step " \
+            f"{regen.recorded}"
+    if not changed:
+        return notes + [f"{where}; no step this replay evaluates changes expert: the inversion's experts"]
+    now = HIGH if regen.step > regen.recorded else LOW
+    was = LOW if now == HIGH else HIGH
+    span = f"{changed[0]}" if len(changed) == 1 else f"{changed[0]}-{changed[-1]}"
+    what = f"sampling step{'s' if len(changed) > 1 else ''} {span} run the {now}-noise expert where the " \
+           f"inversion ran the {was}-noise one"
+    if replay == "bdia" and not drift:
+        raise InversionInputError(f"{where}: {what}, so the exact (BDIA) replay cannot reconstruct this trajectory; "
+                                  "set boundary 0 (the trajectory's switch), or exact_replay ddim (or correction "
+                                  "source_drift) to regenerate with the new switch")
+    if drift:
+        return notes + [f"{where}: {what}; source_drift re-runs the stored states with the same experts, so the "
+                        "source prompt still reconstructs"]
+    return notes + [f"{where}: {what}; this changes the result (it does not reconstruct the source: boundary 0 "
+                    "does, or correction source_drift)"]

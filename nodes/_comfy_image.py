@@ -49,8 +49,16 @@ def encode_frames_tiled(vae, frames: torch.Tensor, tile_frames: int, tiled: bool
 
 
 def decode(vae, latent: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-    """decode() as [N,H,W,3] images (a video VAE's [B,T,H,W,3] flattened to frames)."""
-    out = vae.decode_tiled(latent) if tiled else vae.decode(latent)
+    """decode() as [N,H,W,3] images (a video VAE's [B,T,H,W,3] flattened to frames). A video latent is tiled in
+    h/w only (core VAE Decode (Tiled)'s 512-px tiles and 64-px overlap) with one temporal tile over the whole clip:
+    the decoders are causal over time. Core's ``decode_tiled`` needs the sizes given for a 5-D latent (its
+    defaults fail there: overlap None)."""
+    if tiled and latent.ndim == 5:
+        f = int(vae.spacial_compression_decode())
+        out = vae.decode_tiled(latent, tile_x=max(1, 512 // f), tile_y=max(1, 512 // f), overlap=max(1, 64 // f),
+                               tile_t=int(latent.shape[2]), overlap_t=1)
+    else:
+        out = vae.decode_tiled(latent) if tiled else vae.decode(latent)
     if out.ndim == 5:
         out = out.reshape(-1, *out.shape[-3:])
     return out

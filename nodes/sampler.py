@@ -87,6 +87,14 @@ class DDIMInvSampler(io.ComfyNode):
                                        "with one ('model' is then the low-noise one). The switch is the "
                                        "trajectory's; regenerating runs the high-noise expert first. A trajectory "
                                        "of two experts needs both, connected as in DDIM Invert."),
+                io.Float.Input("boundary", default=X.TRAJECTORY_SWITCH, min=0.0, max=1000.0, step=0.005,
+                               round=False, optional=True,
+                               tooltip="Two experts only: the sigma at which the high-noise expert takes over "
+                                       "while regenerating (sigma >= boundary). 0 = the trajectory's own switch "
+                                       "(DDIM Invert's boundary, Wan 2.2's by default), which reconstructs. "
+                                       "Another boundary moving the switch to another step regenerates with "
+                                       "the other expert on the steps in between: an edit, not a reconstruction "
+                                       "(refused for the exact BDIA replay; source_drift still pins the source)."),
             ],
             outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The regenerated latent (VAE space), "
                                                                                "ready for VAE Decode.")],
@@ -95,19 +103,23 @@ class DDIMInvSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, trajectory, cfg, start_step=0, correction="none",
                 exact_replay="auto", null_text="auto", source_positive=None,
-                source_negative=None, attention_control=None, model_high_noise=None) -> io.NodeOutput:
+                source_negative=None, attention_control=None, model_high_noise=None,
+                boundary=X.TRAJECTORY_SWITCH) -> io.NodeOutput:
         with node_boundary(DISPLAY):
             return cls._run(model, trajectory, R.Prompts(positive, negative, source_positive, source_negative),
                             R.Choices(cfg=cfg, start_step=int(start_step), correction=correction,
                                       exact_replay=exact_replay, null_text=null_text), attention_control,
-                            model_high_noise)
+                            model_high_noise, boundary)
 
     @classmethod
     def _run(cls, model, traj: Trajectory, prompts: R.Prompts, choices: R.Choices,
-             control=None, high=None) -> io.NodeOutput:
-        """Validate what depends on the model, ask the plan, run it, report. ``high``: the high-noise expert."""
+             control=None, high=None, boundary=X.TRAJECTORY_SWITCH) -> io.NodeOutput:
+        """Validate what depends on the model, ask the plan, run it, report. ``high``: the high-noise expert,
+        ``boundary``: its switch (0: the trajectory's)."""
         checks.check_trajectory(traj)
         rec = X.check_record(traj.extra.get("experts"))
+        sched = traj.sampling_sigmas()
+        regen = X.regeneration_switch(sched, rec, boundary)
         pair_warns = X.check_pair(rec, C.model_id(model), None if high is None else C.model_id(high))
         if high is not None:
             C.check_experts(model, high)
@@ -130,12 +142,16 @@ class DDIMInvSampler(io.ComfyNode):
             if rec is not None:
                 now = X.pair_fingerprint(now, C.guidance_fingerprint(high, prompts.positive, negative, choices.cfg),
                                          rec["boundary"])
+                if X.changed_steps(regen, R.run_steps(traj, "bdia", choices.start_step)):
+                    return False     # another switch on a step the BDIA replay evaluates: another guidance
             return C.same_guidance(recorded, now)
 
         attention = None
         if control is not None:
             attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg))
         plan = R.plan(traj, choices, prompts, same_guidance, attention)
+        switch_notes = X.check_regeneration(regen, plan.replay, R.run_steps(traj, plan.replay, plan.start_step),
+                                            plan.drift is not None)
         warns = list(plan.warnings) + C.compatibility_warnings(model, traj) + pair_warns
         for w in warns:
             log.warning("%s: %s", DISPLAY, w)
@@ -143,15 +159,14 @@ class DDIMInvSampler(io.ComfyNode):
         if mask_note:
             warns.append(mask_note)
         shape = tuple(traj.states.shape[1:])
-        sched = traj.sampling_sigmas()
 
         def guided(positive, negative, loop, steps, label):
             name = DISPLAY + (f" ({label})" if label else "")
             if rec is None:
                 return C.run_guided(model, positive, negative, plan.cfg, shape, sched, loop, steps=steps, label=name)
             return C.run_experts({X.LOW: model, X.HIGH: high}, positive, negative, plan.cfg, shape, sched, loop,
-                                 steps, name, rec["boundary"],
-                                 first=X.expert_of(float(sched[plan.start_step]), rec["boundary"]))
+                                 steps, name, regen.boundary,
+                                 first=X.expert_of(float(sched[plan.start_step]), regen.boundary))
 
         ctl = _controller(plan, model, shape)
 
@@ -173,7 +188,8 @@ class DDIMInvSampler(io.ComfyNode):
         lines = [f"{DISPLAY}: {where}, from start_step {plan.start_step} of {traj.steps}"
                  + (", source_drift" if plan.drift is not None else "")]
         if rec is not None:
-            lines.append(X.describe(rec, traj.steps))
+            lines.append(X.describe({**rec, "boundary": regen.boundary, "switch_step": regen.step}, traj.steps))
+        lines += switch_notes
         if ctl is not None:
             lines.append(plan.attention.describe() + f"; done: {ctl.totals['records']} records, "
                          f"{ctl.totals['injections']} injections")

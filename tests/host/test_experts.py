@@ -86,25 +86,26 @@ def test_exact_round_trips_a_clip_across_the_switch(name):
     assert moved > 1e-2
 
 
-def _core(p: dict) -> dict:
+def _core(p: dict, switch: int = SWITCH, sfx: str = "") -> dict:
     """The standard Wan 2.2 two-sampler route from DDIM Invert's NOISE: high-noise SamplerCustomAdvanced on
-    SplitSigmas' first part, then core KSamplerAdvanced (low-noise, add_noise disabled, start_at_step SWITCH)."""
+    SplitSigmas' first part, then core KSamplerAdvanced (low-noise, add_noise disabled, start_at_step
+    ``switch``); its nodes' keys end in ``sfx``."""
     p.update({
         "sch": {"class_type": "BasicScheduler", "inputs": {"model": ["lo", 0], "scheduler": "simple", "steps": STEPS,
                                                           "denoise": 1.0}},
-        "split": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["sch", 0], "step": SWITCH}},
+        "split" + sfx: {"class_type": "SplitSigmas", "inputs": {"sigmas": ["sch", 0], "step": switch}},
         "eul": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "g": {"class_type": "CFGGuider", "inputs": {"model": ["hi", 0], "positive": ["c", 0], "negative": ["n", 0],
                                                      "cfg": CFG}},
-        "sca": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["inv", 1], "guider": ["g", 0],
-                                                                  "sampler": ["eul", 0], "sigmas": ["split", 0],
+        "sca" + sfx: {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["inv", 1], "guider": ["g", 0],
+                                                                  "sampler": ["eul", 0], "sigmas": ["split" + sfx, 0],
                                                                   "latent_image": ["l", 0]}},
-        "ksa": {"class_type": "KSamplerAdvanced", "inputs": {
+        "ksa" + sfx: {"class_type": "KSamplerAdvanced", "inputs": {
             "model": ["lo", 0], "add_noise": "disable", "noise_seed": 0, "steps": STEPS, "cfg": CFG,
             "sampler_name": "euler", "scheduler": "simple", "positive": ["c", 0], "negative": ["n", 0],
-            "latent_image": ["sca", 0], "start_at_step": SWITCH, "end_at_step": 10000,
+            "latent_image": ["sca" + sfx, 0], "start_at_step": switch, "end_at_step": 10000,
             "return_with_leftover_noise": "disable"}},
-        "ksa_out": {"class_type": "TestLatentSink", "inputs": {"samples": ["ksa", 0]}},
+        "ksa_out" + sfx: {"class_type": "TestLatentSink", "inputs": {"samples": ["ksa" + sfx, 0]}},
     })
     return p
 
@@ -182,3 +183,50 @@ def test_progress_once_per_step_across_the_experts(hook):
     assert [c[0] for c in inv] == list(range(1, STEPS + 1)) and all(c[1] == STEPS for c in inv)
     assert [c[0] for c in rec] == list(range(1, STEPS + 1))
     assert all(c[2] is not None for c in inv + rec)
+
+
+# ------------------------------------------------------------------------------- the sampler's boundary (its switch)
+# 'simple' at 6 steps, shift 8 (by hand, sigma = 8t / (1 + 7t)): 1, .9756, .9412, .8889, .8, .6154
+B_EARLY = 0.95      # .9756 >= .95 > .9412: the switch at step 2 (the inversion's: 4)
+B_SAME = 0.88       # .8889 >= .88 > .8: another sigma, the same switch step 4
+
+
+def test_another_boundary_regenerates_with_that_switch():
+    """A ddim trajectory inverted switching at step 4, regenerated with boundary 0.95: the sampler runs the
+    low-noise expert from step 2 on, as the standard two-sampler workflow split at step 2 does (and not as the
+    one split at 4); its text names the changed steps. Boundary 0.88 (the same step) is the default, bit for bit."""
+    p = _sampler(_base(method="ddim"), key="early", boundary=B_EARLY)
+    p = _sampler(_sampler(p, key="same", boundary=B_SAME), key="rec")
+    res = host.run(_core(_core(p, switch=2, sfx="2"), switch=SWITCH))
+    early = _z(res, "early")
+    at2 = float((_z(res, "ksa2") - early).norm() / early.norm())
+    at4 = float((_z(res, "ksa") - early).norm() / early.norm())
+    print(f"\nEXPERTS boundary {B_EARLY}: vs the two-sampler route split at 2: {at2:.3g}, split at 4: {at4:.3g}")
+    assert at2 <= CORE_GAP_BAR and at4 > 1e-3, (at2, at4)
+    t = _text(res, "early")
+    assert "boundary 0.95 switches at sampling step 2, the inversion at step 4: sampling steps 2-3 run the " \
+           "low-noise expert where the inversion ran the high-noise one" in t and "does not reconstruct" in t, t
+    assert "end_at_step / start_at_step 2" in t, t
+    assert torch.equal(_z(res, "same"), _z(res, "rec"))
+    assert "switches at the trajectory's step 4" in _text(res, "same")
+
+
+def test_another_boundary_on_an_exact_trajectory():
+    """On an exact trajectory: auto replays ddim when the switch moves onto a step the BDIA replay evaluates
+    (bdia is refused when asked for), source_drift still reconstructs, and a start_step past the moved steps keeps
+    the exact replay exact."""
+    res = host.run(_sampler(_base(), boundary=B_EARLY, exact_replay="bdia"), expect_success=False)
+    assert "Inverted-Latent Sampler: boundary 0.95 switches at sampling step 2, the inversion at step 4" \
+           in res.error_text() and "; set boundary 0" in res.error_text(), res.error_text()
+    p = _sampler(_base(), key="auto", boundary=B_EARLY)
+    p = _sampler(p, key="drift", boundary=B_EARLY, correction="source_drift")     # auto: ddim + source_drift
+    p = _sampler(p, key="bdrift", boundary=B_EARLY, correction="source_drift", exact_replay="bdia")
+    p = _sampler(p, key="late", boundary=B_EARLY, start_step=3)     # bdia evaluates steps 4, 5 only
+    res = host.run(p)
+    assert "exact_replay auto -> ddim" in _text(res, "auto")
+    assert "exact_replay auto -> bdia" in _text(res, "late") and "no step this replay evaluates" in _text(res, "late")
+    drift, bdrift, late = _rel(res, "drift"), _rel(res, "bdrift"), _rel(res, "late")
+    print(f"\nEXPERTS exact, boundary {B_EARLY}: auto (ddim) {_rel(res, 'auto'):.3g}, source_drift {drift:.3g} "
+          f"(bdia {bdrift:.3g}), bdia from step 3 {late:.3g}")
+    assert drift <= 1e-5 and bdrift <= 1e-5 and late <= EXACT_BAR, (drift, bdrift, late)
+    assert "source_drift re-runs the stored states" in _text(res, "bdrift")

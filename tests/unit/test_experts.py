@@ -198,3 +198,78 @@ def test_record_check_and_pair():
     fp = X.pair_fingerprint("a", "b", 0.875)
     assert fp != X.pair_fingerprint("b", "a", 0.875) and fp != X.pair_fingerprint("a", "b", 0.9)
     assert fp == X.pair_fingerprint("a", "b", 0.875)
+
+
+# ---------------------------------------------------------------------------------------------- the sampler's switch
+REC20 = {"boundary": 0.875, "switch_step": 11, "low": "L", "high": "H"}   # flow_sigmas(20, 8) at 0.875 (above)
+
+
+@pytest.mark.parametrize("rec,boundary,expected", [
+    (REC20, 0.0, (0.875, 11, 11, 0)),      # 0: the trajectory's own switch
+    ({**REC20, "boundary": 0.9, "switch_step": 10}, 0.0, (0.9, 10, 10, 0)),   # ... not Wan 2.2's default
+    (REC20, 0.88, (0.88, 11, 11, 1)),      # sigma_10 = .8889 >= .88 > sigma_11 = .8675: the same step, noted
+    (REC20, 0.9, (0.9, 10, 11, 0)),        # sigma_9 = 4.4/4.85 = .907 >= .9 > sigma_10: one step earlier
+    (REC20, 0.5, (0.5, 18, 11, 0)),        # sigma_17 = 1.2/2.05 = .585 >= .5 > sigma_18 = .8/1.7 = .47
+    (REC20, 5.0, (5.0, 0, 11, 0)),         # above every level: the low-noise expert only
+    (None, 0.0, None),                     # one model, nothing asked
+    (None, 0.9, (0.0, 0, 0, 1)),           # one model, a boundary given: noted as ignored
+])
+def test_regeneration_switch_matrix(rec, boundary, expected):
+    r = X.regeneration_switch(flow_sigmas(20, 8.0), rec, boundary)
+    if expected is None:
+        assert r is None
+        return
+    assert (r.boundary, r.step, r.recorded, len(r.notes)) == expected, r
+    if rec is None:
+        assert "ignored" in r.notes[0] and "set it to 0" in r.notes[0]
+
+
+@pytest.mark.parametrize("boundary", [-0.1, float("nan"), float("inf"), True, "0.9", None])
+def test_regeneration_switch_refuses_a_bad_boundary(boundary):
+    with pytest.raises(InversionInputError, match="boundary must be a finite sigma >= 0.*; use 0"):
+        X.regeneration_switch(flow_sigmas(20, 8.0), REC20, boundary)
+
+
+@pytest.mark.parametrize("boundary", [0.0, 0.9, 0.5, 5.0, 1e-3])
+def test_changed_steps_are_where_the_experts_differ(boundary):
+    """changed_steps against the per-step expert lists of the two switches (every step evaluated)."""
+    r = X.regeneration_switch(flow_sigmas(20, 8.0), REC20, boundary)
+    now, was = X.sampling_experts(20, r.step), X.sampling_experts(20, r.recorded)
+    assert X.changed_steps(r, range(20)) == tuple(j for j in range(20) if now[j] != was[j])
+    assert X.changed_steps(r, range(15, 20)) == tuple(j for j in range(15, 20) if now[j] != was[j])
+
+
+# (boundary, replay, first evaluated step, source_drift) -> refused (words) or the note's words
+@pytest.mark.parametrize("boundary,replay,first,drift,words", [
+    (0.0, "bdia", 1, False, None),                                       # the trajectory's switch: nothing to say
+    (0.0, "ddim", 0, False, None),
+    (0.88, "bdia", 1, False, "the inversion's experts at every step"),   # another sigma, the same step
+    (0.9, "bdia", 1, False, "REFUSED"),                                  # step 10 by the other expert: not exact
+    (0.5, "bdia", 1, False, "REFUSED"),
+    (0.9, "bdia", 1, True, "source_drift re-runs the stored states"),   # drift pins the source
+    (0.9, "ddim", 0, False, "sampling step 10 run the low-noise expert where the inversion ran the high-noise"),
+    (0.5, "ddim", 0, False, "sampling steps 11-17 run the high-noise expert where the inversion ran the low-noise"),
+    (0.9, "bdia", 11, False, "no step this replay evaluates changes expert"),   # bdia from start_step 10
+    (0.5, "ddim", 18, False, "no step this replay evaluates changes expert"),   # ddim from start_step 18
+    (0.5, "ddim", 17, False, "sampling step 17 run the high-noise"),
+])
+def test_check_regeneration_matrix(boundary, replay, first, drift, words):
+    r = X.regeneration_switch(flow_sigmas(20, 8.0), REC20, boundary)
+    if words == "REFUSED":
+        with pytest.raises(InversionInputError, match=r"so the exact \(BDIA\) replay cannot reconstruct this "
+                                                      r"trajectory; set boundary 0"):
+            X.check_regeneration(r, replay, range(first, 20), drift)
+        return
+    notes = X.check_regeneration(r, replay, range(first, 20), drift)
+    if words is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and words in notes[0], notes
+    if boundary not in (0.0, 0.88) and first < 11 and replay == "ddim":
+        assert "does not reconstruct" in notes[0]
+
+
+def test_check_regeneration_of_a_one_model_trajectory():
+    assert X.check_regeneration(None, "bdia", range(1, 20), False) == []
+    r = X.regeneration_switch(flow_sigmas(20, 8.0), None, 0.9)
+    assert X.check_regeneration(r, "bdia", range(1, 20), False) == list(r.notes)
