@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Demo: invert a real photograph, reconstruct it with every method, then reconstruct and edit it at the
-guidance people sample with (null-text inversion), through ComfyUI's real executor.
+"""Demo: invert a real photograph, reconstruct it with every method and at the guidance people sample with
+(null-text inversion), through ComfyUI's real executor; then edit a scene whose edit has a known answer.
 
     make demo                      # the built-in learned model (below) on a held-out photograph crop
     make demo CKPT=<name>          # your checkpoint (SD1.x/SDXL/...) from your ComfyUI's checkpoints folder
     python tools/demo.py [--model learned|random] [--ckpt NAME] [--image PATH] [--size N] [--steps N]
                          [--source TEXT] [--target TEXT] [--cfg W] [--methods ddim,implicit,exact] [--out DIR]
-                         [--refine N] [--write-readme]
+                         [--refine N] [--edit-steps N] [--write-readme]
 
 The built-in model is a tiny SD1.5-format checkpoint that this project trains itself
 (``ddiminv_dev/learned``): a low-rank 320-channel one-level UNet and a TAESD autoencoder, trained on crops of
@@ -24,11 +24,19 @@ below (``example_workflows/api``):
 2. ``nulltext_reconstruct`` at cfg ``--cfg``: the CFG-1 inversion regenerated at that guidance by core
    KSamplerAdvanced, with the plain negative (drifts), the null-text negative, and the source prompt as the
    negative (negative-prompt inversion);
-3. ``nulltext_edit``: the same three, regenerating with the ``--target`` prompt; with the learned model a
-   small classifier (trained on held-out crops) says which photograph each result looks like.
+   with the learned model a small classifier (trained on held-out crops) says which photograph each result
+   looks like;
+3. the edit. Learned model: on the scenes model (``ddiminv_dev/scenes``, the world of bench/edit.py), a
+   held-out scene and a colour swap (:data:`SCENES_EDIT`), so the rendered edited scene is the ground truth:
+   source | ground truth | plain edit (ddim inversion, regenerated with the target prompt) | ours (exact
+   inversion, ddim replay with the target prompt), each scored by bench/edit.py (accuracy by the pixel readers,
+   IoU of the edited object, PSNR outside the dilated edit mask, PSNR to the ground truth), ``--edit-steps``
+   steps. ``--model random`` / ``--ckpt``: ``nulltext_edit``, the three negatives of 2. regenerating the photo
+   with the ``--target`` prompt.
 
-Writes to out/ (or --out): source.png, one PNG per result, demo.png (everything side by side, enlarged) and
-metrics.json; prints a table. ``--write-readme`` also rewrites the README's demo table and
+Writes to out/ (or --out): source.png, one PNG per result, demo.png (the photo's results side by side, enlarged),
+scenes_edit.png and scenes_<column>.png (the edit row) and metrics.json (``scenes_edit``: the edit row's
+columns); prints the tables. ``--write-readme`` also rewrites the README's demo table and
 docs/demo_metrics.json from this run. Budgets are explicit (BUDGETS), so the default run stays within
 3 minutes on 2 CPU cores whatever the model does.
 """
@@ -38,6 +46,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -250,6 +259,7 @@ def main(argv=None) -> int:
     if a.write_readme and model != "learned":
         ap.error("--write-readme records the built-in learned model's run only")
     t_start = time.perf_counter()
+    a.load_average = os.getloadavg()[0]  # the machine may be shared: say how busy it was when the run began
     if a.ckpt:
         checkpoint_or_exit(a.ckpt)
     cpu = pick_device(model, a.cpu)
@@ -471,7 +481,8 @@ def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
         "model": model, "checkpoint": R.ckpt, "note": NOTES[model], "image": origin,
         "size": [img.width, img.height], "steps": steps, "cfg": cfg, "source_prompt": a.source,
         "target_prompt": a.target, "budgets": BUDGETS, "nulltext": NULLTEXT, "device": "cpu" if cpu else "cuda",
-        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows.rows,
+        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1),
+        "cpu_seconds": round(time.process_time(), 1), "load_average": round(a.load_average, 2), "results": rows.rows,
         "scenes_edit": scenes, "definitions": DEFINITIONS,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -490,7 +501,8 @@ def format_table(m: dict) -> str:
     """The README's demo table, from a metrics.json."""
     lines = [f"`make demo` on the {m['note'] or m['checkpoint']}: {m['image']}, {m['size'][0]}x{m['size'][1]}, "
              f"{m['steps']} steps, '{m['source_prompt']}' -> '{m['target_prompt']}', {m['device']}, "
-             f"{m['total_seconds']:.0f} s in all. Budgets: implicit "
+             f"{m['total_seconds']:.0f} s in all ({m['cpu_seconds']:.0f} s of CPU, {m['torch_threads']} torch "
+             f"thread(s), load average {m['load_average']:.1f} at the start). Budgets: implicit "
              f"max_iters {m['budgets']['implicit']['max_iters']}, restarts {m['budgets']['implicit']['restarts']}; "
              f"null-text {m['nulltext']['iterations']} iterations/step.", "",
              "| run | latent error | PSNR dB (ceiling) | evaluations | seconds | classifier says |",
