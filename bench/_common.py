@@ -27,10 +27,11 @@ if str(ROOT) not in sys.path:
 from ddiminv_dev import host  # noqa: E402
 
 
-def boot(cpu: bool = True):
-    """Import ComfyUI (``--cpu`` when ``cpu``), load its extra nodes, our pack and the fixture nodes."""
+def boot(cpu: bool = True, fixtures: bool = True):
+    """Import ComfyUI (``--cpu`` when ``cpu``), load its extra nodes, our pack and (``fixtures``) the fixture nodes.
+    In a process that has booted the host already (tools/demo.py), it adopts that boot."""
     if "nodes" not in _STATE:
-        _STATE["nodes"] = host.boot(cpu=cpu)
+        _STATE["nodes"] = host.boot(cpu=cpu, fixtures=fixtures)
     return _STATE["nodes"]
 
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Demo: invert a real photograph, reconstruct it with every method, then reconstruct and edit it at the
-guidance people sample with (null-text inversion), through ComfyUI's real executor.
+"""Demo: invert a real photograph, reconstruct it with every method and at the guidance people sample with
+(null-text inversion), through ComfyUI's real executor; then edit a scene whose edit has a known answer.
 
     make demo                      # the built-in learned model (below) on a held-out photograph crop
     make demo CKPT=<name>          # your checkpoint (SD1.x/SDXL/...) from your ComfyUI's checkpoints folder
     python tools/demo.py [--model learned|random] [--ckpt NAME] [--image PATH] [--size N] [--steps N]
                          [--source TEXT] [--target TEXT] [--cfg W] [--methods ddim,implicit,exact] [--out DIR]
-                         [--refine N] [--write-readme]
+                         [--refine N] [--edit-steps N] [--write-readme]
 
 The built-in model is a tiny SD1.5-format checkpoint that this project trains itself
 (``ddiminv_dev/learned``): a low-rank 320-channel one-level UNet and a TAESD autoencoder, trained on crops of
@@ -24,11 +24,19 @@ below (``example_workflows/api``):
 2. ``nulltext_reconstruct`` at cfg ``--cfg``: the CFG-1 inversion regenerated at that guidance by core
    KSamplerAdvanced, with the plain negative (drifts), the null-text negative, and the source prompt as the
    negative (negative-prompt inversion);
-3. ``nulltext_edit``: the same three, regenerating with the ``--target`` prompt; with the learned model a
-   small classifier (trained on held-out crops) says which photograph each result looks like.
+   with the learned model a small classifier (trained on held-out crops) says which photograph each result
+   looks like;
+3. the edit. Learned model: on the scenes model (``ddiminv_dev/scenes``, the world of bench/edit.py), a
+   held-out scene and a colour swap (:data:`SCENES_EDIT`), so the rendered edited scene is the ground truth:
+   source | ground truth | plain edit (ddim inversion, regenerated with the target prompt) | ours (exact
+   inversion, ddim replay with the target prompt), each scored by bench/edit.py (accuracy by the pixel readers,
+   IoU of the edited object, PSNR outside the dilated edit mask, PSNR to the ground truth), ``--edit-steps``
+   steps. ``--model random`` / ``--ckpt``: ``nulltext_edit``, the three negatives of 2. regenerating the photo
+   with the ``--target`` prompt.
 
-Writes to out/ (or --out): source.png, one PNG per result, demo.png (everything side by side, enlarged) and
-metrics.json; prints a table. ``--write-readme`` also rewrites the README's demo table and
+Writes to out/ (or --out): source.png, one PNG per result, demo.png (the photo's results side by side, enlarged),
+scenes_edit.png and scenes_<column>.png (the edit row) and metrics.json (``scenes_edit``: the edit row's
+columns); prints the tables. ``--write-readme`` also rewrites the README's demo table and
 docs/demo_metrics.json from this run. Budgets are explicit (BUDGETS), so the default run stays within
 3 minutes on 2 CPU cores whatever the model does.
 """
@@ -38,6 +46,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -58,6 +67,14 @@ METHODS = ("ddim", "implicit", "exact")
 BUDGETS = {"ddim": {}, "implicit": {"max_iters": 8, "restarts": 1}, "exact": {}}
 NULLTEXT = {"iterations": 10, "learning_rate": 0.01, "early_stop": 1e-5}
 REFINE = 100   # decoder-inversion iterations of the refined row (bench/RESULTS.md: ~all of the gain by 100)
+# The edit row (learned model): a held-out scene of the scenes world (ddiminv_dev/scenes: test split) and a colour
+# swap, bench/edit.py's first colour item of this seed, so its rendered edited scene is the exact answer.
+SCENES_EDIT = {"seed": 0, "steps": 10, "cfg": 5.0}
+# plain edit, then our best row for colour edits by background PSNR. bench/edit.py --kinds colour --scenes 2
+# --steps 8 (committed weights, UNet iteration 3,290) gave background PSNR 18.6 dB for exact -> ddim replay against
+# 18.3 dB for source_drift (plain ddim 19.4): exact inverts without error, so only the target prompt moves the
+# picture. Two items at 8 steps: within noise, so rerun that smoke when the trained weights land.
+SCENES_METHODS = ("ddim (plain)", "exact, ddim replay")
 PRESETS = {  # model -> defaults
     "learned": {"steps": 20, "cfg": 5.0, "source": "a cat", "target": "a cup of coffee", "size": 64},
     "random": {"steps": 10, "cfg": 5.0, "source": "a red house under a yellow sun",
@@ -228,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="force the CPU for --ckpt")
     ap.add_argument("--refine", type=int, default=REFINE,
                     help=f"decoder-inversion iterations of the refined exact row (default {REFINE}; 0: no such row)")
+    ap.add_argument("--edit-steps", type=int, default=SCENES_EDIT["steps"],
+                    help=f"steps of the scenes edit (learned model; default {SCENES_EDIT['steps']})")
     ap.add_argument("--write-readme", action="store_true", help="rewrite README's demo table from this run")
     a = ap.parse_args(argv)
     model = "ckpt" if a.ckpt else a.model
@@ -240,6 +259,7 @@ def main(argv=None) -> int:
     if a.write_readme and model != "learned":
         ap.error("--write-readme records the built-in learned model's run only")
     t_start = time.perf_counter()
+    a.load_average = os.getloadavg()[0]  # the machine may be shared: say how busy it was when the run began
     if a.ckpt:
         checkpoint_or_exit(a.ckpt)
     cpu = pick_device(model, a.cpu)
@@ -355,11 +375,13 @@ def _refined(R: Runner, rows: _Rows, refine: int, steps: int) -> None:
     row["refine_seconds"] = round(refine_s, 2)
 
 
-def _guided(R: Runner, rows: _Rows, cfg: float, target: str) -> None:
-    """2. reconstruction at cfg W (core KSamplerAdvanced) and 3. the edit (Inverted-Latent Sampler), each with the
-    plain negative, the null-text negative and the source prompt as negative (negative-prompt inversion)."""
-    for workflow, sampler, prefix, kind in (("nulltext_reconstruct", "KSamplerAdvanced", "", "reconstruction"),
-                                            ("nulltext_edit", "DDIMInvSampler", "edit ", "edit")):
+def _guided(R: Runner, rows: _Rows, cfg: float, target: str, edit: bool = True) -> None:
+    """2. reconstruction at cfg W (core KSamplerAdvanced) and (``edit``) 3. the edit of the photograph
+    (Inverted-Latent Sampler), each with the plain negative, the null-text negative and the source prompt as
+    negative (negative-prompt inversion)."""
+    parts = (("nulltext_reconstruct", "KSamplerAdvanced", "", "reconstruction"),
+             ("nulltext_edit", "DDIMInvSampler", "edit ", "edit"))
+    for workflow, sampler, prefix, kind in parts[:2 if edit else 1]:
         for how, name in (("plain", "plain"), ("null_text", "null-text"), ("negative_prompt", "neg-prompt")):
             label = f"{prefix}{name} cfg {cfg:g}"
             p, ids = R.prompt(workflow)
@@ -378,6 +400,49 @@ def _guided(R: Runner, rows: _Rows, cfg: float, target: str) -> None:
             rows.record(label, res, ids, ids[sampler], time.perf_counter() - t0, kind=kind)
 
 
+def scene_columns(edit, src, gt, results: dict) -> list[dict]:
+    """The scenes edit's columns: source, ground truth, then each method's result (uint8 [H, W, 3]), each scored
+    by bench/edit.py's :func:`score` against the source and the ground truth; +inf PSNR (identical pixels) is
+    recorded as its PSNR_CAP."""
+    from bench import edit as EB
+    out = []
+    for what, img in [("source", src.image), ("ground truth", gt.image), *results.items()]:
+        sc = EB.score(edit, src, gt, img)
+        cap = {k: EB.PSNR_CAP if sc[k] == math.inf else sc[k] for k in ("bg_psnr", "gt_psnr")}
+        out.append({"what": what, "accuracy": sc["accuracy"], "iou": sc["iou"], "bg_psnr_db": cap["bg_psnr"],
+                    "gt_psnr_db": cap["gt_psnr"]})
+    return out
+
+
+def _scenes_edit(out: Path, steps: int) -> dict:
+    """3. the edit: a held-out scene and a colour swap on the scenes model (bench/edit.py's Setup, items, methods,
+    scoring and grid); writes scenes_edit.png (source | ground truth | plain | ours) and one PNG per column."""
+    from PIL import Image
+
+    from bench import _common as B
+    from bench import edit as EB
+    B.boot(cpu=True, fixtures=False)  # adopt the demo's boot (no test fixtures)
+    seed, cfg = SCENES_EDIT["seed"], SCENES_EDIT["cfg"]
+    S = EB.Setup("scenes-sd15", steps, cfg, seed)
+    b = EB.items(seed, 1, ("colour",))[0]
+    e, src, gt = b.edits[0], b.src[0], b.gt[0]
+    say(f"scenes edit: {S.checkpoint}, held-out scene '{e.source_caption}' -> '{e.target_caption}' "
+        f"({steps} steps, cfg {cfg:g}) ...")
+    with S.torch.no_grad():
+        rows, pictures = EB.run(S, [b], SCENES_METHODS, log=lambda msg: say("scenes edit: " + msg.strip()))
+    results = {m: pictures[("colour", m)][0] for m in SCENES_METHODS}
+    cols = scene_columns(e, src, gt, results)
+    seconds = {r["method"]: round(r["seconds"], 2) for r in rows}
+    for c in cols:
+        c["seconds"] = seconds.get(c["what"])
+    for c, img in zip(cols, [src.image, gt.image, *results.values()], strict=True):
+        Image.fromarray(img).save(out / ("scenes_" + c["what"].replace(" ", "_").replace(",", "") + ".png"))
+    EB.grid([b], pictures, list(SCENES_METHODS), out / "scenes_edit.png", scale=2)
+    return {"checkpoint": S.checkpoint, "weights": S.weights, "seed": seed, "steps": steps, "cfg": cfg,
+            "scheduler": EB.SCHED, "source_prompt": e.source_caption, "target_prompt": e.target_caption,
+            "held_out_target": EB.held_out(e), "gt_ceiling_db": rows[0]["gt_ceiling"], "columns": cols}
+
+
 DEFINITIONS = {
     "latent_rel_error": "||x - x_src|| / ||x_src|| in model space (x_src: the encoded source)",
     "psnr_db": "PSNR (data range 1) of the decoded result against the source image",
@@ -386,6 +451,11 @@ DEFINITIONS = {
     "refine_seconds": "refined row: seconds of the decoder inversion (VAE Encode (Inversion) refine)",
     "evaluations": "diffusion-model calls of the run (inversion, optimisation and sampling)",
     "looks_like": "the learned model's classifier: which photograph the result looks like",
+    "scenes_edit": "the edit on the scenes model (bench/edit.py's measures): accuracy = the pixel readers read the "
+                   "target colour on the object; iou = the object segmented by its target colour against the "
+                   "ground-truth mask; bg_psnr_db = PSNR against the source outside the edit mask dilated by 2 px; "
+                   "gt_psnr_db = PSNR against the ground truth (gt_ceiling_db: its VAE round trip); identical "
+                   "pixels count as 100 dB",
 }
 
 
@@ -402,7 +472,8 @@ def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
     _reconstructions(R, rows, methods, steps)
     if a.refine > 0 and "exact" in methods:
         _refined(R, rows, a.refine, steps)
-    _guided(R, rows, cfg, a.target)
+    _guided(R, rows, cfg, a.target, edit=model != "learned")
+    scenes = _scenes_edit(out, a.edit_steps) if model == "learned" else None
 
     sheet(rows.tiles, out / "demo.png")
     total = time.perf_counter() - t_start
@@ -410,14 +481,16 @@ def demo(model, a, steps, cfg, methods, out, work, cpu, t_start) -> dict:
         "model": model, "checkpoint": R.ckpt, "note": NOTES[model], "image": origin,
         "size": [img.width, img.height], "steps": steps, "cfg": cfg, "source_prompt": a.source,
         "target_prompt": a.target, "budgets": BUDGETS, "nulltext": NULLTEXT, "device": "cpu" if cpu else "cuda",
-        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows.rows,
-        "definitions": DEFINITIONS,
+        "torch_threads": torch.get_num_threads(), "total_seconds": round(total, 1),
+        "cpu_seconds": round(time.process_time(), 1), "load_average": round(a.load_average, 2), "results": rows.rows,
+        "scenes_edit": scenes, "definitions": DEFINITIONS,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print()
     print(format_table(metrics))
     print()
-    say(f"total {total:.1f} s; wrote {out}/: source.png, one PNG per row, demo.png, metrics.json")
+    say(f"total {total:.1f} s; wrote {out}/: source.png, one PNG per row, demo.png, metrics.json"
+        + (", scenes_edit.png and one scenes_*.png per column" if scenes else ""))
     if NOTES[model]:
         say(f"note: {NOTES[model]}")
     return metrics
@@ -428,7 +501,8 @@ def format_table(m: dict) -> str:
     """The README's demo table, from a metrics.json."""
     lines = [f"`make demo` on the {m['note'] or m['checkpoint']}: {m['image']}, {m['size'][0]}x{m['size'][1]}, "
              f"{m['steps']} steps, '{m['source_prompt']}' -> '{m['target_prompt']}', {m['device']}, "
-             f"{m['total_seconds']:.0f} s in all. Budgets: implicit "
+             f"{m['total_seconds']:.0f} s in all ({m['cpu_seconds']:.0f} s of CPU, {m['torch_threads']} torch "
+             f"thread(s), load average {m['load_average']:.1f} at the start). Budgets: implicit "
              f"max_iters {m['budgets']['implicit']['max_iters']}, restarts {m['budgets']['implicit']['restarts']}; "
              f"null-text {m['nulltext']['iterations']} iterations/step.", "",
              "| run | latent error | PSNR dB (ceiling) | evaluations | seconds | classifier says |",
@@ -442,7 +516,23 @@ def format_table(m: dict) -> str:
             lines += ["", f"{r['what']}: the latent refined by decoder inversion (VAE Encode (Inversion) refine) in "
                           f"{r['refine_seconds']:.1f} s, not counted in its seconds; its ceiling is the refined "
                           f"latent's ({r['vae_ceiling_db']:.2f} dB against the mean's {mean_ceiling:.2f} dB)."]
+    if m.get("scenes_edit"):
+        lines += ["", *format_scenes(m["scenes_edit"])]
     return "\n".join(lines)
+
+
+def format_scenes(s: dict) -> list[str]:
+    """The edit row's table: one line per column of scenes_edit.png."""
+    lines = [f"Edit on the scenes model ({s['checkpoint']}, weights {s['weights']}): held-out scene "
+             f"'{s['source_prompt']}' -> '{s['target_prompt']}', seed {s['seed']}, {s['steps']} steps, cfg "
+             f"{s['cfg']:g}; the ground truth's VAE round trip scores {s['gt_ceiling_db']:.2f} dB against it.", "",
+             "| column | accuracy | IoU | background PSNR dB | PSNR to ground truth dB | seconds |",
+             "|---|---|---|---|---|---|"]
+    for c in s["columns"]:
+        sec = "-" if c["seconds"] is None else f"{c['seconds']:.1f}"
+        lines.append(f"| {c['what']} | {c['accuracy']:.0%} | {c['iou']:.2f} | {c['bg_psnr_db']:.2f} | "
+                     f"{c['gt_psnr_db']:.2f} | {sec} |")
+    return lines
 
 
 def write_readme(m: dict) -> None:
