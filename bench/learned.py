@@ -16,7 +16,7 @@ nodes and core ComfyUI nodes, called in-process on the real host (``bench/_commo
    result to the target photograph; *preservation* = PSNR and SSIM of the result against the source.
 
     .venv/bin/python bench/learned.py            # the whole grid (several minutes on 2 cores)
-    .venv/bin/python bench/learned.py --quick    # steps {10}, cfg {1, 7.5}, two images: smoke run
+    .venv/bin/python bench/learned.py --quick    # steps {6}, cfg {1, 7.5}, two images: smoke run
 
 Writes bench/out/learned.json (learned_quick.json with --quick) and prints the tables (markdown).
 """
@@ -299,7 +299,7 @@ def plot(rows, path: Path, ceiling: float) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="steps {10}, cfg {1, 7.5}, two images")
+    ap.add_argument("--quick", action="store_true", help="steps {6}, cfg {1, 7.5}, two images")
     ap.add_argument("--steps", default="10,25,50", help="round-trip step counts")
     ap.add_argument("--cfgs", default="1,3.5,7.5", help="round-trip cfgs")
     ap.add_argument("--guided-cfgs", default="3.5,7.5", help="cfgs of the guided reconstruction and the edits")
@@ -314,7 +314,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     floats = lambda v: tuple(float(x) for x in v.split(","))  # noqa: E731
     sources = SOURCES[:2] if a.quick else SOURCES[: a.sources]
-    steps_list = (10,) if a.quick else tuple(int(x) for x in a.steps.split(","))
+    steps_list = (6,) if a.quick else tuple(int(x) for x in a.steps.split(","))
     cfgs = (1.0, 7.5) if a.quick else floats(a.cfgs)
     guided_cfgs = (7.5,) if a.quick else floats(a.guided_cfgs)
     S = Setup(sources)
