@@ -444,3 +444,28 @@ def test_pnp_feature_counts_and_a_missing_block_is_refused():
     with pytest.raises(InversionInputError, match="decoder block 4.*feature_block"):
         A.for_model(A.defaults("pnp"), LAYERS + FEATURES[:4])       # a decoder of 4 blocks has no block 4
     assert A.for_model(A.Control("pnp"), LAYERS) == A.Control("pnp")   # no feature window: nothing to find
+
+
+def test_inject_values_and_background_take_the_image_tokens_from_start_and_keep_the_reference():
+    """[text; image; reference] (Flux Kontext / Flux 2's reference latents after the image): with ``start`` = the
+    text's length, only the image's tokens come from the source; the text before and the reference after keep
+    the edit's, token by token; a window past the end is refused."""
+    g = torch.Generator().manual_seed(4)
+    T, NI, R = 3, 4, 2
+    ve = torch.randn(2, 3, T + NI + R, 5, generator=g)      # [B, H, N, D]
+    vs = torch.randn(2, 3, T + NI + R, 5, generator=g, dtype=torch.float64)
+    ve0, vs0 = ve.clone(), vs.clone()
+    bg = torch.tensor([[True, False, True, True]])
+    out_v = A.inject_values(ve, vs, NI, 2, start=T)
+    out_b = A.inject_background(ve, vs, bg, 2, start=T)
+    for n in range(T + NI + R):
+        img = T <= n < T + NI
+        assert torch.equal(out_v[:, :, n], vs[:, :, n].float() if img else ve[:, :, n]), n
+        src = img and bool(bg[0, n - T])
+        assert torch.equal(out_b[:, :, n], vs[:, :, n].float() if src else ve[:, :, n]), n
+    assert torch.equal(ve, ve0) and torch.equal(vs, vs0)
+    assert torch.equal(A.inject_values(ve, vs, NI + R, 2, start=T), A.inject_values(ve, vs, NI + R, 2))
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_values(ve, vs, NI, 2, start=T + R + 1)
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_background(ve, vs, bg, 2, start=T + R + 1)
