@@ -22,8 +22,8 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   (PnP's code: the first 80% of the steps) the ResBlock features of decoder block ``feature_block`` (SD1.5's
   output block 4 of 12, PnP's ``up_blocks[1].resnets[1]``) are the source's, in both chunks. Those are
   ``FEATURE`` layers ("output", i), one per decoder block, that only ``pnp_feature`` acts in.
-* ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11) from step 4 of 50, both chunks:
-  out = softmax(q_edit k_src^T) v_src.
+* ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11 on SD1.x/SD2, 1-5 on SDXL:
+  :data:`MASACTRL_BLOCKS`) from step 4 of 50, both chunks: out = softmax(q_edit k_src^T) v_src.
 * ``v_inject`` (RF-Edit / FireFlow value injection, for DiTs such as Flux): in the chosen single blocks (joint
   attention over text and image tokens) for the first steps, both chunks: the edit's queries and keys attend to
   values whose image tokens are the source's (its text tokens keep the edit's values, the prompts differ):
@@ -184,10 +184,25 @@ def dit_blocks(layers) -> tuple:
     return ("double_block", 0, max(0, len(doubles) - 2))
 
 
-def for_model(c: Control, layers) -> Control:
-    """``c`` resolved against the model's ``layers``: the method must fit the architecture (the UNet methods act
-    in self/cross-attention layers, the DiT methods in JOINT layers; refused naming the fix otherwise), and
-    blocks FAMILY become the method's default for this model."""
+# MasaCtrl's decoder blocks by family (ComfyUI's comfy.supported_models class name), where they are not SD1.x's
+# output 6-11. MasaCtrl's run_synthesis_sdxl.py counts SDXL's 70 transformer blocks in execution order (input 4 +
+# 20, middle 10, output 0-2 10 each, output 3-5 2 each) and tries start layers 44, 54 and 64 from step 4, 44 first:
+# blocks 44..69 are output 1 (its 10) through output 5, every transformer of ComfyUI's output blocks 1-5. SD1.x's
+# start layer 10 of 16 is output 6-11 the same way. SDXL's derivatives with other depths (SSD-1B, Vega, KOALA) and
+# the refiner keep the SD1.x blocks: name blocks for them.
+MASACTRL_BLOCKS = {"SDXL": ("output", 1, 5)}
+
+
+def masactrl_blocks(family: Optional[str]) -> tuple:
+    """MasaCtrl's default decoder blocks for a model of ``family`` (:data:`MASACTRL_BLOCKS`, else SD1.x's)."""
+    return MASACTRL_BLOCKS.get(family or "", defaults("masactrl").blocks)
+
+
+def for_model(c: Control, layers, family: Optional[str] = None) -> Control:
+    """``c`` resolved against the model's ``layers`` (and its ``family``, ComfyUI's supported_models class name):
+    the method must fit the architecture (the UNet methods act in self/cross-attention layers, the DiT methods in
+    JOINT layers; refused naming the fix otherwise), and blocks FAMILY become the method's default for this
+    model."""
     joint = any(la.kind == JOINT for la in layers)
     if c.method in DIT_METHODS and not joint:
         raise InversionInputError(f"method {c.method} acts in a DiT's joint text+image attention (Flux, Chroma, "
@@ -206,6 +221,8 @@ def for_model(c: Control, layers) -> Control:
         return c
     if c.method == "v_inject":
         blocks = dit_blocks(layers)
+    elif c.method == "masactrl":
+        blocks = masactrl_blocks(family)
     else:
         blocks = defaults(c.method).blocks
     return replace(c, blocks=blocks)

@@ -134,7 +134,8 @@ class DDIMInvSampler(io.ComfyNode):
 
         attention = None
         if control is not None:
-            attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg))
+            attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg),
+                                    C.family_name(model))
         plan = R.plan(traj, choices, prompts, same_guidance, attention)
         warns = list(plan.warnings) + C.compatibility_warnings(model, traj) + pair_warns
         for w in warns:

@@ -854,3 +854,18 @@ def test_with_a_reference_latent_only_the_images_tokens_are_injected(K, monkeypa
             if name == "Flux" or key[1] == "single":
                 gap = float((e[:, :, text + img:] - s[:, :, text + img:]).abs().max())
                 assert gap > 1e-3, (key, which, gap)         # the reference keeps the edit's own
+
+
+def test_masactrl_default_blocks_on_sdxl_are_its_decoder_from_layer_44(K, monkeypatch):
+    """Attention Control's masactrl with blocks empty on an SDXL model: MasaCtrl's SDXL start layer 44 of 70 =
+    ComfyUI's output blocks 1-5 (SD1.x's output 6-11 are no SDXL blocks with attention: it injected nothing and
+    was refused). The tiny SDXL's decoder transformers are output 0 and 1: exactly output 1's self layer injects,
+    at every step of 8 (MasaCtrl's step 4 of 50 -> int(0.08 * 8) = 0), both chunks."""
+    s = Setup(K, family="sdxl")
+    assert K.C.family_name(s.m) == "SDXL"
+    made = capture(K, monkeypatch)
+    c = node_control(K, "masactrl", -1.0, -1.0)
+    assert c.blocks is K.A.FAMILY
+    _, text = s.run(c, exact_replay="ddim")
+    assert "masactrl_kv: 1 layers x 8 steps x 2 chunks = 16" in text and "16 records, 16 injections" in text, text
+    assert {la for row in made[0].sched.actions.values() for la, _ in row} == {K.A.Layer(K.A.SELF, ("output", 1), 0, 2)}
