@@ -869,3 +869,20 @@ def test_masactrl_default_blocks_on_sdxl_are_its_decoder_from_layer_44(K, monkey
     _, text = s.run(c, exact_replay="ddim")
     assert "masactrl_kv: 1 layers x 8 steps x 2 chunks = 16" in text and "16 records, 16 injections" in text, text
     assert {la for row in made[0].sched.actions.values() for la, _ in row} == {K.A.Layer(K.A.SELF, ("output", 1), 0, 2)}
+
+
+def test_a_dit_call_whose_tokens_fit_no_known_layout_is_refused(K):
+    """The adapter's layout reading (no silent injection at a guessed place): a single block before any double
+    block, an image stream shorter than the latent's patches, a call whose length is neither [text; image
+    stream] nor the image stream alone."""
+    ctl = K.CA.Controller(K.A.Control("v_inject"), None)
+    ctl.image_tokens = 16
+    with pytest.raises(K.E, match="cannot tell the text from the image tokens.*no double block before it"):
+        ctl.block_streams({"img": torch.zeros(1, 24, 4)})
+    with pytest.raises(K.E, match="expected the latent's 16 image tokens.*which has 12"):
+        ctl.block_streams({"img": torch.zeros(1, 12, 4), "txt": torch.zeros(1, 8, 4)})
+    ctl.block_streams({"img": torch.zeros(1, 20, 4), "txt": torch.zeros(1, 8, 4)})     # 16 image + 4 reference
+    ctl.block_streams({"img": torch.zeros(1, 28, 4)})                                 # the single block: joined
+    assert (ctl.image_start(28), ctl.image_start(20)) == (8, 0)
+    with pytest.raises(K.E, match="joint attention call of 24 tokens in a block of 8 text and 20 image"):
+        ctl.image_start(24)
