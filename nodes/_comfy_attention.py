@@ -313,6 +313,11 @@ class Controller:
             rec = self.store.get((layer, ch, occ))
             if rec is None:
                 continue
+            if rec["v"].shape != vs[c].shape:
+                raise InversionInputError(
+                    f"{a} got a source attention call of {rec['v'].shape[dim]} tokens for the edit's "
+                    f"{vs[c].shape[dim]} in {layer.name()}: the two prompts differ in their reference latents "
+                    "(ReferenceLatent) or batch; give source_positive and positive the same reference images")
             start = self.image_start(vs[c].shape[dim])
             if a == "kv_edit":
                 ks[c] = A.inject_background(ks[c], rec["k"], self.background, dim, start)

@@ -886,3 +886,15 @@ def test_a_dit_call_whose_tokens_fit_no_known_layout_is_refused(K):
     assert (ctl.image_start(28), ctl.image_start(20)) == (8, 0)
     with pytest.raises(K.E, match="joint attention call of 24 tokens in a block of 8 text and 20 image"):
         ctl.image_start(24)
+
+
+def test_a_reference_latent_in_only_one_of_the_prompts_is_refused_naming_it(K):
+    """The source prompt with a ReferenceLatent and the edit's without: the branches' joint sequences differ in
+    length; refused naming the reference latents, not injected anywhere."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, "Flux", steps=4)
+    src = with_reference(f.src, tf.latent("Flux", seed=5)["samples"])          # 8 text + 16 image + 16 reference
+    traj = K.inv.execute(f.m, src, f.neg, f.lat, 4, 1.0, "normal", "exact").result[2]
+    with pytest.raises(K.E, match=r"Inverted-Latent Sampler: v_inject got a source attention call of 40 tokens "
+                                  r"for the edit's 24 .*reference latents.*same reference images"):
+        K.smp.execute(f.m, f.edit, f.neg, traj, 1.0, source_positive=src, attention_control=node_control(K))
