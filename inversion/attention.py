@@ -22,8 +22,8 @@ Methods (windows are fractions of the sampling schedule's steps, as the papers' 
   (PnP's code: the first 80% of the steps) the ResBlock features of decoder block ``feature_block`` (SD1.5's
   output block 4 of 12, PnP's ``up_blocks[1].resnets[1]``) are the source's, in both chunks. Those are
   ``FEATURE`` layers ("output", i), one per decoder block, that only ``pnp_feature`` acts in.
-* ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11) from step 4 of 50, both chunks:
-  out = softmax(q_edit k_src^T) v_src.
+* ``masactrl`` (MasaCtrl, Cao et al.): decoder self-attention (output blocks 6-11 on SD1.x/SD2, 1-5 on SDXL:
+  :data:`MASACTRL_BLOCKS`) from step 4 of 50, both chunks: out = softmax(q_edit k_src^T) v_src.
 * ``v_inject`` (RF-Edit / FireFlow value injection, for DiTs such as Flux): in the chosen single blocks (joint
   attention over text and image tokens) for the first steps, both chunks: the edit's queries and keys attend to
   values whose image tokens are the source's (its text tokens keep the edit's values, the prompts differ):
@@ -184,10 +184,25 @@ def dit_blocks(layers) -> tuple:
     return ("double_block", 0, max(0, len(doubles) - 2))
 
 
-def for_model(c: Control, layers) -> Control:
-    """``c`` resolved against the model's ``layers``: the method must fit the architecture (the UNet methods act
-    in self/cross-attention layers, the DiT methods in JOINT layers; refused naming the fix otherwise), and
-    blocks FAMILY become the method's default for this model."""
+# MasaCtrl's decoder blocks by family (ComfyUI's comfy.supported_models class name), where they are not SD1.x's
+# output 6-11. MasaCtrl's run_synthesis_sdxl.py counts SDXL's 70 transformer blocks in execution order (input 4 +
+# 20, middle 10, output 0-2 10 each, output 3-5 2 each) and tries start layers 44, 54 and 64 from step 4, 44 first:
+# blocks 44..69 are output 1 (its 10) through output 5, every transformer of ComfyUI's output blocks 1-5. SD1.x's
+# start layer 10 of 16 is output 6-11 the same way. SDXL's derivatives with other depths (SSD-1B, Vega, KOALA) and
+# the refiner keep the SD1.x blocks: name blocks for them.
+MASACTRL_BLOCKS = {"SDXL": ("output", 1, 5)}
+
+
+def masactrl_blocks(family: Optional[str]) -> tuple:
+    """MasaCtrl's default decoder blocks for a model of ``family`` (:data:`MASACTRL_BLOCKS`, else SD1.x's)."""
+    return MASACTRL_BLOCKS.get(family or "", defaults("masactrl").blocks)
+
+
+def for_model(c: Control, layers, family: Optional[str] = None) -> Control:
+    """``c`` resolved against the model's ``layers`` (and its ``family``, ComfyUI's supported_models class name):
+    the method must fit the architecture (the UNet methods act in self/cross-attention layers, the DiT methods in
+    JOINT layers; refused naming the fix otherwise), and blocks FAMILY become the method's default for this
+    model."""
     joint = any(la.kind == JOINT for la in layers)
     if c.method in DIT_METHODS and not joint:
         raise InversionInputError(f"method {c.method} acts in a DiT's joint text+image attention (Flux, Chroma, "
@@ -206,6 +221,8 @@ def for_model(c: Control, layers) -> Control:
         return c
     if c.method == "v_inject":
         blocks = dit_blocks(layers)
+    elif c.method == "masactrl":
+        blocks = masactrl_blocks(family)
     else:
         blocks = defaults(c.method).blocks
     return replace(c, blocks=blocks)
@@ -364,18 +381,21 @@ def masactrl(q_edit, k_src, v_src, heads: int) -> torch.Tensor:
     return attend(q_edit, k_src, v_src, heads)
 
 
-def inject_values(v_edit: torch.Tensor, v_src: torch.Tensor, image_tokens: int, dim: int = -2) -> torch.Tensor:
-    """RF-Edit's value injection: ``v_edit`` with its last ``image_tokens`` tokens (along ``dim``; Flux's joint
-    sequence is [text; image], heads-first [B, H, N, D] so dim -2) taken from ``v_src``; a new tensor in
-    v_edit's dtype, neither input changed. The text tokens keep the edit's values (the prompts differ)."""
-    if v_src.shape != v_edit.shape or not 0 < image_tokens <= v_edit.shape[dim]:
-        raise InversionInputError(f"value injection got source values {tuple(v_src.shape)} for edit values "
-                                  f"{tuple(v_edit.shape)} with {image_tokens} image tokens; the source and edit "
-                                  "branches must run the same latent size (same image, same batch)")
+def inject_values(v_edit: torch.Tensor, v_src: torch.Tensor, image_tokens: int, dim: int = -2,
+                  start: Optional[int] = None) -> torch.Tensor:
+    """RF-Edit's value injection: ``v_edit`` with its ``image_tokens`` image tokens (along ``dim``, from ``start``;
+    by default the last ones: Flux's joint sequence is [text; image], heads-first [B, H, N, D] so dim -2, and with
+    reference latents [text; image; reference]) taken from ``v_src``; a new tensor in v_edit's dtype, neither
+    input changed. The text (and reference) tokens keep the edit's values (the prompts differ)."""
     n = v_edit.shape[dim]
-    text = v_edit.narrow(dim, 0, n - image_tokens)
-    img = v_src.narrow(dim, n - image_tokens, image_tokens).to(v_edit.dtype)
-    return torch.cat([text, img], dim=dim)
+    start = n - image_tokens if start is None else int(start)
+    if v_src.shape != v_edit.shape or not (0 < image_tokens and 0 <= start and start + image_tokens <= n):
+        raise InversionInputError(f"value injection got source values {tuple(v_src.shape)} for edit values "
+                                  f"{tuple(v_edit.shape)} with {image_tokens} image tokens from {start}; the source "
+                                  "and edit branches must run the same latent size (same image, same batch)")
+    img = v_src.narrow(dim, start, image_tokens).to(v_edit.dtype)
+    end = start + image_tokens
+    return torch.cat([v_edit.narrow(dim, 0, start), img, v_edit.narrow(dim, end, n - end)], dim=dim)
 
 
 def background_tokens(mask: torch.Tensor, patch: int) -> torch.Tensor:
@@ -393,18 +413,22 @@ def background_tokens(mask: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def inject_background(t_edit: torch.Tensor, t_src: torch.Tensor, background: torch.Tensor,
-                      dim: int) -> torch.Tensor:
-    """KV-Edit's background keys/values: ``t_edit`` with its tail image tokens (along ``dim``, the last
-    ``background.shape[1]``) taken from ``t_src`` where ``background`` [B or 1, tokens] is True; the text tokens
-    and the foreground keep the edit's. A new tensor in t_edit's dtype, neither input changed."""
+                      dim: int, start: Optional[int] = None) -> torch.Tensor:
+    """KV-Edit's background keys/values: ``t_edit`` with its image tokens (along ``dim``, the
+    ``background.shape[1]`` from ``start``; by default the last ones) taken from ``t_src`` where ``background``
+    [B or 1, tokens] is True; the text (and reference) tokens and the foreground keep the edit's. A new tensor in
+    t_edit's dtype, neither input changed."""
     n, tokens = t_edit.shape[dim], background.shape[1]
-    if t_src.shape != t_edit.shape or not 0 < tokens <= n or background.shape[0] not in (1, t_edit.shape[0]):
+    start = n - tokens if start is None else int(start)
+    if (t_src.shape != t_edit.shape or not (0 < tokens and 0 <= start and start + tokens <= n)
+            or background.shape[0] not in (1, t_edit.shape[0])):
         raise InversionInputError(f"kv_edit got source {tuple(t_src.shape)} for edit {tuple(t_edit.shape)} with a "
-                                  f"mask of {tuple(background.shape)} image tokens; the source and edit branches "
-                                  "must run the same latent size, and the mask one per image or one for all")
+                                  f"mask of {tuple(background.shape)} image tokens from {start}; the source and edit "
+                                  "branches must run the same latent size, and the mask one per image or one for all")
     dim = dim % t_edit.ndim
     shape = [background.shape[0]] + [1] * (dim - 1) + [tokens] + [1] * (t_edit.ndim - dim - 1)
     bg = background.to(t_edit.device).reshape(shape)
-    src = t_src.narrow(dim, n - tokens, tokens).to(t_edit.dtype)
-    img = torch.where(bg, src, t_edit.narrow(dim, n - tokens, tokens))
-    return torch.cat([t_edit.narrow(dim, 0, n - tokens), img], dim=dim)
+    src = t_src.narrow(dim, start, tokens).to(t_edit.dtype)
+    img = torch.where(bg, src, t_edit.narrow(dim, start, tokens))
+    end = start + tokens
+    return torch.cat([t_edit.narrow(dim, 0, start), img, t_edit.narrow(dim, end, n - end)], dim=dim)

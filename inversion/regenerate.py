@@ -105,6 +105,7 @@ class Attention:
     control: A.Control
     layers: tuple
     chunks: tuple
+    family: Optional[str] = None     # ComfyUI's supported_models class name: family defaults (masactrl's blocks)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _p2p_alignment(c: A.Control, prompts: Prompts):
 
 def _attention_plan(traj: Trajectory, attn: Attention, prompts: Prompts, source: Pair, replay: str,
                     k: int) -> AttentionPlan:
-    c = A.check(A.for_model(attn.control, attn.layers))
+    c = A.check(A.for_model(attn.control, attn.layers, attn.family))
     if prompts.source_positive is None:
         raise InversionInputError("attention control needs source_positive (the prompt the source was inverted "
                                   "with: the source branch records its attention); connect it")

@@ -16,8 +16,12 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   Flux, [B, N, H*D] on SD3: the tokens are dim -2 either way). Flux's DoubleStreamBlock (0.3.75's and 0.33's
   comfy/ldm/flux/layers.py) projects text and image in their own streams and makes one
   ``attention(cat(txt, img), ...)`` call with the block's ``transformer_options``, as the SingleStreamBlock does
-  over its already joined sequence, so both kinds are one marked call with the image's patches as the tail
-  (HunyuanVideo's flipped [img; txt] order is among the refused). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
+  over its already joined sequence, so both kinds are one marked call with the image's patches after the text.
+  Reference latents (Flux Kontext / Flux 2's ``ref_latents``, ComfyUI's ReferenceLatent node) follow the image's
+  patches in the image stream, [text; image; reference]: each block replace reads the text and image-stream
+  lengths from its args (a single block from the double blocks before it) and only the latent's own patches are
+  injected, the reference tokens keep the edit's values as the text does (HunyuanVideo's flipped [img; txt]
+  order is among the refused). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
   Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`;
   kv_edit swaps the keys and values of the background image tokens (the patches its mask does not touch) for
   the source's, and the local blend by the same mask keeps the latent's background after every step;
@@ -180,7 +184,8 @@ class Controller:
         self.totals = Counter()                # "records" / "injections" over the run (the node reports them)
         self.recorded_maps: list = []          # test hook: (branch, step, layer, chunk, probs) when keep_maps
         self.keep_maps = False
-        self.image_tokens = 0                  # DiTs: the joint sequence's image tokens (its tail)
+        self.image_tokens = 0                  # DiTs: the latent's image tokens in the joint sequence
+        self.layout: Optional[tuple] = None    # DiTs: (text, image stream) tokens of the block running now
         self.background: Optional[torch.Tensor] = None   # kv_edit: [B or 1, image tokens] True = background
         self.last_mask: Optional[torch.Tensor] = None   # the blend mask of the last blended step
 
@@ -308,15 +313,55 @@ class Controller:
             rec = self.store.get((layer, ch, occ))
             if rec is None:
                 continue
+            if rec["v"].shape != vs[c].shape:
+                raise InversionInputError(
+                    f"{a} got a source attention call of {rec['v'].shape[dim]} tokens for the edit's "
+                    f"{vs[c].shape[dim]} in {layer.name()}: the two prompts differ in their reference latents "
+                    "(ReferenceLatent) or batch; give source_positive and positive the same reference images")
+            start = self.image_start(vs[c].shape[dim])
             if a == "kv_edit":
-                bg = self.background[:, -ks[c].shape[dim]:]    # an image-only call (SD3.5's second) is the tail too
-                ks[c] = A.inject_background(ks[c], rec["k"], bg, dim)
-                vs[c] = A.inject_background(vs[c], rec["v"], bg, dim)
+                ks[c] = A.inject_background(ks[c], rec["k"], self.background, dim, start)
+                vs[c] = A.inject_background(vs[c], rec["v"], self.background, dim, start)
             else:
-                vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens, dim)
+                vs[c] = A.inject_values(vs[c], rec["v"], self.image_tokens, dim, start)
             self.injections[(layer, ch)] += 1
             changed = True
         return base(q, torch.cat(ks), torch.cat(vs)) if changed else base(q, k, v)
+
+    def block_streams(self, args: dict) -> None:
+        """A controlled DiT block starts: learn where the latent's image tokens sit in its attention calls. A
+        double/joint block (``txt`` in its args) holds the text and the image stream apart: the image stream is the
+        latent's patches followed by any reference latents' (Flux Kontext / Flux 2's ``ref_latents``: 0.3.75's
+        Flux._forward concatenates them after the image), and its joint call is [text; image; reference]. A single
+        block's args hold the joined sequence, the layout of the forward's double blocks (which run first)."""
+        img = args.get("img")
+        if img is None:
+            raise InversionInputError("attention control cannot read this DiT block's image tokens (its block "
+                                      "replace has no 'img'); disconnect attention_control")
+        if "txt" in args:
+            txt = args.get("txt")
+            self.layout = (0 if txt is None else int(txt.shape[1]), int(img.shape[1]))
+        elif self.layout is None or sum(self.layout) != img.shape[1]:
+            raise InversionInputError(f"attention control cannot tell the text from the image tokens of this DiT's "
+                                      f"single block ({img.shape[1]} tokens, no double block before it); "
+                                      "disconnect attention_control")
+        if self.layout[1] < self.image_tokens:
+            raise InversionInputError(f"attention control expected the latent's {self.image_tokens} image tokens "
+                                      f"in this DiT block, which has {self.layout[1]}; run the sampler on the "
+                                      "latent the trajectory was inverted from")
+
+    def image_start(self, n: int) -> int:
+        """Where the latent's image tokens start in a joint attention call of ``n`` tokens: after the text in
+        [text; image; reference], at 0 in an image-only call (SD3.5's second); the reference latents' tokens after
+        them keep the edit's own values, as the text does."""
+        text, stream = self.layout or (None, None)
+        if text is not None and n == text + stream:
+            return text
+        if stream is not None and n == stream:
+            return 0
+        raise InversionInputError(f"attention control met a joint attention call of {n} tokens in a block of "
+                                  f"{text} text and {stream} image tokens; another node changes this DiT's "
+                                  "attention: remove it, or disconnect attention_control")
 
     def features(self, layer: A.Layer, h, hsp, to: dict):
         """PnP's decoder features at the entry of ``layer``'s block (every chunk): the source records (h, hsp),
@@ -387,6 +432,7 @@ def _dit_block(ctl: Controller, layer: A.Layer, prev: Optional[Callable]) -> Cal
         mark = ctl.branch is not None and isinstance(to, dict)
         if mark:
             to[DIT_KEY] = layer
+            ctl.block_streams(args)
         try:
             return prev(args, extra) if prev is not None else extra["original_block"](args)
         finally:
@@ -469,7 +515,7 @@ def run_controlled(model, edit: tuple, source: tuple, cfg: float, shape, sigmas,
     clone = model.clone()
     install(clone, ctl, layers)
     joint = [la for la in layers if la.kind == A.JOINT]
-    if joint:     # the joint sequence is [text; image]: the image's patches are its tail
+    if joint:     # the joint sequence is [text; image; reference latents]: the image's patches after the text
         p = joint[0].factor
         ctl.image_tokens = math.prod(-(-int(n) // p) for n in shape[-2:])
         if ctl.control.method == "kv_edit":

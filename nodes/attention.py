@@ -66,8 +66,9 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 io.String.Input("blocks", default="", optional=True,
                                 tooltip="The blocks the method acts in: UNets e.g. 'output 6-11' (ComfyUI's block "
                                         "ids), DiTs e.g. 'single 20-37' or 'double 0-22', or 'all'. Empty: the "
-                                        "method's default (p2p all, pnp output 4-11, masactrl output 6-11: "
-                                        "SD1.x's decoder, set it for SDXL; v_inject: Flux/Chroma's single blocks "
+                                        "method's default (p2p all, pnp output 4-11, masactrl output 6-11 on "
+                                        "SD1.x/SD2 and output 1-5 on SDXL, MasaCtrl's layers 10 of 16 and 44 of "
+                                        "70; v_inject: Flux/Chroma's single blocks "
                                         "20-37 of 38 scaled to the model's count, SD3's joint blocks but the "
                                         "last; kv_edit: every block)."),
                 io.String.Input("reweight_words", default="", optional=True,
@@ -109,7 +110,8 @@ class DDIMInvAttentionControl(io.ComfyNode):
             c = A.Control(
                 method=method, mode=p2p_mode, self_window=_window(self_start, self_end, d.self_window),
                 cross_window=_window(-1, cross_end, d.cross_window),
-                blocks=A.parse_blocks(blocks, A.FAMILY if dit else d.blocks),   # DiTs: resolved by the model
+                # DiTs and masactrl (SDXL's blocks differ): resolved by the model
+                blocks=A.parse_blocks(blocks, A.FAMILY if dit or method == "masactrl" else d.blocks),
                 reweight=float(reweight), reweight_words=_words(reweight_words) if method == "p2p" else (),
                 blend_words=_words(blend_words) if method == "p2p" else (),
                 blend_threshold=float(blend_threshold), blend_window=d.blend_window,

@@ -148,7 +148,8 @@ class DDIMInvSampler(io.ComfyNode):
 
         attention = None
         if control is not None:
-            attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg))
+            attention = R.Attention(control, tuple(CA.model_layers(model)), CA.chunks_that_run(model, choices.cfg),
+                                    C.family_name(model))
         plan = R.plan(traj, choices, prompts, same_guidance, attention)
         switch_notes = X.check_regeneration(regen, plan.replay, R.run_steps(traj, plan.replay, plan.start_step),
                                             plan.drift is not None)

@@ -450,9 +450,9 @@ def test_flux_v_inject_swaps_exactly_the_image_tokens_of_the_edit_prompt(K, monk
     f = FluxSetup(K, 1.0)
     seen, inject = [], K.A.inject_values
 
-    def spy(v_edit, v_src, image_tokens, dim=-2):
+    def spy(v_edit, v_src, image_tokens, dim=-2, start=None):
         seen.append((v_edit.shape[dim], image_tokens))
-        return inject(v_edit, v_src, image_tokens, dim)
+        return inject(v_edit, v_src, image_tokens, dim, start)
     monkeypatch.setattr(K.A, "inject_values", spy)
     c = K.A.Control(**{**K.A.defaults("v_inject", single_blocks=1).__dict__, "self_window": K.A.Window(0, 0.5)})
     _, text = f.run(c)
@@ -528,9 +528,9 @@ def test_the_node_offers_v_inject_with_the_familys_default_blocks(K, monkeypatch
     assert "v_inject: 1 layers x 3 steps x 1 chunk = 3" in text and "3 records, 3 injections" in text, text
     seen, inject = [], K.A.inject_values
 
-    def spy(v_edit, v_src, image_tokens, dim=-2):
+    def spy(v_edit, v_src, image_tokens, dim=-2, start=None):
         seen.append((v_edit.shape[dim], image_tokens, dim))
-        return inject(v_edit, v_src, image_tokens, dim)
+        return inject(v_edit, v_src, image_tokens, dim, start)
     monkeypatch.setattr(K.A, "inject_values", spy)
     _, text = f.run(c)
     h, w = f.lat["samples"].shape[-2:]
@@ -614,10 +614,10 @@ def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K
     mask, q, want_bg = left_quarter(lat)
     seen, inject = [], K.A.inject_background
 
-    def spy(t_edit, t_src, background, d):
+    def spy(t_edit, t_src, background, d, start=None):
         assert torch.equal(background.cpu(), want_bg), background
         seen.append((t_edit.shape[d], int(background.sum()), background.shape[1], d))
-        return inject(t_edit, t_src, background, d)
+        return inject(t_edit, t_src, background, d, start)
     monkeypatch.setattr(K.A, "inject_background", spy)
     x, text = f.run(kv_control(K, mask))
     n = blocks * 4
@@ -795,3 +795,106 @@ def test_pnp_features_keep_another_packs_output_block_patch_and_leave_the_input_
     # 4 decoder blocks x (source + edit) x 8 steps; cond and uncond run in one batch here
     assert len(calls) == 4 * 2 * N, len(calls)
     assert m.model_options["transformer_options"]["patches"]["output_block_patch"] == before == [other]
+
+
+# ---------------------------------------------------------------------------------------------- DiTs: reference latents
+def with_reference(cond, ref):
+    """ComfyUI's ReferenceLatent node on a CONDITIONING: ``reference_latents`` appended (Flux Kontext / Flux 2)."""
+    return [[t, {**o, "reference_latents": list(o.get("reference_latents", [])) + [ref]}] for t, o in cond]
+
+
+# the reference is half the latent's height, so its tokens (R) are not as many as the image's (I): the unguarded
+# tail injection (the last I of [text; image; reference]) takes all of the reference and part of the image
+@pytest.mark.parametrize("name,method", [("Flux", "v_inject"), ("Flux", "kv_edit"), ("Flux2", "v_inject")])
+def test_with_a_reference_latent_only_the_images_tokens_are_injected(K, monkeypatch, name, method):
+    """Flux Kontext / Flux 2 with a ReferenceLatent in both prompts: 0.3.75's Flux._forward appends the reference's
+    patches to the image's, so each joint attention call is [text; image; reference]. What another pack's override
+    (chained after ours) sees in the edit branch: the image's tokens take the source's values (v_inject: every image
+    token; kv_edit: keys and values of the background ones) bit for bit, the reference's and the text's keep the
+    edit's own (they differ from the source's: Flux's modulation carries the pooled prompt; Flux 2 has none, so
+    there only the single block, after the joint attention, differs)."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, name, steps=4)
+    lat = f.lat["samples"]
+    ref = tf.latent(name, seed=5)["samples"][..., : lat.shape[-2] // 2, :]
+    patch = 2 if name == "Flux" else 1
+    img = (lat.shape[-2] // patch) * (lat.shape[-1] // patch)
+    nref = (ref.shape[-2] // patch) * (ref.shape[-1] // patch)
+    text = tf.SPECS[name].tokens
+    src, edit = with_reference(f.src, ref), with_reference(f.edit, ref)
+    traj = K.inv.execute(f.m, src, f.neg, f.lat, 4, 1.0, "normal", "exact").result[2]
+    if method == "kv_edit":
+        mask, _, bg = left_quarter(lat)
+        bg, control = bg[0], kv_control(K, mask)
+    else:
+        bg, control = torch.ones(img, dtype=torch.bool), node_control(K, blocks="all", end=1.0)
+    made, calls = capture(K, monkeypatch), []
+
+    def other(func, *args, **kwargs):                        # [B, H, N, D]: the tokens are dim 2
+        to = kwargs["transformer_options"]
+        calls.append((made[0].branch, made[0].step, to["block_type"], args[1], args[2]))
+        return func(*args, **kwargs)
+    m = f.m.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    r = K.smp.execute(m, edit, f.neg, traj, 1.0, source_positive=src, attention_control=control)
+    assert "8 records, 8 injections" in "\n".join(r.ui.as_dict()["text"])
+    src_calls = {(s, t): (k, v) for b, s, t, k, v in calls if b == "source"}
+    edit_calls = {(s, t): (k, v) for b, s, t, k, v in calls if b == "edit"}
+    assert sorted(src_calls) == sorted(edit_calls) == [(s, t) for s in range(4) for t in ("double", "single")]
+    if name == "Flux2":                                      # Flux 2 pads the prompt to 512 tokens
+        text = 512
+    n = edit_calls[(0, "double")][0].shape[2]
+    assert n == text + img + nref, (n, text, img, nref)     # the reference is in the sequence, after the image
+    for key in edit_calls:
+        kv = zip(edit_calls[key], src_calls[key], strict=True)
+        for which, (e, s) in zip("kv", kv, strict=True):
+            e_img, s_img = e[:, :, text:text + img], s[:, :, text:text + img]
+            if which == "v" or method == "kv_edit":
+                assert torch.equal(e_img[:, :, bg], s_img[:, :, bg]), (key, which)
+            if name == "Flux" or key[1] == "single":
+                gap = float((e[:, :, text + img:] - s[:, :, text + img:]).abs().max())
+                assert gap > 1e-3, (key, which, gap)         # the reference keeps the edit's own
+
+
+def test_masactrl_default_blocks_on_sdxl_are_its_decoder_from_layer_44(K, monkeypatch):
+    """Attention Control's masactrl with blocks empty on an SDXL model: MasaCtrl's SDXL start layer 44 of 70 =
+    ComfyUI's output blocks 1-5 (SD1.x's output 6-11 are no SDXL blocks with attention: it injected nothing and
+    was refused). The tiny SDXL's decoder transformers are output 0 and 1: exactly output 1's self layer injects,
+    at every step of 8 (MasaCtrl's step 4 of 50 -> int(0.08 * 8) = 0), both chunks."""
+    s = Setup(K, family="sdxl")
+    assert K.C.family_name(s.m) == "SDXL"
+    made = capture(K, monkeypatch)
+    c = node_control(K, "masactrl", -1.0, -1.0)
+    assert c.blocks is K.A.FAMILY
+    _, text = s.run(c, exact_replay="ddim")
+    assert "masactrl_kv: 1 layers x 8 steps x 2 chunks = 16" in text and "16 records, 16 injections" in text, text
+    assert {la for row in made[0].sched.actions.values() for la, _ in row} == {K.A.Layer(K.A.SELF, ("output", 1), 0, 2)}
+
+
+def test_a_dit_call_whose_tokens_fit_no_known_layout_is_refused(K):
+    """The adapter's layout reading (no silent injection at a guessed place): a single block before any double
+    block, an image stream shorter than the latent's patches, a call whose length is neither [text; image
+    stream] nor the image stream alone."""
+    ctl = K.CA.Controller(K.A.Control("v_inject"), None)
+    ctl.image_tokens = 16
+    with pytest.raises(K.E, match="cannot tell the text from the image tokens.*no double block before it"):
+        ctl.block_streams({"img": torch.zeros(1, 24, 4)})
+    with pytest.raises(K.E, match="expected the latent's 16 image tokens.*which has 12"):
+        ctl.block_streams({"img": torch.zeros(1, 12, 4), "txt": torch.zeros(1, 8, 4)})
+    ctl.block_streams({"img": torch.zeros(1, 20, 4), "txt": torch.zeros(1, 8, 4)})     # 16 image + 4 reference
+    ctl.block_streams({"img": torch.zeros(1, 28, 4)})                                 # the single block: joined
+    assert (ctl.image_start(28), ctl.image_start(20)) == (8, 0)
+    with pytest.raises(K.E, match="joint attention call of 24 tokens in a block of 8 text and 20 image"):
+        ctl.image_start(24)
+
+
+def test_a_reference_latent_in_only_one_of_the_prompts_is_refused_naming_it(K):
+    """The source prompt with a ReferenceLatent and the edit's without: the branches' joint sequences differ in
+    length; refused naming the reference latents, not injected anywhere."""
+    from ddiminv_dev import tiny_families as tf
+    f = FamilySetup(K, "Flux", steps=4)
+    src = with_reference(f.src, tf.latent("Flux", seed=5)["samples"])          # 8 text + 16 image + 16 reference
+    traj = K.inv.execute(f.m, src, f.neg, f.lat, 4, 1.0, "normal", "exact").result[2]
+    with pytest.raises(K.E, match=r"Inverted-Latent Sampler: v_inject got a source attention call of 40 tokens "
+                                  r"for the edit's 24 .*reference latents.*same reference images"):
+        K.smp.execute(f.m, f.edit, f.neg, traj, 1.0, source_positive=src, attention_control=node_control(K))

@@ -444,3 +444,56 @@ def test_pnp_feature_counts_and_a_missing_block_is_refused():
     with pytest.raises(InversionInputError, match="decoder block 4.*feature_block"):
         A.for_model(A.defaults("pnp"), LAYERS + FEATURES[:4])       # a decoder of 4 blocks has no block 4
     assert A.for_model(A.Control("pnp"), LAYERS) == A.Control("pnp")   # no feature window: nothing to find
+
+
+def test_inject_values_and_background_take_the_image_tokens_from_start_and_keep_the_reference():
+    """[text; image; reference] (Flux Kontext / Flux 2's reference latents after the image): with ``start`` = the
+    text's length, only the image's tokens come from the source; the text before and the reference after keep
+    the edit's, token by token; a window past the end is refused."""
+    g = torch.Generator().manual_seed(4)
+    T, NI, R = 3, 4, 2
+    ve = torch.randn(2, 3, T + NI + R, 5, generator=g)      # [B, H, N, D]
+    vs = torch.randn(2, 3, T + NI + R, 5, generator=g, dtype=torch.float64)
+    ve0, vs0 = ve.clone(), vs.clone()
+    bg = torch.tensor([[True, False, True, True]])
+    out_v = A.inject_values(ve, vs, NI, 2, start=T)
+    out_b = A.inject_background(ve, vs, bg, 2, start=T)
+    for n in range(T + NI + R):
+        img = T <= n < T + NI
+        assert torch.equal(out_v[:, :, n], vs[:, :, n].float() if img else ve[:, :, n]), n
+        src = img and bool(bg[0, n - T])
+        assert torch.equal(out_b[:, :, n], vs[:, :, n].float() if src else ve[:, :, n]), n
+    assert torch.equal(ve, ve0) and torch.equal(vs, vs0)
+    assert torch.equal(A.inject_values(ve, vs, NI + R, 2, start=T), A.inject_values(ve, vs, NI + R, 2))
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_values(ve, vs, NI, 2, start=T + R + 1)
+    with pytest.raises(InversionInputError, match="same latent size"):
+        A.inject_background(ve, vs, bg, 2, start=T + R + 1)
+
+
+def _unet(blocks):
+    """Self and cross layers of a UNet in execution order from [(block, transformer depth)]."""
+    return [A.Layer(k, b, j, 1) for b, depth in blocks for j in range(depth) for k in (A.SELF, A.CROSS)]
+
+
+# the real topologies (ComfyUI's block ids): SD1.5's 16 transformer blocks, SDXL's 70 (MasaCtrl's counts)
+SD15_UNET = _unet([(("input", i), 1) for i in (1, 2, 4, 5, 7, 8)] + [(("middle", 0), 1)]
+                  + [(("output", i), 1) for i in range(3, 12)])
+SDXL_UNET = _unet([(("input", i), d) for i, d in ((4, 2), (5, 2), (7, 10), (8, 10))] + [(("middle", 0), 10)]
+                  + [(("output", i), 10) for i in range(3)] + [(("output", i), 2) for i in range(3, 6)])
+
+
+@pytest.mark.parametrize("family,layers,start", [("SD15", SD15_UNET, 10), (None, SD15_UNET, 10),
+                                                 ("SD20", SD15_UNET, 10), ("SDXL", SDXL_UNET, 44)])
+def test_masactrl_family_default_blocks_are_its_start_layer_in_execution_order(family, layers, start):
+    """MasaCtrl counts transformer blocks in execution order and injects from a start layer on (its code: 10 of 16
+    on SD1.x; run_synthesis_sdxl.py: 44 of 70 first, on SDXL) from step 4 of 50: blocks FAMILY resolved for the
+    family inject exactly into the self layers counted from ``start``, every step from 4, both chunks."""
+    selfs = [la for la in layers if la.kind == A.SELF]
+    assert len(selfs) == (70 if family == "SDXL" else 16)
+    c = A.for_model(A.Control("masactrl", self_window=A.Window(4 / 50, 1.0), blocks=A.FAMILY), layers, family)
+    got = _table(c, 50, layers)
+    want = {(la.name(), s, ch): ("masactrl_kv" if la.kind == A.SELF and selfs.index(la) >= start and s >= 4
+                                 else None) for la in layers for s in range(50) for ch in (C, U)}
+    assert got == want
+    assert A.for_model(A.Control("masactrl", blocks=("output", 2, 5)), layers, family).blocks == ("output", 2, 5)
