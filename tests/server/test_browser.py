@@ -202,7 +202,8 @@ def cannot_run(reason: str) -> None:
     pytest.skip(reason)
 
 
-def test_trajectory_viewer_in_real_frontend(request):
+def browser_tools():
+    """Chromium and playwright-core, or the test fails under CI / skips elsewhere (cannot_run) naming the fix."""
     chromium = chromium_path()
     if chromium is None:
         cannot_run("no Chromium at /usr/bin/chromium (or $DDIMINV_CHROMIUM): `apt-get install -y chromium`")
@@ -212,6 +213,11 @@ def test_trajectory_viewer_in_real_frontend(request):
     if pw is None:
         cannot_run("playwright-core not found ($PLAYWRIGHT_CORE_DIR, $NODE_PATH, .cache/node): "
                    "`cd .cache/node && npm install --no-save playwright-core@1` (.ci/run does this)")
+    return chromium, pw
+
+
+def test_trajectory_viewer_in_real_frontend(request):
+    chromium, pw = browser_tools()
 
     server = request.getfixturevalue("server")  # only now: a skip above costs no server start
     ext_path = extension_path(server)
@@ -352,15 +358,7 @@ def test_attention_examples_load_in_real_frontend(request):
     'missing node' boxes), no node in error, each node's widgets_values and every link serialized back as saved;
     and attention_edit as saved before Attention Control's feature widgets (10 values) loads them at their
     defaults (-1: the same edit)."""
-    chromium = chromium_path()
-    if chromium is None:
-        cannot_run("no Chromium at /usr/bin/chromium (or $DDIMINV_CHROMIUM): `apt-get install -y chromium`")
-    if node_path() is None:
-        cannot_run("no node executable: Node.js is needed to drive Chromium with playwright-core")
-    pw = playwright_core_dir()
-    if pw is None:
-        cannot_run("playwright-core not found ($PLAYWRIGHT_CORE_DIR, $NODE_PATH, .cache/node): "
-                   "`cd .cache/node && npm install --no-save playwright-core@1` (.ci/run does this)")
+    chromium, pw = browser_tools()
     saved = {name: json.loads((ROOT / "example_workflows" / f"{name}.json").read_text()) for name in ATTENTION_EXAMPLES}
     saved["attention_edit_before_features"] = saved_before_feature_widgets(saved["attention_edit"])
     server = request.getfixturevalue("server")
