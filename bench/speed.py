@@ -343,6 +343,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="only the attention-control rows (p2p/masactrl/v_inject against a plain edit)")
+    ap.add_argument("--source-every-step", action="store_true",
+                    help="for comparison: the source branch evaluates every chunk at every step, as before it "
+                         "skipped what records nothing (inversion.attention.source_chunks)")
     B.add_threads_arg(ap)
     a = ap.parse_args(argv)
     B.set_threads(a.threads)
@@ -365,18 +370,23 @@ def main(argv=None):
 
     cfgs = [float(v) for v in a.cfgs.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
+    if a.source_every_step:
+        B.pack("inversion.attention").source_chunks = lambda sched, step, chunks, inline=False, batched=False: \
+            tuple(chunks)
     print(
         f"tiny SD1.5-architecture UNet (ddiminv_dev/tiny_models.py 'eps'), {a.size}x{a.size} "
         f"(latent {a.size // 8}x{a.size // 8}), {a.steps} steps, median of {a.repeats}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    res = compare(model, pos, neg, make_latent, a.steps, cfgs, a.repeats, batches, dev)
-    cap = capture_overhead(model, pos, make_latent(1), a.steps, a.repeats, dev)
-    print(
-        f"capture overhead (cfg 1): core invert / bare loop {cap['core_over_bare']:.3f}, "
-        f"node / bare loop {cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})"
-    )
-    res["capture"] = cap
+    res = {"source_every_step": a.source_every_step}
+    if not a.attention_only:
+        res.update(compare(model, pos, neg, make_latent, a.steps, cfgs, a.repeats, batches, dev))
+        cap = capture_overhead(model, pos, make_latent(1), a.steps, a.repeats, dev)
+        print(
+            f"capture overhead (cfg 1): core invert / bare loop {cap['core_over_bare']:.3f}, node / bare loop "
+            f"{cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})"
+        )
+        res["capture"] = cap
     att = attention_cost(model, pos, neg, make_latent(1), a.steps, cfgs[-1], a.repeats, dev)
     ev = att["evaluations_per_step"]
     print(f"attention control (cfg {att['cfg']:g}): p2p edit / plain edit {att['p2p/plain']:.2f} "
@@ -396,8 +406,10 @@ def main(argv=None):
         "seconds": time.perf_counter() - t0,
         "result": res,
     }
-    p = B.write_json("speed_quick.json" if a.quick else "speed.json", data)
-    print("ratios:", {c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
+    p = B.write_json(("speed_quick" if a.quick else "speed") + ("_attention" if a.attention_only else "") + ".json",
+                     data)
+    if not a.attention_only:
+        print("ratios:", {c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
     print(f"wrote {p} in {time.perf_counter() - t0:.0f} s")
 
 
