@@ -23,6 +23,7 @@ Writes bench/out/speed.json (speed_quick.json with --quick).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -175,7 +176,8 @@ def capture_overhead(model, positive, latent, steps: int, repeats: int, device) 
 def attention_cost(model, positive, negative, latent, steps: int, cfg: float, repeats: int, device) -> dict:
     """An attention-controlled edit against a plain edit on the same trajectory (the Inverted-Latent Sampler,
     in-process): p2p (replace, every layer) and masactrl (decoder blocks), timed interleaved. The issue's goal is
-    <= 2.1x at the same steps (two evaluations per step plus the maps)."""
+    <= 2.1x at the same steps. The source branch evaluates only what records (p2p: the cond chunk while its
+    windows are open; masactrl: both chunks from its window's start), plus the maps."""
     import torch
 
     A, P = B.pack("inversion.attention"), B.pack("inversion.p2p")
@@ -194,10 +196,21 @@ def attention_cost(model, positive, negative, latent, steps: int, cfg: float, re
                 return smp.execute(model, edit, negative, traj, cfg, source_positive=src, attention_control=control)
         return go
     v = {"plain": run(None), **{k: run(c) for k, c in ctl.items()}}
+    evals = {k: evaluations_per_step(v[k]()) for k in ctl}
     t = B.interleaved(v, repeats, device=device)
     med = {k: t[k]["median_s"] for k in t}
     return {"cfg": cfg, "times": t, "p2p/plain": med["p2p"] / med["plain"],
-            "masactrl/plain": med["masactrl"] / med["plain"]}
+            "masactrl/plain": med["masactrl"] / med["plain"], "evaluations_per_step": evals}
+
+
+def evaluations_per_step(result) -> float:
+    """The model evaluations per step the sampler's text reports for an attention-controlled edit (batch rows
+    against a plain edit's: 1.0 plain, 2.0 a source branch of every chunk at every step)."""
+    text = "\n".join(result.ui.as_dict()["text"])
+    found = re.search(r"([0-9.]+) evaluations per step", text)
+    if found is None:
+        raise RuntimeError(f"the sampler's text reports no evaluations per step: {text[-300:]}")
+    return float(found.group(1))
 
 
 def compare(
@@ -306,10 +319,11 @@ def vinject_cost(model, src, edit, neg, latent, steps: int, repeats: int, device
             with torch.no_grad():
                 return smp.execute(model, edit, neg, traj, 1.0, source_positive=src, attention_control=control)
         return go
+    evals = evaluations_per_step(run(ctl)())
     t = B.interleaved({"plain": run(None), "v_inject": run(ctl)}, repeats, device=device)
     med = {k: t[k]["median_s"] for k in t}
     return {"cfg": 1.0, "window": list(window), "latent": list(latent["samples"].shape), "times": t,
-            "v_inject/plain": med["v_inject"] / med["plain"]}
+            "v_inject/plain": med["v_inject"] / med["plain"], "evaluations_per_step": evals}
 
 
 def flux_attention_cost(steps: int, repeats: int, device) -> dict:
@@ -329,6 +343,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="only the attention-control rows (p2p/masactrl/v_inject against a plain edit)")
+    ap.add_argument("--source-every-step", action="store_true",
+                    help="for comparison: the source branch evaluates every chunk at every step, as before it "
+                         "skipped what records nothing (inversion.attention.source_chunks)")
     B.add_threads_arg(ap)
     a = ap.parse_args(argv)
     B.set_threads(a.threads)
@@ -351,25 +370,33 @@ def main(argv=None):
 
     cfgs = [float(v) for v in a.cfgs.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
+    if a.source_every_step:
+        B.pack("inversion.attention").source_chunks = lambda sched, step, chunks, inline=False, batched=False: \
+            tuple(chunks)
     print(
         f"tiny SD1.5-architecture UNet (ddiminv_dev/tiny_models.py 'eps'), {a.size}x{a.size} "
         f"(latent {a.size // 8}x{a.size // 8}), {a.steps} steps, median of {a.repeats}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    res = compare(model, pos, neg, make_latent, a.steps, cfgs, a.repeats, batches, dev)
-    cap = capture_overhead(model, pos, make_latent(1), a.steps, a.repeats, dev)
-    print(
-        f"capture overhead (cfg 1): core invert / bare loop {cap['core_over_bare']:.3f}, "
-        f"node / bare loop {cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})"
-    )
-    res["capture"] = cap
+    res = {"source_every_step": a.source_every_step}
+    if not a.attention_only:
+        res.update(compare(model, pos, neg, make_latent, a.steps, cfgs, a.repeats, batches, dev))
+        cap = capture_overhead(model, pos, make_latent(1), a.steps, a.repeats, dev)
+        print(
+            f"capture overhead (cfg 1): core invert / bare loop {cap['core_over_bare']:.3f}, node / bare loop "
+            f"{cap['node_over_bare']:.3f} (bare vs core max |diff| {cap['max_abs_diff_bare_vs_core']:.1e})"
+        )
+        res["capture"] = cap
     att = attention_cost(model, pos, neg, make_latent(1), a.steps, cfgs[-1], a.repeats, dev)
-    print(f"attention control (cfg {att['cfg']:g}): p2p edit / plain edit {att['p2p/plain']:.2f}, "
-          f"masactrl edit / plain edit {att['masactrl/plain']:.2f} (goal <= 2.1)")
+    ev = att["evaluations_per_step"]
+    print(f"attention control (cfg {att['cfg']:g}): p2p edit / plain edit {att['p2p/plain']:.2f} "
+          f"({ev['p2p']:.2f} evaluations per step), masactrl edit / plain edit {att['masactrl/plain']:.2f} "
+          f"({ev['masactrl']:.2f}) (goal <= 2.1)")
     res["attention"] = att
     fx = flux_attention_cost(a.steps, a.repeats, dev)
     print(f"value injection (tiny Flux, latent {'x'.join(map(str, fx['latent'][-2:]))}, cfg 1): v_inject edit / "
-          f"plain edit {fx['v_inject/plain']:.2f} (goal <= 2.1)")
+          f"plain edit {fx['v_inject/plain']:.2f} ({fx['evaluations_per_step']:.2f} evaluations per step) "
+          "(goal <= 2.1)")
     res["attention_flux"] = fx
     data = {
         "bench": "speed",
@@ -379,8 +406,10 @@ def main(argv=None):
         "seconds": time.perf_counter() - t0,
         "result": res,
     }
-    p = B.write_json("speed_quick.json" if a.quick else "speed.json", data)
-    print("ratios:", {c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
+    p = B.write_json(("speed_quick" if a.quick else "speed") + ("_attention" if a.attention_only else "") + ".json",
+                     data)
+    if not a.attention_only:
+        print("ratios:", {c: {k: round(v, 3) for k, v in e["ratios"].items()} for c, e in res["by_cfg"].items()})
     print(f"wrote {p} in {time.perf_counter() - t0:.0f} s")
 
 

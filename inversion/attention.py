@@ -341,6 +341,36 @@ def schedule(c: Control, layers, steps: int, run_steps, chunks) -> Schedule:
     return Schedule(steps, acts, blend, bsteps)
 
 
+def source_chunks(sched: Schedule, step: int, chunks, inline_drift: bool = False, batched: bool = False) -> tuple:
+    """The chunk kinds the source branch evaluates at sampling step ``step`` (of those that run, ``chunks``, in
+    their order): the chunks the edit injects into (the source records them), plus COND where the local blend
+    reads the source's cross maps; every chunk when source_drift takes its gap from the source branch's own
+    guided prediction (``inline_drift``). ``()``: nothing needs the source at that step and it is not evaluated.
+    P2P acts in the cond chunk only (its code controls ``attn[h // 2:]``), so its source branch runs the cond
+    chunk alone, and after its windows not at all.
+
+    ``batched`` (a BDIA replay): whenever the source runs it runs every chunk, batched as the edit's evaluation
+    is, so that with the source prompt its records are the edit's own bit for bit. A cond chunk evaluated alone
+    differs from the same chunk batched with the uncond in the last bits (float32 paths, ~1e-7), and BDIA's
+    recurrence amplifies that (to 8% of the latent over 8 steps on the tiny UNet)."""
+    if inline_drift:
+        return tuple(chunks)
+    need = {ch for (_, ch) in sched.actions.get(step, {})}
+    if sched.blend and step in sched.blend_steps:
+        need.add(COND)
+    if batched and need:
+        return tuple(chunks)
+    return tuple(ch for ch in chunks if ch in need)
+
+
+def source_cost(runs: dict, chunks) -> float:
+    """The model evaluations per step of an edit whose source branch runs ``runs`` ({step: chunks}), counted as
+    batch rows against a plain edit's (``len(chunks)`` rows per step): 1.0 is a plain edit, 2.0 a full source."""
+    if not runs:
+        return 1.0
+    return 1.0 + sum(len(c) for c in runs.values()) / (len(runs) * max(1, len(tuple(chunks))))
+
+
 # ---------------------------------------------------------------------------------------------- the maps
 def heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, N, H*D] -> [B, H, N, D]."""

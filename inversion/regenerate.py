@@ -115,11 +115,26 @@ class AttentionPlan:
     schedule: A.Schedule
     alignment: Optional[P2P.Alignment]
     blend_cols: tuple             # (source columns, edit columns) of the blend words
+    chunks: tuple = (A.UNCOND, A.COND)   # the chunk kinds every evaluation runs
+    source_runs: Optional[dict] = None   # {sampling step: chunks the source branch evaluates} (plan() sets it)
 
     def describe(self) -> str:
         c = self.control
         how = f"{c.method}" + (f" {c.mode}" if c.method == "p2p" else "")
-        return f"attention control {how}: {self.schedule.report()}; 2 evaluations per step (source + edit)"
+        return f"attention control {how}: {self.schedule.report()}; {self.cost()}"
+
+    def cost(self) -> str:
+        """What the source branch costs: on how many steps it runs (all chunks / cond only) or is skipped."""
+        runs = self.source_runs
+        if runs is None:
+            return "2 evaluations per step (source + edit)"
+        n = len(self.chunks)
+        full = sum(1 for v in runs.values() if len(v) == n)
+        part = sum(1 for v in runs.values() if 0 < len(v) < n)
+        skip = sum(1 for v in runs.values() if not v)
+        what = [f"{full} full"] + ([f"{part} cond only"] if part else []) + ([f"{skip} skipped"] if skip else [])
+        return (f"source branch {', '.join(what)} of {len(runs)} steps: "
+                f"{A.source_cost(runs, self.chunks):.2f} evaluations per step (a plain edit: 1)")
 
 
 def run_steps(traj: Trajectory, replay: str, k: int) -> range:
@@ -238,9 +253,14 @@ def plan(traj: Trajectory, choices: Choices, prompts: Prompts,
     p = Plan(replay=replay, start_step=k, cfg=choices.cfg, guidance=Pair(prompts.positive, negative),
              negative_from=negative_from, drift=drift, steps=steps, drift_steps=steps if drift else 0,
              masked=traj.noise_mask is not None, notes=tuple(notes), warnings=tuple(warnings), attention=attn)
-    if _inline_drift(p):
+    inline = _inline_drift(p)
+    if inline:
         p = replace(p, drift_steps=0, notes=p.notes + ("source_drift from the source branch's evaluations (no "
                                                        "extra pass)",))
+    if attn is not None:
+        runs = {s: A.source_chunks(attn.schedule, s, attention.chunks, inline, batched=replay == "bdia")
+                for s in attn.schedule.actions}
+        p = replace(p, attention=replace(attn, chunks=tuple(attention.chunks), source_runs=runs))
     return p
 
 

@@ -169,8 +169,11 @@ class Controller:
     """The per-run state: which branch and step is being evaluated, the step's records, the counts, the blend."""
 
     def __init__(self, control: A.Control, sched: A.Schedule, alignment: Optional[P.Alignment] = None,
-                 blend_cols: tuple = ((), ()), blend_mask: Optional[torch.Tensor] = None):
+                 blend_cols: tuple = ((), ()), blend_mask: Optional[torch.Tensor] = None,
+                 source_runs: Optional[dict] = None):
         self.control, self.sched, self.alignment = control, sched, alignment
+        self.source_runs = source_runs         # {step: chunks the source evaluates} (None: every chunk, every step)
+        self.cond_only = False                 # the source branch's evaluation now runs the cond chunk alone
         self.blend_cols, self.given_mask = blend_cols, blend_mask
         self.branch: Optional[str] = None
         self.step = -1
@@ -194,10 +197,14 @@ class Controller:
         self.step, self.branch = step, "source"
         self.store.clear()
         self.seen.clear(), self.records.clear(), self.injections.clear(), self.blend_calls.clear()
+        run = None if self.source_runs is None else self.source_runs.get(step)
         try:
+            if run is not None and not run:
+                return None            # nothing records at this step (inversion.attention.source_chunks)
+            self.cond_only = run == (A.COND,)
             return self.model_fn(x, sigma)
         finally:
-            self.branch = "edit"
+            self.branch, self.cond_only = "edit", False
 
     def after(self, step, x_new, x_source):
         self.check_step(step)
@@ -503,8 +510,11 @@ class _BranchGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 -- core's signature
         pre = "source_" if self.ctl.branch == "source" else ""
+        # a source evaluation only the cond chunk's records need runs at cfg 1: core's cfg-1 shortcut skips the
+        # uncond (the prediction itself is not used then: no inline source_drift)
+        cfg = 1.0 if (pre and self.ctl.cond_only) else self.cfg
         return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get(pre + "negative"),
-                                                self.conds.get(pre + "positive"), self.cfg,
+                                                self.conds.get(pre + "positive"), cfg,
                                                 model_options=model_options, seed=seed)
 
 

@@ -208,7 +208,7 @@ def _controller(plan: R.Plan, model, shape):
     if ap.control.mask is not None:
         m = ap.control.mask
         mask = C.prepare_mask(m.reshape((-1,) + tuple(m.shape[-2:])), shape, model)
-    return CA.Controller(ap.control, ap.schedule, ap.alignment, ap.blend_cols, mask)
+    return CA.Controller(ap.control, ap.schedule, ap.alignment, ap.blend_cols, mask, ap.source_runs)
 
 
 NODES = [DDIMInvSampler]

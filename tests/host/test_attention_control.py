@@ -79,16 +79,18 @@ def test_the_adapter_reads_the_tiny_unets_topology(K, S):
 
 # counts written out from TOPOLOGY: masactrl/pnp act in the 4 self layers of output 0-3; p2p's self maps in the
 # 4 half-resolution self layers, its cross maps in all 7 cross layers, cond chunk only. ddim replay: steps 0..7
-@pytest.mark.parametrize("name,cfg,want", [
-    ("masactrl", CFG, 4 * 6 * 2),      # window 0.25..1 of 8 = steps 2..7, both chunks
-    ("masactrl", 1.0, 4 * 6 * 1),      # cfg 1: the uncond chunk is skipped
-    ("pnp", CFG, 4 * 4 * 2),           # 0..0.5 = steps 0..3
-    ("p2p", CFG, 7 * 3 + 4 * 4),       # cross 0..0.4 = steps 0..2; self 0..0.6 = steps 0..3
+# the source branch runs where something records: masactrl/pnp both chunks in their windows, p2p the cond chunk
+# alone (at cfg 1 core's shortcut), nothing outside the windows
+@pytest.mark.parametrize("name,cfg,want,cost", [
+    ("masactrl", CFG, 4 * 6 * 2, "6 full, 2 skipped of 8 steps: 1.75"),  # window 0.25..1 of 8 = steps 2..7, both chunks
+    ("masactrl", 1.0, 4 * 6 * 1, "6 full, 2 skipped of 8 steps: 1.75"),  # cfg 1: the uncond chunk is skipped
+    ("pnp", CFG, 4 * 4 * 2, "4 full, 4 skipped of 8 steps: 1.50"),       # 0..0.5 = steps 0..3
+    ("p2p", CFG, 7 * 3 + 4 * 4, "0 full, 4 cond only, 4 skipped of 8 steps: 1.25"),  # cross 0..2; self 0..3
 ])
-def test_records_and_injections_equal_topology_times_steps_times_chunks(K, S, name, cfg, want):
+def test_records_and_injections_equal_topology_times_steps_times_chunks(K, S, name, cfg, want, cost):
     _, text = S.run(controls(K)[name], cfg=cfg, exact_replay="ddim")
     assert f"done: {want} records, {want} injections" in text, text
-    assert "2 evaluations per step (source + edit)" in text
+    assert f"source branch {cost} evaluations per step" in text, text
 
 
 @pytest.mark.parametrize("family,layers", [("sdxl", 2), ("v", 4)])
@@ -151,7 +153,9 @@ def test_the_source_branch_records_the_source_prompts_maps_on_the_stored_states(
     m = S.m.clone()
     m.set_model_attn2_replace(reference, "output", 0, 0)
     sig = [float(v) for v in S.traj.sigmas]
-    K.C.run_guided(m, S.src, S.neg, CFG, tuple(S.traj.states.shape[1:]), S.traj.sampling_sigmas(),
+    # cfg 1: p2p's source branch evaluates the cond chunk alone, so the reference runs it alone too (the same
+    # chunk batched with the uncond differs in the last bits: 1.6e-6 here)
+    K.C.run_guided(m, S.src, S.neg, 1.0, tuple(S.traj.states.shape[1:]), S.traj.sampling_sigmas(),
                    lambda f, d, p: [f(S.traj.states[N - n].to(d), sig[N - n]) for n in range(N)], N, "ref")
     assert len(got) == len(seen) == N
     assert max(float((a - b).abs().max()) for a, b in zip(got, seen, strict=True)) <= 1e-6
@@ -174,6 +178,32 @@ def test_a_zero_window_runs_todays_sampler_bit_for_bit(K, S):
     assert torch.equal(x, y)
 
 
+def rows_evaluated(model) -> tuple:
+    """A clone whose UNet calls are noted (cond_or_uncond of each call) through core's unet function wrapper."""
+    calls = []
+    m = model.clone()
+
+    def wrap(apply, args):
+        calls.append(tuple(args["cond_or_uncond"]))
+        return apply(args["input"], args["timestep"], **args["c"])
+    m.set_model_unet_function_wrapper(wrap)
+    return m, calls
+
+
+def test_p2ps_source_branch_runs_the_cond_chunk_alone_and_only_while_it_records(K, S, monkeypatch):
+    m, calls = rows_evaluated(S.m)
+    x, _ = S.run(controls(K)["p2p"], model=m, exact_replay="ddim")
+    # 8 edit steps of [uncond, cond] + the source's cond alone on steps 0..3 (self window 0..0.6 of 8), in order
+    assert calls == [(0,), (1, 0)] * 4 + [(1, 0)] * 4, calls
+    # the same edit with the source branch evaluating every chunk at every step (as before): the cond chunk's
+    # records do not depend on the uncond batched beside them (measured 1.1e-6: float32 batch 1 vs 2; bar 2e-5)
+    monkeypatch.setattr(K.A, "source_chunks", lambda sched, step, chunks, inline=False, batched=False: tuple(chunks))
+    m2, calls2 = rows_evaluated(S.m)
+    y, _ = S.run(controls(K)["p2p"], model=m2, exact_replay="ddim")
+    assert calls2 == [(1, 0)] * 16
+    assert rel_max(x, y) <= 2e-5
+
+
 def _split_batches(model):
     """A clone whose cond and uncond always run as separate calls (what ComfyUI does when memory is short)."""
     import comfy.samplers
@@ -183,7 +213,7 @@ def _split_batches(model):
         cond, uncond = args["conds"]
         x, s, mo, net = args["input"], args["sigma"], args["model_options"], args["model"]
         out = [comfy.samplers.calc_cond_batch(net, [cond, None], x, s, mo)[0]]
-        return out + [comfy.samplers.calc_cond_batch(net, [None, uncond], x, s, mo)[1] if uncond else None]
+        return out + [comfy.samplers.calc_cond_batch(net, [None, uncond], x, s, mo)[1]]   # zeros for None (cfg 1)
     m.model_options["sampler_calc_cond_batch_function"] = split
     return m
 
@@ -226,7 +256,8 @@ def test_the_input_models_patches_are_unchanged_and_another_packs_attn2_patch_st
     before = _patch_state(m)
     x, text = S.run(controls(K)["p2p"], model=m, exact_replay="ddim")
     assert _patch_state(m) == before
-    assert len(calls) == 2 * N                                 # source and edit, every step, one batched call
+    # the edit every step (one batched call), the source on p2p's steps 0..3 (self window 0..0.6 of 8)
+    assert len(calls) == N + 4
     assert "done: 37 records, 37 injections" in text           # its layer still injected, through the patch
     plain, _ = S.run(controls(K)["p2p"], exact_replay="ddim")
     assert torch.equal(x, plain)                               # a pass-through patch changes nothing
@@ -486,8 +517,9 @@ def test_flux_v_inject_chains_an_override_already_there_and_leaves_the_input_mod
         out[name] = (r.result[0]["samples"], "\n".join(r.ui.as_dict()["text"]), len(calls))
         assert m.model_options["transformer_options"] == before and "dit" not in before.get("patches_replace", {})
     x, text, n = out["other"]
-    # every attention call of both branches went on to it: 2 blocks (1 double, 1 single) x 2 branches x N steps
-    assert n == 2 * 2 * N, (n, text)
+    # every attention call of both branches went on to it: 2 blocks (1 double, 1 single) x (the edit's N steps +
+    # the source's steps 0..3 of the window 0..0.5, the only ones it records on)
+    assert n == 2 * (N + N // 2), (n, text)
     assert "injections" in text and " 0 injections" not in text, text
     # the pass-through chain changes no number: the same run through another pass-through override is identical
     assert torch.equal(x, out["quiet"][0])
@@ -710,10 +742,11 @@ def test_pnp_features_with_cond_and_uncond_split_into_calls_equal_them_together(
     The features are injected per chunk kind, so both give the same edit and the same counts."""
     m, seen = chunk_calls(S.m)
     together, t1 = S.run(features_only(K), model=m, exact_replay="ddim")
-    assert set(seen) == {(1, 0)} and len(seen) == 4 * 2 * N, set(seen)         # one call for both chunks
+    # 4 decoder blocks x (the edit's N steps + the source's 6 steps of the window 0..0.75)
+    assert set(seen) == {(1, 0)} and len(seen) == 4 * (N + 6), set(seen)         # one call for both chunks
     m, seen = chunk_calls(_split_batches(S.m))
     apart, t2 = S.run(features_only(K), model=m, exact_replay="ddim")
-    assert set(seen) == {(0,), (1,)} and len(seen) == 4 * 2 * N * 2, set(seen)  # each chunk its own call
+    assert set(seen) == {(0,), (1,)} and len(seen) == 4 * (N + 6) * 2, set(seen)  # each chunk its own call
     want = "pnp_feature: 1 layers x 6 steps x 2 chunks = 12"
     assert want in t1 and want in t2 and "done: 12 records, 12 injections" in t1 and "done: 12 records" in t2
     # measured 1.9e-6 of the largest value (float32 rounding of batch 1 against batch 2); the features keyed by
@@ -745,6 +778,9 @@ def test_the_edits_decoder_resblock_computes_the_sources_recorded_features(K, S,
     # a forward hook (test-only) on the ResBlock of decoder block 1: in the window the edit branch's features are
     # the source branch's (same input, same time embedding), after it the edit prompt makes them differ
     made, outs = capture(K, monkeypatch), []
+    # the source branch evaluated at every step (it is skipped after the window, where nothing records): its
+    # features after the window are the reference the edit's must differ from
+    monkeypatch.setattr(K.A, "source_chunks", lambda sched, step, chunks, inline=False, batched=False: tuple(chunks))
     res = S.m.model.diffusion_model.output_blocks[1][0]
     assert type(res).__name__ == "ResBlock"
     hook = res.register_forward_hook(lambda mod, inp, out: outs.append((made[0].branch, made[0].step, out.clone())))
@@ -792,8 +828,8 @@ def test_pnp_features_keep_another_packs_output_block_patch_and_leave_the_input_
     before = list(m.model_options["transformer_options"]["patches"]["output_block_patch"])
     _, text = S.run(pnp_features(K), model=m, exact_replay="ddim")
     assert "pnp_feature: 1 layers x 6 steps x 2 chunks" in text, text
-    # 4 decoder blocks x (source + edit) x 8 steps; cond and uncond run in one batch here
-    assert len(calls) == 4 * 2 * N, len(calls)
+    # 4 decoder blocks x (the edit's 8 steps + the source's 6 in the window 0..0.75); cond and uncond in one batch
+    assert len(calls) == 4 * (N + 6), len(calls)
     assert m.model_options["transformer_options"]["patches"]["output_block_patch"] == before == [other]
 
 

@@ -63,6 +63,34 @@ def test_schedule_counts_are_layers_times_steps_times_chunks():
     assert A.schedule(zero, LAYERS, 10, range(10), (U, C)).injections == 0
 
 
+def test_the_source_branch_evaluates_only_the_chunks_something_records_from():
+    def runs(c, chunks=(U, C), inline=False, steps=10, batched=False):
+        sch = A.schedule(c, LAYERS, steps, range(steps), chunks)
+        return [A.source_chunks(sch, s, chunks, inline, batched) for s in range(steps)]
+    # p2p: cond only while a window is open (self 0..0.6 = steps 0..5), then nothing; never the uncond
+    assert runs(A.defaults("p2p")) == [(C,)] * 6 + [()] * 4
+    # the word blend (0.2..1 = steps 2..9) reads the source's cond cross maps after the windows too
+    assert runs(A.Control("p2p", blend_words=("b",))) == [(C,)] * 10
+    # a given mask blends without maps
+    assert runs(A.Control("p2p", mask=torch.ones(1, 8, 8))) == [(C,)] * 6 + [()] * 4
+    # masactrl records both chunks from step 4 of 50; nothing before
+    assert runs(A.defaults("masactrl"), steps=50) == [()] * 4 + [(U, C)] * 46
+    assert runs(A.defaults("masactrl"), chunks=(C,), steps=50) == [()] * 4 + [(C,)] * 46   # cfg 1
+    # pnp: both chunks in its q/k window 0..0.5 (the default's features in block 4: none of LAYERS is a FEATURE)
+    assert runs(A.defaults("pnp")) == [(U, C)] * 5 + [()] * 5
+    # source_drift from the source branch needs its full guided prediction at every step
+    assert runs(A.defaults("p2p"), inline=True) == [(U, C)] * 10
+    # a BDIA replay: batched as the edit is wherever the source runs (bit-identical records), still skipped after
+    assert runs(A.defaults("p2p"), batched=True) == [(U, C)] * 6 + [()] * 4
+    assert runs(A.defaults("p2p"), chunks=(C,), batched=True) == [(C,)] * 6 + [()] * 4
+    zero = A.Control("p2p", self_window=A.Window(0, 0), cross_window=A.Window(0, 0))
+    assert runs(zero) == [()] * 10
+    # cost in batch rows against a plain edit: 1 + mean(source rows) / rows per step
+    assert A.source_cost({s: (C,) for s in range(6)} | {s: () for s in range(6, 10)}, (U, C)) == 1.3
+    assert A.source_cost({s: (U, C) for s in range(4)}, (U, C)) == 2.0
+    assert A.source_cost({}, (U, C)) == 1.0
+
+
 def test_blend_layers_are_the_factor_4_cross_layers_else_the_coarsest():
     assert A.blend_layers(LAYERS) == [la for la in LAYERS if la.kind == A.CROSS and la.factor == 2]
     four = LAYERS + [A.Layer(A.CROSS, ("input", 7), 0, 4)]
