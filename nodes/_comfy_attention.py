@@ -20,8 +20,9 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   Reference latents (Flux Kontext / Flux 2's ``ref_latents``, ComfyUI's ReferenceLatent node) follow the image's
   patches in the image stream, [text; image; reference]: each block replace reads the text and image-stream
   lengths from its args (a single block from the double blocks before it) and only the latent's own patches are
-  injected, the reference tokens keep the edit's values as the text does (HunyuanVideo's flipped [img; txt]
-  order is among the refused). Qwen-Image has Flux's double-block layout and is reached the same way; Wan
+  injected, the reference tokens keep the edit's values as the text does (HunyuanVideo is refused: 0.3.75's
+  flipped blocks run [reference; image; text], 0.33's [text; reference; image], and its block arguments do not say
+  which). Qwen-Image has Flux's double-block layout and is reached the same way; Wan
   2.1/2.2 (:data:`SELF_DITS`) attends over the video alone then to the text: only the first attention call of each
   marked block (its self-attention, every token the latent's) is controlled. Other DiTs (HunyuanVideo,
   Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`, :data:`SELF_DITS`;
@@ -52,7 +53,9 @@ ComfyUI modules used here: ``comfy.ldm.modules.attention`` (``SpatialTransformer
 to find the layers; ``optimized_attention``, the function the model itself calls, for every output not
 injected), ``comfy.ldm.modules.diffusionmodules.openaimodel`` (``Downsample``/``Upsample``: each layer's
 resolution), ``comfy.ldm.flux.model`` (``Flux``), ``comfy.ldm.chroma.model`` (``Chroma``) and
-``comfy.ldm.modules.diffusionmodules.mmdit`` (``MMDiT``: SD3) to recognise the DiTs reached, and
+``comfy.ldm.modules.diffusionmodules.mmdit`` (``MMDiT``: SD3), ``comfy.ldm.qwen_image.model``
+(``QwenImageTransformer2DModel``) and ``comfy.ldm.wan.model`` (``WanModel``, matched exactly) to recognise the DiTs
+reached, and
 ``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
 """
 from __future__ import annotations
