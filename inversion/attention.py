@@ -205,11 +205,11 @@ def for_model(c: Control, layers, family: Optional[str] = None) -> Control:
     model."""
     joint = any(la.kind == JOINT for la in layers)
     if c.method in DIT_METHODS and not joint:
-        raise InversionInputError(f"method {c.method} acts in a DiT's joint text+image attention (Flux, Chroma, "
-                                  "SD3) and this model is a UNet; use method p2p, pnp or masactrl")
+        raise InversionInputError(f"method {c.method} acts in a DiT's attention over the image tokens (Flux, "
+                                  "Chroma, SD3, Wan) and this model is a UNet; use method p2p, pnp or masactrl")
     if c.method not in DIT_METHODS and joint:
         raise InversionInputError(f"method {c.method} acts in a UNet's self/cross-attention and this model is a "
-                                  "DiT (joint attention); use method v_inject")
+                                  "DiT; use method v_inject (or kv_edit with a mask)")
     if c.method == "pnp" and c.feature_window.end > c.feature_window.start:
         outs = sorted(int(la.block[1]) for la in layers if la.kind == FEATURE)
         if c.feature_block not in outs:
@@ -428,15 +428,21 @@ def inject_values(v_edit: torch.Tensor, v_src: torch.Tensor, image_tokens: int, 
     return torch.cat([v_edit.narrow(dim, 0, start), img, v_edit.narrow(dim, end, n - end)], dim=dim)
 
 
-def background_tokens(mask: torch.Tensor, patch: int) -> torch.Tensor:
-    """KV-Edit's background image tokens from a latent-sized mask [B, C, H, W] (1 = edit): [B, tokens] bool, True
-    where a patch x patch cell (row-major, as Flux and SD3 patchify; sides padded up to the patch) has no value
-    above 0.5 (the foreground keeps every patch it touches)."""
+def background_tokens(mask: torch.Tensor, patch: int, patch_t: int = 1) -> torch.Tensor:
+    """KV-Edit's background image tokens from a latent-sized mask [B, C, H, W] (1 = edit), or [B, C, T, H, W] for a
+    video latent: [B, tokens] bool, True where a patch x patch cell (``patch_t`` frames deep on video; row-major,
+    frames outermost, as Flux, SD3 and Wan patchify; sides padded up to the patch) has no value above 0.5 (the
+    foreground keeps every patch it touches)."""
     m = mask.float()
     if m.ndim == 3:
         m = m.unsqueeze(1)
     m = m[:, :1]
     h, w = m.shape[-2:]
+    if m.ndim == 5:
+        t = m.shape[-3]
+        m = torch.nn.functional.pad(m, (0, (-w) % patch, 0, (-h) % patch, 0, (-t) % patch_t))
+        fg = torch.nn.functional.max_pool3d(m, (patch_t, patch, patch), (patch_t, patch, patch)) > 0.5
+        return ~fg.flatten(1)
     m = torch.nn.functional.pad(m, (0, (-w) % patch, 0, (-h) % patch))
     fg = torch.nn.functional.max_pool2d(m, patch, patch) > 0.5
     return ~fg.flatten(1)

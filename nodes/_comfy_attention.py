@@ -20,9 +20,12 @@ Only through ComfyUI's patch API, on a *clone* made here (the input MODEL is nev
   Reference latents (Flux Kontext / Flux 2's ``ref_latents``, ComfyUI's ReferenceLatent node) follow the image's
   patches in the image stream, [text; image; reference]: each block replace reads the text and image-stream
   lengths from its args (a single block from the double blocks before it) and only the latent's own patches are
-  injected, the reference tokens keep the edit's values as the text does (HunyuanVideo's flipped [img; txt]
-  order is among the refused). Other DiTs (Wan, HunyuanVideo, Qwen-Image,
-  Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`;
+  injected, the reference tokens keep the edit's values as the text does (HunyuanVideo is refused: 0.3.75's
+  flipped blocks run [reference; image; text], 0.33's [text; reference; image], and its block arguments do not say
+  which). Qwen-Image has Flux's double-block layout and is reached the same way; Wan
+  2.1/2.2 (:data:`SELF_DITS`) attends over the video alone then to the text: only the first attention call of each
+  marked block (its self-attention, every token the latent's) is controlled. Other DiTs (HunyuanVideo,
+  Lumina/Z-Image, HiDream, ...) are refused by name: :data:`JOINT_DITS`, :data:`SELF_DITS`;
   kv_edit swaps the keys and values of the background image tokens (the patches its mask does not touch) for
   the source's, and the local blend by the same mask keeps the latent's background after every step;
 * Plug-and-Play's decoder features (``pnp_feature``): ``ModelPatcher.set_model_output_block_patch``. 0.3.75's
@@ -50,7 +53,9 @@ ComfyUI modules used here: ``comfy.ldm.modules.attention`` (``SpatialTransformer
 to find the layers; ``optimized_attention``, the function the model itself calls, for every output not
 injected), ``comfy.ldm.modules.diffusionmodules.openaimodel`` (``Downsample``/``Upsample``: each layer's
 resolution), ``comfy.ldm.flux.model`` (``Flux``), ``comfy.ldm.chroma.model`` (``Chroma``) and
-``comfy.ldm.modules.diffusionmodules.mmdit`` (``MMDiT``: SD3) to recognise the DiTs reached, and
+``comfy.ldm.modules.diffusionmodules.mmdit`` (``MMDiT``: SD3), ``comfy.ldm.qwen_image.model``
+(``QwenImageTransformer2DModel``) and ``comfy.ldm.wan.model`` (``WanModel``, matched exactly) to recognise the DiTs
+reached, and
 ``comfy.samplers`` (``CFGGuider``, ``sampling_function``).
 """
 from __future__ import annotations
@@ -65,6 +70,8 @@ import comfy.ldm.chroma.model as comfy_chroma
 import comfy.ldm.flux.model as comfy_flux
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.ldm.modules.diffusionmodules.mmdit as comfy_mmdit
+import comfy.ldm.qwen_image.model as comfy_qwen
+import comfy.ldm.wan.model as comfy_wan
 import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
@@ -105,21 +112,65 @@ def unet_layers(model) -> list:
 # block is a second call).
 JOINT_DITS = ((comfy_flux.Flux, (("double_blocks", "double_block"), ("single_blocks", "single_block"))),
               (comfy_chroma.Chroma, (("double_blocks", "double_block"), ("single_blocks", "single_block"))),
-              (comfy_mmdit.MMDiT, (("joint_blocks", "double_block"),)))
-REACHES = ("attention control reaches SD1.x/SD2/SDXL UNets (p2p, pnp, masactrl) and the Flux, Chroma and SD3 "
-           "DiTs (v_inject, kv_edit)")
+              (comfy_mmdit.MMDiT, (("joint_blocks", "double_block"),)),
+              # Qwen-Image (0.3.75's and 0.33's QwenImageTransformer2DModel): Flux's double-block layout -- text
+              # and image streams, one attention call over [text; image; reference latents] ([B, H, N, D],
+              # skip_reshape), ("double_block", i) replaced with {img, txt, vec, pe, transformer_options}
+              (comfy_qwen.QwenImageTransformer2DModel, (("transformer_blocks", "double_block"),)))
+# the DiTs whose blocks attend over the image alone, then to the text in a separate cross-attention: the *first*
+# attention call of each block is its self-attention over the latent's patches (v_inject / kv_edit act there, the
+# text cross-attention calls after it pass untouched). Wan 2.1/2.2 (comfy.ldm.wan.model.WanModel, exactly: its
+# subclasses -- VACE, camera, S2V, HuMo, Animate, ... -- add streams or block replaces without
+# transformer_options and stay refused): WanAttentionBlock runs self_attn then cross_attn, each through
+# optimized_attention(..., transformer_options=...) with [B, N, H*D] q/k/v (0.3.75 and 0.33 alike), and
+# forward_orig replaces its blocks by ("double_block", i) with args {img, txt, vec, pe, transformer_options}.
+SELF_DITS = ((comfy_wan.WanModel, (("blocks", "double_block"),)),)
+REACHES = ("attention control reaches SD1.x/SD2/SDXL UNets (p2p, pnp, masactrl) and the Flux, Chroma, SD3, "
+           "Qwen-Image and Wan 2.1/2.2 DiTs (v_inject, kv_edit)")
+
+
+def _dit_kind(net):
+    """(stacks, self_first) of a reached DiT, or None: JOINT_DITS by isinstance, SELF_DITS by exact type."""
+    for cls, stacks in JOINT_DITS:
+        if isinstance(net, cls):
+            return stacks, False
+    for cls, stacks in SELF_DITS:
+        if type(net) is cls:
+            return stacks, True
+    return None
+
+
+def self_first(model) -> bool:
+    """Whether ``model`` is a DiT of :data:`SELF_DITS` (only each block's first attention call is controlled)."""
+    kind = _dit_kind(getattr(getattr(model, "model", None), "diffusion_model", None))
+    return bool(kind and kind[1])
+
+
+def dit_patch(model) -> tuple:
+    """(temporal, spatial) patch size of a reached DiT: Wan's (1, 2, 2) gives (1, 2), Flux/SD3's 2 gives (1, 2)."""
+    patch = getattr(model.model.diffusion_model, "patch_size", 1)
+    if isinstance(patch, (tuple, list)):
+        return (int(patch[0]) if len(patch) > 2 else 1), int(patch[-1])
+    return 1, int(patch)
+
+
+def image_tokens(model, shape) -> int:
+    """The latent's patches in a reached DiT's sequence: ceil(H/p)*ceil(W/p), times ceil(T/pt) for a 5-D video
+    latent [B, C, T, H, W] (the models pad their sides up to the patch)."""
+    pt, p = dit_patch(model)
+    n = math.prod(-(-int(s) // p) for s in shape[-2:])
+    return n * (-(-int(shape[-3]) // pt) if len(shape) == 5 else 1)
 
 
 def dit_layers(model) -> list:
     """The blocks of a joint-attention DiT (Flux/Chroma double then single blocks, SD3 joint blocks; replaced
     through ComfyUI's ("dit", name, i) keys) as JOINT layers; factor = the patch size."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    for cls, stacks in JOINT_DITS:
-        if isinstance(net, cls):
-            patch = getattr(net, "patch_size", 1)
-            patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
-            return [A.Layer(A.JOINT, (key, i), 0, patch) for attr, key in stacks
-                    for i in range(len(getattr(net, attr, ())))]
+    kind = _dit_kind(net)
+    if kind is not None:
+        patch = dit_patch(model)[1]
+        return [A.Layer(A.JOINT, (key, i), 0, patch) for attr, key in kind[0]
+                for i in range(len(getattr(net, attr, ())))]
     raise InversionInputError(f"{REACHES}; this model ({C.family_name(model)}, {type(net).__name__}) is none of "
                               "them (its attention is not one text+image call per block); disconnect "
                               "attention_control")
@@ -136,7 +187,7 @@ def model_layers(model) -> list:
     """The layers attention control can reach: a UNet's attention layers and decoder blocks (FEATURE), or a
     joint-attention DiT's blocks; other models are refused by name."""
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if any(isinstance(net, cls) for cls, _ in JOINT_DITS):
+    if _dit_kind(net) is not None:
         return dit_layers(model)
     if not all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         return dit_layers(model)      # refuses it by name
@@ -189,6 +240,7 @@ class Controller:
         self.keep_maps = False
         self.image_tokens = 0                  # DiTs: the latent's image tokens in the joint sequence
         self.layout: Optional[tuple] = None    # DiTs: (text, image stream) tokens of the block running now
+        self.self_first = False                # SELF_DITS (Wan): a block's first attention call is the controlled one
         self.background: Optional[torch.Tensor] = None   # kv_edit: [B or 1, image tokens] True = background
         self.last_mask: Optional[torch.Tensor] = None   # the blend mask of the last blended step
 
@@ -345,6 +397,14 @@ class Controller:
         if img is None:
             raise InversionInputError("attention control cannot read this DiT block's image tokens (its block "
                                       "replace has no 'img'); disconnect attention_control")
+        if self.self_first:      # Wan: the self-attention runs over the image stream alone, nothing prepended
+            if int(img.shape[1]) != self.image_tokens:
+                raise InversionInputError(
+                    f"attention control expected this DiT block's self-attention over the latent's "
+                    f"{self.image_tokens} patches, and its image stream has {img.shape[1]} tokens (reference or "
+                    "context latents joined to the video); disconnect them or attention_control")
+            self.layout = (None, int(img.shape[1]))
+            return
         if "txt" in args:
             txt = args.get("txt")
             self.layout = (0 if txt is None else int(txt.shape[1]), int(img.shape[1]))
@@ -462,6 +522,8 @@ def _dit_override(ctl: Controller, prev: Optional[Callable]) -> Callable:
         if layer is None or ctl.branch is None or len(args) < 3:
             return base(*args[:3]) if len(args) >= 3 else (prev(func, *args, **kwargs) if prev is not None
                                                              else func(*args, **kwargs))
+        if ctl.self_first:       # Wan: this first call is the block's self-attention; its text cross-attention
+            to.pop(DIT_KEY, None)  # calls after it pass untouched
         # ComfyUI's layouts: skip_reshape -> [B, H, N, D] (Flux), else [B, N, H*D] or [B, N, H, D] (SD3's v)
         return ctl.attend_dit(layer, args[0], args[1], args[2], to, base, 2 if kwargs.get("skip_reshape") else 1)
     return override
@@ -526,10 +588,9 @@ def run_controlled(model, edit: tuple, source: tuple, cfg: float, shape, sigmas,
     install(clone, ctl, layers)
     joint = [la for la in layers if la.kind == A.JOINT]
     if joint:     # the joint sequence is [text; image; reference latents]: the image's patches after the text
-        p = joint[0].factor
-        ctl.image_tokens = math.prod(-(-int(n) // p) for n in shape[-2:])
+        ctl.image_tokens, ctl.self_first = image_tokens(model, shape), self_first(model)
         if ctl.control.method == "kv_edit":
-            ctl.background = A.background_tokens(ctl.given_mask, p)
+            ctl.background = A.background_tokens(ctl.given_mask, *reversed(dit_patch(model)))
             if ctl.background.shape[1] != ctl.image_tokens:
                 raise InversionInputError(f"kv_edit's mask gives {ctl.background.shape[1]} image tokens for the "
                                           f"latent's {ctl.image_tokens}; connect a mask of the image's size")

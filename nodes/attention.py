@@ -37,8 +37,9 @@ class DDIMInvAttentionControl(io.ComfyNode):
                 "for the first feature_end (80%) of the steps, as PnP's code); masactrl = the edit's decoder queries "
                 "attend to the source's keys and values (these three: SD1.x/SD2/SDXL UNets); v_inject = value "
                 "injection (RF-Edit, FireFlow) for the "
-                "Flux, Chroma and SD3 DiTs: in the chosen blocks' joint attention, for the first steps, the edit's "
-                "image tokens take the source's values; kv_edit = KV-Edit's background mode for the same DiTs "
+                "Flux, Chroma, SD3, Qwen-Image and Wan 2.1/2.2 DiTs: in the chosen blocks' joint attention (Wan: "
+                "the blocks' self-attention over the video), for the first steps, the edit's image tokens take the "
+                "source's values; kv_edit = KV-Edit's background mode for the same DiTs "
                 "(blend_mask = the region to edit): the background image tokens' keys and values come from the source"
                 " at every step and the latent's background stays the source's. -1 in a window field takes the "
                 "method's default from its paper's code; a method of the other architecture than the model's is "
@@ -46,8 +47,8 @@ class DDIMInvAttentionControl(io.ComfyNode):
             inputs=[
                 io.Combo.Input("method", options=list(A.ALL_METHODS), default="p2p",
                                tooltip="UNets: p2p (needs the Attention Prompts node's conditionings), pnp or "
-                                       "masactrl. DiTs (Flux, Chroma, SD3): v_inject, or kv_edit (needs "
-                                       "blend_mask)."),
+                                       "masactrl. DiTs (Flux, Chroma, SD3, Qwen-Image, Wan 2.1/2.2): "
+                                       "v_inject, or kv_edit (needs blend_mask)."),
                 io.Combo.Input("p2p_mode", options=list(A.P2P_MODES), default="replace",
                                tooltip="p2p only. replace: prompts with the same number of words (word swap); "
                                        "refine: words added or removed (global alignment); reweight: replace "
@@ -69,8 +70,8 @@ class DDIMInvAttentionControl(io.ComfyNode):
                                         "method's default (p2p all, pnp output 4-11, masactrl output 6-11 on "
                                         "SD1.x/SD2 and output 1-5 on SDXL, MasaCtrl's layers 10 of 16 and 44 of "
                                         "70; v_inject: Flux/Chroma's single blocks "
-                                        "20-37 of 38 scaled to the model's count, SD3's joint blocks but the "
-                                        "last; kv_edit: every block)."),
+                                        "20-37 of 38 scaled to the model's count, the blocks but the last on "
+                                        "SD3, Qwen-Image and Wan (one kind of block); kv_edit: every block)."),
                 io.String.Input("reweight_words", default="", optional=True,
                                 tooltip="p2p: comma-separated words of the edit prompt whose attention is scaled "
                                         "by reweight (e.g. 'fluffy')."),

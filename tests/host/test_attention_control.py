@@ -544,7 +544,7 @@ class FamilySetup(FluxSetup):
         self.traj = K.inv.execute(self.m, self.src, self.neg, self.lat, steps, cfg, "normal", "exact").result[2]
 
 
-@pytest.mark.parametrize("name,dim", [("Flux", 2), ("Chroma", 2), ("SD3", 1)])
+@pytest.mark.parametrize("name,dim", [("Flux", 2), ("Chroma", 2), ("SD3", 1), ("QwenImage", 2)])
 def test_the_node_offers_v_inject_with_the_familys_default_blocks(K, monkeypatch, name, dim):
     """Attention Control's v_inject with blocks empty: the family default for the model (each tiny DiT has one
     single / joint block: Flux and Chroma single 0 by RF-Edit's scaling, SD3 double 0 as 'all but the last' of
@@ -593,8 +593,8 @@ def test_a_method_of_the_other_architecture_is_refused_by_the_sampler_naming_the
 
 # each DiT the issue names (and Flux's variants): attention control runs (records = injections > 0) or is refused
 # naming the family; a family moving between the two lists must be a decision, not an accident
-RUNS = ("Flux", "FluxSchnell", "Flux2", "Chroma", "SD3")
-REFUSED = ("WAN21_T2V", "HunyuanVideo", "QwenImage", "Lumina2", "ZImage", "HiDream")
+RUNS = ("Flux", "FluxSchnell", "Flux2", "Chroma", "SD3", "QwenImage", "WAN21_T2V", "WAN21_I2V", "WAN22_T2V")
+REFUSED = ("HunyuanVideo", "Lumina2", "ZImage", "HiDream")
 
 
 @pytest.mark.parametrize("name", RUNS + REFUSED)
@@ -634,7 +634,7 @@ def left_quarter(lat):
 
 # the joint blocks kv_edit acts in (every block): the tiny Flux and Chroma have one double and one single block
 # (KV-Edit caches K/V in both kinds), the tiny SD3 one joint block
-@pytest.mark.parametrize("name,dim,blocks", [("Flux", 2, 2), ("Chroma", 2, 2), ("SD3", 1, 1)])
+@pytest.mark.parametrize("name,dim,blocks", [("Flux", 2, 2), ("Chroma", 2, 2), ("SD3", 1, 1), ("QwenImage", 2, 1)])
 def test_kv_edit_keeps_the_background_and_gives_it_the_sources_keys_and_values(K, monkeypatch, name, dim, blocks):
     """KV-Edit's background mode with a MASK (the left quarter of the 8x8 latent = edit): every step, in every
     joint block (Flux/Chroma: the double and the single block), the background patches' keys and values are the
