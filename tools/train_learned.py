@@ -11,25 +11,18 @@ the checkpoint from the committed weights (copy new ones into ``ddiminv_dev/lear
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main(argv=None) -> int:
+    from ddiminv_dev import training
     from ddiminv_dev.learned import train
     from ddiminv_dev.learned.build import WEIGHTS
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vae-iters", type=int, default=train.VAE_ITERS)
+    ap = training.tool_parser(__doc__, out=WEIGHTS, vae_iters=train.VAE_ITERS, threads=2)
     ap.add_argument("--unet-iters", type=int, default=train.UNET_ITERS)
-    ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--seed", type=int, default=train.VAE_SEED, help="VAE seed; the UNet uses seed + 1")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--log", default=None, help="also append the progress lines to this file")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -51,6 +44,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)
-    raise SystemExit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ddiminv_dev.training import run_tool
+    run_tool(main)

@@ -17,33 +17,18 @@ training (saved). See ``ddiminv_dev/scenes/dit.py`` and ``docs/scenes_dit.md``; 
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main(argv=None) -> int:
-    from ddiminv_dev.scenes import dit, train
+    from ddiminv_dev import training
+    from ddiminv_dev.scenes import dit
     from ddiminv_dev.scenes.build_dit import WEIGHTS
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vae-iters", type=int, default=dit.VAE_ITERS)
-    ap.add_argument("--dit-iters", type=int, default=20000)
-    ap.add_argument("--out", type=Path, default=WEIGHTS)
-    ap.add_argument("--n2", type=int, default=train.N2, help="two-object training captions")
-    ap.add_argument("--n3", type=int, default=train.N3, help="three-object training captions")
-    ap.add_argument("--batch", type=int, default=32)
+    ap = training.tool_parser(__doc__, out=WEIGHTS, vae_iters=dit.VAE_ITERS, threads=1)
+    training.add_scenes_args(ap, "DiT", "--dit-iters")
     ap.add_argument("--rank", type=int, default=dit.RANK, help="rank of the DiT's low-rank linears (fresh runs)")
-    ap.add_argument("--save-minutes", type=float, default=4.0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--log", default=None, help="also append the progress lines to this file")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="stop the DiT after this many minutes of training (saved; the next run resumes)")
-    ap.add_argument("--device", default="cpu",
-                    help="torch device of the DiT training (e.g. cuda); the VAE trains on the CPU")
     ap.add_argument("--bench", type=int, default=0, metavar="N",
                     help="only time N DiT iterations at --batch/--rank on a stand-in pool of the real shapes "
                          "(16x16x16 latents, 77x768 tokens) and print the seconds per iteration; writes nothing")
@@ -52,25 +37,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.bench:
         return bench(args.bench, args.batch, args.rank, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    dit_file, vae_file = args.out / dit.DIT_FILE, args.out / dit.VAE_FILE
-    if dit_file.exists() and vae_file.exists():
-        done = int(train._meta(vae_file).get("iterations", 0))
-        if args.vae_iters > done:
-            ap.error(f"the DiT in {args.out} was trained on the latents of the VAE at {done} iterations; training "
-                     f"the VAE further would invalidate it: pass --vae-iters {done} (or move {dit_file.name} away to "
-                     "retrain the DiT from its seeded start)")
-    vae = dit.train_vae(args.out, iterations=args.vae_iters, save_minutes=args.save_minutes, log=args.log)
-    print(f"VAE: {args.vae_iters} iterations ({time.perf_counter() - t0:.0f}s) -> {vae}")
-    if args.dit_iters > 0:
-        caps = train.training_captions(n2=args.n2, n3=args.n3)
-        out = dit.train_dit(args.out, vae, iterations=args.dit_iters, batch=args.batch, rank=args.rank,
-                            captions=caps, save_minutes=args.save_minutes, log=args.log, device=args.device,
-                            minutes=args.minutes)
-        print(f"DiT: {train._meta(out).get('iterations')} of {args.dit_iters} iterations -> {out}")
-    print(f"total {time.perf_counter() - t0:.0f}s")
-    return 0
+    return training.vae_then_model(
+        ap, args, model="DiT", model_file=args.out / dit.DIT_FILE, vae_file=args.out / dit.VAE_FILE,
+        fresh="its seeded start", train_vae=dit.train_vae, iters=args.dit_iters,
+        train_model=lambda vae, caps: dit.train_dit(
+            args.out, vae, iterations=args.dit_iters, batch=args.batch, rank=args.rank, captions=caps,
+            save_minutes=args.save_minutes, log=args.log, device=args.device, minutes=args.minutes))
 
 
 def bench(n: int, batch: int, rank: int, device: str) -> int:
@@ -101,6 +73,6 @@ def bench(n: int, batch: int, rank: int, device: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)
-    raise SystemExit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ddiminv_dev.training import run_tool
+    run_tool(main)

@@ -70,22 +70,37 @@ def build_state_dict(weights_dir=None) -> dict:
     return sd
 
 
-def checkpoint_path(weights_dir=None, path=None) -> Path:
-    """Path of the assembled checkpoint (built first if missing or stale). ``weights_dir``/``path`` let tests
-    assemble freshly trained weights elsewhere."""
-    path = Path(path) if path is not None else MODEL_DIR / CKPT_NAME
-    return cached_build(path, version(weights_dir), lambda: build_state_dict(weights_dir),
-                        "learned tiny SD1.5-format checkpoint (trained on 15 skimage photos)", seed=0)
+class Checkpoint:
+    """One assembled checkpoint in :data:`MODEL_DIR` (the learned model's, the scenes models'): file ``name``, built
+    by ``build(weights_dir)`` from the weights in ``weights_dir`` (default ``weights``), current while
+    ``version(weights_dir)`` is what it was built with; ``what`` says what it is in the build log."""
+
+    def __init__(self, name: str, weights: Path, version, build, what: str):
+        self.name, self.weights, self.version, self.build, self.what = name, Path(weights), version, build, what
+
+    def checkpoint_path(self, weights_dir=None, path=None) -> Path:
+        """Path of the assembled checkpoint (built first if missing or stale). ``weights_dir``/``path`` let tests
+        assemble freshly trained weights elsewhere."""
+        wd = Path(weights_dir) if weights_dir is not None else self.weights
+        path = Path(path) if path is not None else MODEL_DIR / self.name
+        return cached_build(path, self.version(wd), lambda: self.build(wd), self.what, seed=0)
+
+    def is_built(self) -> bool:
+        return is_current(MODEL_DIR / self.name, self.version(self.weights))
+
+    def register_model_dir(self, weights_dir=None) -> Path:
+        """Build the checkpoint if needed and add its folder to ComfyUI's "checkpoints" search path (in-process).
+        With ``weights_dir`` (e.g. a training run's folder) it is built from those weights, as
+        ``<name>-other.safetensors``."""
+        import folder_paths
+        path = self.checkpoint_path() if weights_dir is None else self.checkpoint_path(
+            weights_dir, MODEL_DIR / self.name.replace(".safetensors", "-other.safetensors"))
+        if str(MODEL_DIR) not in folder_paths.get_folder_paths("checkpoints"):
+            folder_paths.add_model_folder_path("checkpoints", str(MODEL_DIR))
+        return path
 
 
-def is_built() -> bool:
-    return is_current(MODEL_DIR / CKPT_NAME, version())
-
-
-def register_model_dir() -> Path:
-    """Build the checkpoint if needed and add its folder to ComfyUI's "checkpoints" search path (in-process)."""
-    import folder_paths
-    path = checkpoint_path()
-    if str(MODEL_DIR) not in folder_paths.get_folder_paths("checkpoints"):
-        folder_paths.add_model_folder_path("checkpoints", str(MODEL_DIR))
-    return path
+CHECKPOINT = Checkpoint(CKPT_NAME, WEIGHTS, version, build_state_dict,
+                        "learned tiny SD1.5-format checkpoint (trained on 15 skimage photos)")
+checkpoint_path, is_built = CHECKPOINT.checkpoint_path, CHECKPOINT.is_built
+register_model_dir = CHECKPOINT.register_model_dir

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import training
+from ..training import log_line as _log, save_weights as save
 from . import data
 
 SD15_LATENT_SCALE = 0.18215
@@ -28,14 +30,6 @@ VAE_SEED = 1201
 UNET_SEED = 1202
 VAE_ITERS = 3000
 UNET_ITERS = 2000
-
-
-def _log(log, msg: str) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    if log is not None:
-        with open(log, "a") as f:
-            f.write(line + "\n")
 
 
 def new_taesd(seed: int, latent_channels: int = 4):
@@ -57,15 +51,6 @@ def vae_state_dict(m) -> dict:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in m.state_dict().items()}
 
 
-def save(sd: dict, path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    tmp.replace(path)
-
-
 @torch.no_grad()
 def calibrate_vae(m, per_class: int = 24, seed: int = 5) -> None:
     """Set ``vae_scale``/``vae_shift`` so that ``m.encode`` gives raw latents with std 1/0.18215 and mean 0
@@ -77,13 +62,25 @@ def calibrate_vae(m, per_class: int = 24, seed: int = 5) -> None:
     m.vae_shift.fill_(-float(z.mean()) / scale)
 
 
-def _cosine(opt, it: int, iters: int, lr: float, warmup: int = 50, floor: float = 0.02) -> None:
-    if it < warmup:
-        f = (it + 1) / warmup
-    else:
-        f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(iters - warmup, 1)))
-    for group in opt.param_groups:
-        group["lr"] = lr * f
+def _cosine(iters: int, lr: float, warmup: int = 50, floor: float = 0.02):
+    """Learning rate per iteration: linear warm-up over ``warmup``, then cosine down to ``floor * lr``."""
+    def at(it):
+        if it < warmup:
+            f = (it + 1) / warmup
+        else:
+            f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(iters - warmup, 1)))
+        return lr * f
+    return at
+
+
+def taesd_step(m, opt, x) -> float:
+    """One optimiser step of the TAESD ``m``'s reconstruction loss (L1 + MSE) on images ``x``; returns the loss."""
+    y = m.taesd_decoder(m.taesd_encoder(x))
+    loss = F.l1_loss(y, x) + F.mse_loss(y, x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def train_vae(out_dir, iterations: int = VAE_ITERS, seed: int = VAE_SEED, batch: int = 16, size: int = 32,
@@ -94,25 +91,16 @@ def train_vae(out_dir, iterations: int = VAE_ITERS, seed: int = VAE_SEED, batch:
     params = list(m.taesd_encoder.parameters()) + list(m.taesd_decoder.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     sampler = data.CropSampler(size, seed)
+
+    def save_vae(it, run):
+        calibrate_vae(m, calib_per_class)
+        save(vae_state_dict(m), out, {"iterations": it, "of": iterations, "seed": seed,
+                                      "wall_s": round(time.perf_counter() - t0, 1)})
+
     t0 = time.perf_counter()
-    run = None
-    for it in range(iterations):
-        _cosine(opt, it, iterations, lr)
-        x, _ = sampler.batch(batch)
-        y = m.taesd_decoder(m.taesd_encoder(x))
-        loss = F.l1_loss(y, x) + F.mse_loss(y, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lv = float(loss.detach())
-        run = lv if run is None else 0.98 * run + 0.02 * lv
-        last = it + 1 == iterations
-        if (it + 1) % 50 == 0 or last:
-            _log(log, f"vae it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
-        if (it + 1) % save_every == 0 or last:
-            calibrate_vae(m, calib_per_class)
-            save(vae_state_dict(m), out, {"iterations": it + 1, "of": iterations, "seed": seed,
-                                             "wall_s": round(time.perf_counter() - t0, 1)})
+    training.loop(lambda it: taesd_step(m, opt, sampler.batch(batch)[0]), 0, iterations, opt=opt,
+                  lr_at=_cosine(iterations, lr), name="vae", log=log, t0=t0, save=save_vae, log_every=50,
+                  save_every=save_every, decay=(0.98, 0.02))
     return out
 
 
@@ -252,24 +240,15 @@ def train_unet(out_dir, vae_path, iterations: int = UNET_ITERS, seed: int = UNET
     pool, labels = latent_pool(vae_path, n_per_class=n_per_class)
     _log(log, f"unet: pool {tuple(pool.shape)} std {float(pool.std()):.3f} mean {float(pool.mean()):.3f} "
               f"({time.perf_counter() - t0:.0f}s)")
-    unet = lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed)
-    avg = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(int(seed))
+    r = training.Resumable(lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed), out, None, lr=lr,
+                           seed=seed, name="unet", log=log)
+    r.resume(weights=False)  # always a fresh run (the cosine schedule spans ``iterations``)
     sigmas = ms.sigmas.float()
     empty = len(data.CAPTIONS)
-    run = None
-    for it in range(iterations):
-        _cosine(opt, it, iterations, lr, warmup=200)
-        lv = eps_step(unet, opt, params, ms, contexts, draw_batch(g, pool, labels, empty, batch, drop, sigmas))
-        ema_update(avg, unet, ema, it)
-        run = lv if run is None else 0.99 * run + 0.01 * lv
-        last = it + 1 == iterations
-        if (it + 1) % 100 == 0 or last:
-            _log(log, f"unet it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
-        if (it + 1) % save_every == 0 or last:
-            save({k: v.to(torch.float16).contiguous() for k, v in avg.items()}, out,
-                 {"iterations": it + 1, "of": iterations, "seed": seed, "rank": rank,
-                  "wall_s": round(time.perf_counter() - t0, 1)})
+    r.train(lambda g: eps_step(r.net, r.opt, r.params, ms, contexts,
+                               draw_batch(g, pool, labels, empty, batch, drop, sigmas)),
+            iterations, lr_at=_cosine(iterations, lr, warmup=200), ema=ema, t0=t0, log_every=100,
+            save_every=save_every,
+            meta=lambda it, run: {"iterations": it, "of": iterations, "seed": seed, "rank": rank,
+                                  "wall_s": round(time.perf_counter() - t0, 1)})
     return out

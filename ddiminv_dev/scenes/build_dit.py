@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cached_build, is_current
 from ..learned import build as LB
 from . import dit
 
@@ -60,24 +59,7 @@ def build_state_dict(weights_dir=None) -> dict:
     return sd
 
 
-def checkpoint_path(weights_dir=None, path=None) -> Path:
-    """Path of the assembled checkpoint (built first if missing or stale)."""
-    path = Path(path) if path is not None else MODEL_DIR / CKPT_NAME
-    return cached_build(path, version(weights_dir), lambda: build_state_dict(weights_dir),
-                        "scenes SD3-format flow DiT checkpoint (clip_l only, 16-channel TAESD)", seed=0)
-
-
-def is_built() -> bool:
-    return is_current(MODEL_DIR / CKPT_NAME, version())
-
-
-def register_model_dir(weights_dir=None) -> Path:
-    """Build the checkpoint if needed and add its folder to ComfyUI's "checkpoints" search path (in-process).
-    With ``weights_dir`` (e.g. a training run's folder) it is built from those weights, as
-    ``ddiminv-scenes-sd3-other.safetensors``."""
-    import folder_paths
-    path = checkpoint_path() if weights_dir is None else checkpoint_path(
-        weights_dir, MODEL_DIR / CKPT_NAME.replace(".safetensors", "-other.safetensors"))
-    if str(MODEL_DIR) not in folder_paths.get_folder_paths("checkpoints"):
-        folder_paths.add_model_folder_path("checkpoints", str(MODEL_DIR))
-    return path
+CHECKPOINT = LB.Checkpoint(CKPT_NAME, WEIGHTS, version, build_state_dict,
+                           "scenes SD3-format flow DiT checkpoint (clip_l only, 16-channel TAESD)")
+checkpoint_path, is_built = CHECKPOINT.checkpoint_path, CHECKPOINT.is_built
+register_model_dir = CHECKPOINT.register_model_dir

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import training
 from ..learned import lowrank
 from ..learned import train as LT
 from . import train as ST
@@ -186,9 +187,7 @@ def train_dit(out_dir, vae_path, iterations: int, seed: int = DIT_SEED, batch: i
     ``out_dir/dit_state.pt`` (model, EMA, optimiser and RNG, to resume exactly). Resumes from the full state when
     there is one, else from the fp16 weights, else starts from :func:`build_dit`'s seeded init. The batch stream
     is :func:`ddiminv_dev.learned.train.draw_batch`'s, so a run split anywhere trains like one run."""
-    from safetensors.torch import load_file
     out = Path(out_dir) / DIT_FILE
-    state_path = Path(out_dir) / STATE_FILE
     captions = ST.training_captions() if captions is None else captions
     texts = [ST.R.caption_of([tuple(p) for p in ps], b) for ps, b in captions] + [""]
     t0 = time.perf_counter()
@@ -196,55 +195,16 @@ def train_dit(out_dir, vae_path, iterations: int, seed: int = DIT_SEED, batch: i
     contexts, pooled = (t.to(device) for t in encode_texts(texts, log=log))
     pool, index = ST.latent_pool(vae_path, captions, log=log, latent_format=SD3_LATENT)
     empty = len(texts) - 1
-    net = build_dit(rank=rank, seed=seed).to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(int(seed))
-    start = 0
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        net.load_state_dict(st["model"])
-        avg = {k: v.to(device) for k, v in st["ema"].items()}
-        opt.load_state_dict(st["opt"])
-        g.set_state(st["rng"])
-        start = int(st["iterations"])
-        ST._log(log, f"dit: resumed full state at iteration {start}")
-    else:
-        if out.exists():
-            net.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
-            start = int(ST._meta(out).get("iterations", 0))
-            g.manual_seed(int(seed) + start)
-            ST._log(log, f"dit: resumed from fp16 weights at iteration {start}")
-        avg = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    ST._log(log, f"dit: pool {tuple(pool.shape)}, {len(texts) - 1} captions, "
-                 f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters ({time.perf_counter() - t0:.0f}s)")
+    r = training.Resumable(build_dit(rank=rank, seed=seed).to(device), out, Path(out_dir) / STATE_FILE, lr=lr,
+                           seed=seed, name="dit", log=log, device=device)
+    r.resume()
+    n = sum(p.numel() for p in r.params) / 1e6
+    training.log_line(log, f"dit: pool {tuple(pool.shape)}, {len(texts) - 1} captions, {n:.2f}M parameters "
+                           f"({time.perf_counter() - t0:.0f}s)")
     sigmas = ms.sigmas.float()
-    run = None
-    last_save = time.perf_counter()
-
-    def save(it):
-        LT.save({k: v.to(torch.float16).cpu().contiguous() for k, v in avg.items()}, out,
-                {"iterations": it, "seed": seed, "rank": rank, "depth": DEPTH, "captions": len(texts) - 1,
-                 "loss": f"{run:.4f}"})
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": net.state_dict(), "ema": avg, "opt": opt.state_dict(), "rng": g.get_state(),
-                    "iterations": it}, tmp)
-        tmp.replace(state_path)
-
-    t_train = time.perf_counter()
-    for it in range(start, iterations):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (it + 1) / 100)
-        drawn = LT.draw_batch(g, pool, index, empty, batch, drop, sigmas)
-        lv = LT.flow_step(net, opt, params, ms, contexts, pooled, drawn, device)
-        LT.ema_update(avg, net, ema, it)
-        run = lv if run is None else 0.99 * run + 0.01 * lv
-        done = it + 1 == iterations or (minutes is not None and time.perf_counter() - t_train > minutes * 60)
-        if (it + 1) % 25 == 0 or done:
-            ST._log(log, f"dit it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
-        if done or time.perf_counter() - last_save > save_minutes * 60:
-            save(it + 1)
-            last_save = time.perf_counter()
-        if done:
-            break
+    r.train(lambda g: LT.flow_step(r.net, r.opt, r.params, ms, contexts, pooled,
+                                   LT.draw_batch(g, pool, index, empty, batch, drop, sigmas), device),
+            iterations, lr_at=training.warmup(lr, 100), ema=ema, t0=t0, save_minutes=save_minutes, minutes=minutes,
+            meta=lambda it, run: {"iterations": it, "seed": seed, "rank": rank, "depth": DEPTH,
+                                  "captions": len(texts) - 1, "loss": f"{run:.4f}"})
     return out

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .. import training
 from ..learned import train as LT
 from . import render as R
 
@@ -46,8 +46,8 @@ UNET_FILE = "unet_lowrank.safetensors"
 CACHE_VERSION = "1"
 
 
-def _log(log, msg: str) -> None:
-    LT._log(log, msg)
+_log = training.log_line
+_meta = training.meta
 
 
 def cache_dir() -> Path:
@@ -130,12 +130,6 @@ def learned_vae_path() -> Path:
     return WEIGHTS / LV
 
 
-def _meta(path: Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 @torch.no_grad()
 def calibrate(m, images: np.ndarray, scale_factor: float = LT.SD15_LATENT_SCALE, shift_factor: float = 0.0) -> None:
     """Set ``vae_scale``/``vae_shift`` so that the raw latents of ``images`` have what the model's latent format
@@ -168,29 +162,19 @@ def train_vae(out_dir, iterations: int, seed: int = VAE_SEED, batch: int = 16, s
     params = list(m.taesd_encoder.parameters()) + list(m.taesd_decoder.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(int(seed) + start)
-    t0 = last_save = time.perf_counter()
-    run = None
-    for it in range(start, iterations):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (it - start + 1) / 50)
+
+    def step(it):
         i = torch.randint(0, len(xs), (batch,), generator=g)
         oy, ox = torch.randint(0, xs.shape[-1] - size + 1, (2,), generator=g).tolist()
-        x = xs[i][:, :, oy:oy + size, ox:ox + size]
-        y = m.taesd_decoder(m.taesd_encoder(x))
-        loss = F.l1_loss(y, x) + F.mse_loss(y, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lv = float(loss.detach())
-        run = lv if run is None else 0.98 * run + 0.02 * lv
-        done = it + 1 == iterations
-        if (it + 1) % 50 == 0 or done:
-            _log(log, f"vae it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
-        if done or time.perf_counter() - last_save > save_minutes * 60:
-            with torch.no_grad():
-                calibrate(m, images[:256], *latent_format)
-            LT.save(LT.vae_state_dict(m), out, {"iterations": it + 1, "seed": seed, "init": init_name})
-            last_save = time.perf_counter()
+        return LT.taesd_step(m, opt, xs[i][:, :, oy:oy + size, ox:ox + size])
+
+    def save(it, run):
+        with torch.no_grad():
+            calibrate(m, images[:256], *latent_format)
+        LT.save(LT.vae_state_dict(m), out, {"iterations": it, "seed": seed, "init": init_name})
+
+    training.loop(step, start, iterations, opt=opt, lr_at=training.warmup(lr, 50, start), name="vae", log=log,
+                  t0=time.perf_counter(), save=save, log_every=50, save_minutes=save_minutes, decay=(0.98, 0.02))
     return out
 
 
@@ -254,7 +238,6 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
     from ddiminv_dev.tiny_checkpoint import UNET_CONFIG
     from safetensors.torch import load_file
     out = Path(out_dir) / UNET_FILE
-    state_path = Path(out_dir) / "unet_state.pt"
     captions = training_captions() if captions is None else captions
     texts = [R.caption_of([tuple(p) for p in ps], b) for ps, b in captions] + [""]
     t0 = time.perf_counter()
@@ -262,57 +245,19 @@ def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch:
     contexts = encode_texts(texts, log=log).to(device)
     pool, index = latent_pool(vae_path, captions, log=log)
     empty = len(texts) - 1
-    unet = lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed).to(device)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(int(seed))
-    start = 0
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        unet.load_state_dict(st["model"])
-        avg = {k: v.to(device) for k, v in st["ema"].items()}
-        opt.load_state_dict(st["opt"])
-        g.set_state(st["rng"])
-        start = int(st["iterations"])
-        _log(log, f"unet: resumed full state at iteration {start}")
-    else:
-        if out.exists():
-            sd, start = load_file(str(out)), int(_meta(out).get("iterations", 0))
-            _log(log, f"unet: resumed from fp16 weights at iteration {start}")
-        else:
-            sd = extend_rank(load_file(str(WEIGHTS / LU)), rank, seed)
-            _log(log, "unet: starting from the learned model's factors")
-        unet.load_state_dict({k: v.float() for k, v in sd.items()})
-        avg = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        g.manual_seed(int(seed) + start)
+    r = training.Resumable(lowrank.build_lowrank_unet(UNET_CONFIG, rank=rank, seed=seed).to(device), out,
+                           Path(out_dir) / "unet_state.pt", lr=lr, seed=seed, name="unet", log=log, device=device)
+
+    def init():
+        _log(log, "unet: starting from the learned model's factors")
+        return extend_rank(load_file(str(WEIGHTS / LU)), rank, seed)
+
+    r.resume(init)
     _log(log, f"unet: pool {tuple(pool.shape)}, {len(texts) - 1} captions ({time.perf_counter() - t0:.0f}s)")
     sigmas = ms.sigmas.float()
-    run = None
-    last_save = time.perf_counter()
-
-    def save(it):
-        LT.save({k: v.to(torch.float16).cpu().contiguous() for k, v in avg.items()}, out,
-                {"iterations": it, "seed": seed, "rank": rank, "captions": len(texts) - 1,
-                 "init": "learned model factors", "loss": f"{run:.4f}"})
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": unet.state_dict(), "ema": avg, "opt": opt.state_dict(), "rng": g.get_state(),
-                    "iterations": it}, tmp)
-        tmp.replace(state_path)
-
-    t_train = time.perf_counter()
-    for it in range(start, iterations):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (it + 1) / 100)
-        drawn = LT.draw_batch(g, pool, index, empty, batch, drop, sigmas)
-        lv = LT.eps_step(unet, opt, params, ms, contexts, drawn, device)
-        LT.ema_update(avg, unet, ema, it)
-        run = lv if run is None else 0.99 * run + 0.01 * lv
-        done = it + 1 == iterations or (minutes is not None and time.perf_counter() - t_train > minutes * 60)
-        if (it + 1) % 25 == 0 or done:
-            _log(log, f"unet it {it + 1}/{iterations} loss {run:.4f} ({time.perf_counter() - t0:.0f}s)")
-        if done or time.perf_counter() - last_save > save_minutes * 60:
-            save(it + 1)
-            last_save = time.perf_counter()
-        if done:
-            break
+    r.train(lambda g: LT.eps_step(r.net, r.opt, r.params, ms, contexts,
+                                  LT.draw_batch(g, pool, index, empty, batch, drop, sigmas), device),
+            iterations, lr_at=training.warmup(lr, 100), ema=ema, t0=t0, save_minutes=save_minutes, minutes=minutes,
+            meta=lambda it, run: {"iterations": it, "seed": seed, "rank": rank, "captions": len(texts) - 1,
+                                  "init": "learned model factors", "loss": f"{run:.4f}"})
     return out

@@ -125,3 +125,52 @@ def hook():
     args.preview_method = old_method
     if has_default:
         latent_preview.default_preview_method = old_default
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+SCENE_CAPTIONS = [[[["red", "circle"]], "grass"], [[["blue", "square"], ["yellow", "triangle"]], "night"]]
+
+
+def _trainer_resumes(train, d, tmp, vae_file: str, model_file: str, state_file: str, rank: int) -> None:
+    """In ``d`` (trained 2 iterations): fp16 weights of ``rank``; a resumed third iteration trains and gives the
+    weights of three iterations in one run (in ``tmp``, from the same VAE)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ddiminv_dev.training import meta
+    out = d / model_file
+    assert meta(out)["iterations"] == "2" and meta(d / vae_file)["iterations"] == "2"
+    sd = load_file(str(out))
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    assert next(v.shape[0] for k, v in sd.items() if k.endswith(".A.weight")) == rank
+    before = torch.load(d / state_file, weights_only=False)["model"]
+    train(d, d / vae_file, iterations=3, batch=2, captions=SCENE_CAPTIONS)
+    assert meta(out)["iterations"] == "3"  # continued from 2: one more step
+    after = torch.load(d / state_file, weights_only=False)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before), "resuming did not train"
+    shutil.copy(d / vae_file, tmp / vae_file)
+    train(tmp, tmp / vae_file, iterations=3, batch=2, captions=SCENE_CAPTIONS)
+    one_run, resumed = load_file(str(tmp / model_file)), load_file(str(out))
+    assert one_run.keys() == resumed.keys() and all(torch.equal(one_run[k], resumed[k]) for k in one_run)
+
+
+def _trainer_stops_in_time(train, d, tmp, vae_file: str, model_file: str, state_file: str) -> None:
+    """``minutes=0`` ends a run (continued in ``tmp`` from ``d``'s files) after its first iteration with the
+    weights and the full state saved, so the next run resumes from there instead of losing the work."""
+    import shutil
+
+    from ddiminv_dev.training import meta
+    for f in (vae_file, model_file, state_file):
+        shutil.copy(d / f, tmp / f)
+    start = int(meta(tmp / model_file)["iterations"])
+    train(tmp, tmp / vae_file, iterations=start + 50, batch=2, captions=SCENE_CAPTIONS, minutes=0)
+    assert meta(tmp / model_file)["iterations"] == str(start + 1)
+    assert torch.load(tmp / state_file, weights_only=False)["iterations"] == start + 1
+
+
+@pytest.fixture(scope="session")
+def trainer_checks():
+    """(training captions, resume check, time-budget check) shared by the scenes trainers' tests (the SD1.5 UNet's
+    and the flow DiT's run the same :class:`ddiminv_dev.training.Resumable` loop)."""
+    return SCENE_CAPTIONS, _trainer_resumes, _trainer_stops_in_time

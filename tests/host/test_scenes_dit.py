@@ -9,21 +9,13 @@ import torch
 
 from ddiminv_dev import host
 from ddiminv_dev.scenes import build_dit, dit
-
-CAPTIONS = [[[["red", "circle"]], "grass"], [[["blue", "square"], ["yellow", "triangle"]], "night"]]
-
-
-def _meta(path):
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
-
+from ddiminv_dev.training import meta as _meta
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trainer_checks):
     d = tmp_path_factory.mktemp("scenes-dit-weights")
     vae = dit.train_vae(d, iterations=2, batch=2, n_scenes=4)
-    dit.train_dit(d, vae, iterations=2, batch=2, captions=CAPTIONS)
+    dit.train_dit(d, vae, iterations=2, batch=2, captions=trainer_checks[0])
     return d
 
 
@@ -49,35 +41,14 @@ def loaded(booted, randomised):
     return booted.CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
 
 
-def test_trainer_writes_fp16_weights_and_resumes(trained, tmp_path):
+def test_trainer_writes_fp16_weights_and_resumes(trained, tmp_path, trainer_checks):
     """Two iterations then a resumed third give the weights of three iterations in one run."""
-    import shutil
-    from safetensors.torch import load_file
-    out = trained / dit.DIT_FILE
-    assert _meta(out)["iterations"] == "2" and _meta(trained / dit.VAE_FILE)["iterations"] == "2"
-    sd = load_file(str(out))
-    assert all(v.dtype == torch.float16 for v in sd.values())
-    assert next(v.shape[0] for k, v in sd.items() if k.endswith(".A.weight")) == dit.RANK
-    before = torch.load(trained / dit.STATE_FILE, weights_only=False)["model"]
-    dit.train_dit(trained, trained / dit.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
-    assert _meta(out)["iterations"] == "3"
-    after = torch.load(trained / dit.STATE_FILE, weights_only=False)["model"]
-    assert any(not torch.equal(before[k], after[k]) for k in before), "resuming did not train"
-    shutil.copy(trained / dit.VAE_FILE, tmp_path / dit.VAE_FILE)
-    dit.train_dit(tmp_path, tmp_path / dit.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
-    one_run, resumed = load_file(str(tmp_path / dit.DIT_FILE)), load_file(str(out))
-    assert one_run.keys() == resumed.keys() and all(torch.equal(one_run[k], resumed[k]) for k in one_run)
+    trainer_checks[1](dit.train_dit, trained, tmp_path, dit.VAE_FILE, dit.DIT_FILE, dit.STATE_FILE, dit.RANK)
 
 
-def test_a_time_budget_stops_after_saving(trained, tmp_path):
+def test_a_time_budget_stops_after_saving(trained, tmp_path, trainer_checks):
     """``minutes`` ends the run early (after its first iteration) with the full state saved."""
-    import shutil
-    for f in (dit.VAE_FILE, dit.DIT_FILE, dit.STATE_FILE):
-        shutil.copy(trained / f, tmp_path / f)
-    start = int(_meta(tmp_path / dit.DIT_FILE)["iterations"])
-    dit.train_dit(tmp_path, tmp_path / dit.VAE_FILE, iterations=start + 50, batch=2, captions=CAPTIONS, minutes=0)
-    assert _meta(tmp_path / dit.DIT_FILE)["iterations"] == str(start + 1)
-    assert torch.load(tmp_path / dit.STATE_FILE, weights_only=False)["iterations"] == start + 1
+    trainer_checks[2](dit.train_dit, trained, tmp_path, dit.VAE_FILE, dit.DIT_FILE, dit.STATE_FILE)
 
 
 def test_tool_refuses_to_retrain_the_vae_under_a_dit(trained, capsys):

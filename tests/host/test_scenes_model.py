@@ -10,42 +10,17 @@ from ddiminv_dev.learned import train as LT
 from ddiminv_dev.scenes import build, train
 from ddiminv_dev.tiny_checkpoint import UNET_CONFIG
 
-CAPTIONS = [[[["red", "circle"]], "grass"], [[["blue", "square"], ["yellow", "triangle"]], "night"]]
-
-
-def _meta(path):
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trainer_checks):
     d = tmp_path_factory.mktemp("scenes-weights")
     vae = train.train_vae(d, iterations=2, batch=2, n_scenes=4)
-    train.train_unet(d, vae, iterations=2, batch=2, captions=CAPTIONS)
+    train.train_unet(d, vae, iterations=2, batch=2, captions=trainer_checks[0])
     return d
 
 
-def test_trainer_writes_fp16_weights_and_resumes(trained, tmp_path):
+def test_trainer_writes_fp16_weights_and_resumes(trained, tmp_path, trainer_checks):
     """Two iterations then a resumed third give the weights of three iterations in one run."""
-    import shutil
-    from safetensors.torch import load_file
-    unet = trained / train.UNET_FILE
-    assert _meta(unet)["iterations"] == "2" and _meta(trained / train.VAE_FILE)["iterations"] == "2"
-    sd = load_file(str(unet))
-    assert all(v.dtype == torch.float16 for v in sd.values())
-    assert next(v.shape[0] for k, v in sd.items() if k.endswith(".A.weight")) == train.RANK
-    before = torch.load(trained / "unet_state.pt", weights_only=False)["model"]
-    train.train_unet(trained, trained / train.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
-    assert _meta(unet)["iterations"] == "3"  # continued from 2: one more step
-    after = torch.load(trained / "unet_state.pt", weights_only=False)["model"]
-    assert any(not torch.equal(before[k], after[k]) for k in before), "resuming did not train"
-    shutil.copy(trained / train.VAE_FILE, tmp_path / train.VAE_FILE)
-    train.train_unet(tmp_path, tmp_path / train.VAE_FILE, iterations=3, batch=2, captions=CAPTIONS)
-    one_run = load_file(str(tmp_path / train.UNET_FILE))
-    resumed = load_file(str(unet))
-    assert all(torch.equal(one_run[k], resumed[k]) for k in one_run)
+    trainer_checks[1](train.train_unet, trained, tmp_path, train.VAE_FILE, train.UNET_FILE, "unet_state.pt", train.RANK)
 
 
 def _merge64(sd: dict) -> dict:
@@ -113,13 +88,7 @@ def test_assembled_checkpoint_loads_as_sd15_and_is_the_trained_model(booted, tra
         assert (z.float() - z_ref).abs().max() <= 2e-2 * z_ref.abs().max()
 
 
-def test_a_time_budget_stops_after_saving(trained, tmp_path):
+def test_a_time_budget_stops_after_saving(trained, tmp_path, trainer_checks):
     """``minutes`` ends the run early (here after its first iteration) with the weights saved, so the next run
     resumes from there instead of losing the work."""
-    import shutil
-    for f in (train.VAE_FILE, train.UNET_FILE, "unet_state.pt"):
-        shutil.copy(trained / f, tmp_path / f)
-    start = int(_meta(tmp_path / train.UNET_FILE)["iterations"])
-    train.train_unet(tmp_path, tmp_path / train.VAE_FILE, iterations=start + 50, batch=2, captions=CAPTIONS, minutes=0)
-    assert _meta(tmp_path / train.UNET_FILE)["iterations"] == str(start + 1)
-    assert torch.load(tmp_path / "unet_state.pt", weights_only=False)["iterations"] == start + 1
+    trainer_checks[2](train.train_unet, trained, tmp_path, train.VAE_FILE, train.UNET_FILE, "unet_state.pt")

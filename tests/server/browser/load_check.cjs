@@ -14,36 +14,14 @@
 // test makes the assertions. Exit 0 when the observations were gathered, 2 on a driver error ("driverError").
 "use strict";
 
-const fs = require("fs");
-const os = require("os");
-const path = require("path");
+const common = require("./common.cjs");
 
-const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const log = (...a) => process.stderr.write(`[load_check ${new Date().toISOString().slice(11, 23)}] ${a.join(" ")}\n`);
-const { chromium } = require(cfg.playwrightCore || "playwright-core");
-
-const CHROMIUM_ARGS = [
-  "--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--disable-dev-shm-usage", "--mute-audio",
-];
+const { cfg, log } = common.setup("load_check");
 
 const out = { console: [], pageErrors: [], loads: {} };
 
 async function main() {
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "ddiminv-chromium-"));
-  let context;
-  try {
-    log("launching", cfg.chromium);
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: cfg.chromium, headless: true, args: CHROMIUM_ARGS,
-      viewport: { width: 1400, height: 1000 }, timeout: 90000,
-    });
-    out.browserVersion = context.browser() ? context.browser().version() : null;
-    const origin = new URL(cfg.url).origin;   // only the ComfyUI server: no outside requests
-    await context.route((u) => u.origin !== origin && !u.protocol.startsWith("data") && !u.protocol.startsWith("blob"),
-      (route) => route.abort("blockedbyclient"));
-    const page = context.pages()[0] || (await context.newPage());
+  return common.withBrowser(cfg, log, out, { launchTimeout: 90000 }, async (page) => {
     page.setDefaultTimeout(120000);
     page.on("console", (m) => out.console.push({ type: m.type(), text: m.text() }));
     page.on("pageerror", (e) => out.pageErrors.push({ message: String(e && e.message) }));
@@ -95,24 +73,7 @@ async function main() {
     }
     out.totalMs = Date.now() - t0;
     return out;
-  } finally {
-    if (context) await context.close().catch(() => {});
-    fs.rmSync(userDataDir, { recursive: true, force: true });
-  }
+  });
 }
 
-const hardTimer = setTimeout(() => {
-  out.driverError = "load_check: hard timeout";
-  process.stdout.write(JSON.stringify(out) + "\n");
-  process.exit(3);
-}, (cfg.hardTimeoutMs || 240000));
-hardTimer.unref();
-
-main().then(
-  (res) => { process.stdout.write(JSON.stringify(res) + "\n"); process.exit(0); },
-  (e) => {
-    out.driverError = String((e && e.stack) || e);
-    process.stdout.write(JSON.stringify(out) + "\n");
-    process.exit(2);
-  },
-);
+common.run("load_check", out, main, cfg.hardTimeoutMs || 240000);

@@ -20,43 +20,20 @@
 "use strict";
 
 const fs = require("fs");
-const os = require("os");
 const path = require("path");
 
-const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const log = (...a) => process.stderr.write(`[viewer_check ${new Date().toISOString().slice(11, 23)}] ${a.join(" ")}\n`);
+const common = require("./common.cjs");
 
-const { chromium } = require(cfg.playwrightCore || "playwright-core");
-
-const CHROMIUM_ARGS = [
-  "--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--disable-dev-shm-usage", "--mute-audio",
-];
+const { cfg, log } = common.setup("viewer_check");
 
 const out = {
   console: [], pageErrors: [], failedRequests: [], extensionRequests: [], steps: [],
 };
 
 async function main() {
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "ddiminv-chromium-"));
-  let context;
   const timeoutMs = cfg.timeoutMs || 120000;
-  try {
-    log("launching", cfg.chromium);
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: cfg.chromium,
-      headless: true,
-      args: CHROMIUM_ARGS,
-      viewport: { width: 1400, height: 1000 },
-      timeout: 60000,
-    });
-    out.browserVersion = context.browser() ? context.browser().version() : null;
-    // only the ComfyUI server: no outside requests (the frontend asks api.comfy.org etc.; offline here anyway)
-    const origin = new URL(cfg.url).origin;
-    await context.route((u) => u.origin !== origin && !u.protocol.startsWith("data") && !u.protocol.startsWith("blob"),
-      (route) => { out.blockedRequests = (out.blockedRequests || 0) + 1; return route.abort("blockedbyclient"); });
-    const page = context.pages()[0] || (await context.newPage());
+  const onBlocked = () => { out.blockedRequests = (out.blockedRequests || 0) + 1; };
+  return common.withBrowser(cfg, log, out, { launchTimeout: 60000, onBlocked }, async (page) => {
     page.setDefaultTimeout(60000);
 
     page.on("console", (m) => {
@@ -349,24 +326,7 @@ async function main() {
     out.screenshot = cfg.screenshot;
     out.totalMs = Date.now() - t0;
     return out;
-  } finally {
-    if (context) await context.close().catch(() => {});
-    fs.rmSync(userDataDir, { recursive: true, force: true });
-  }
+  });
 }
 
-const hardTimer = setTimeout(() => {
-  out.driverError = "viewer_check: hard timeout";
-  process.stdout.write(JSON.stringify(out) + "\n");
-  process.exit(3);
-}, (cfg.hardTimeoutMs || 170000));
-hardTimer.unref();
-
-main().then(
-  (res) => { process.stdout.write(JSON.stringify(res) + "\n"); process.exit(0); },
-  (e) => {
-    out.driverError = String((e && e.stack) || e);
-    process.stdout.write(JSON.stringify(out) + "\n");
-    process.exit(2);
-  },
-);
+common.run("viewer_check", out, main, cfg.hardTimeoutMs || 170000);
