@@ -120,6 +120,9 @@ def test_v_inject_gives_the_self_attention_the_sources_values_and_leaves_the_tex
         orig(self, *a, **kw)
         made.append(self)
     monkeypatch.setattr(K.CA.Controller, "__init__", keep)
+    # the source branch evaluated at every step (it is skipped after the window, where nothing records): its values
+    # after the window are the reference the edit's own must differ from
+    monkeypatch.setattr(K.A, "source_chunks", lambda sched, step, chunks, inline=False, batched=False: tuple(chunks))
 
     def other(func, *args, **kwargs):
         ctl = made[-1]
@@ -224,7 +227,8 @@ def test_the_input_models_options_are_unchanged_and_another_packs_override_still
         assert m.model_options["transformer_options"] == before and "patches_replace" not in before
         out[name] = (x, text, list(calls))
     x, text, seen = out["other"]
-    assert len(seen) == 2 * BLOCKS * 2 * N, len(seen)     # self + cross per block, both branches, every step
+    # self + cross per block: the edit's N steps and the source's 4 (the window 0..0.5, the only steps it records on)
+    assert len(seen) == 2 * BLOCKS * (N + N // 2), len(seen)
     assert f"done: {BLOCKS * 4} records, {BLOCKS * 4} injections" in text, text
     assert torch.equal(x, out["quiet"][0]) and out["quiet"][2] == []
     plain, _ = s.run(v_control(K))
