@@ -1,7 +1,6 @@
 # ddim-inversion developer entry points.
 #   make setup                 host ComfyUI 0.3.75 + .venv + link the pack (tools/setup.sh, idempotent)
 #   make test                  (setup, then) lint (ruff), python tests (pytest), js unit tests (node --test); fails if any fails
-#   make test SETUP=           the same without running setup first (.ci/run has just run it)
 #   make test PYTEST_ARGS="tests/host -k flux"    pass arguments through to pytest (default: tests)
 #   make test-fast             unit tier + js only (no ComfyUI boot, under a minute)
 #   make test-precision        the tests marked `precision` again on another MKL code path (PRECISION_ENV,
@@ -17,15 +16,13 @@ PYTEST_RC_FILE ?=
 # the environment test-precision runs under: MKL's SSE2 branch, which differs from the default kernels of every
 # current x86 CPU, Intel or AMD (MKL_ENABLE_INSTRUCTIONS=SSE4_2 changed nothing on an AMD EPYC: default kernels)
 PRECISION_ENV ?= MKL_CBWR=COMPATIBLE
-# what `make test` runs first; `make test SETUP=` skips it (.ci/run runs `make setup` itself, before the browser extras)
-SETUP ?= setup
 
 .PHONY: setup test test-fast test-precision test-py test-js lint demo bench
 
 setup:
 	bash tools/setup.sh
 
-test: $(SETUP)
+test: setup
 	@lrc=0; $(PY) -m ruff check . || lrc=$$?; \
 	rc=0; \
 	$(PY) -m pytest -q --durations=30 --durations-min=5 $(PYTEST_ARGS) || rc=$$?; \
