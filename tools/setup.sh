@@ -89,8 +89,9 @@ stamp="$CACHE/venv.stamp"
 want=$( (cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh"; echo "torchaudio=$NEED_TORCHAUDIO") | sha256sum | cut -c1-16)
 check="import torch, torchvision, comfyui_frontend_package, pytest, ray"
 [ "$NEED_TORCHAUDIO" = 1 ] && check="$check, torchaudio"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "$check" 2>/dev/null; then
-  say ".venv up to date (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"
+# one interpreter start checks the imports and reports torch's version (each start costs seconds of CPU)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && tv="$("$VPY" -c "$check; print(torch.__version__)" 2>/dev/null)"; then
+  say ".venv up to date (torch $tv)"
 else
   say "installing torch==2.14.1 torchvision==0.29.1 and ComfyUI requirements into .venv ..."
   pipi() { "$VPY" -m pip install -q --disable-pip-version-check "$@" >>"$CACHE/pip.log" 2>&1 || { tail -30 "$CACHE/pip.log" >&2; echo "pip install failed; full log: $CACHE/pip.log" >&2; exit 1; }; }
@@ -120,46 +121,32 @@ else
   say "linked the pack: $link -> $ROOT"
 fi
 
-# ---------------------------------------------------------------- the built-in learned model
-# assembled from the committed weights (ddiminv_dev/learned/weights) once; rebuilt when they change
-ckpt="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
+# ---------------------------------------------------------------- the built-in models
+# The learned model; the scenes model (issue 20) and the scenes flow DiT (issue 32, SD3 format: MMDiT + clip_l +
+# 16-channel TAESD) when their weights are committed. Each is assembled from its committed weights once and rebuilt
+# when they change. One interpreter does all three (importing ComfyUI costs seconds of CPU per start).
+models="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
+from pathlib import Path
 from ddiminv_dev.host import import_comfy
 import_comfy()
 from ddiminv_dev.learned import build
 fresh = not build.is_built()
-print(("assembled " if fresh else "up to date: ") + str(build.checkpoint_path()))
-' 2>"$CACHE/setup-learned.log")" || { cat "$CACHE/setup-learned.log" >&2; echo "could not assemble the learned checkpoint (log above)" >&2; exit 1; }
-say "learned model $ckpt"
-
-# ---------------------------------------------------------------- the scenes model (issue 20)
-# assembled from the committed weights (ddiminv_dev/scenes/weights) once; rebuilt when they change
-if [ -f "$ROOT/ddiminv_dev/scenes/weights/unet_lowrank.safetensors" ]; then
-  ckpt="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
-from ddiminv_dev.host import import_comfy
-import_comfy()
-from ddiminv_dev.scenes import build
-fresh = not build.is_built()
-print(("assembled " if fresh else "up to date: ") + str(build.checkpoint_path()))
-' 2>"$CACHE/setup-scenes.log")" || { cat "$CACHE/setup-scenes.log" >&2; echo "could not assemble the scenes checkpoint (log above)" >&2; exit 1; }
-  say "scenes model $ckpt"
-else
-  say "scenes model: no committed weights yet (train them with tools/train_scenes.py)"
-fi
-
-# ---------------------------------------------------------------- the scenes flow DiT (issue 32)
-# SD3 format (one checkpoint: MMDiT + clip_l + 16-channel TAESD), assembled from ddiminv_dev/scenes/weights_dit once
-if [ -f "$ROOT/ddiminv_dev/scenes/weights_dit/dit_lowrank.safetensors" ]; then
-  ckpt="$(cd "$ROOT" && COMFYUI_PATH="$COMFY" "$VPY" -c '
-from ddiminv_dev.host import import_comfy
-import_comfy()
-from ddiminv_dev.scenes import build_dit
-fresh = not build_dit.is_built()
-print(("assembled " if fresh else "up to date: ") + str(build_dit.checkpoint_path()))
-' 2>"$CACHE/setup-scenes-dit.log")" || { cat "$CACHE/setup-scenes-dit.log" >&2; echo "could not assemble the scenes DiT checkpoint (log above)" >&2; exit 1; }
-  say "scenes DiT $ckpt"
-else
-  say "scenes DiT: no committed weights yet (train them with tools/train_scenes_dit.py)"
-fi
+print("learned model " + ("assembled " if fresh else "up to date: ") + str(build.checkpoint_path()), flush=True)
+weights = Path("ddiminv_dev/scenes")
+if (weights / "weights" / "unet_lowrank.safetensors").is_file():
+    from ddiminv_dev.scenes import build
+    fresh = not build.is_built()
+    print("scenes model " + ("assembled " if fresh else "up to date: ") + str(build.checkpoint_path()), flush=True)
+else:
+    print("scenes model: no committed weights yet (train them with tools/train_scenes.py)", flush=True)
+if (weights / "weights_dit" / "dit_lowrank.safetensors").is_file():
+    from ddiminv_dev.scenes import build_dit
+    fresh = not build_dit.is_built()
+    print("scenes DiT " + ("assembled " if fresh else "up to date: ") + str(build_dit.checkpoint_path()), flush=True)
+else:
+    print("scenes DiT: no committed weights yet (train them with tools/train_scenes_dit.py)", flush=True)
+' 2>"$CACHE/setup-models.log")" || { printf '%s\n' "$models" >&2; cat "$CACHE/setup-models.log" >&2; echo "could not assemble the built-in checkpoints (log above)" >&2; exit 1; }
+while IFS= read -r line; do say "$line"; done <<< "$models"
 
 # ---------------------------------------------------------------- node (js tests) is optional here
 if command -v node >/dev/null 2>&1; then

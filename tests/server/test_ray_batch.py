@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def servers():
-    with ThreadPoolExecutor(2) as ex:  # start both at once (startup is mostly imports and I/O)
-        pair = list(ex.map(lambda _: start_server(), range(2)))
-    print(f"two servers up in {max(s.start_seconds for s in pair):.1f}s")
-    yield pair
-    for s in pair:
-        s.stop()
+def servers(server):
+    """s1: the tier's session server (started once for every server test; these tests read its /history as
+    differences, so what ran there before does not count); s2: this module's own, which the last test kills."""
+    s2 = start_server()
+    print(f"second server up in {s2.start_seconds:.1f}s")
+    yield server, s2
+    s2.stop()
 
 
 def make_images(folder: Path, n: int, corrupt: bool = False) -> list:

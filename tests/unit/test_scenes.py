@@ -158,6 +158,24 @@ def test_library_metrics():
     assert M.iou(keep, keep) == 1.0 and M.iou(keep, ~keep) == 0.0
 
 
+def test_iou_is_scikit_learns_jaccard_score():
+    """M.iou counts in numpy what sklearn's jaccard_score computes: equal, bit for bit, on masks of every overlap
+    (the empty pair is 1 by M.iou's own convention; sklearn warns and gives 0 there)."""
+    from sklearn.metrics import jaccard_score
+    rng = np.random.default_rng(0)
+    for density in (0.002, 0.05, 0.3, 0.7, 0.998):
+        for _ in range(8):
+            a, b = rng.random((2, 32, 32)) < density
+            assert M.iou(a, b) == float(jaccard_score(b.ravel(), a.ravel())), density
+    sc = _scenes("test", range(1))[0]
+    r = R.render(sc)
+    seg = M.segment(r.image, sc.objects[0].colour, M.dilate(r.masks[0], 3))
+    for shape in R.SHAPES:
+        t = M.template(shape, seg)
+        assert M.iou(t, seg) == float(jaccard_score(seg.ravel(), t.ravel())), shape
+    assert M.iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+
+
 def test_committed_weights_fit_the_budget():
     """All committed model weights (the learned model's, the scenes SD1.5 model's in ``scenes/weights``, the scenes
     flow DiT's in ``scenes/weights_dit``) <= 32 MB (issue 32); the scenes SD1.5 model <= 10 MB and the DiT with its
