@@ -193,3 +193,19 @@ def random_latent(family: str = "eps", batch: int = 1, height: int = 64, width: 
                     dtype=torch.float32)
     shift = getattr(fmt, "shift_factor", 0.0) or 0.0
     return {"samples": z / fmt.scale_factor + shift}
+
+
+def split_cond_batches(model):
+    """A clone of ``model`` whose cond and uncond always run as separate calls: what ComfyUI does when memory is
+    short (``model_options["sampler_calc_cond_batch_function"]``). A missing cond (the uncond at cfg 1) gives
+    zeros, as core's ``calc_cond_batch`` does."""
+    import comfy.samplers
+    m = model.clone()
+
+    def split(args):
+        cond, uncond = args["conds"]
+        x, s, mo, net = args["input"], args["sigma"], args["model_options"], args["model"]
+        out = [comfy.samplers.calc_cond_batch(net, [cond, None], x, s, mo)[0]]
+        return out + [comfy.samplers.calc_cond_batch(net, [None, uncond], x, s, mo)[1]]
+    m.model_options["sampler_calc_cond_batch_function"] = split
+    return m

@@ -204,24 +204,10 @@ def test_p2ps_source_branch_runs_the_cond_chunk_alone_and_only_while_it_records(
     assert rel_max(x, y) <= 2e-5
 
 
-def _split_batches(model):
-    """A clone whose cond and uncond always run as separate calls (what ComfyUI does when memory is short)."""
-    import comfy.samplers
-    m = model.clone()
-
-    def split(args):
-        cond, uncond = args["conds"]
-        x, s, mo, net = args["input"], args["sigma"], args["model_options"], args["model"]
-        out = [comfy.samplers.calc_cond_batch(net, [cond, None], x, s, mo)[0]]
-        return out + [comfy.samplers.calc_cond_batch(net, [None, uncond], x, s, mo)[1]]   # zeros for None (cfg 1)
-    m.model_options["sampler_calc_cond_batch_function"] = split
-    return m
-
-
 @pytest.mark.parametrize("name", ["masactrl", "p2p"])
 def test_cond_and_uncond_split_into_calls_equal_them_together(K, S, name):
     together, _ = S.run(controls(K)[name], exact_replay="ddim")
-    apart, text = S.run(controls(K)[name], model=_split_batches(S.m), exact_replay="ddim")
+    apart, text = S.run(controls(K)[name], model=tm.split_cond_batches(S.m), exact_replay="ddim")
     assert "injections" in text
     # measured 1.1e-6 (masactrl) and 2.6e-6 (p2p) of the largest value (float32 rounding of batch 1 against
     # batch 2 in the UNet); a chunk
@@ -744,7 +730,7 @@ def test_pnp_features_with_cond_and_uncond_split_into_calls_equal_them_together(
     together, t1 = S.run(features_only(K), model=m, exact_replay="ddim")
     # 4 decoder blocks x (the edit's N steps + the source's 6 steps of the window 0..0.75)
     assert set(seen) == {(1, 0)} and len(seen) == 4 * (N + 6), set(seen)         # one call for both chunks
-    m, seen = chunk_calls(_split_batches(S.m))
+    m, seen = chunk_calls(tm.split_cond_batches(S.m))
     apart, t2 = S.run(features_only(K), model=m, exact_replay="ddim")
     assert set(seen) == {(0,), (1,)} and len(seen) == 4 * (N + 6) * 2, set(seen)  # each chunk its own call
     want = "pnp_feature: 1 layers x 6 steps x 2 chunks = 12"

@@ -16,6 +16,7 @@ import torch
 
 from ddiminv_dev import host
 from ddiminv_dev import tiny_families as tf
+from ddiminv_dev import tiny_models as tm
 
 N, NAME = 8, "WAN21_T2V"
 BLOCKS = 2
@@ -169,24 +170,10 @@ def test_a_zero_window_runs_todays_sampler_bit_for_bit(K, wan):
     assert torch.equal(x, y)
 
 
-def _split_batches(model):
-    """A clone whose cond and uncond always run as separate calls (what ComfyUI does when memory is short)."""
-    import comfy.samplers
-    m = model.clone()
-
-    def split(args):
-        cond, uncond = args["conds"]
-        x, sg, mo, net = args["input"], args["sigma"], args["model_options"], args["model"]
-        out = [comfy.samplers.calc_cond_batch(net, [cond, None], x, sg, mo)[0]]
-        return out + [comfy.samplers.calc_cond_batch(net, [None, uncond], x, sg, mo)[1] if uncond else None]
-    m.model_options["sampler_calc_cond_batch_function"] = split
-    return m
-
-
 def test_cond_and_uncond_split_into_calls_equal_them_together(K, wan):
     s = WanSetup(K, wan, cfg=3.0, method="ddim")
     together, t1 = s.run(v_control(K))
-    apart, t2 = s.run(v_control(K), model=_split_batches(wan))
+    apart, t2 = s.run(v_control(K), model=tm.split_cond_batches(wan))
     want = f"done: {BLOCKS * 4 * 2} records, {BLOCKS * 4 * 2} injections"
     assert want in t1 and want in t2, (t1, t2)
     err = rel_max(apart, together)
