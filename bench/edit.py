@@ -1,4 +1,4 @@
-"""Editing benchmark with ground truth, on the scenes model (in-process ComfyUI, CPU).
+"""Editing benchmark with ground truth, on the scenes models (in-process ComfyUI, CPU).
 
 Every item is a held-out scene (``ddiminv_dev.scenes``: test split, so unseen texture columns and held-out
 colour x shape pairs can occur) and one edit of it (colour, shape or background swap); rendering the edited scene
@@ -29,8 +29,20 @@ The row ``exact from refined latent`` starts from VAE Encode (Inversion) with ``
 replay with the target prompt, as ``exact, ddim replay``; its seconds include the refine. Each batch records the
 node's vae_ceiling of the source for the mean and the refined latent (``source_ceilings_db``).
 
+The row ``flowedit`` is FlowEdit (Kulikov et al. 2024; inversion-free, the flow peers' choice): the math core's
+``inversion/flowedit.py`` run as two guided passes (source prompt at its CFG, then target prompt at its own) with
+the parameters of :data:`FLOWEDIT` (the paper's SD3 setting: n_max 33 of 50 steps, n_min 0, n_avg 1, CFG 3.5 /
+13.5), noise seeded by ``--seed``.
+
+Models (``--models``, :data:`MODELS`): ``scenes-sd15`` (the SD1.5-format UNet, EPS) and ``scenes-dit`` (the
+SD3-format flow MMDiT, issue 32). Every row carries its model's name; a row runs on a model when
+:func:`applies` says so (FlowEdit on flow models only; null-text and negative-prompt on VP models only, issue 32's
+list of flow rows). All models see the same items. Until ``ddiminv_dev/scenes/weights_dit`` holds trained
+weights, ``scenes-dit`` runs a seeded untrained stand-in (``dit.untrained_weights``; printed and recorded as
+``stand_in``): its rows test the plumbing, their numbers mean nothing.
+
 A method is one entry of :data:`METHODS` (a function of the batch). Writes ``DIR/edit.json``,
-``DIR/edit_grid.png`` (a row per item; columns: source, ground truth, then one per method) and
+``DIR/edit_grid.png`` (a row per item; columns: source, ground truth, then one per model and method) and
 ``DIR/edit_plot.png`` (accuracy against background PSNR).
 
     .venv/bin/python bench/edit.py --seed 0 --scenes 4 --out bench/out/edit
@@ -60,6 +72,10 @@ REFINE = 100  # decoder-inversion iterations of the refined row (bench/RESULTS.m
 PSNR_CAP = 100.0  # dB a perfect item counts as in the means (one uint8 level off at one pixel of 128x128 is 95 dB)
 _clock = time.perf_counter
 NULLTEXT = dict(iterations=10, learning_rate=0.01, early_stop=1e-5)
+# FlowEdit's parameters: the paper's SD3 setting (n_max 33 of T = 50 steps, n_min 0, n_avg 1, source CFG 3.5,
+# target CFG 13.5), n_max as that fraction of --steps (at least 1)
+FLOWEDIT = dict(n_max_fraction=33 / 50, n_min=0, n_avg=1, source_cfg=3.5, target_cfg=13.5)
+MODELS = ("scenes-sd15", "scenes-dit")
 
 
 @dataclass
@@ -113,16 +129,27 @@ def timed(b: Batch, fn) -> tuple:
 
 
 class Setup:
+    """One model of :data:`MODELS` loaded through core CheckpointLoaderSimple, with the run's settings.
+    ``weights``: a folder of that model's weights (default: the committed ones; for ``scenes-dit`` without
+    committed weights, or with ``weights="untrained"``, the seeded untrained stand-in, ``self.stand_in``)."""
+
     def __init__(self, model_name: str, steps: int, cfg: float, seed: int, weights=None, refine: int = REFINE,
                  nulltext_iterations: int = NULLTEXT["iterations"]):
         import torch
         B.boot(cpu=True)
-        from ddiminv_dev.scenes import build
-        path = build.register_model_dir(weights)
+        from ddiminv_dev.scenes import build, build_dit, dit
+        if model_name not in MODELS:
+            raise ValueError(f"unknown model {model_name!r}; known: {list(MODELS)}")
+        builder = build if model_name == "scenes-sd15" else build_dit
+        self.stand_in = False
+        if model_name == "scenes-dit" and (weights == "untrained" or weights is None and not build_dit.has_weights()):
+            weights, self.stand_in = dit.untrained_weights(), True
+        path = builder.register_model_dir(weights, "untrained" if self.stand_in else "other")
         self.name, self.steps, self.cfg, self.seed, self.refine = model_name, steps, cfg, seed, refine
         self.nulltext = dict(NULLTEXT, iterations=nulltext_iterations)
-        self.weights, self.checkpoint = build.version(weights), path.name
+        self.weights, self.checkpoint = builder.version(weights), path.name
         self.model, self.clip, self.vae = B.call("CheckpointLoaderSimple", path.name)[:3]
+        self.family = B.pack("nodes._comfy").family_of(self.model)   # 'vp' or 'flow'
         self.torch = torch
 
     def cond(self, texts):
@@ -214,7 +241,38 @@ def nulltext(mode: str):
     return run
 
 
-# name -> function(Setup, Batch) -> result latent (VAE space, [n, 4, h, w]); add a method with one line
+def flowedit_params(steps: int, seed: int):
+    """FlowEdit's :class:`inversion.flowedit.Params` at ``steps`` steps (n_max: :data:`FLOWEDIT`'s fraction of
+    them, at least 1) as plain numbers: (n_max, n_min, n_avg, seed)."""
+    n_max = min(steps, max(1, round(FLOWEDIT["n_max_fraction"] * steps)))
+    return n_max, FLOWEDIT["n_min"], FLOWEDIT["n_avg"], int(seed)
+
+
+def flowedit(S, b):
+    """FlowEdit from the source latent (no inversion): the source pass (source prompt, CFG
+    ``FLOWEDIT['source_cfg']``) records the source velocities, the target pass (target prompt, its CFG) edits;
+    ``inversion.flowedit`` refuses a VP model."""
+    C, FE = B.pack("nodes._comfy"), B.pack("inversion.flowedit")
+    FE.check_family(S.family)
+    x = C.to_model_space(S.model, _latent(S, b)["samples"])
+    sig = C.sampling_sigmas(S.model, SCHED, S.steps)
+    n_max, n_min, n_avg, seed = flowedit_params(S.steps, S.seed)
+    p = FE.Params(n_max=n_max, n_min=n_min, n_avg=n_avg, seed=seed)
+    shape = tuple(x.shape)
+
+    def source(fn, device, progress):
+        return FE.source_velocities(fn, x.to(device), sig, p, family=S.family, progress=progress)
+    v = C.run_guided(S.model, _src(S, b), _neg(S, b), FLOWEDIT["source_cfg"], shape, sig, source, n_max - n_min,
+                     "FlowEdit (source)")
+
+    def target(fn, device, progress):
+        return FE.edit(fn, x.to(device), sig, p, v, family=S.family, progress=progress)
+    out = C.run_guided(S.model, _tgt(S, b), _neg(S, b), FLOWEDIT["target_cfg"], shape, sig, target, n_max,
+                       "FlowEdit")
+    return C.to_vae_space(S.model, out)
+
+
+# name -> function(Setup, Batch) -> result latent (VAE space, [n, c, h, w]); add a method with one line
 METHODS = {
     "sdedit 0.6 (core KSampler)": sdedit(0.6),
     "sdedit 0.8 (core KSampler)": sdedit(0.8),
@@ -227,7 +285,22 @@ METHODS = {
                                                 source_positive=_src(S, b), source_negative=_neg(S, b)),
     "null-text": nulltext("null_text"),
     "negative-prompt": nulltext("negative_prompt"),
+    "flowedit": flowedit,
 }
+# the families a method runs on ('vp': EPS / V, 'flow': CONST), when not both
+ONLY = {"flowedit": ("flow",), "null-text": ("vp",), "negative-prompt": ("vp",)}
+FAMILIES = ("vp", "flow")
+
+
+def applies(method: str, family: str) -> bool:
+    """Whether the row ``method`` runs on a model of ``family`` ('vp' or 'flow'): FlowEdit needs a flow model;
+    null-text and negative-prompt stay on VP models (issue 32 lists the flow rows without them); the rest run
+    on both."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r} is not one of {FAMILIES}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+    return family in ONLY.get(method, FAMILIES)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -278,7 +351,13 @@ def mean(v):
 
 
 def run(S, batches, methods, log=print) -> tuple[list, dict]:
+    """The rows of ``methods`` that apply to ``S``'s model (:func:`applies`) on ``batches``: (rows, pictures
+    {(kind, method): uint8 results})."""
     rows, pictures = [], {}
+    left = [m for m in methods if not applies(m, S.family)]
+    methods = [m for m in methods if applies(m, S.family)]
+    if left:
+        log(f"{S.name} ({S.family}): left out (do not apply): {', '.join(left)}")
     log(f"means over the items; a perfect item (infinite PSNR) counts as {PSNR_CAP:g} dB (PSNR_CAP); seconds charge "
         "each row for the encoding, conditioning and inversion it uses, shared or not")
     for b in batches:
@@ -288,7 +367,7 @@ def run(S, batches, methods, log=print) -> tuple[list, dict]:
             latent, seconds, shared, charged = timed(b, lambda: METHODS[name](S, b))  # noqa: B023 (called at once)
             result = S.decode(latent)
             per = [score(e, s, g, r) for e, s, g, r in zip(b.edits, b.src, b.gt, result, strict=True)]
-            row = {"method": name, "edit": b.kind, "n": len(per),
+            row = {"model": S.name, "method": name, "edit": b.kind, "n": len(per),
                    **{k: mean([p[k] for p in per]) for k in ("accuracy", "iou", "bg_psnr", "bg_ssim", "gt_psnr")},
                    "gt_ceiling": mean(ceiling), "seconds": seconds, "shared_seconds": shared, "charged": charged,
                    "per_item": per}
@@ -333,9 +412,9 @@ def grid(batches, pictures, methods, path: Path, scale: int = 1) -> None:
     img.save(path)
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows, path: Path, label=lambda r: r["method"]) -> None:
     """Accuracy against background PSNR, one marker per (method, edit): circle colour, square shape, triangle
-    background; a colour per method (PIL only)."""
+    background; a colour per ``label(row)`` (the method; with several models, model and method) (PIL only)."""
     from PIL import Image, ImageDraw
     W, H, L, T, Bm = 900, 520, 60, 40, 60
     img = Image.new("RGB", (W, H), "white")
@@ -353,13 +432,13 @@ def plot(rows, path: Path) -> None:
     for k in range(6):
         d.text((x0 - 34, Y(k / 5) - 6), f"{k * 20}%", fill="black")
     d.text(((x0 + x1) // 2 - 90, y1 + 24), "background PSNR to the source, dB", fill="black")
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    names = list(dict.fromkeys(label(r) for r in rows))
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (90, 90, 90), (188, 189, 34), (23, 190, 207)]
     for r in rows:
         if r["bg_psnr"] is None or r["accuracy"] is None:
             continue
-        col = palette[names.index(r["method"]) % len(palette)]
+        col = palette[names.index(label(r)) % len(palette)]
         x, y, s = X(r["bg_psnr"]), Y(r["accuracy"]), 6
         if r["edit"] == "colour":
             d.ellipse([x - s, y - s, x + s, y + s], outline=col, width=2)
@@ -389,19 +468,37 @@ def parse_methods(text: str) -> list[str]:
     return out
 
 
+def parse_models(text: str) -> list[str]:
+    """``--models``: ``all`` (:data:`MODELS`) or comma-separated names; ValueError names what is unknown."""
+    names = list(MODELS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise ValueError(f"unknown models {unknown or text!r}; known: {list(MODELS)} or all")
+    return list(dict.fromkeys(names))
+
+
+def column(model: str, method: str, several: bool) -> str:
+    """A grid / plot label: the method, prefixed with the model's short name when a run covers several."""
+    return f"{model.removeprefix('scenes-')}: {method}" if several else method
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scenes", type=int, default=4, help="items per edit kind")
     ap.add_argument("--out", type=Path, default=B.OUT / "edit")
-    ap.add_argument("--model", default="scenes-sd15", choices=["scenes-sd15"])
+    ap.add_argument("--models", default="all",
+                    help=f"comma-separated models of {', '.join(MODELS)}, or all (each row carries its model's name)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--refine", type=int, default=REFINE,
                     help="decoder-inversion iterations of the 'exact from refined latent' row (VAE Encode (Inversion) "
                          "refine; its seconds include them)")
     ap.add_argument("--weights", type=Path, default=None,
-                    help="a folder of scenes weights (default: the committed ddiminv_dev/scenes/weights)")
+                    help="a folder of the SD1.5 scenes weights (default: the committed ddiminv_dev/scenes/weights)")
+    ap.add_argument("--dit-weights", default=None,
+                    help="a folder of the scenes DiT's weights (default: the committed ddiminv_dev/scenes/weights_dit, "
+                         "else the seeded untrained stand-in), or 'untrained' (the stand-in: plumbing only)")
     ap.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
     ap.add_argument("--kinds", default=",".join(E.KINDS))
     ap.add_argument("--nulltext-iterations", type=int, default=NULLTEXT["iterations"],
@@ -409,27 +506,40 @@ def main(argv=None) -> int:
     B.add_threads_arg(ap)
     a = ap.parse_args(argv)
     try:
-        methods = parse_methods(a.methods)
+        methods, models = parse_methods(a.methods), parse_models(a.models)
     except ValueError as e:
         ap.error(str(e))
     B.set_threads(a.threads)
     import torch
     torch.set_grad_enabled(False)  # null-text enables grad for itself
     t0 = time.perf_counter()
-    S = Setup(a.model, a.steps, a.cfg, a.seed, a.weights, a.refine, a.nulltext_iterations)
-    batches = items(a.seed, a.scenes, tuple(a.kinds.split(",")))
-    rows, pictures = run(S, batches, methods)
+    several = len(models) > 1
+    rows, pictures, columns, info = [], {}, [], {}
+    for name in models:
+        weights = a.weights if name == "scenes-sd15" else a.dit_weights
+        S = Setup(name, a.steps, a.cfg, a.seed, weights, a.refine, a.nulltext_iterations)
+        print(f"== {name}: {S.checkpoint} ({S.family}), weights {S.weights}"
+              + (" -- an UNTRAINED stand-in: its numbers mean nothing" if S.stand_in else ""))
+        batches = items(a.seed, a.scenes, tuple(a.kinds.split(",")))   # the same items for every model
+        got, pics = run(S, batches, methods)
+        rows += got
+        for (kind, m), img in pics.items():
+            pictures[(kind, column(name, m, several))] = img
+        columns += [column(name, m, several) for m in methods if applies(m, S.family)]
+        info[name] = {"checkpoint": S.checkpoint, "weights": S.weights, "family": S.family, "stand_in": S.stand_in,
+                      "source_ceilings_db": {b.kind: b.ceilings for b in batches}}
     a.out.mkdir(parents=True, exist_ok=True)
-    data = {"model": a.model, "checkpoint": S.checkpoint, "weights": S.weights, "seed": a.seed,
+    data = {"models": info, "seed": a.seed,
             "scenes": a.scenes, "steps": a.steps, "cfg": a.cfg, "scheduler": SCHED, "psnr_cap_db": PSNR_CAP,
-            "refine": a.refine, "nulltext": S.nulltext, "source_ceilings_db": {b.kind: b.ceilings for b in batches},
+            "refine": a.refine, "nulltext": S.nulltext,
+            "flowedit": {**FLOWEDIT, "n_max": flowedit_params(a.steps, a.seed)[0], "seed": a.seed},
             "command": " ".join(["bench/edit.py", *(sys.argv[1:] if argv is None else argv)]),
             "items": {b.kind: [{"source": e.source_caption, "target": e.target_caption, "held_out_target": held_out(e)}
                                for e in b.edits] for b in batches},
             "machine": B.machine(), "seconds": time.perf_counter() - t0, "rows": rows}
     (a.out / "edit.json").write_text(json.dumps(B.clean(data), indent=1))
-    grid(batches, pictures, methods, a.out / "edit_grid.png")
-    plot(rows, a.out / "edit_plot.png")
+    grid(batches, pictures, columns, a.out / "edit_grid.png")
+    plot(rows, a.out / "edit_plot.png", lambda r: column(r["model"], r["method"], several))
     print(f"wrote {a.out / 'edit.json'} in {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -3,7 +3,8 @@
 ``methods`` (the three inversions and their paired sampler), ``implicit`` (the implicit step's solver),
 ``nulltext`` (null-text and negative-prompt inversion: per-step negative embeddings), ``regenerate`` (the
 Inverted-Latent Sampler's plan: which negative, replay, drift pair and steps), ``schedule`` (sigma schedules and
-their per-step conditioning ranges), ``checks`` (the validation layer every node input passes), ``imaging``
+their per-step conditioning ranges), ``flowedit`` (FlowEdit: inversion-free editing of flow models, two guided
+denoisers), ``checks`` (the validation layer every node input passes), ``imaging``
 (pixel and preview arithmetic), ``trajectory`` (the DDIM_TRAJECTORY contract), ``errors`` (the one error class).
 """
 from .errors import InversionInputError, node_boundary

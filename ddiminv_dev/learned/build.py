@@ -88,13 +88,14 @@ class Checkpoint:
     def is_built(self) -> bool:
         return is_current(MODEL_DIR / self.name, self.version(self.weights))
 
-    def register_model_dir(self, weights_dir=None) -> Path:
+    def register_model_dir(self, weights_dir=None, tag: str = "other") -> Path:
         """Build the checkpoint if needed and add its folder to ComfyUI's "checkpoints" search path (in-process).
         With ``weights_dir`` (e.g. a training run's folder) it is built from those weights, as
-        ``<name>-other.safetensors``."""
+        ``<name>-<tag>.safetensors`` (a weights folder used again and again gets its own tag, so that other
+        folders do not rebuild over it)."""
         import folder_paths
         path = self.checkpoint_path() if weights_dir is None else self.checkpoint_path(
-            weights_dir, MODEL_DIR / self.name.replace(".safetensors", "-other.safetensors"))
+            weights_dir, MODEL_DIR / self.name.replace(".safetensors", f"-{tag}.safetensors"))
         if str(MODEL_DIR) not in folder_paths.get_folder_paths("checkpoints"):
             folder_paths.add_model_folder_path("checkpoints", str(MODEL_DIR))
         return path

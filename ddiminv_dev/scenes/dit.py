@@ -208,3 +208,28 @@ def train_dit(out_dir, vae_path, iterations: int, seed: int = DIT_SEED, batch: i
             meta=lambda it, run: {"iterations": it, "seed": seed, "rank": rank, "depth": DEPTH,
                                   "captions": len(texts) - 1, "loss": f"{run:.4f}"})
     return out
+
+
+# ------------------------------------------------------------------------------------------------ stand-in
+def untrained_weights(out_dir=None, seed: int = DIT_SEED, n_scenes: int = 16) -> Path:
+    """A folder of seeded, untrained weights in the committed layout (default ``.cache/scenes/dit-untrained-<seed>``;
+    written once): the 16-channel TAESD as training starts it (:func:`vae16_from_scenes` without noise, so it
+    decodes what the SD1.5 scenes VAE decodes), calibrated to SD3's latent format on ``n_scenes`` training scenes,
+    and the DiT at its seeded init with the adaLN-Zero layers random too (``zero_init=False``: it predicts
+    velocities of the size of its input, not zero). For plumbing before the DiT is trained (``bench/edit.py``'s
+    DiT rows, their smoke test): the DiT's numbers mean nothing."""
+    import numpy as np
+
+    from ..training import fp16, save_weights
+    d = Path(out_dir) if out_dir is not None else ST.cache_dir() / f"dit-untrained-{seed}"
+    if (d / VAE_FILE).exists() and (d / DIT_FILE).exists():
+        return d
+    rng = np.random.default_rng(int(seed))
+    images = np.stack([ST.R.render(ST.R.sample_scene(rng, "train")).image for _ in range(n_scenes)])
+    with torch.no_grad():
+        vae = vae16_from_scenes(noise=0.0, seed=VAE_SEED)
+        ST.calibrate(vae, images, *SD3_LATENT)
+    save_weights(LT.vae_state_dict(vae), d / VAE_FILE, {"iterations": 0, "seed": VAE_SEED, "init": "untrained"})
+    net = build_dit(seed=seed, zero_init=False)
+    save_weights(fp16(net.state_dict()), d / DIT_FILE, {"iterations": 0, "seed": seed, "rank": RANK, "depth": DEPTH})
+    return d

@@ -85,20 +85,32 @@ def test_learned_bench_quick():
 @pytest.mark.skipif(not (ROOT / ".comfyui" / "main.py").exists() and not os.environ.get("COMFYUI_PATH"),
                     reason="ComfyUI host not set up (tools/setup.sh)")
 def test_edit_bench_smoke_runs_every_row(tmp_path):
-    """bench/edit.py end to end on the committed scenes weights, one thread: every METHODS row (the refined one
-    included) on one item of an object edit and one of a background edit (the two scoring paths; shape reading is
-    unit-tested on ground truth), scored, timed with its shared costs, drawn."""
+    """bench/edit.py end to end, one thread, on both scenes models (the committed SD1.5 weights; the DiT's
+    committed weights, else its seeded untrained stand-in): every METHODS row that applies to the model (the
+    refined one included; FlowEdit on the flow DiT only, null-text and negative-prompt on the SD1.5 model only) on
+    one item of an object edit and one of a background edit (the two scoring paths; shape reading is unit-tested
+    on ground truth), scored, timed with its shared costs, drawn; every row names its model."""
     import math
 
     from bench import edit as BE
+    from ddiminv_dev.scenes import build_dit
     out = _run(["bench/edit.py", "--scenes", "1", "--steps", "2", "--refine", "2", "--nulltext-iterations", "1",
                 "--kinds", "colour,background", "--threads", "1", "--out", str(tmp_path)])
     assert f"a perfect item (infinite PSNR) counts as {BE.PSNR_CAP:g} dB" in out
     data = json.loads((tmp_path / "edit.json").read_text())
     assert data["scheduler"] == BE.SCHED and data["refine"] == 2 and data["psnr_cap_db"] == BE.PSNR_CAP
+    models = data["models"]
+    assert list(models) == list(BE.MODELS) == ["scenes-sd15", "scenes-dit"]
+    assert models["scenes-sd15"]["family"] == "vp" and models["scenes-dit"]["family"] == "flow"
+    assert models["scenes-dit"]["stand_in"] is (not build_dit.has_weights()) and not models["scenes-sd15"]["stand_in"]
+    assert data["flowedit"]["n_max"] == 1 and data["flowedit"]["seed"] == 0
+    assert "scenes-dit (flow): left out (do not apply): null-text, negative-prompt" in out
+    assert "scenes-sd15 (vp): left out (do not apply): flowedit" in out
     kinds = ("colour", "background")
-    rows = {(r["edit"], r["method"]): r for r in data["rows"]}
-    assert list(rows) == [(k, m) for k in kinds for m in BE.METHODS]
+    rows = {(r["model"], r["edit"], r["method"]): r for r in data["rows"]}
+    assert list(rows) == [(m, k, x) for m in BE.MODELS for k in kinds for x in BE.METHODS
+                          if BE.applies(x, models[m]["family"])]
+    assert ("scenes-dit", "colour", "flowedit") in rows and ("scenes-dit", "colour", "null-text") not in rows
     for key, r in rows.items():
         assert r["n"] == 1 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["iou"] <= 1.0, (key, r)
         assert 0.0 <= r["bg_psnr"] <= BE.PSNR_CAP and 0.0 <= r["gt_psnr"] <= BE.PSNR_CAP, (key, r)  # uint8: >= 0 dB
@@ -106,11 +118,15 @@ def test_edit_bench_smoke_runs_every_row(tmp_path):
         latent = "latent-refined" if r["method"] == "exact from refined latent" else "latent"
         assert {latent, "cond-target", "cond-negative"} <= set(r["charged"]), (key, r["charged"])
         assert ("latent-refined" in r["charged"]) == (latent == "latent-refined"), (key, r["charged"])
+    for m in BE.MODELS:
+        for k in kinds:
+            assert "traj-exact-refined" in rows[(m, k, "exact from refined latent")]["charged"]
+            assert not any(c.startswith("traj") for c in rows[(m, k, "sdedit 0.6 (core KSampler)")]["charged"])
+            ceil = models[m]["source_ceilings_db"][k]
+            assert set(ceil) == {"latent", "latent-refined"} and ceil["latent-refined"] >= ceil["latent"], (m, ceil)
+            assert f"{k:10s} source VAE ceiling: latent " in out
     for k in kinds:
-        assert "traj-exact-refined" in rows[(k, "exact from refined latent")]["charged"]
-        assert "traj-ddim" in rows[(k, "null-text")]["charged"]   # the inversion it starts from
-        assert not any(c.startswith("traj") for c in rows[(k, "sdedit 0.6 (core KSampler)")]["charged"])
-        ceil = data["source_ceilings_db"][k]
-        assert set(ceil) == {"latent", "latent-refined"} and ceil["latent-refined"] >= ceil["latent"], ceil
-        assert f"{k:10s} source VAE ceiling: latent " in out
+        assert "traj-ddim" in rows[("scenes-sd15", k, "null-text")]["charged"]   # the inversion it starts from
+        fe = rows[("scenes-dit", k, "flowedit")]["charged"]                        # inversion-free
+        assert {"cond-source", "cond-target", "latent"} <= set(fe) and not any(c.startswith("traj") for c in fe), fe
     assert (tmp_path / "edit_grid.png").stat().st_size > 0 and (tmp_path / "edit_plot.png").stat().st_size > 0

@@ -236,3 +236,81 @@ def test_methods_are_chosen_by_name_even_with_a_comma_in_the_name():
     assert BE.parse_methods("null-text, exact, ddim replay") == ["null-text", "exact, ddim replay"]
     with pytest.raises(ValueError, match="unknown methods 'exact'"):
         BE.parse_methods("null-text,exact")
+
+
+# ------------------------------------------------------------------ the model axis and FlowEdit
+def test_which_rows_run_on_which_model_family():
+    """The pure rule: FlowEdit on flow models only; null-text and negative-prompt on VP models only (issue 32's
+    flow rows); every other row on both. Unknown families and methods are refused, not silently run."""
+    flow = [m for m in BE.METHODS if BE.applies(m, "flow")]
+    vp = [m for m in BE.METHODS if BE.applies(m, "vp")]
+    assert set(BE.METHODS) - set(flow) == {"null-text", "negative-prompt"}
+    assert set(BE.METHODS) - set(vp) == {"flowedit"}
+    assert {"sdedit 0.6 (core KSampler)", "core FlipSigmas+SamplerCustom", "ddim (plain)", "exact, ddim replay",
+            "ddim + source_drift", "exact from refined latent"} <= set(flow) & set(vp)
+    with pytest.raises(ValueError, match="family 'eps'"):
+        BE.applies("flowedit", "eps")
+    with pytest.raises(ValueError, match="unknown method 'flow-edit'"):
+        BE.applies("flow-edit", "flow")
+    assert BE.parse_models("all") == list(BE.MODELS) and BE.parse_models("scenes-dit") == ["scenes-dit"]
+    with pytest.raises(ValueError, match="unknown models"):
+        BE.parse_models("scenes-sd3")
+
+
+def test_run_leaves_out_the_rows_that_do_not_apply_and_names_the_model(monkeypatch):
+    """``run`` on a flow model skips null-text (logged as left out) and stamps every row with the model's name."""
+    import torch
+    from types import SimpleNamespace
+    called = []
+    monkeypatch.setitem(BE.METHODS, "ddim (plain)", lambda S, b: called.append("ddim") or "z")
+    monkeypatch.setitem(BE.METHODS, "null-text", lambda S, b: called.append("null-text") or "z")
+    b = BE.items(seed=5, n=1, kinds=("colour",))[0]
+    img = b.src[0].image
+    S = SimpleNamespace(name="scenes-dit", family="flow", vae="v", torch=torch, pixels=lambda images: "p",
+                        decode=lambda latent: np.stack([img]))
+    monkeypatch.setattr(BE.B, "call", lambda node, *a, **k: ({"samples": "gt"},))
+    logs = []
+    rows, pictures = BE.run(S, [b], ["null-text", "ddim (plain)"], log=logs.append)
+    assert called == ["ddim"] and [(r["model"], r["method"]) for r in rows] == [("scenes-dit", "ddim (plain)")]
+    assert "scenes-dit (flow): left out (do not apply): null-text" in logs and list(pictures) == [("colour",
+                                                                                                   "ddim (plain)")]
+
+
+def test_flowedit_row_runs_the_source_pass_then_the_target_pass(fake, monkeypatch):
+    """The FlowEdit row: the source pass with the source prompt at FLOWEDIT's source CFG, then the edit with the
+    target prompt at its CFG, on the model-space source latent, with n_max = FLOWEDIT's fraction of the steps and
+    the run's seed; a VP model is refused by the core's check (with the fix), before any pass runs."""
+    import torch
+    from types import SimpleNamespace
+
+    from inversion import flowedit as FE
+    S, log = fake
+    S.family, S.steps, S.seed = "flow", 20, 7
+    x = torch.randn(2, 4, 8, 8)
+    runs = []
+
+    def run_guided(model, pos, neg, cfg, shape, sig, loop, steps, label):
+        runs.append((pos, cfg, steps, label))
+        tag = {id(S._c["source"]): 1.0, id(S._c["target"]): 2.0}[id(pos)]
+        return loop(lambda z, s: z * 0 + tag * 0.1, "cpu", None)
+
+    C = SimpleNamespace(to_model_space=lambda m, s: x * 2, to_vae_space=lambda m, s: s / 2,
+                        sampling_sigmas=lambda m, sched, n: torch.linspace(1, 0, n + 1), run_guided=run_guided)
+    mods = {"nodes._comfy": C, "inversion.flowedit": FE}
+    real = BE.B.pack
+    monkeypatch.setattr(BE.B, "pack", lambda d: mods[d] if d in mods else real(d))
+    b = BE.items(seed=5, n=2, kinds=("colour",))[0]
+    S._c = {"source": BE._src(S, b), "target": BE._tgt(S, b)}
+    out = BE.METHODS["flowedit"](S, b)
+    n_max = round(20 * 33 / 50)
+    assert [(r[1], r[2], r[3]) for r in runs] == [(3.5, n_max, "FlowEdit (source)"), (13.5, n_max, "FlowEdit")]
+    p = FE.Params(n_max=n_max, seed=7)
+    want = FE.flowedit(lambda z, s: z * 0 + 0.1, lambda z, s: z * 0 + 0.2, x * 2, torch.linspace(1, 0, 21), p,
+                       family="flow") / 2
+    assert torch.equal(out, want)
+    assert not torch.equal(out, x)   # the two prompts' denoisers differ: an edit happened
+    S.family = "vp"
+    runs.clear()
+    with pytest.raises(FE.FlowEditError, match="needs a flow model"):
+        BE.METHODS["flowedit"](S, b)
+    assert runs == []
