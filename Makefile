@@ -11,6 +11,10 @@
 PY ?= .venv/bin/python
 NODE ?= node
 PYTEST_ARGS ?= tests
+# pytest-xdist: one worker per logical CPU, at most 4 (each boots its own ComfyUI); PYTEST_WORKERS=0 runs in one
+# process. The tests run one torch thread each (tests/conftest.py), so one process leaves the other cores idle.
+PYTEST_WORKERS ?= logical
+XDIST = -n $(PYTEST_WORKERS) --maxprocesses 4
 # optional: file that receives pytest's exit code (used by .ci/run to tell "no tests collected" apart)
 PYTEST_RC_FILE ?=
 # the environment test-precision runs under: MKL's SSE2 branch, which differs from the default kernels of every
@@ -25,7 +29,7 @@ setup:
 test: setup
 	@lrc=0; $(PY) -m ruff check . || lrc=$$?; \
 	rc=0; \
-	$(PY) -m pytest -q --durations=30 --durations-min=5 $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -q $(XDIST) --durations=30 --durations-min=5 $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	jrc=0; \
@@ -40,7 +44,7 @@ test: setup
 	echo "make test: OK (ruff, pytest and node --test passed)"
 
 test-precision:
-	@rc=0; env $(PRECISION_ENV) $(PY) -m pytest -q -m precision $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; env $(PRECISION_ENV) $(PY) -m pytest -q $(XDIST) -m precision $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; \
 	if [ $$rc -ne 0 ]; then echo "make test-precision: FAILED (pytest exit $$rc, $(PRECISION_ENV))" >&2; exit 1; fi; \
 	echo "make test-precision: OK ($(PRECISION_ENV))"
@@ -53,7 +57,7 @@ lint:
 	$(PY) -m ruff check .
 
 test-py:
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-js:
 	$(NODE) --test js/tests/

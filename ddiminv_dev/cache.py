@@ -6,6 +6,7 @@ written atomically (temporary file + rename), so a crash never leaves a half-wri
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -14,6 +15,29 @@ from typing import Callable
 import torch
 
 VERSION_KEY = "ddiminv_version"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on ``<path>.lock`` (created beside ``path``) for the block: processes that build the
+    same cache file (parallel test workers, a server, the demo) take turns, and the second finds it built."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def torch_save_atomic(obj, path: Path) -> None:
+    """``torch.save(obj, path)`` through a temporary file of this process, renamed over ``path``: a reader never sees
+    a half-written file, and two writers never share a temporary file."""
+    path = Path(path)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def is_current(path: Path, version: str) -> bool:
@@ -36,20 +60,15 @@ def cached_build(path: Path, version: str, build: Callable[[], dict], descriptio
     path = Path(path)
     if is_current(path, version):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / (path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if is_current(path, version):
-                return path
-            from safetensors.torch import save_file
-            with torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.manual_seed(int(seed))
-                sd = build()
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(sd, str(tmp), metadata={VERSION_KEY: version, "format": "pt", "description": description})
-            os.replace(tmp, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(path):
+        if is_current(path, version):
+            return path
+        from safetensors.torch import save_file
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            sd = build()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(sd, str(tmp), metadata={VERSION_KEY: version, "format": "pt", "description": description})
+        os.replace(tmp, path)
     return path

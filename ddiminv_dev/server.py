@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,7 +35,35 @@ class ServerError(RuntimeError):
     pass
 
 
+# pytest-xdist worker k draws ports from its own slice, 20000 + 1000 k .. + 999 (k < 12): below Linux's ephemeral
+# range (32768-60999, where the OS's own choices land) and above Ray's worker ports (10002-19999). Between
+# ``free_port()`` and the server's bind another process could take the port; were it another worker's server,
+# start_server's /object_info poll would get its answer and the test would talk to the wrong server.
+PORT_BASE, PORT_SLICE, PORT_SLICES = 20000, 1000, 12
+_port_offset = secrets.randbelow(PORT_SLICE)  # two runs on one machine start apart
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now: the OS's choice, or under pytest-xdist
+    (``PYTEST_XDIST_WORKER=gw<k>``) one from worker k's own slice, so two workers never pick the same port."""
+    global _port_offset
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        base = PORT_BASE + PORT_SLICE * (int(worker[2:]) % PORT_SLICES)
+        for _ in range(PORT_SLICE):
+            _port_offset = (_port_offset + 1) % PORT_SLICE
+            if _can_bind(base + _port_offset):
+                return base + _port_offset
+        raise ServerError(f"no free port in {base}..{base + PORT_SLICE - 1} for xdist worker {worker}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -15,6 +15,7 @@ _THREADS = os.environ.get("DDIMINV_TEST_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = _THREADS
 os.environ.setdefault("MKL_NUM_THREADS", _THREADS)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the thread settings)
 
 torch.set_num_threads(int(_THREADS))
@@ -22,3 +23,10 @@ torch.set_num_threads(int(_THREADS))
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs pytest-xdist workers; ddiminv_dev.xdist_units says how the files are shared out."""
+    from ddiminv_dev import xdist_units
+    return xdist_units.make_scheduler(config, log)

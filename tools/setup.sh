@@ -81,13 +81,14 @@ scikit-image
 scikit-learn
 ruff
 mutmut==3.8.1
+pytest-xdist==3.8.0
 EOF
 # development extra: Ray, for tools/ray_batch.py (batch jobs over several ComfyUI servers) and its tests.
 # The pack never imports it (its requirements.txt stays empty). 2.60.0 is what pip gives on Python 3.11 here.
 echo "ray==2.60.0" >> "$CACHE/dev-requirements.txt"
 stamp="$CACHE/venv.stamp"
 want=$( (cat "$CACHE/comfy-requirements.txt" "$CACHE/dev-requirements.txt" "$ROOT/tools/setup.sh"; echo "torchaudio=$NEED_TORCHAUDIO") | sha256sum | cut -c1-16)
-check="import torch, torchvision, comfyui_frontend_package, pytest, ray"
+check="import torch, torchvision, comfyui_frontend_package, pytest, xdist, ray"
 [ "$NEED_TORCHAUDIO" = 1 ] && check="$check, torchaudio"
 # one interpreter start checks the imports and reports torch's version (each start costs seconds of CPU)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && tv="$("$VPY" -c "$check; print(torch.__version__)" 2>/dev/null)"; then

@@ -135,6 +135,12 @@ def caption_contexts() -> torch.Tensor:
     from ddiminv_dev.paths import CACHE
     path = CACHE / "learned" / f"contexts-clip{tiny_checkpoint.VERSION}-seed{tiny_checkpoint.SEED}.pt"
     texts = list(data.CAPTIONS) + [""]
+    from ddiminv_dev.cache import file_lock, torch_save_atomic
+    with file_lock(path):  # parallel test workers: one encodes, the other waits and reads
+        return _caption_contexts(path, texts, tiny_checkpoint.tiny_checkpoint_path, torch_save_atomic)
+
+
+def _caption_contexts(path, texts, checkpoint, save) -> torch.Tensor:
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("texts") == texts:
@@ -142,8 +148,7 @@ def caption_contexts() -> torch.Tensor:
     from ddiminv_dev.host import import_comfy
     import_comfy()
     import comfy.sd
-    ckpt = tiny_checkpoint.tiny_checkpoint_path()
-    clip = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=True,
+    clip = comfy.sd.load_checkpoint_guess_config(str(checkpoint()), output_vae=False, output_clip=True,
                                                  output_model=False)[1]
     conds = []
     with torch.no_grad():
@@ -151,8 +156,7 @@ def caption_contexts() -> torch.Tensor:
             cond, _pooled = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
             conds.append(cond[0].float().cpu())
     cond = torch.stack(conds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"texts": texts, "cond": cond}, path)
+    save({"texts": texts, "cond": cond}, path)
     return cond
 
 

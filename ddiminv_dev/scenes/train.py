@@ -108,19 +108,27 @@ def encode_cached(texts, path: Path, load, pick, log=None) -> list:
     """``[pick(cond, pooled) for each text]`` (float16, CPU) of the CLIP object ``load()`` exactly as
     ``CLIPTextEncode`` computes ``cond, pooled``, cached per text in ``path`` (the CLIP is loaded only when a text
     is missing)."""
-    store = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
-    missing = [t for t in dict.fromkeys(texts) if t not in store]
-    if missing:
-        clip = load()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for j, t in enumerate(missing):
-                cond, pooled = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
-                store[t] = pick(cond, pooled).to(torch.float16).cpu()
-                if (j + 1) % 50 == 0 or j + 1 == len(missing):
-                    torch.save(store, path.with_suffix(".tmp"))
-                    path.with_suffix(".tmp").replace(path)
-                    _log(log, f"clip: {j + 1}/{len(missing)} captions encoded ({time.perf_counter() - t0:.0f}s)")
+    from ddiminv_dev.cache import file_lock, torch_save_atomic
+
+    def read():
+        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+
+    store = read()
+    if any(t not in store for t in texts):
+        with file_lock(path):  # another process may be encoding the same texts: take turns, then read again
+            store = read()
+            missing = [t for t in dict.fromkeys(texts) if t not in store]
+            if missing:
+                clip = load()
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    for j, t in enumerate(missing):
+                        cond, pooled = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
+                        store[t] = pick(cond, pooled).to(torch.float16).cpu()
+                        if (j + 1) % 50 == 0 or j + 1 == len(missing):
+                            torch_save_atomic(store, path)
+                            _log(log, f"clip: {j + 1}/{len(missing)} captions encoded "
+                                      f"({time.perf_counter() - t0:.0f}s)")
     return [store[t] for t in texts]
 
 
@@ -208,10 +216,17 @@ def latent_pool(vae_path, captions, log=None, latent_format=None) -> tuple[torch
     """(model-space latents [N, C, SIZE/8, SIZE/8], caption index [N]) of the rendered pool; cached per VAE,
     captions and latent format: model space is ``raw * 0.18215`` (SD1.5, the default) or, with
     ``latent_format=(scale_factor, shift_factor)``, ``(raw - shift_factor) * scale_factor`` (SD3's)."""
+    from ddiminv_dev.cache import file_lock, torch_save_atomic
     path = cache_dir() / f"pool-{_pool_key(vae_path, captions, latent_format)}.pt"
-    if path.exists():
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        return d["latents"], d["index"]
+    if not path.exists():
+        with file_lock(path):  # one process encodes the pool; another asking meanwhile waits and reads it
+            if not path.exists():
+                torch_save_atomic(_encode_pool(vae_path, captions, log, latent_format), path)
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return d["latents"], d["index"]
+
+
+def _encode_pool(vae_path, captions, log, latent_format) -> dict:
     t0 = time.perf_counter()
     images, index = render_pool(captions)
     _log(log, f"pool: {len(images)} scenes rendered ({time.perf_counter() - t0:.0f}s)")
@@ -219,9 +234,8 @@ def latent_pool(vae_path, captions, log=None, latent_format=None) -> tuple[torch
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     z = torch.cat([m.encode(x[i:i + 64] * 2 - 1) for i in range(0, len(x), 64)])
     z = z * LT.SD15_LATENT_SCALE if latent_format is None else (z - latent_format[1]) * latent_format[0]
-    torch.save({"latents": z, "index": torch.from_numpy(index)}, path)
     _log(log, f"pool: encoded, std {float(z.std()):.3f} mean {float(z.mean()):.3f} ({time.perf_counter() - t0:.0f}s)")
-    return z, torch.from_numpy(index)
+    return {"latents": z, "index": torch.from_numpy(index)}
 
 
 def train_unet(out_dir, vae_path, iterations: int, seed: int = UNET_SEED, batch: int = 32, lr: float = 5e-4,

@@ -46,7 +46,9 @@ def _copy_tree(dest: Path) -> Path:
 
 def _ci(tree: Path, pytest_args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS")}
-    env.update(PYTEST_ARGS=pytest_args, DDIMINV_CI_NO_BROWSER="1")
+    # one pytest process inside: this test already runs beside the outer run's other workers, and each inner
+    # worker would boot its own ComfyUI for two files
+    env.update(PYTEST_ARGS=pytest_args, DDIMINV_CI_NO_BROWSER="1", PYTEST_WORKERS="0")
     return subprocess.run(["bash", ".ci/run"], cwd=tree, env=env, capture_output=True, text=True, timeout=900)
 
 
