@@ -2,7 +2,7 @@
 #   make setup                 host ComfyUI 0.3.75 + .venv + link the pack (tools/setup.sh, idempotent)
 #   make test                  (setup, then) lint (ruff), python tests (pytest), js unit tests (node --test); fails if any fails
 #   make test PYTEST_ARGS="tests/host -k flux"    pass arguments through to pytest (default: tests)
-#   make test-fast             unit tier + js only (no ComfyUI boot, under a minute)
+#   make test-fast             unit tier without the tests marked slow (bench smoke runs, .ci scripts) + js
 #   make test-precision        the tests marked `precision` again on another MKL code path (PRECISION_ENV,
 #                              default MKL_CBWR=COMPATIBLE), so a bar tuned to one CPU's kernels fails here too
 #   make lint                  ruff (configured in pyproject.toml)
@@ -50,7 +50,7 @@ test-precision:
 	echo "make test-precision: OK ($(PRECISION_ENV))"
 
 test-fast:
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests/unit
 	$(NODE) --test js/tests/
 
 lint:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # boots ComfyUI or runs a bench/.ci script: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

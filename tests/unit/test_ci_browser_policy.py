@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # boots ComfyUI or runs a bench/.ci script: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[2]
 BROWSER_TEST = "tests/server/test_browser.py"
 
