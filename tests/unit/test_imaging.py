@@ -230,3 +230,77 @@ def test_fit_pixels_messages_and_sizes():
     assert res.shape == (1, 56, 16, 3) and valid == (56, 16)   # 53/8 = 6.6 -> 7; 12/8 = 1.5 -> 2
     pad, valid = I.fit_pixels(torch.rand(1, 9, 16, 3), 8, "pad")
     assert pad.shape == (1, 16, 16, 3) and valid == (9, 16)
+
+
+def test_ceiling_windows_on_the_left_and_right_borders_and_narrow_images():
+    # n 2 on a 48-wide latent: the left window starts at column 0 (no margin there), the right one ends at 48
+    assert I.ceiling_windows(700, 48) == [(163, 187, 0, 24, 167, 183, 0, 20), (513, 537, 24, 48, 517, 533, 28, 48)]
+    # n 4 on a 50-wide latent: the column-3 windows (centre 43) are pulled back inside (x0 = 50 - 24)
+    assert I.ceiling_windows(1200, 50) == [(138, 162, 6, 30, 142, 158, 10, 26), (438, 462, 26, 50, 442, 458, 30, 50),
+                                           (738, 762, 6, 30, 742, 758, 10, 26),
+                                           (1038, 1062, 26, 50, 1042, 1058, 30, 50)]
+    assert I.ceiling_windows(100, 24) == [(44, 56, 6, 18, 46, 54, 8, 16)]        # w = 2 side: still a window
+    assert I.ceiling_windows(400, 20) is None                                      # side 16: 20 < 32 columns
+    assert len(I.ceiling_windows(300, 300)) == 4                                   # budget for 6: at most 4
+    for h, w in ((64, 64), (200, 240), (48, 1200), (1200, 50)):
+        assert all(type(v) is int for win in I.ceiling_windows(h, w) for v in win), (h, w)   # slice indices
+
+
+def test_the_error_formulas_subtract():
+    a, b = torch.full((1, 2, 2, 3), 0.5), torch.full((1, 2, 2, 3), 0.6)
+    assert I.psnr(a, b) == pytest.approx(20.0, abs=1e-4)
+    assert I.rms(a, b) == pytest.approx(0.1, abs=1e-6)
+    assert I.rms_per_frame(torch.full((2, 3, 2, 2), 0.5), torch.full((2, 3, 2, 2), 0.7)) == pytest.approx([0.2] * 3)
+    assert I.psnr(a, a + 7e-6) == I.PSNR_CAP_DB                       # mse 4.9e-11 is past the 1e-10 cap
+    assert I.psnr_from_sse(5e-11, 1) == I.PSNR_CAP_DB
+
+
+def test_fit_edges():
+    crop, valid = I.fit_pixels(torch.rand(1, 8, 12, 3), 8, "crop")   # exactly one factor high: croppable
+    assert valid == (8, 8)
+    crop, valid = I.fit_pixels(torch.rand(1, 12, 8, 3), 8, "crop")
+    assert valid == (8, 8)
+    two = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1).expand(1, 8, 2, 3)
+    res, _ = I.fit_pixels(two, 8, "resize")                             # bilinear: values between 0 and 1 appear
+    assert len(torch.unique(res)) > 2
+    hdr = torch.tensor([-0.5, 1.5]).view(1, 1, 2, 1).expand(1, 8, 2, 3)
+    res, _ = I.fit_pixels(hdr, 8, "resize")
+    assert float(res.min()) == 0.0 and float(res.max()) == 1.0         # resized pixels are clamped to [0, 1]
+    assert I.frame_counts(3, lambda a: a // 4, lambda t: 4 * t) == (0, 4)
+    clip = torch.rand(3, 2, 2, 3)
+    kept, n = I.fit_frames(clip, 1, 5, "crop")
+    assert n == 1 and torch.equal(kept, clip[:1])
+    with pytest.raises(E) as e:
+        I.fit_frames(clip, 1, 5, "stretch")
+    assert str(e.value) == "unknown fit 'stretch'; use one of pad, crop, resize, error"
+    with pytest.raises(E) as e:
+        I.fit_frames(clip, 1, 5, "error")
+    assert str(e.value) == ("the clip has 3 frames but this video VAE encodes 1 or 5 frames without dropping any; set "
+                            "'fit' to pad (repeat the last frame) or crop (drop the extra frames), or trim the clip")
+    with pytest.raises(E) as e:
+        I.fit_frames(clip, 0, 5, "crop")
+    assert str(e.value) == ("the clip has 3 frames, fewer than this video VAE's smallest clip (5); use fit=pad or a "
+                            "longer clip")
+
+
+def test_fast_rgb_of_a_video_is_its_first_frame():
+    factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    video = torch.stack([torch.full((1, 3, 1, 1), 0.2), torch.full((1, 3, 1, 1), -0.2)], dim=2)   # [1,3,2,1,1]
+    assert torch.allclose(I.fast_rgb(video, factors).flatten(), torch.full((3,), 0.6))
+
+
+def test_to_rgb_messages_word_for_word_and_one_pixel_images():
+    for bad, got in ((torch.rand(4, 4, 3), "(4, 4, 3)"), ([1.0], "list")):
+        with pytest.raises(E) as e:
+            I.to_rgb(bad)
+        assert str(e.value) == (f"pixels must be an IMAGE batch [B,H,W,C] (got {got}); connect an IMAGE output "
+                                "(e.g. Load Image)")
+    for shape in ((1, 0, 4, 3), (1, 4, 0, 3)):
+        with pytest.raises(E) as e:
+            I.to_rgb(torch.rand(shape))
+        assert str(e.value) == f"the image is empty (shape {shape}); connect a non-empty IMAGE"
+    assert I.to_rgb(torch.rand(1, 1, 1, 3)).shape == (1, 1, 1, 3)
+    with pytest.raises(E) as e:
+        I.to_rgb(torch.rand(1, 2, 2, 2))
+    assert str(e.value) == ("the image has 2 channels but an IMAGE is grey (1), RGB (3) or RGBA (4, alpha dropped); "
+                            "convert it to RGB before encoding")
