@@ -294,3 +294,97 @@ def test_a_video_latent_is_refined_against_all_its_frames():
     assert max(ratio) < 0.2, ratio                 # measured 0.045 and 0.051
     part = R.refine_latent(z0, target, dec, steps=20, lr=0.1, windows=R.windows_for(8, 8, 3, 1))
     assert torch.allclose(part.latent, res.latent, atol=1e-5)
+
+
+# ------------------------------------------------------------ edges the mutation run found untested (issue 29)
+def test_a_two_step_refine_decays_the_learning_rate_at_its_last_step():
+    assert R.cosine_lr(0, 2, 0.2) == 0.2
+    assert R.cosine_lr(1, 2, 0.2) == pytest.approx(0.02)
+
+
+def test_windows_need_a_positive_core_and_a_non_negative_margin():
+    for core, margin in ((0, 1), (2, -1)):
+        with pytest.raises(ValueError, match=r"^core must be positive and margin non-negative$"):
+            R.windows_for(4, 4, core, margin)
+    assert len(R.windows_for(3, 2, 1, 0)) == 6                 # a core of one latent pixel is valid
+
+
+def test_bad_settings_name_the_setting_and_the_fix():
+    z0, target, dec = _case()
+    for kw, msg in ((dict(steps=-1), "refine must be >= 0 (got -1); use 0 for the posterior mean"),
+                    (dict(steps=2, lr=math.nan), "the learning rate must be a finite number >= 0 (got nan); use "
+                                                 "the default"),
+                    (dict(steps=2, anchor=-1.0), "the anchor must be a finite number >= 0 (got -1.0); use the "
+                                                 "default")):
+        with pytest.raises(R.RefineError) as e:
+            R.refine_latent(z0, target, dec, **kw)
+        assert str(e.value) == msg
+
+
+@pytest.mark.parametrize("valid", [(12, 12), (6, 6)])
+def test_windows_measure_only_the_valid_pixels(valid):
+    """Padding rows/columns past valid_hw hold garbage: a window whose core runs into them (valid 12 of 16 pixels)
+    or lies wholly in them (valid 6) compares only its valid part, so the windowed pixel error is the whole
+    decode's and the hand-computed one over the valid pixels."""
+    z0, target, dec = _case(n=1, h=8, w=8, seed=9)
+    target = target.clone()
+    vh, vw = valid
+    target[:, vh:, :, :] = 5.0
+    target[:, :, vw:, :] = -5.0
+    want = float(_mse(dec(z0)[:, :vh, :vw], target[:, :vh, :vw])[0])
+    whole = R.refine_latent(z0, target, dec, steps=0, valid_hw=valid)
+    part = R.refine_latent(z0, target, dec, steps=0, valid_hw=valid, windows=R.windows_for(8, 8, 4, 1))
+    assert whole.mse_before[0] == pytest.approx(want, rel=1e-5)
+    assert part.mse_before[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_decoder_of_the_wrong_size_is_named_with_both_sizes():
+    z0, target, _ = _case(n=1, h=8, w=8)
+
+    def dec(z):     # 8x8 latent -> 12x12 pixels, the image is 16x16
+        return torch.nn.functional.interpolate(z[:, :3], size=(12, 12)).movedim(1, -1)
+    with pytest.raises(R.RefineError) as e:
+        R.refine_latent(z0, target, dec, steps=0)
+    assert str(e.value).startswith("the VAE decodes a (8, 8) latent to (12, 12) pixels, not the ")
+    assert str(e.value).endswith("size of the image; set refine to 0 for this VAE")
+
+
+def test_the_measures_clamp_below_as_well():
+    """A decode under 0 where the image is 0 shows 0: no error; above 1 where the image is 1 shows 1."""
+    target = torch.zeros(1, 2, 2, 3)
+    target[:, 1] = 1.0
+    z = torch.full((1, 3, 2, 2), -0.5)
+    z[:, :, 1] = 1.5
+    res = R.refine_latent(z, target, lambda v: v.movedim(1, -1), steps=0)
+    assert res.mse_before == [0.0]
+
+
+def test_unclamped_pulls_back_an_overshoot_the_clamp_hides_and_straight_does_not():
+    """Pixel A decodes to 1.5 where the image is 1 (clamped: right), pixel B to 1.3 where it is 0.5 (clamped:
+    wrong). Both losses fix B; only 'unclamped' moves A (its raw error is 0.5), 'straight' leaves it exactly."""
+    target = torch.tensor([1.0, 0.5]).view(1, 1, 2, 1).expand(1, 1, 2, 3).contiguous()
+    z0 = torch.tensor([1.5, 1.3]).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
+    dec = lambda v: v.movedim(1, -1)                                   # noqa: E731
+    unclamped = R.refine_latent(z0, target, dec, steps=30, lr=0.5, loss="unclamped")
+    straight = R.refine_latent(z0, target, dec, steps=30, lr=0.5, loss="straight")
+    for res in (unclamped, straight):
+        assert res.best_iteration[0] > 0 and res.mse_after[0] < 0.1 * res.mse_before[0]
+    assert torch.equal(straight.latent[..., 0], z0[..., 0])
+    assert float(unclamped.latent[..., 0].max()) < 1.3, unclamped.latent[..., 0]
+
+
+def test_the_anchor_term_has_its_stated_weight_per_image():
+    """Identity decoder, no clamp reached: J = mean((z - t)^2) + anchor * mean(((z - z0)/s)^2) per image has the
+    minimiser z* = (s^2 t + anchor z0) / (s^2 + anchor) elementwise (s: the image's std of z0, float64 here).
+    A batch of two converges to each image's own z*, at anchor = s^2 (half way)."""
+    g = torch.Generator().manual_seed(21)
+    t = 0.3 + 0.4 * torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    z0 = t + 0.2 * (2 * torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) - 1)
+    s2 = z0.flatten(1).std(dim=1).square().view(2, 1, 1, 1)
+    anchor = float(s2.mean())
+    want = (s2 * t + anchor * z0) / (s2 + anchor)
+    res = R.refine_latent(z0.float(), t.movedim(1, -1).float(), lambda v: v.movedim(1, -1), steps=300, lr=0.1,
+                          anchor=anchor, patience=300)
+    err = float((res.latent.double() - want).abs().max() / (t - z0).abs().max())
+    print("anchor minimiser error", err)
+    assert err < 1e-2            # measured 3.6e-5; an anchor 2x too weak is off by 0.17, 16x too strong by 0.45
