@@ -147,7 +147,7 @@ def test_trajectory_bytes_counts_states_and_estimates():
 # ---- edges the mutation run found untested (issue 29): exact layouts and formulas, computed by hand from the rules
 def test_ceiling_window_layouts_by_hand():
     """side = 24 when 4% of the area holds a 24x24 window, else the even part of sqrt(4% area) (at least 12);
-    n = min(4, budget // side^2) windows, centred on rows (k + 1/2)/n and columns spread by (2k + 1) mod n (n > 2),
+    n = min(4, budget // side^2) windows, centred on rows (k + 1/2)/n and on the odd, then the even columns (n > 2),
     clamped inside the image; margin max(2, side // 6) on inner sides only."""
     assert I.ceiling_windows(32, 33) == [(10, 22, 10, 22, 12, 20, 12, 20)]              # just above whole_below
     assert I.ceiling_windows(64, 64) == [(26, 38, 26, 38, 28, 36, 28, 36)]              # side 12, margin 2
@@ -162,8 +162,8 @@ def test_ceiling_window_layouts_by_hand():
     # a window on the top or bottom border measures up to it (no margin there)
     assert I.ceiling_windows(48, 1200) == [(0, 24, 438, 462, 0, 20, 442, 458),
                                            (6, 30, 1038, 1062, 10, 26, 1042, 1058),
-                                           (18, 42, 438, 462, 22, 38, 442, 458),
-                                           (24, 48, 1038, 1062, 28, 48, 1042, 1058)]
+                                           (18, 42, 138, 162, 22, 38, 142, 158),       # n 4: columns
+                                           (24, 48, 738, 762, 28, 48, 742, 758)]       # 1, 3, 0, 2
 
 
 def test_ceiling_window_settings():
@@ -235,15 +235,27 @@ def test_fit_pixels_messages_and_sizes():
 def test_ceiling_windows_on_the_left_and_right_borders_and_narrow_images():
     # n 2 on a 48-wide latent: the left window starts at column 0 (no margin there), the right one ends at 48
     assert I.ceiling_windows(700, 48) == [(163, 187, 0, 24, 167, 183, 0, 20), (513, 537, 24, 48, 517, 533, 28, 48)]
-    # n 4 on a 50-wide latent: the column-3 windows (centre 43) are pulled back inside (x0 = 50 - 24)
+    # n 4 on a 50-wide latent, columns 1 3 0 2 (centres 18, 43, 6, 31): the column-3 window is pulled back inside
+    # (x0 = 50 - 24), the column-0 one starts at the border (no margin there)
     assert I.ceiling_windows(1200, 50) == [(138, 162, 6, 30, 142, 158, 10, 26), (438, 462, 26, 50, 442, 458, 30, 50),
-                                           (738, 762, 6, 30, 742, 758, 10, 26),
-                                           (1038, 1062, 26, 50, 1042, 1058, 30, 50)]
+                                           (738, 762, 0, 24, 742, 758, 0, 20),
+                                           (1038, 1062, 19, 43, 1042, 1058, 23, 39)]
     assert I.ceiling_windows(100, 24) == [(44, 56, 6, 18, 46, 54, 8, 16)]        # w = 2 side: still a window
     assert I.ceiling_windows(400, 20) is None                                      # side 16: 20 < 32 columns
     assert len(I.ceiling_windows(300, 300)) == 4                                   # budget for 6: at most 4
     for h, w in ((64, 64), (200, 240), (48, 1200), (1200, 50)):
         assert all(type(v) is int for win in I.ceiling_windows(h, w) for v in win), (h, w)   # slice indices
+
+
+@pytest.mark.parametrize("h, w", [(300, 300), (1200, 50), (256, 256), (200, 1600), (90, 90), (700, 48)])
+def test_ceiling_windows_sample_every_column_band_once(h, w):
+    """n windows, one per row band and one per column band (a Latin square's diagonal): every part of the width
+    is measured. At n 4 the columns were 1 3 1 3, so the left quarter of a large latent never was."""
+    ws = I.ceiling_windows(h, w)
+    n = len(ws)
+    bands = sorted(min(n - 1, int((x0 + x1) / 2 / w * n)) for _, _, x0, x1, *_ in ws)
+    assert bands == list(range(n)), ws
+    assert sorted(min(n - 1, int((y0 + y1) / 2 / h * n)) for y0, y1, *_ in ws) == list(range(n)), ws
 
 
 def test_the_error_formulas_subtract():
