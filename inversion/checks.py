@@ -181,7 +181,7 @@ def check_trajectory(traj) -> None:
     if family and family not in _FAMILIES:
         raise InversionInputError(f"trajectory family {family!r} is unknown (vp or flow); {fix}")
     if family == "flow" and float(s64[-1]) > 1.0 + 1e-5:
-        raise InversionInputError(f"trajectory is a flow trajectory but reaches sigma {float(s64[-1]):.4g} > 1; {fix}")
+        raise InversionInputError(f"trajectory is a flow trajectory but reaches sigma {float(s64[-1]):.7g} > 1; {fix}")
     for label, t in (("states", st), ("denoised", dn)):
         if _count_bad(t):
             raise InversionInputError(f"trajectory {label} contain NaN or Inf values; re-run DDIM Invert (for method "

@@ -58,7 +58,7 @@ def check_sampling_sigmas(sigmas, name: str = "sigmas", *, source: Optional[str]
                                            else "remove duplicated sigmas"))
     if family == "flow" and float(s.max()) > FLOW_SIGMA_MAX + _FLOW_SLACK:
         raise ScheduleError(
-            f"{what} reaches sigma {float(s.max()):.4g} but a flow model's noise level ends at 1 "
+            f"{what} reaches sigma {float(s.max()):.7g} but a flow model's noise level ends at 1 "
             "(x = (1-sigma) x0 + sigma noise); use a schedule made for this model (BasicScheduler with this model)")
     return s
 

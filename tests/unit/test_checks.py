@@ -366,6 +366,9 @@ _FIX_TRAJ = "connect DDIM Invert's trajectory output (or re-run DDIM Invert)"
      "trajectory is malformed (states (5, 1, 4, 8, 8), denoised (3, 1, 4, 8, 8), 5 sigmas); " + _FIX_TRAJ),
     (dict(family="flow", sigmas=torch.tensor([0.0, 0.25, 0.5, 0.75, 1.001])),
      "trajectory is a flow trajectory but reaches sigma 1.001 > 1; " + _FIX_TRAJ),
+    # just past the 1e-5 slack: the message shows the digits that make it more than 1 (.4g printed "1 > 1")
+    (dict(family="flow", sigmas=torch.tensor([0.0, 0.25, 0.5, 0.75, 1.00002])),
+     "trajectory is a flow trajectory but reaches sigma 1.00002 > 1; " + _FIX_TRAJ),
     (dict(family="martian"), "trajectory family 'martian' is unknown (vp or flow); " + _FIX_TRAJ),
     (dict(states=torch.full((5, 1, 4, 8, 8), float("nan"))),
      "trajectory states contain NaN or Inf values; re-run DDIM Invert (for method exact use gamma 1.0)"),

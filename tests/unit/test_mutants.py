@@ -37,6 +37,7 @@ def test_the_schedule_checks_name_the_input_and_the_fix_for_a_connected_schedule
     refused(torch.tensor([0.0, 1.0, 2.0]), "sigmas is ascending", "do not insert FlipSigmas: DDIM Invert reverses it")
     refused(torch.tensor([2.0, 1.0, 1.0, 0.0]), "sigmas must be strictly decreasing", "remove duplicated sigmas")
     refused(torch.tensor([2.0, 0.5, 0.0]), "reaches sigma 2", "(BasicScheduler with this model)", family="flow")
+    refused(torch.tensor([1.00002, 0.5, 0.0]), "reaches sigma 1.00002 but", family="flow")   # not "1 but"
     refused(torch.tensor([2.0]), "my_sigmas has 1 value(s)", name="my_sigmas")
 
 
