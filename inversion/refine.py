@@ -123,7 +123,8 @@ def _compared(dec: torch.Tensor, z: torch.Tensor, tgt: torch.Tensor, win, vh: in
         ref = tgt[..., gy0:gy0 + hh, gx0:gx0 + ww, :].to(dec.device)
     if rec.shape != ref.shape:
         raise RefineError(f"the VAE decodes a {tuple(z.shape[2:])} latent to {tuple(dec.shape[1:-1])} "
-                          f"pixels, not the {f}x size of the image; set refine to 0 for this VAE")
+                          f"pixels, not the image's {tuple(tgt.shape[-3:-1])} (a whole multiple of the latent); "
+                          "set refine to 0 for this VAE")
     return rec, ref
 
 

@@ -345,8 +345,9 @@ def test_a_decoder_of_the_wrong_size_is_named_with_both_sizes():
         return torch.nn.functional.interpolate(z[:, :3], size=(12, 12)).movedim(1, -1)
     with pytest.raises(R.RefineError) as e:
         R.refine_latent(z0, target, dec, steps=0)
-    assert str(e.value).startswith("the VAE decodes a (8, 8) latent to (12, 12) pixels, not the ")
-    assert str(e.value).endswith("size of the image; set refine to 0 for this VAE")
+    # (it said "not the 1x size of the image": the factor came from 12 // 8)
+    assert str(e.value) == ("the VAE decodes a (8, 8) latent to (12, 12) pixels, not the image's (16, 16) (a whole "
+                            "multiple of the latent); set refine to 0 for this VAE")
 
 
 def test_the_measures_clamp_below_as_well():
