@@ -14,7 +14,9 @@ PYTEST_ARGS ?= tests
 # pytest-xdist: one worker per logical CPU, at most 4 (each boots its own ComfyUI); PYTEST_WORKERS=0 runs in one
 # process. The tests run one torch thread each (tests/conftest.py), so one process leaves the other cores idle.
 PYTEST_WORKERS ?= logical
-XDIST = -n $(PYTEST_WORKERS) --maxprocesses 4
+# (only when the venv has pytest-xdist: test-fast/test-py/test-precision do not run setup, which installs it; to
+# run in one process use PYTEST_WORKERS=0, not -p no:xdist)
+XDIST = $(shell $(PY) -c "import xdist" >/dev/null 2>&1 && echo "-n $(PYTEST_WORKERS) --maxprocesses 4")
 # optional: file that receives pytest's exit code (used by .ci/run to tell "no tests collected" apart)
 PYTEST_RC_FILE ?=
 # the environment test-precision runs under: MKL's SSE2 branch, which differs from the default kernels of every

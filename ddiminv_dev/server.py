@@ -223,6 +223,17 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port``: an answer on the port may come from another process's
+    server that took it first (another test run on this machine); True when psutil cannot tell."""
+    try:
+        import psutil
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except Exception:  # no psutil, or not allowed to look: rely on the answer
+        return True
+    return any(c.laddr and c.laddr.port == port and c.status == "LISTEN" for c in conns)
+
+
 def start_server(extra_args=(), port: int | None = None, timeout: float = START_TIMEOUT,
                  workdir: Path | None = None, models: bool = True, cpu: bool = True, comfy=None,
                  die_with_parent: bool = False, remove_workdir: bool = False) -> ServerHandle:
@@ -262,7 +273,7 @@ def start_server(extra_args=(), port: int | None = None, timeout: float = START_
                 raise ServerError(f"ComfyUI exited with {proc.returncode} during start\n{handle.log_tail()}")
             try:
                 info = handle.get("/object_info", timeout=30)
-                if isinstance(info, dict) and info:
+                if isinstance(info, dict) and info and _listens(proc.pid, port):
                     break
             except (urllib.error.URLError, ConnectionError, socket.timeout, ServerError, OSError):
                 pass

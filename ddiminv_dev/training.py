@@ -13,6 +13,7 @@ their TAESDs): log lines, the training loop, the resumable model state, and the 
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def save_weights(sd: dict, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # per process: two writers never share a temporary file
     save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     tmp.replace(path)
 

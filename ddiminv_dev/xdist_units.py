@@ -14,7 +14,7 @@ from __future__ import annotations
 SERIAL_UNITS = {"ray": ("server/test_ray_batch.py", "server/test_ray_batch_fake.py")}
 
 # seconds of the slowest units (sums of their tests' --durations) in one `pytest -n 2` run on the 2-core CPU
-# (2026-12-07, under load); only their order matters: a unit not listed counts as 0 and keeps collection order
+# (2026-12-07, under load); only their order matters: a unit not listed counts as 0 and keeps xdist's queue order
 SLOW_UNITS = {
     "ray": 740, "server/test_hardening_server.py": 500, "server/test_example_workflows.py": 456,
     "unit/test_bench_smoke.py": 268, "unit/test_ci_clone_names.py": 193, "server/test_browser.py": 181,
@@ -34,8 +34,8 @@ def unit_of(nodeid: str) -> str:
 
 
 def next_unit(pending) -> str:
-    """Of the units not yet handed out (in collection order), the one to hand out next: the slowest listed in
-    SLOW_UNITS, else the first."""
+    """Of the units not yet handed out (in xdist's queue order: by default its --loadscope-reorder puts the
+    units with the most tests first), the one to hand out next: the slowest listed in SLOW_UNITS, else the first."""
     return max(enumerate(pending), key=lambda iu: (SLOW_UNITS.get(iu[1], 0), -iu[0]))[1]
 
 

@@ -182,8 +182,16 @@ def init_local(ray, num_cpus=None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     paths = [p for p in (_TOOLS, ROOT, *os.environ.get("PYTHONPATH", "").split(os.pathsep)) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))  # inherited by the raylet's workers
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     configure_logging=False)
+            return
+        except Exception as e:  # Ray waits a fixed 30 s for its raylet: a busy CPU can miss that once
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            print(f"[ray_batch] the local Ray did not start in time ({e}); starting it once more", file=sys.stderr)
+            ray.shutdown()
 
 
 def start_actors(ray, args, progress, tmp_root=None) -> list:

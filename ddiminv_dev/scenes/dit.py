@@ -218,12 +218,20 @@ def untrained_weights(out_dir=None, seed: int = DIT_SEED, n_scenes: int = 16) ->
     and the DiT at its seeded init with the adaLN-Zero layers random too (``zero_init=False``: it predicts
     velocities of the size of its input, not zero). For plumbing before the DiT is trained (``bench/edit.py``'s
     DiT rows, their smoke test): the DiT's numbers mean nothing."""
-    import numpy as np
-
-    from ..training import fp16, save_weights
+    from ..cache import file_lock
     d = Path(out_dir) if out_dir is not None else ST.cache_dir() / f"dit-untrained-{seed}"
     if (d / VAE_FILE).exists() and (d / DIT_FILE).exists():
         return d
+    with file_lock(d):  # parallel test workers: one writes the folder, another waits and finds it
+        if not ((d / VAE_FILE).exists() and (d / DIT_FILE).exists()):
+            _write_untrained(d, seed, n_scenes)
+    return d
+
+
+def _write_untrained(d: Path, seed: int, n_scenes: int) -> None:
+    import numpy as np
+
+    from ..training import fp16, save_weights
     rng = np.random.default_rng(int(seed))
     images = np.stack([ST.R.render(ST.R.sample_scene(rng, "train")).image for _ in range(n_scenes)])
     with torch.no_grad():
@@ -232,4 +240,3 @@ def untrained_weights(out_dir=None, seed: int = DIT_SEED, n_scenes: int = 16) ->
     save_weights(LT.vae_state_dict(vae), d / VAE_FILE, {"iterations": 0, "seed": VAE_SEED, "init": "untrained"})
     net = build_dit(seed=seed, zero_init=False)
     save_weights(fp16(net.state_dict()), d / DIT_FILE, {"iterations": 0, "seed": seed, "rank": RANK, "depth": DEPTH})
-    return d

@@ -35,7 +35,8 @@ def _copy_tree(dest: Path) -> Path:
     comfy = Path((ROOT / ".cache" / "comfyui_path").read_text().strip())
     if comfy != ROOT / ".comfyui":
         pytest.skip("this checkout uses $COMFYUI_PATH; the copy would relink the user's ComfyUI")
-    shutil.copytree(comfy, dest / ".comfyui", symlinks=True)
+    # without the bytecode caches, which other workers' imports may be writing while this copies
+    shutil.copytree(comfy, dest / ".comfyui", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     (dest / ".cache").mkdir()
     for name in ("venv.stamp", "comfy-requirements.txt"):
         if (ROOT / ".cache" / name).exists():
@@ -45,7 +46,11 @@ def _copy_tree(dest: Path) -> Path:
 
 
 def _ci(tree: Path, pytest_args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS")}
+    # the outer make's command-line settings travel in MAKEFLAGS and would beat PYTEST_ARGS/PYTEST_WORKERS below
+    # (`make test PYTEST_ARGS=tests/unit` made the inner run collect this test again); xdist's worker variables
+    # belong to the outer run
+    drop = ("COMFYUI_PATH", "PYTEST_ADDOPTS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_XDIST")}
     # one pytest process inside: this test already runs beside the outer run's other workers, and each inner
     # worker would boot its own ComfyUI for two files
     env.update(PYTEST_ARGS=pytest_args, DDIMINV_CI_NO_BROWSER="1", PYTEST_WORKERS="0")

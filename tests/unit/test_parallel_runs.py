@@ -94,9 +94,9 @@ def test_xdist_workers_draw_ports_from_disjoint_slices(monkeypatch):
 
 
 def test_a_port_in_use_is_not_handed_out(monkeypatch):
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw11")  # a slice no worker of `make test` (at most 4) draws from
     monkeypatch.setattr(server, "_port_offset", 0)
-    busy = server.PORT_BASE + server.PORT_SLICE * 2 + 1  # the next one the slice would give
+    busy = server.PORT_BASE + server.PORT_SLICE * 11 + 1  # the next one the slice would give
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind(("127.0.0.1", busy))
@@ -151,3 +151,20 @@ def test_two_processes_building_one_text_cache_encode_once(tmp_path):
     assert calls.read_text().count("loaded") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["enc.py", "contexts.pt", "contexts.pt.lock",
                                                                   "calls.txt", "ready"])  # no temporary file left
+
+
+def test_a_port_answered_by_another_process_is_not_taken_for_the_server():
+    """start_server accepts a server only when its own process listens on the port: between free_port() and the
+    server's bind another process may take the port, and its answer must not pass for ours."""
+    import os
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert server._listens(os.getpid(), port)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert not server._listens(child.pid, port)
+        finally:
+            child.kill()
+            child.wait()

@@ -238,3 +238,33 @@ def test_a_job_folder_left_by_a_killed_driver_goes_at_the_next_start(tmp_path, m
     assert "ddiminv-batch-dead" not in left and {"ddiminv-batch-live", "ddiminv-batch-other",
                                                   "ddiminv-batch-noowner", new.name} <= set(left)
     assert (new / "driver").read_text() == f"{host} {os.getpid()}"
+
+
+class _SlowRay:
+    """A stand-in for the ray module whose first ``init`` fails as a raylet that starts too late does."""
+    def __init__(self, failures, message="The current node timed out during startup. This could happen ..."):
+        self.failures, self.message, self.calls = failures, message, []
+
+    def init(self, **kw):
+        self.calls.append("init")
+        if self.failures:
+            self.failures -= 1
+            raise Exception(self.message)
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+
+
+def test_a_local_ray_that_starts_too_late_is_started_once_more(capsys):
+    ray = _SlowRay(failures=1)
+    ray_batch.init_local(ray, num_cpus=2)
+    assert ray.calls == ["init", "shutdown", "init"]
+    assert "starting it once more" in capsys.readouterr().err
+    ray = _SlowRay(failures=2)  # twice late: the error reaches the user
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_batch.init_local(ray, num_cpus=2)
+    assert ray.calls == ["init", "shutdown", "init"]
+    ray = _SlowRay(failures=1, message="some other failure")  # anything else is not retried
+    with pytest.raises(Exception, match="some other failure"):
+        ray_batch.init_local(ray, num_cpus=2)
+    assert ray.calls == ["init"]
